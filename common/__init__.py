@@ -1,0 +1,1 @@
+"""Code shared by the cloud and the device: data, evaluation protocol, bundle codec. No torch here."""

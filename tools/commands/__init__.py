@@ -1,0 +1,1 @@
+"""Sub-commands of the `paramcast` CLI, one module each (see tools/cli.py)."""
