@@ -1,0 +1,211 @@
+"""The device model every device runs: SASRec-style item sequence encoder + an adapter-ready head.
+
+Read top to bottom: config, adapter slot, attention block, the model. Shapes use B = batch,
+L = sequence length (always `max_len`, left-padded with item 0), d = hidden size, C = candidates,
+m = head units, f = feed-forward units, r = adapter rank.
+
+Personalisation hooks (what the cloud generator targets):
+- adapter slots: `head.up` (d -> m) and `head.down` (m -> d); a slot's effective weight for sample
+  b is `W0 + A[b] @ B[b]` with A (d_in x r) and B (r x d_out);
+- unit groups that can be slimmed: `head` (m units) and `block{i}.ffn` (f units per block); a
+  per-sample 0/1 mask over a group's units switches them off, and `slimmed()` builds the
+  physically smaller model that a hard mask implies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Adapters = dict[str, tuple[torch.Tensor, torch.Tensor]]  # slot -> (A (B, d_in, r), B (B, r, d_out))
+Masks = dict[str, torch.Tensor]  # unit group -> (B, n_units) in {0, 1}
+
+
+@dataclass
+class DeviceModelConfig:
+    n_items: int
+    hidden: int = 64
+    n_blocks: int = 2
+    n_heads: int = 1
+    ffn_units: int = 64
+    head_units: int = 128
+    max_len: int = 50
+    dropout: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class AdapterLinear(nn.Module):
+    """y = x @ (W0 + A B) + b, with W0 stored (d_in, d_out) so the slot and its factors share a layout."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+        nn.init.kaiming_uniform_(self.weight.T, a=math.sqrt(5))  # nn.Linear's default, on (out, in)
+
+    def forward(self, x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        y = x @ self.weight + self.bias  # (B, L, d_out)
+        if factors is not None:
+            a, b = factors  # (B, d_in, r), (B, r, d_out)
+            y = y + (x @ a) @ b  # low-rank path never forms the (d_in, d_out) delta
+        return y
+
+
+class Block(nn.Module):
+    """Pre-LN causal self-attention + point-wise feed-forward (SASRec's block)."""
+
+    def __init__(self, cfg: DeviceModelConfig):
+        super().__init__()
+        assert cfg.hidden % cfg.n_heads == 0
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.hidden)
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.ln2 = nn.LayerNorm(cfg.hidden)
+        self.ffn_in = nn.Linear(cfg.hidden, cfg.ffn_units)
+        self.ffn_out = nn.Linear(cfg.ffn_units, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, unit_mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, d = x.shape
+        h = self.n_heads
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)  # 3 x (B, L, d)
+        q, k, v = (t.reshape(B, L, h, d // h).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d/h)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // h) + attn_bias  # (B, h, L, L)
+        att = self.drop(att.softmax(dim=-1))
+        y = (att @ v).transpose(1, 2).reshape(B, L, d)  # (B, L, d)
+        x = x + self.drop(self.proj(y))
+        u = F.gelu(self.ffn_in(self.ln2(x)))  # (B, L, f)
+        if unit_mask is not None:
+            u = u * unit_mask[:, None, :]  # switch off dropped feed-forward units
+        return x + self.drop(self.ffn_out(u))
+
+
+class DeviceModel(nn.Module):
+    def __init__(self, cfg: DeviceModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden
+        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+        self.ln_f = nn.LayerNorm(d)
+        # The user-side head: a residual bottleneck whose two linear layers are the adapter slots.
+        self.head_up = AdapterLinear(d, cfg.head_units)
+        self.head_down = AdapterLinear(cfg.head_units, d)
+        nn.init.normal_(self.item_emb.weight, std=d**-0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+
+    # -- what the generator and the exporter need to know -------------------------------------
+    def slot_shapes(self) -> dict[str, tuple[int, int]]:
+        return {"head.up": tuple(self.head_up.weight.shape), "head.down": tuple(self.head_down.weight.shape)}
+
+    def unit_groups(self) -> dict[str, int]:
+        groups = {"head": self.cfg.head_units}
+        groups.update({f"block{i}.ffn": self.cfg.ffn_units for i in range(self.cfg.n_blocks)})
+        return groups
+
+    # -- forward ---------------------------------------------------------------------------------
+    def encode(self, seq: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
+        """(B, L) item ids, left-padded with 0 -> (B, L, d) backbone states (zero at padding)."""
+        B, L = seq.shape
+        assert L <= self.cfg.max_len, f"sequence length {L} > max_len {self.cfg.max_len}"
+        keep = (seq > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)  # (B, L, 1)
+        pos = torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=seq.device)  # right-aligned
+        x = self.item_emb(seq) * math.sqrt(self.cfg.hidden) + self.pos_emb(pos)  # (B, L, d)
+        x = self.emb_drop(x) * keep
+        # Additive bias: a query sees itself and earlier non-padding keys. A large finite negative
+        # (not -inf) keeps fully padded rows finite; they are zeroed by `keep` below.
+        causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # (L, L)
+        visible = causal[None, :, :] & (seq > 0)[:, None, :]  # (B, L, L)
+        attn_bias = torch.where(visible, 0.0, -1e9).to(x.dtype).unsqueeze(1)  # (B, 1, L, L)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_bias, None if masks is None else masks.get(f"block{i}.ffn")) * keep
+        return self.ln_f(x)  # (B, L, d)
+
+    def head(self, x: torch.Tensor, adapters: Adapters | None = None, masks: Masks | None = None) -> torch.Tensor:
+        """(B, L, d) backbone states -> (B, L, d) user states, with optional per-sample deltas and masks."""
+        adapters = adapters or {}
+        u = F.gelu(self.head_up(x, adapters.get("head.up")))  # (B, L, m)
+        if masks is not None and "head" in masks:
+            u = u * masks["head"][:, None, :]
+        return x + self.head_down(u, adapters.get("head.down"))
+
+    def user_states(self, seq: torch.Tensor, adapters: Adapters | None = None, masks: Masks | None = None):
+        return self.head(self.encode(seq, masks), adapters, masks)  # (B, L, d)
+
+    def score(
+        self, seq: torch.Tensor, candidates: torch.Tensor, adapters: Adapters | None = None,
+        masks: Masks | None = None,
+    ) -> torch.Tensor:
+        """(B, L) history, (B, C) candidate ids -> (B, C) scores of the next item."""
+        user = self.user_states(seq, adapters, masks)[:, -1, :]  # (B, d)
+        return (self.item_emb(candidates) * user[:, None, :]).sum(-1)  # (B, C)
+
+    # -- slimming --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def slimmed(self, keep: dict[str, torch.Tensor]) -> DeviceModel:
+        """The physically smaller model a hard mask implies: dropped units' weights are sliced away.
+
+        `keep` maps a unit group to a bool (n_units,) vector (one device, not a batch). Groups left
+        out keep all units. The result computes exactly what the masked model computes.
+        """
+        cfg = DeviceModelConfig(**self.cfg.to_dict())
+        idx = {g: torch.nonzero(keep[g]).flatten() if g in keep else torch.arange(n)
+               for g, n in self.unit_groups().items()}
+        ffn_sizes = {len(idx[f"block{i}.ffn"]) for i in range(cfg.n_blocks)}
+        # Blocks may keep different unit counts; the config records the largest, the weights the truth.
+        cfg.ffn_units = max(ffn_sizes) if ffn_sizes else cfg.ffn_units
+        cfg.head_units = len(idx["head"])
+        small = DeviceModel(cfg)
+        sd = {k: v.clone() for k, v in self.state_dict().items()}
+        for i in range(cfg.n_blocks):
+            j = idx[f"block{i}.ffn"]
+            sd[f"blocks.{i}.ffn_in.weight"] = sd[f"blocks.{i}.ffn_in.weight"][j]  # (f', d)
+            sd[f"blocks.{i}.ffn_in.bias"] = sd[f"blocks.{i}.ffn_in.bias"][j]
+            sd[f"blocks.{i}.ffn_out.weight"] = sd[f"blocks.{i}.ffn_out.weight"][:, j]  # (d, f')
+            small.blocks[i].ffn_in = nn.Linear(cfg.hidden, len(j))
+            small.blocks[i].ffn_out = nn.Linear(len(j), cfg.hidden)
+        h = idx["head"]
+        sd["head_up.weight"] = sd["head_up.weight"][:, h]  # (d, m')
+        sd["head_up.bias"] = sd["head_up.bias"][h]
+        sd["head_down.weight"] = sd["head_down.weight"][h]  # (m', d)
+        small.load_state_dict(sd)
+        return small.eval()
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def slice_adapters(adapters: Adapters, keep: dict[str, torch.Tensor]) -> Adapters:
+    """Slice generated factors to a slimmed head: B of head.up loses dropped columns, A of head.down rows."""
+    if "head" not in keep:
+        return adapters
+    h = torch.nonzero(keep["head"]).flatten()
+    out = dict(adapters)
+    if "head.up" in out:
+        a, b = out["head.up"]
+        out["head.up"] = (a, b[..., h])
+    if "head.down" in out:
+        a, b = out["head.down"]
+        out["head.down"] = (a[..., h, :], b)
+    return out
+
+
+def left_pad(sequences: list, max_len: int) -> torch.Tensor:
+    """Keep each sequence's last `max_len` items, left-pad with 0 -> (B, max_len) int64."""
+    out = torch.zeros(len(sequences), max_len, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tail = seq[-max_len:]
+        if len(tail):
+            out[row, max_len - len(tail):] = torch.as_tensor(tail, dtype=torch.long)
+    return out
