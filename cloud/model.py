@@ -201,8 +201,13 @@ def slice_adapters(adapters: Adapters, keep: dict[str, torch.Tensor]) -> Adapter
     return out
 
 
-def left_pad(sequences: list, max_len: int) -> torch.Tensor:
-    """Keep each sequence's last `max_len` items, left-pad with 0 -> (B, max_len) int64."""
+def left_pad(sequences: list, max_len: int, trim: bool = False) -> torch.Tensor:
+    """Keep each sequence's last `max_len` items, left-pad with 0 -> (B, max_len) int64.
+
+    With `trim`, the width is the longest kept sequence instead: positions are right-aligned, so a
+    shorter batch computes the same states without attending over columns of padding."""
+    if trim:
+        max_len = max(1, min(max_len, max((len(s) for s in sequences), default=1)))
     out = torch.zeros(len(sequences), max_len, dtype=torch.long)
     for row, seq in enumerate(sequences):
         tail = seq[-max_len:]

@@ -6,6 +6,8 @@ Code raises these; the gRPC layer maps them to status codes in one place
 
 from __future__ import annotations
 
+import os
+
 
 class ParamCastError(Exception):
     """Base class of every error ParamCast raises on purpose."""
@@ -14,7 +16,7 @@ class ParamCastError(Exception):
 class DataFormatError(ParamCastError, ValueError):
     """An interaction file is malformed; the message names file, line and problem."""
 
-    def __init__(self, path: str, line: int | None, problem: str):
+    def __init__(self, path: str | os.PathLike[str], line: int | None, problem: str):
         self.path, self.line, self.problem = str(path), line, problem
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {problem}")

@@ -12,8 +12,8 @@ class InteractionLog:
     """Per-user item sequences in time order, with contiguous item ids.
 
     Item ids run 1..n_items; 0 is reserved for padding. `item_raw_ids[i]` is the id the source
-    file used for internal item i (index 0 is the padding entry ""). Users keep file order of
-    first appearance; `user_raw_ids[u]` is the source id of user u.
+    file used for internal item i (index 0 is the padding entry ""). Users are in ascending
+    raw-id order; `user_raw_ids[u]` is the source id of user u.
     """
 
     name: str

@@ -1,0 +1,152 @@
+"""Side-by-side evaluation of a model bundle's variants under the SASRec protocol.
+
+A variant names which parameters score each case:
+- `static`           the device model alone;
+- `generated`        a delta generated from the window ending at the evaluation point;
+- `slimmed@<keep>`   the generated delta plus the generated subnet at keep ratio <keep>;
+- `stale@<k>`        the delta generated k interactions before the evaluation point;
+- `int8` / `fp16`    the generated delta after that wire encoding and back.
+Every variant is scored on the same users with the same sampled negatives, so per-user
+differences are paired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from cloud.checkpoint import ModelBundle
+from cloud.generation import generate_parameters
+from cloud.model import left_pad
+from common.bundle import dequantize, quantize
+from common.evaluation import (
+    LeaveOneOut,
+    full_ranking_scores,
+    metrics_from_scores,
+    paired_difference,
+    sample_negatives,
+    summarize,
+)
+from common.interactions import InteractionLog
+
+DEFAULT_VARIANTS = ("static", "generated", "slimmed@0.25", "slimmed@0.5", "slimmed@0.75",
+                    "stale@5", "stale@20", "stale@50", "int8")
+_NEGATIVES: dict[tuple, np.ndarray] = {}
+
+
+def negatives_for(data: InteractionLog, users: np.ndarray, stage: str, seed: int = 0, n: int = 100) -> np.ndarray:
+    """Sampled negatives, cached per (data, users, stage, seed): every variant and epoch sees the same."""
+    key = (id(data), hashlib.sha1(users.tobytes()).hexdigest(), stage, seed, n)
+    if key not in _NEGATIVES:
+        stage_seed = seed * 2 + (1 if stage == "test" else 0)  # validation and test draw different items
+        _NEGATIVES[key] = sample_negatives(data, users, n=n, seed=stage_seed)
+    return _NEGATIVES[key]
+
+
+def _parse(variant: str) -> tuple[str, float | int | str | None]:
+    if variant.startswith("slimmed@"):
+        return "slimmed", float(variant.split("@", 1)[1])
+    if variant.startswith("stale@"):
+        return "stale", int(variant.split("@", 1)[1])
+    if variant in ("int8", "fp16", "fp32"):
+        return "encoded", variant
+    if variant in ("static", "generated"):
+        return variant, None
+    raise ValueError(f"unknown variant {variant!r}; known: static, generated, slimmed@K, stale@K, int8, fp16")
+
+
+def _encoded(adapters, encoding: str):
+    """Round-trip every device's factors through the wire encoding (per-row int8 scales etc.)."""
+    out = {}
+    for slot, (a, b) in adapters.items():
+        a_np, b_np = a.cpu().numpy(), b.cpu().numpy()
+        a_q = np.stack([dequantize(quantize(x, encoding)) for x in a_np])
+        b_q = np.stack([dequantize(quantize(x, encoding)) for x in b_np])
+        out[slot] = (torch.from_numpy(a_q), torch.from_numpy(b_q))
+    return out
+
+
+@torch.no_grad()
+def score_cases(bundle: ModelBundle, histories: Sequence[np.ndarray], candidates: np.ndarray, variant: str,
+                batch: int = 1024) -> np.ndarray:
+    """(U, C) scores of `candidates` for each history under `variant`."""
+    kind, arg = _parse(variant)
+    model = bundle.device.eval()
+    L = model.cfg.max_len
+    out = np.empty(candidates.shape, dtype=np.float32)
+    # Score in order of history length so each chunk pads only to its own longest history.
+    order = np.argsort([len(h) for h in histories], kind="stable")
+    for start in range(0, len(order), batch):
+        rows = order[start:start + batch]
+        hist = [histories[i] for i in rows]
+        seq = left_pad(hist, L, trim=True)
+        cand = torch.as_tensor(candidates[rows])
+        adapters, masks = None, None
+        if kind != "static":
+            windows = [h[:-arg] if kind == "stale" and arg else h for h in hist]
+            adapters, masks = generate_parameters(bundle, windows, arg if kind == "slimmed" else None)
+            if kind == "encoded":
+                adapters = _encoded(adapters, str(arg))
+        out[rows] = model.score(seq, cand, adapters, masks).numpy()
+    return out
+
+
+def per_user_metrics(bundle: ModelBundle, data: InteractionLog, users: np.ndarray, stage: str,
+                     variants: Sequence[str], seed: int = 0, full: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """{variant: {metric: (U,) per-user values}} for the evaluation users among `users`.
+
+    `full` ranks the target against the whole catalogue (minus the user's other items) instead of
+    100 sampled negatives."""
+    split = LeaveOneOut.of(data, users)
+    eval_users = split.eval_users()
+    cases = [split.case(int(u), stage) for u in eval_users]
+    histories = [h for h, _ in cases]
+    targets = np.array([t for _, t in cases], dtype=np.int64)
+    if not full:
+        cand = np.concatenate([targets[:, None], negatives_for(data, eval_users, stage, seed)], axis=1)
+        return {v: metrics_from_scores(score_cases(bundle, histories, cand, v)) for v in variants}
+    catalogue = np.arange(data.n_items + 1, dtype=np.int64)
+    out: dict[str, dict[str, list]] = {v: {} for v in variants}
+    for start in range(0, len(cases), 512):  # (512, n_items + 1) scores at a time bounds memory
+        rows = slice(start, start + 512)
+        hist = histories[rows]
+        cand = np.broadcast_to(catalogue, (len(hist), len(catalogue)))
+        for v in variants:
+            scores = full_ranking_scores(score_cases(bundle, hist, cand, v), targets[rows],
+                                         [data.sequences[int(u)] for u in eval_users[rows]])
+            for m, vals in metrics_from_scores(scores).items():
+                out[v].setdefault(m, []).append(vals)
+    return {v: {m: np.concatenate(parts) for m, parts in ms.items()} for v, ms in out.items()}
+
+
+def evaluate(bundle: ModelBundle, data: InteractionLog, variants: Sequence[str] | None = None,
+             stage: str = "test", seed: int = 0, full: bool = False) -> dict:
+    """The `paramcast evaluate --json` document: variant -> metric -> {value, ci}, plus paired diffs."""
+    if data.n_items != bundle.device.cfg.n_items:
+        from common.errors import InvalidInput
+
+        raise InvalidInput("data", f"has {data.n_items} items but model {bundle.model_id} was trained on "
+                                   f"{bundle.device.cfg.n_items}; evaluate on the data it was trained on")
+    if variants is None:
+        variants = DEFAULT_VARIANTS if bundle.generator is not None else ("static",)
+    cold_raw = set(bundle.meta.get("split", {}).get("cold_users", []))
+    is_cold = np.array([u in cold_raw for u in data.user_raw_ids])
+    warm, cold = np.nonzero(~is_cold)[0], np.nonzero(is_cold)[0]
+    report: dict = {}
+    warm_metrics = per_user_metrics(bundle, data, warm, stage, variants, seed, full)
+    for v, m in warm_metrics.items():
+        report[v] = summarize(m, seed=seed)
+    if "generated" in warm_metrics:
+        report["generated-static"] = paired_difference(warm_metrics["generated"], warm_metrics["static"], seed)
+    if len(cold):
+        cold_variants = [v for v in ("static", "generated") if v in variants]
+        cold_metrics = per_user_metrics(bundle, data, cold, stage, cold_variants, seed, full)
+        for v, m in cold_metrics.items():
+            report[f"cold:{v}"] = summarize(m, seed=seed)
+        if "generated" in cold_metrics:
+            report["cold:generated-static"] = paired_difference(cold_metrics["generated"], cold_metrics["static"],
+                                                                seed)
+    return report

@@ -1,0 +1,66 @@
+"""Turning behaviour windows into DeltaBundles: the one path the service, the evaluation and the
+simulation all use, so what a device receives over the wire is what the benchmarks measured."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from cloud.checkpoint import ModelBundle
+from cloud.generator import window_batch
+from common.bundle import DeltaBundle
+from common.errors import InvalidInput
+
+
+def check_window(window: Sequence[int] | np.ndarray, n_items: int, max_window: int, field: str = "window") -> np.ndarray:
+    """Validate one behaviour window: 1-D int ids in [1, n_items], at most `max_window` long."""
+    arr = np.asarray(window)
+    if arr.ndim != 1:
+        raise InvalidInput(field, f"must be a flat list of item ids, got shape {arr.shape}")
+    if len(arr) > max_window:
+        raise InvalidInput(field, f"has {len(arr)} items; at most {max_window} are accepted")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidInput(field, "item ids must be integers")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 1 or arr.max() > n_items):
+        bad = int(arr[(arr < 1) | (arr > n_items)][0])
+        raise InvalidInput(field, f"item id {bad} is outside [1, {n_items}]")
+    return arr
+
+
+@torch.no_grad()
+def generate_parameters(bundle: ModelBundle, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
+                        device: torch.device | str = "cpu"):
+    """One batched generator pass -> (adapters, masks) as torch tensors with a leading device axis.
+
+    `masks` is None when `keep_ratio` is None or >= 1 (no slimming)."""
+    gen = bundle.generator
+    if gen is None:
+        raise InvalidInput("model", f"model {bundle.model_id} has no generator; train it with both stages")
+    win = window_batch(list(windows), gen.cfg.window).to(device)  # (B, N)
+    out = gen(win)
+    masks = out.masks(keep_ratio) if keep_ratio is not None and keep_ratio < 1.0 else None
+    return out.adapters, masks
+
+
+def generate_bundles(bundle: ModelBundle, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
+                     device: torch.device | str = "cpu", ttl_ms: int = 0) -> list[DeltaBundle]:
+    """Batched generation -> one DeltaBundle per window (fp32 factors; the codec encodes them)."""
+    adapters, masks = generate_parameters(bundle, windows, keep_ratio, device)
+    base_version = bundle.base_version
+    factors_np = {slot: (a.float().cpu().numpy(), b.float().cpu().numpy()) for slot, (a, b) in adapters.items()}
+    masks_np = {g: m.cpu().numpy() > 0.5 for g, m in masks.items()} if masks else {}
+    out = []
+    for i in range(len(windows)):
+        b = DeltaBundle(
+            model_id=bundle.model_id,
+            base_version=base_version,
+            factors={slot: (a[i], bb[i]) for slot, (a, bb) in factors_np.items()},
+            masks={g: m[i] for g, m in masks_np.items()},
+        )
+        if ttl_ms:
+            b.expires_at_ms = b.created_at_ms + ttl_ms
+        out.append(b)
+    return out

@@ -1,0 +1,282 @@
+"""Training: the static device model first, then the generator with the static weights frozen.
+
+Stage 1 trains SASRec with softmax cross-entropy over the catalogue (or over shared sampled
+negatives for very large catalogues); Klenitskiy & Vasilev (RecSys 2023) showed this reaches the
+original binary-loss quality in far fewer epochs. Stage 2 is DUET's setting: the device model is
+frozen and the generator learns to emit deltas (and masks) from a window of the user's past that
+ends at a random cut; the loss is the next items after the cut, so the generator learns what a
+fresh or slightly stale delta should do. Both stages stop early on validation NDCG@10 and keep the
+best weights; runs are reproducible for a seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cloud.checkpoint import ModelBundle
+from cloud.generator import Generator, GeneratorConfig, window_batch
+from cloud.model import DeviceModel, DeviceModelConfig, left_pad
+from common.evaluation import LeaveOneOut
+from common.interactions import InteractionLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 5  # evaluations without validation improvement before stopping
+    loss: str = "auto"  # "ce" (full softmax), "sampled" (shared negatives), "auto": ce up to 50k items
+    n_negatives: int = 1024
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # 0 = all cores
+    cold_fraction: float = 0.1  # users held out of training entirely, for cold-start evaluation
+    valid_users: int = 0  # 0 = all; otherwise a fixed sample of validation users for early stopping
+    # generator stage
+    gen_epochs: int = 60
+    gen_lr: float = 1e-3
+    gen_patience: int = 5
+    horizon: int = 4  # next items after the cut that a generated delta is trained on
+    slim_prob: float = 0.5  # share of generator batches trained under a random keep-ratio mask
+    joint: bool = False  # also fine-tune the device model in stage 2 (not DUET's default)
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def split_users(log_: InteractionLog, cold_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(warm, cold) user indices; cold users are held out of both training stages."""
+    users = np.arange(log_.n_users)
+    rng = np.random.default_rng(seed + 7919)
+    n_cold = int(round(cold_fraction * log_.n_users))
+    cold = np.sort(rng.choice(users, size=n_cold, replace=False)) if n_cold else np.empty(0, np.int64)
+    warm = np.setdiff1d(users, cold)
+    return warm, cold
+
+
+def _ce_loss(states: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, cfg: TrainConfig,
+             n_items: int, gen: torch.Generator | None) -> torch.Tensor:
+    """Cross-entropy of (P, d) user states against (P,) target items."""
+    use_full = cfg.loss == "ce" or (cfg.loss == "auto" and n_items <= 50_000)
+    if use_full:
+        logits = states @ item_emb.T  # (P, n_items + 1)
+        logits[:, 0] = float("-inf")  # padding is never a target
+        return F.cross_entropy(logits, targets)
+    negs = torch.randint(1, n_items + 1, (cfg.n_negatives,), generator=gen).to(states.device)  # (K,)
+    pos = (states * item_emb[targets]).sum(-1, keepdim=True)  # (P, 1)
+    neg = states @ item_emb[negs].T  # (P, K)
+    neg = neg.masked_fill(negs[None, :] == targets[:, None], float("-inf"))  # a sampled positive is no negative
+    return F.cross_entropy(torch.cat([pos, neg], dim=1), torch.zeros_like(targets))
+
+
+class Trainer:
+    """Holds the data views both stages use; `fit()` runs stage 1 then stage 2."""
+
+    def __init__(self, data: InteractionLog, model_cfg: DeviceModelConfig, gen_cfg: dict, cfg: TrainConfig,
+                 evaluator):
+        self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
+        self.split = LeaveOneOut.of(data, self.warm)
+        self.train_seqs = [s for s in self.split.train_sequences() if len(s) >= 2]
+        self.valid_users = self.split.eval_users()
+        if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
+            rng = np.random.default_rng(cfg.seed)
+            self.valid_users = np.sort(rng.choice(self.valid_users, cfg.valid_users, replace=False))
+        self.evaluator = evaluator  # (bundle, users, stage, variants) -> {variant: per-user metrics}
+        self.rng = np.random.default_rng(cfg.seed)
+        self.torch_gen = torch.Generator().manual_seed(cfg.seed)
+        self.history: dict[str, list] = {"static": [], "generator": []}
+
+    # -- stage 1 ----------------------------------------------------------------------------------
+    def _batch_order(self) -> list[np.ndarray]:
+        """Shuffled batches of similar-length sequences: a random permutation is cut into chunks of
+        32 batches, each chunk is sorted by length, and batch order is shuffled again. Short
+        sequences then pad to their own length instead of max_len (most of a sparse log's batch
+        would otherwise be padding)."""
+        bs = self.cfg.batch_size
+        lengths = np.array([len(s) for s in self.train_seqs])
+        order = self.rng.permutation(len(self.train_seqs))
+        chunk = 32 * bs
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            part = part[np.argsort(lengths[part], kind="stable")]
+            batches.extend(part[i:i + bs] for i in range(0, len(part), bs))
+        return [batches[i] for i in self.rng.permutation(len(batches))]
+
+    def _static_batches(self):
+        L = self.model_cfg.max_len
+        for idx in self._batch_order():
+            x = left_pad([self.train_seqs[i] for i in idx], L + 1, trim=True)  # (B, T+1)
+            yield x[:, :-1], x[:, 1:]  # inputs, next items
+
+    def train_static(self) -> DeviceModel:
+        cfg, dev = self.cfg, self.device
+        model = DeviceModel(self.model_cfg).to(dev)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+        best, best_state, bad = -1.0, None, 0
+        n_batches = -(-len(self.train_seqs) // cfg.batch_size)
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            t0, total = time.perf_counter(), 0.0
+            bar = tqdm(self._static_batches(), total=n_batches, desc=f"static epoch {epoch}",
+                       disable=not cfg.progress, leave=False)
+            for inp, tgt in bar:
+                inp, tgt = inp.to(dev), tgt.to(dev)
+                states = model.user_states(inp)  # (B, L, d)
+                keep = tgt > 0
+                loss = _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items,
+                                self.torch_gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            ndcg = self._valid_ndcg(ModelBundle("train", model.eval()), "static")
+            self.history["static"].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg,
+                                           "seconds": time.perf_counter() - t0})
+            log.info("static epoch %d loss %.4f valid ndcg@10 %.4f (%.1fs)", epoch, total / n_batches, ndcg,
+                     time.perf_counter() - t0)
+            if ndcg > best:
+                best, best_state, bad = ndcg, copy.deepcopy(model.state_dict()), 0
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    break
+        assert best_state is not None
+        model.load_state_dict(best_state)
+        return model.eval()
+
+    # -- stage 2 ----------------------------------------------------------------------------------
+    def _generator_batches(self, window: int):
+        """(window, device inputs, targets with only post-cut positions kept) per batch."""
+        L, S = self.model_cfg.max_len, self.cfg.horizon
+        for idx in self._batch_order():
+            windows, inputs, targets = [], [], []
+            for i in idx:
+                s = self.train_seqs[i]
+                cut = int(self.rng.integers(1, len(s)))  # the window is s[:cut]
+                end = min(len(s), cut + S)
+                windows.append(s[:cut])
+                inputs.append(s[:end - 1])
+                t = s[1:end].copy()
+                t[: cut - 1] = 0  # targets before the cut would leak into the window
+                targets.append(t)
+            yield window_batch(windows, window), left_pad(inputs, L, trim=True), left_pad(targets, L, trim=True)
+
+    def train_generator(self, model: DeviceModel) -> Generator:
+        cfg, dev = self.cfg, self.device
+        gcfg = GeneratorConfig(n_items=self.data.n_items, slot_shapes=model.slot_shapes(),
+                               unit_groups=model.unit_groups(), **self.gen_overrides)
+        gen = Generator(gcfg).to(dev)
+        params = list(gen.parameters())
+        if cfg.joint:
+            params += list(model.parameters())
+        else:
+            model.requires_grad_(False)
+        opt = torch.optim.Adam(params, lr=cfg.gen_lr, betas=(0.9, 0.98))
+        base = self._valid_ndcg(ModelBundle("train", model, gen.eval()), "generated")
+        best, best_state, bad = base, copy.deepcopy(gen.state_dict()), 0
+        n_batches = -(-len(self.train_seqs) // cfg.batch_size)
+        for epoch in range(1, cfg.gen_epochs + 1):
+            gen.train()
+            model.train(cfg.joint)
+            t0, total = time.perf_counter(), 0.0
+            bar = tqdm(self._generator_batches(gcfg.window), total=n_batches, desc=f"generator epoch {epoch}",
+                       disable=not cfg.progress, leave=False)
+            for win, inp, tgt in bar:
+                win, inp, tgt = win.to(dev), inp.to(dev), tgt.to(dev)
+                out = gen(win)
+                masks = None
+                if self.rng.random() < cfg.slim_prob:
+                    ratio = float(self.rng.choice(gcfg.keep_ratios))
+                    masks = out.masks(ratio, straight_through=True)
+                states = model.user_states(inp, out.adapters, masks)  # (B, L, d)
+                keep = tgt > 0
+                loss = _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items,
+                                self.torch_gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            gen.eval()
+            model.eval()
+            ndcg = self._valid_ndcg(ModelBundle("train", model, gen), "generated")
+            self.history["generator"].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg,
+                                              "seconds": time.perf_counter() - t0})
+            log.info("generator epoch %d loss %.4f valid ndcg@10 %.4f (static %.4f, %.1fs)", epoch,
+                     total / n_batches, ndcg, base, time.perf_counter() - t0)
+            if ndcg > best:
+                best, best_state, bad = ndcg, copy.deepcopy(gen.state_dict()), 0
+            else:
+                bad += 1
+                if bad >= cfg.gen_patience:
+                    break
+        gen.load_state_dict(best_state)
+        model.requires_grad_(True)
+        return gen.eval()
+
+    def _valid_ndcg(self, bundle: ModelBundle, variant: str) -> float:
+        per_user = self.evaluator(bundle, self.data, self.valid_users, "valid", [variant])[variant]
+        return float(np.mean(per_user["ndcg@10"]))
+
+
+def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
+          gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "generator")) -> ModelBundle:
+    """Run the stages and return the model bundle (the caller saves it)."""
+    from cloud.evaluate import per_user_metrics
+
+    t0 = time.perf_counter()
+    trainer = Trainer(data, model_cfg, gen_cfg or {}, cfg, per_user_metrics)
+    model = trainer.train_static()
+    t_static = time.perf_counter() - t0
+    gen = trainer.train_generator(model) if "generator" in stages else None
+    meta = {
+        "data": {"name": data.name, "source": data.source, "n_items": data.n_items, "users": data.n_users,
+                 "interactions": data.n_interactions},
+        "split": {"cold_fraction": cfg.cold_fraction, "seed": cfg.seed,
+                  "cold_users": [data.user_raw_ids[u] for u in trainer.cold]},
+        "train_config": cfg.to_dict(),
+        "history": trainer.history,
+        "seconds": {"static": t_static, "total": time.perf_counter() - t0},
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    model_id = f"sasrec-{data.name}"
+    return ModelBundle(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta)
+
+
