@@ -209,6 +209,7 @@ def _export_graph(model: DeviceModel, opset: int) -> onnx.ModelProto:
             dynamic_shapes=(dynamic[0], dynamic[1], tuple(dynamic[2:])), dynamo=True, opset_version=opset,
             optimize=False, verbose=False,
         )
+    assert program is not None  # dynamo=True always returns the program
     return _fold_constants(program.model, weights={n for n, _ in graph.named_parameters()})
 
 
@@ -264,7 +265,11 @@ def _finish_graph(proto: onnx.ModelProto, model: DeviceModel, slots: dict[str, t
     for slot, (d_in, d_out) in slots.items():
         a_name, b_name = factor_inputs(slot)
         rank = slot.replace(".", "_") + "_rank"
-        for name, dims in ((a_name, ("adapter_batch", d_in, rank)), (b_name, ("adapter_batch", rank, d_out))):
+        declared = (
+            (a_name, ("adapter_batch", d_in, rank), (1, d_in, 0)),  # A (B|1, d_in, r), default rank 0
+            (b_name, ("adapter_batch", rank, d_out), (1, 0, d_out)),  # B (B|1, r, d_out)
+        )
+        for name, dims, default in declared:
             shape = inputs[name].type.tensor_type.shape
             for dim, value in zip(shape.dim, dims, strict=True):
                 dim.Clear()
@@ -272,8 +277,7 @@ def _finish_graph(proto: onnx.ModelProto, model: DeviceModel, slots: dict[str, t
                     dim.dim_param = value
                 else:
                     dim.dim_value = value
-            zero_rank = tuple({rank: 0, "adapter_batch": 1}.get(v, v) for v in dims)  # (1, d_in, 0), (1, 0, d_out)
-            g.initializer.append(numpy_helper.from_array(np.zeros(zero_rank, np.float32), name))
+            g.initializer.append(numpy_helper.from_array(np.zeros(default, np.float32), name))
 
     # Intermediate shapes recorded by the exporter name widths that slimming changes; ONNX Runtime
     # infers them again when it loads the (possibly sliced) graph.

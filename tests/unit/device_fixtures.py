@@ -1,0 +1,89 @@
+"""A tiny device model sized for MovieLens 100K, its exported package, and real users: shared by
+the export, runtime and no-torch tests (exporting takes a few seconds, so it happens once)."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cloud.checkpoint import ModelBundle
+from cloud.model import DeviceModel, DeviceModelConfig
+from common.bundle import DeltaBundle
+from common.data import load_interactions
+
+ML_100K_ITEMS = 1682
+TINY = DeviceModelConfig(n_items=ML_100K_ITEMS, hidden=16, n_blocks=2, n_heads=2, ffn_units=24, head_units=32,
+                         max_len=20, dropout=0.5)
+RANK = 4
+
+
+@functools.cache
+def tiny_bundle() -> ModelBundle:
+    """Random weights, every parameter perturbed so layer norms and biases are not at their
+    identity/zero init (parity must hold for the whole computation, not a trivial part of it)."""
+    torch.manual_seed(7)
+    model = DeviceModel(TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        model.item_emb.weight[0].zero_()  # the padding item stays the zero vector
+    return ModelBundle("tiny-ml100k", model.eval())
+
+
+@functools.cache
+def tiny_package() -> Path:
+    from cloud.export import export_package
+
+    root = Path(tempfile.mkdtemp(prefix="paramcast-pkg-"))
+    atexit.register(shutil.rmtree, root, True)
+    return export_package(tiny_bundle(), root / "pkg")
+
+
+def copy_package(dst: Path) -> Path:
+    """A private copy of the tiny package (for tests that tamper with files)."""
+    return Path(shutil.copytree(tiny_package(), dst))
+
+
+def real_users(data: Path, n: int = 6, n_candidates: int = 101, seed: int = 0):
+    """`n` MovieLens 100K users from the shortest to the longest history: (history, candidates)
+    pairs, the history being all but the last item and the candidates the last item plus items
+    drawn at random (the SASRec protocol's shape)."""
+    log = load_interactions(data / "ml-100k")
+    assert log.n_items == ML_100K_ITEMS
+    order = np.argsort(log.lengths(), kind="stable")
+    picks = order[np.linspace(0, len(order) - 1, n).round().astype(int)]  # spread over lengths
+    rng = np.random.default_rng(seed)
+    users = []
+    for u in picks:
+        seq = log.sequences[u]
+        negatives = rng.integers(1, log.n_items + 1, n_candidates - 1)
+        users.append((seq[:-1].astype(np.int64), np.concatenate([seq[-1:], negatives]).astype(np.int64)))
+    return users
+
+
+def random_bundle(seed: int = 0, masks: dict | None = None, scale: float = 0.3) -> DeltaBundle:
+    """Random rank-RANK factors for every slot of the tiny model (what a generator would emit)."""
+    rng = np.random.default_rng(seed)
+    bundle = tiny_bundle()
+    factors = {
+        slot: (rng.normal(0, scale, (d_in, RANK)), rng.normal(0, scale, (RANK, d_out)))
+        for slot, (d_in, d_out) in bundle.device.slot_shapes().items()
+    }
+    return DeltaBundle(bundle.model_id, bundle.base_version, factors, masks or {})
+
+
+def random_keep(ratio: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per unit group, a bool mask keeping round(ratio * n_units) units chosen at random."""
+    rng = np.random.default_rng(seed)
+    keep = {}
+    for group, n in tiny_bundle().device.unit_groups().items():
+        mask = np.zeros(n, dtype=bool)
+        mask[rng.choice(n, max(1, round(ratio * n)), replace=False)] = True
+        keep[group] = mask
+    return keep

@@ -1,0 +1,312 @@
+"""The device runtime against PyTorch, and its boundary: bundles, slimming, inputs, package integrity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from device_fixtures import (
+    TINY,
+    copy_package,
+    random_bundle,
+    random_keep,
+    real_users,
+    tiny_bundle,
+    tiny_package,
+)
+
+from cloud.model import left_pad, slice_adapters
+from common.bundle import ENCODINGS, DeltaBundle
+from common.errors import IntegrityError, InvalidInput, ModelNotFound, VersionMismatch
+from common.serde import decode_bundle, encode_bundle
+from device.package import DevicePackage
+from device.runtime import DeviceRuntime
+from tools.cli import main as cli
+
+ATOL = 1e-4
+
+
+@pytest.fixture
+def runtime() -> DeviceRuntime:
+    return DeviceRuntime(DevicePackage.load(tiny_package()))
+
+
+@pytest.fixture(scope="module")
+def users(shared_data):
+    return real_users(shared_data)
+
+
+def torch_scores(users, factors=None, keep=None) -> np.ndarray:
+    """What PyTorch computes for these users: the slimmed model and sliced factors when `keep`."""
+    model = tiny_bundle().device
+    history = left_pad([h for h, _ in users], TINY.max_len)  # (B, L)
+    candidates = torch.from_numpy(np.stack([c for _, c in users]))  # (B, C)
+    adapters = {s: (torch.from_numpy(a)[None], torch.from_numpy(b)[None])  # (1, d_in, r), (1, r, d_out)
+                for s, (a, b) in (factors or {}).items()}
+    if keep:
+        keep_t = {g: torch.from_numpy(m) for g, m in keep.items()}
+        model, adapters = model.slimmed(keep_t), slice_adapters(adapters, keep_t)
+    with torch.no_grad():
+        return model.score(history, candidates, adapters or None).numpy()
+
+
+# -- parity with PyTorch ----------------------------------------------------------------------
+
+PARITY = [
+    pytest.param(None, None, None, id="base"),
+    *[pytest.param(enc, None, None, id=f"adapted-{enc}") for enc in ENCODINGS],
+    *[pytest.param(None, r, "view", id=f"slimmed-{r}") for r in (0.25, 0.5, 0.75)],
+    *[pytest.param(enc, 0.5, "bundle", id=f"adapted-{enc}-bundle-masks-0.5") for enc in ENCODINGS],
+    pytest.param("int8", 0.25, "view", id="adapted-int8-on-slimmed-view-0.25"),
+]
+
+
+@pytest.mark.parametrize(("encoding", "keep_ratio", "masks_from"), PARITY)
+def test_onnx_runtime_matches_pytorch(runtime, users, encoding, keep_ratio, masks_from):
+    keep = random_keep(keep_ratio, seed=1) if keep_ratio else None
+    factors = None
+    if masks_from == "view":
+        runtime = runtime.slimmed(keep)
+    if encoding is not None:
+        sent = random_bundle(seed=2, masks=keep if masks_from == "bundle" else None)
+        received = decode_bundle(encode_bundle(sent, encoding))  # what the device holds after the wire
+        runtime.apply(received)
+        factors = received.factors  # the torch side uses the same dequantized factors
+
+    expected = torch_scores(users, factors, keep)  # (B, 101)
+    batch = runtime.score([h for h, _ in users], np.stack([c for _, c in users]))
+    np.testing.assert_allclose(batch, expected, atol=ATOL, rtol=0)
+    for (history, candidates), row in zip(users, expected, strict=True):
+        np.testing.assert_allclose(runtime.score(history, candidates), row, atol=ATOL, rtol=0)
+
+
+def test_parity_is_not_vacuous(runtime, users):
+    """Adapters and slimming change the scores far beyond the tolerance, so parity tests them."""
+    base = runtime.score([h for h, _ in users], np.stack([c for _, c in users]))
+    runtime.apply(random_bundle(seed=2))
+    adapted = runtime.score([h for h, _ in users], np.stack([c for _, c in users]))
+    slim = runtime.slimmed(random_keep(0.5)).score([h for h, _ in users], np.stack([c for _, c in users]))
+    assert np.abs(adapted - base).max() > 100 * ATOL
+    assert np.abs(slim - base).max() > 100 * ATOL
+
+
+# -- bundles ----------------------------------------------------------------------------------
+
+
+def test_apply_swaps_factors_without_rebuilding_the_session(runtime, users):
+    history, candidates = users[2]
+    base_session = runtime.active_session
+    base = runtime.score(history, candidates)
+    bundle = random_bundle(seed=3)
+    runtime.apply(bundle)
+    assert runtime.active_session is base_session  # same session, new inputs
+    assert runtime.active_bundle_id == bundle.bundle_id
+    assert not np.allclose(runtime.score(history, candidates), base, atol=1e-3)
+    runtime.revert()
+    assert runtime.active_bundle_id is None
+    np.testing.assert_array_equal(runtime.score(history, candidates), base)
+
+
+def test_bundle_masks_switch_to_a_cached_slimmed_session(runtime, users):
+    history, candidates = users[1]
+    keep = random_keep(0.5, seed=4)
+    runtime.apply(random_bundle(seed=5, masks=keep))
+    slim_session = runtime.active_session
+    assert slim_session is not runtime.slimmed({}).active_session
+    for group, mask in keep.items():
+        np.testing.assert_array_equal(runtime.active_keep[group], mask)
+    runtime.apply(random_bundle(seed=6, masks=keep))  # same mask, new factors: no new session
+    assert runtime.active_session is slim_session
+    assert runtime.slimmed_sessions_built == 1
+    runtime.apply(random_bundle(seed=6))  # no masks: back on the full graph
+    assert runtime.active_keep == {}
+    assert runtime.slimmed_sessions_built == 1
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_slimmed_graph_drops_exactly_the_sliced_weights(runtime, ratio):
+    keep = random_keep(ratio)
+    dropped_units = sum(int((~m).sum()) for m in keep.values())
+    # Every unit of every group owns one weight row in, one weight column out and one bias.
+    dropped_bytes = dropped_units * (2 * TINY.hidden + 1) * 4
+    saved = runtime.active_model_nbytes - runtime.slimmed(keep).active_model_nbytes
+    assert abs(saved - dropped_bytes) < 64  # protobuf length prefixes shrink by a few bytes too
+
+
+def test_failed_apply_leaves_the_active_bundle_in_place(runtime, users):
+    history, candidates = users[0]
+    good = random_bundle(seed=7)
+    runtime.apply(good)
+    before = runtime.score(history, candidates)
+    stale = DeltaBundle(good.model_id, "0123456789abcdef", good.factors)
+    with pytest.raises(VersionMismatch, match="base version"):
+        runtime.apply(stale)
+    with pytest.raises(VersionMismatch, match="model"):
+        runtime.apply(DeltaBundle("another-model", good.base_version, good.factors))
+    assert runtime.active_bundle_id == good.bundle_id
+    np.testing.assert_array_equal(runtime.score(history, candidates), before)
+
+
+def _bad_bundles():
+    b = random_bundle(seed=8)
+    up_a, up_b = b.factors["head.up"]
+    d = TINY.hidden
+    nan = up_a.copy()
+    nan[0, 0] = np.nan
+    full_rank = (np.ones((d, d + 1)), np.ones((d + 1, TINY.head_units)))  # rank above min(d_in, d_out)
+    return [
+        pytest.param({"head.sideways": (up_a, up_b)}, {}, "factors['head.sideways']", id="unknown-slot"),
+        pytest.param({"head.up": (up_a[:-1], up_b)}, {}, "factors['head.up']", id="wrong-d_in"),
+        pytest.param({"head.up": (up_b.T, up_a.T)}, {}, "factors['head.up']", id="transposed"),
+        pytest.param({"head.up": full_rank}, {}, "factors['head.up']", id="rank-above-max"),
+        pytest.param({"head.up": (nan, up_b)}, {}, "factors['head.up']", id="nan"),
+        pytest.param({}, {"tail": np.ones(4, bool)}, "masks['tail']", id="unknown-group"),
+        pytest.param({}, {"head": np.ones(TINY.head_units + 1, bool)}, "masks['head']", id="mask-length"),
+    ]
+
+
+@pytest.mark.parametrize(("factors", "masks", "field"), _bad_bundles())
+def test_apply_rejects_malformed_bundles_naming_the_field(runtime, factors, masks, field):
+    b = tiny_bundle()
+    bundle = DeltaBundle(b.model_id, b.base_version, factors, masks)
+    with pytest.raises(InvalidInput) as err:
+        runtime.apply(bundle)
+    assert err.value.field == field
+    assert runtime.active_bundle_id is None
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+def test_one_user_equals_the_matching_batch_row(runtime, users):
+    histories = [h for h, _ in users]
+    candidates = np.stack([c for _, c in users])
+    batch = runtime.score(histories, candidates)
+    assert batch.shape == (len(users), 101) and batch.dtype == np.float32
+    padded = left_pad(histories, TINY.max_len).numpy()
+    np.testing.assert_allclose(runtime.score(padded, candidates), batch, atol=1e-6)  # 2-D array form
+    long_history = users[-1][0]
+    assert len(long_history) > TINY.max_len  # keeps the last max_len items, as training does
+    np.testing.assert_array_equal(runtime.score(long_history, users[-1][1]),
+                                  runtime.score(list(long_history[-TINY.max_len:]), users[-1][1]))
+
+
+def test_new_user_with_empty_history_gets_finite_scores(runtime):
+    scores = runtime.score([], [1, 2, 3])
+    assert scores.shape == (3,) and np.isfinite(scores).all()
+
+
+N = TINY.n_items
+BAD_INPUTS = [
+    pytest.param([1.0, 2.0], [3, 4], "history", "integers", id="float-history"),
+    pytest.param([1, 2], np.array([3, 4], dtype=np.float32), "candidates", "integers", id="float-candidates"),
+    pytest.param([1, N + 1], [3, 4], "history", f"outside [0, {N}]", id="history-id-too-large"),
+    pytest.param([1, 2], [-1, 4], "candidates", f"outside [0, {N}]", id="negative-candidate"),
+    pytest.param([1, 2], [], "candidates", "empty", id="empty-candidates"),
+    pytest.param([1, 2], [[3, 4]], "candidates", "1-D", id="batched-candidates-for-one-user"),
+    pytest.param([[1, 2], [3]], [[3, 4]], "candidates", "rows for 2 histories", id="row-count"),
+    pytest.param([[1, 2], [3]], [[3, 4], [5]], "candidates", "different lengths", id="ragged-candidates"),
+    pytest.param([[1, 2], [3, N + 5]], [[3], [4]], "history[1]", "outside", id="bad-row-named"),
+    pytest.param(np.zeros((1, 2, 3), np.int64), [[3]], "history", "shape", id="3-D-history"),
+    pytest.param("1,2,3", [3], "history", "sequence", id="string-history"),
+    pytest.param(np.array([True, False]), [3], "history", "integers", id="bool-history"),
+]
+
+
+@pytest.mark.parametrize(("history", "candidates", "field", "problem"), BAD_INPUTS)
+def test_inputs_are_checked_at_the_boundary(runtime, history, candidates, field, problem):
+    with pytest.raises(InvalidInput, match=problem.replace("[", r"\[")) as err:
+        runtime.score(history, candidates)
+    assert err.value.field == field
+
+
+def test_ids_of_any_integer_dtype_are_accepted(runtime, users):
+    history, candidates = users[3]
+    expected = runtime.score(history, candidates)
+    got = runtime.score(history.astype(np.int32), candidates.astype(np.uint16))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_behaviour_embedding_ignores_the_applied_bundle(runtime, users):
+    histories = [h for h, _ in users]
+    before = runtime.behaviour_embedding(histories)
+    assert before.shape == (len(users), TINY.hidden)
+    runtime.apply(random_bundle(seed=9, masks=random_keep(0.5)))
+    np.testing.assert_array_equal(runtime.behaviour_embedding(histories), before)
+    np.testing.assert_array_equal(runtime.behaviour_embedding(histories[0]), before[0])
+    with torch.no_grad():
+        expected = tiny_bundle().device.encode(left_pad(histories, TINY.max_len))[:, -1, :].numpy()
+    np.testing.assert_allclose(before, expected, atol=ATOL)
+
+
+@pytest.mark.parametrize(("threads", "optimization"), [(0, "all"), (1, "maximal"), (1.5, "all")])
+def test_session_options_are_validated(threads, optimization):
+    with pytest.raises(InvalidInput):
+        DeviceRuntime(DevicePackage.load(tiny_package()), threads=threads, optimization=optimization)
+
+
+@pytest.mark.parametrize("optimization", ["disable", "basic", "extended", "all"])
+def test_every_optimisation_level_scores_the_same(users, optimization):
+    rt = DeviceRuntime(DevicePackage.load(tiny_package()), threads=2, optimization=optimization)
+    history, candidates = users[4]
+    np.testing.assert_allclose(rt.score(history, candidates), torch_scores([users[4]])[0], atol=ATOL)
+
+
+# -- package integrity ------------------------------------------------------------------------
+
+
+def test_tampered_model_file_is_named(tmp_path):
+    pkg = copy_package(tmp_path / "pkg")
+    data = bytearray((pkg / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (pkg / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="model.onnx: sha256"):
+        DevicePackage.load(pkg)
+
+
+def test_missing_file_and_bad_manifest_are_reported(tmp_path):
+    with pytest.raises(ModelNotFound, match="no device package"):
+        DevicePackage.load(tmp_path / "nowhere")
+    pkg = copy_package(tmp_path / "pkg")
+    (pkg / "model.onnx").unlink()
+    with pytest.raises(IntegrityError, match="model.onnx: listed in the manifest but missing"):
+        DevicePackage.load(pkg)
+    (pkg / "manifest.json").write_text("{not json")
+    with pytest.raises(IntegrityError, match="manifest.json: not valid JSON"):
+        DevicePackage.load(pkg)
+
+
+def test_manifest_cannot_point_outside_the_package(tmp_path):
+    pkg = copy_package(tmp_path / "pkg")
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest["files"]["../secret"] = {"sha256": "0" * 64, "bytes": 1}
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="outside the package"):
+        DevicePackage.load(pkg)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def test_device_score_command(tmp_path, capsys, runtime):
+    pkg = str(tiny_package())
+    args = ["device", "score", "--package", pkg, "--history", "1,2,3", "--candidates", "4,5,6"]
+    assert cli([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["candidates"] == [4, 5, 6] and out["bundle_id"] is None
+    np.testing.assert_allclose(out["scores"], runtime.score([1, 2, 3], [4, 5, 6]), atol=1e-6)
+
+    bundle = random_bundle(seed=10)
+    (tmp_path / "b.bin").write_bytes(encode_bundle(bundle, "fp16"))
+    assert cli([*args, "--bundle", str(tmp_path / "b.bin")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert bundle.bundle_id in lines[0]
+    runtime.apply(bundle.quantized("fp16"))
+    expected = runtime.score([1, 2, 3], [4, 5, 6])
+    got = [float(line.split("\t")[1]) for line in lines[2:]]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    assert cli(["device", "score", "--package", pkg, "--history", "1,x", "--candidates", "4"]) == 2
+    assert "history" in capsys.readouterr().err
