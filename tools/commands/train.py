@@ -1,0 +1,91 @@
+"""`paramcast train`: the static device model, then the generator (DUET's two stages), into a model bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+from common.data import FORMATS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train the device model and its generator into a model bundle",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="dataset folder or interaction file")
+    p.add_argument("--format", choices=FORMATS, help="skip format detection")
+    p.add_argument("--out", required=True, metavar="DIR", help="model bundle directory to write")
+    p.add_argument("--stages", default="static,generator", help="comma list of: static, generator")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    m = p.add_argument_group("device model")
+    m.add_argument("--hidden", type=int, default=64)
+    m.add_argument("--blocks", type=int, default=2)
+    m.add_argument("--heads", type=int, default=1)
+    m.add_argument("--ffn-units", type=int, default=64)
+    m.add_argument("--head-units", type=int, default=128)
+    m.add_argument("--max-len", type=int, default=50)
+    m.add_argument("--dropout", type=float, default=0.5)
+    t = p.add_argument_group("static stage")
+    t.add_argument("--epochs", type=int, default=200, help="upper bound; early stopping on validation NDCG@10")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--patience", type=int, default=5)
+    t.add_argument("--loss", default="auto", choices=("auto", "ce", "sampled"),
+                   help="softmax CE over the catalogue, or over shared sampled negatives (auto: CE up to 50k items)")
+    t.add_argument("--negatives", type=int, default=1024, help="sampled negatives per batch for --loss sampled")
+    t.add_argument("--cold-fraction", type=float, default=0.1, help="users held out of training (cold-start eval)")
+    t.add_argument("--valid-users", type=int, default=0, help="validation users for early stopping (0 = all)")
+    g = p.add_argument_group("generator stage")
+    g.add_argument("--gen-epochs", type=int, default=60)
+    g.add_argument("--gen-lr", type=float, default=1e-3)
+    g.add_argument("--gen-patience", type=int, default=5)
+    g.add_argument("--window", type=int, default=50, help="behaviour window length N the generator reads")
+    g.add_argument("--rank", type=int, default=4, help="rank r of generated factors")
+    g.add_argument("--gen-width", type=int, default=128)
+    g.add_argument("--gen-layers", type=int, default=2)
+    g.add_argument("--horizon", type=int, default=4, help="next items after the cut a delta is trained on")
+    g.add_argument("--slim-prob", type=float, default=0.5, help="share of generator batches under a random mask")
+    g.add_argument("--joint", action="store_true", help="fine-tune the device model jointly in stage 2")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cloud.checkpoint import save_bundle
+    from cloud.model import DeviceModelConfig
+    from cloud.train import TrainConfig, train
+    from common.data import load_interactions
+    from common.errors import InvalidInput
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = set(stages) - {"static", "generator"}
+    if unknown or "static" not in stages:
+        raise InvalidInput("--stages", f"must include 'static' and may add 'generator'; got {args.stages!r}")
+    data = load_interactions(args.data, format=args.format)
+    model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
+                                  ffn_units=args.ffn_units, head_units=args.head_units, max_len=args.max_len,
+                                  dropout=args.dropout)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                      loss=args.loss, n_negatives=args.negatives, seed=args.seed, device=args.device,
+                      threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
+                      gen_epochs=args.gen_epochs, gen_lr=args.gen_lr, gen_patience=args.gen_patience,
+                      horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint,
+                      progress=not args.no_progress)
+    gen_cfg = {"window": args.window, "rank": args.rank, "width": args.gen_width, "n_layers": args.gen_layers}
+    t0 = time.perf_counter()
+    bundle = train(data, args.out, model_cfg, cfg, gen_cfg, stages)
+    bundle.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    bundle.meta["wall_seconds"] = time.perf_counter() - t0
+    out = save_bundle(bundle, args.out)
+    summary = {"model_id": bundle.model_id, "base_version": bundle.base_version, "out": str(out),
+               "seconds": round(bundle.meta["wall_seconds"], 1), "peak_rss_mib": round(bundle.meta["peak_rss_mib"]),
+               "device_parameters": bundle.device.n_parameters()}
+    if bundle.generator is not None:
+        summary.update(generator_parameters=bundle.generator.n_parameters(),
+                       generated_parameters_per_device=bundle.generator.generated_parameters_per_device(),
+                       generator_flops_per_bundle=bundle.generator.flops_per_bundle())
+    print(json.dumps(summary, indent=2))
+    return 0
