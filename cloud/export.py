@@ -21,8 +21,10 @@ rule (`DeviceModel.slimmed`) written down by name and axis.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import logging
 import os
@@ -202,15 +204,31 @@ def _export_graph(model: DeviceModel, opset: int) -> onnx.ModelProto:
         dynamic += [{0: batch, 2: rank}, {0: batch, 1: rank}]  # batch dim is relaxed to B|1 below
         names += factor_inputs(slot)
     # torch.export groups the *factors varargs into one tuple, hence the nested dynamic_shapes.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter chatter (deprecations, torchvision absent)
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             graph, tuple(example), input_names=names, output_names=list(OUTPUTS),
             dynamic_shapes=(dynamic[0], dynamic[1], tuple(dynamic[2:])), dynamo=True, opset_version=opset,
             optimize=False, verbose=False,
         )
-    assert program is not None  # dynamo=True always returns the program
-    return _fold_constants(program.model, weights={n for n, _ in graph.named_parameters()})
+        assert program is not None  # dynamo=True always returns the program
+        return _fold_constants(program.model, weights={n for n, _ in graph.named_parameters()})
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's and optimiser's progress chatter (per-node INFO lines, warnings about
+    torchvision ops this model does not use); errors still propagate as exceptions."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
 def _fold_constants(ir_model, weights: set[str]) -> onnx.ModelProto:
