@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from common.bundle import DeltaBundle
 from common.errors import InvalidInput
+from common.serde import check_bundle_for
 from device.package import DevicePackage, UnitGroup
 
 OPTIMIZATION_LEVELS = {
@@ -194,14 +196,22 @@ class DeviceRuntime:
         state = self._sessions.base.run(["behaviour"], {"history": hist, "candidates": cands})[0]
         return state[0] if single else state
 
+    def user_state(self, history) -> np.ndarray:
+        """The active model's user state (the vector candidates are scored against): (d,) for one
+        history, (B, d) for a batch. Unlike `behaviour_embedding` it moves with the bundle."""
+        state = self._state
+        single = self._is_single(history)
+        hist = self._histories([history] if single else history)  # (B, L)
+        feeds = {"history": hist, "candidates": np.zeros((len(hist), 1), dtype=np.int64), **state.feeds}
+        out = state.session.run(["user_state"], feeds)[0]  # (B, d)
+        return out[0] if single else out
+
     # -- bundles -----------------------------------------------------------------------------
-    def apply(self, bundle) -> None:
+    def apply(self, bundle: DeltaBundle) -> None:
         """Activate a DeltaBundle: its factors as the adapter inputs, its masks (if any) as the
         slimming. Raises VersionMismatch for another model or base version and InvalidInput for
         unknown slots or groups, wrong shapes, ranks above the package's maximum or non-finite
         values; on error the active state is unchanged."""
-        from common.serde import check_bundle_for
-
         check_bundle_for(bundle, self.package.model_id, self.package.base_version)
         feeds = self._factor_feeds(bundle.factors)
         keep = self._keep_from_masks(bundle.masks, "masks") if bundle.masks else self._keep

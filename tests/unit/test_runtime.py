@@ -241,6 +241,15 @@ def test_behaviour_embedding_ignores_the_applied_bundle(runtime, users):
     np.testing.assert_allclose(before, expected, atol=ATOL)
 
 
+def test_user_state_is_what_candidates_are_scored_against(runtime, users):
+    history, candidates = users[2]
+    runtime.apply(random_bundle(seed=11, masks=random_keep(0.75)))
+    state = runtime.user_state(history)  # (d,)
+    item_emb = tiny_bundle().device.item_emb.weight.detach().numpy()
+    np.testing.assert_allclose(item_emb[candidates] @ state, runtime.score(history, candidates), atol=1e-5)
+    assert runtime.user_state([history, history]).shape == (2, TINY.hidden)
+
+
 @pytest.mark.parametrize(("threads", "optimization"), [(0, "all"), (1, "maximal"), (1.5, "all")])
 def test_session_options_are_validated(threads, optimization):
     with pytest.raises(InvalidInput):
