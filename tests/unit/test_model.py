@@ -1,0 +1,145 @@
+"""Device model, generator and two-stage training on tiny sizes with real ml-100k users."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cloud.checkpoint import load_bundle, save_bundle
+from cloud.evaluate import evaluate
+from cloud.generator import Generator, GeneratorConfig, window_batch
+from cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
+from cloud.train import TrainConfig, split_users, train
+from common.data import load_interactions
+
+TINY = dict(hidden=16, head_units=16, ffn_units=12, max_len=20, n_heads=2)
+TINY_GEN = {"window": 20, "width": 32, "n_layers": 1, "rank": 2}
+
+
+@pytest.fixture(scope="module")
+def ml100k(shared_data):
+    return load_interactions(shared_data / "ml-100k")
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(ml100k):
+    torch.set_num_threads(1)
+    cfg = TrainConfig(epochs=2, gen_epochs=2, progress=False, threads=1, seed=5)
+    return train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN)
+
+
+def test_trimmed_padding_computes_the_same_scores(ml100k):
+    model = DeviceModel(DeviceModelConfig(n_items=ml100k.n_items, **TINY)).eval()
+    hist = [ml100k.sequences[u][:n] for u, n in [(0, 3), (1, 7), (2, 12)]]
+    cand = torch.randint(1, ml100k.n_items + 1, (3, 9))
+    full = model.score(left_pad(hist, 20), cand)
+    trimmed = model.score(left_pad(hist, 20, trim=True), cand)
+    assert left_pad(hist, 20, trim=True).shape == (3, 12)
+    torch.testing.assert_close(full, trimmed, atol=1e-5, rtol=0)
+
+
+def test_slimmed_model_equals_masked_model_and_is_smaller(ml100k):
+    torch.manual_seed(0)
+    model = DeviceModel(DeviceModelConfig(n_items=ml100k.n_items, **TINY)).eval()
+    groups = model.unit_groups()
+    keep = {g: torch.randperm(n) < n // 2 for g, n in groups.items()}
+    hist = left_pad([ml100k.sequences[u] for u in range(4)], 20)
+    cand = torch.randint(1, ml100k.n_items + 1, (4, 11))
+    adapters = {s: (torch.randn(4, i, 2), torch.randn(4, 2, o)) for s, (i, o) in model.slot_shapes().items()}
+    masks = {g: k.float().expand(4, -1) for g, k in keep.items()}
+    small = model.slimmed(keep)
+    torch.testing.assert_close(model.score(hist, cand, adapters, masks),
+                               small.score(hist, cand, slice_adapters(adapters, keep)), atol=1e-4, rtol=1e-4)
+    assert small.n_parameters() < model.n_parameters()
+    assert small.head_up.weight.shape == (16, 8)
+
+
+def test_untrained_generator_reproduces_the_static_model(ml100k):
+    model = DeviceModel(DeviceModelConfig(n_items=ml100k.n_items, **TINY)).eval()
+    gen = Generator(GeneratorConfig(n_items=ml100k.n_items, slot_shapes=model.slot_shapes(),
+                                    unit_groups=model.unit_groups(), **TINY_GEN)).eval()
+    hist = [ml100k.sequences[u] for u in range(5)]
+    out = gen(window_batch(hist, 20))
+    cand = torch.randint(1, ml100k.n_items + 1, (5, 7))
+    assert out.adapters["head.up"][0].shape == (5, 16, 2) and out.adapters["head.up"][1].shape == (5, 2, 16)
+    torch.testing.assert_close(model.score(left_pad(hist, 20), cand, out.adapters),
+                               model.score(left_pad(hist, 20), cand))
+    masks = out.masks(0.25)
+    assert all(m.sum(-1).eq(round(0.25 * m.shape[-1])).all() for m in masks.values())
+
+
+def test_generator_does_not_depend_on_user_identity(ml100k):
+    """Two users with the same window get the same delta: conditioning is on the sample only."""
+    model = DeviceModel(DeviceModelConfig(n_items=ml100k.n_items, **TINY))
+    gen = Generator(GeneratorConfig(n_items=ml100k.n_items, slot_shapes=model.slot_shapes(),
+                                    unit_groups=model.unit_groups(), **TINY_GEN)).eval()
+    w = ml100k.sequences[0][:10]
+    a = gen(window_batch([w, ml100k.sequences[1], w], 20))
+    torch.testing.assert_close(a.adapters["head.down"][0][0], a.adapters["head.down"][0][2])
+
+
+def test_cold_users_are_held_out_of_training(ml100k):
+    warm, cold = split_users(ml100k, 0.1, seed=1)
+    assert len(cold) == round(0.1 * ml100k.n_users)
+    assert not set(warm) & set(cold) and len(warm) + len(cold) == ml100k.n_users
+
+
+def test_training_is_reproducible_for_a_seed(ml100k, tiny_bundle):
+    cfg = TrainConfig(epochs=2, gen_epochs=2, progress=False, threads=1, seed=5)
+    again = train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN)
+    assert again.base_version == tiny_bundle.base_version
+    reference = tiny_bundle.generator.state_dict()
+    for k, a in again.generator.state_dict().items():
+        assert torch.equal(a, reference[k]), k
+
+
+def test_bundle_round_trip_and_report_layout(tmp_path, ml100k, tiny_bundle):
+    save_bundle(tiny_bundle, tmp_path / "b")
+    loaded = load_bundle(tmp_path / "b")
+    assert loaded.base_version == tiny_bundle.base_version and loaded.model_id == "sasrec-ml-100k"
+    info = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert info["device_config"]["hidden"] == 16 and info["generator_config"]["rank"] == 2
+    assert len(info["meta"]["split"]["cold_users"]) == round(0.1 * ml100k.n_users)
+    report = evaluate(loaded, ml100k, ["static", "generated", "slimmed@0.5", "stale@5", "int8"])
+    for key in ("static", "generated", "slimmed@0.5", "stale@5", "int8", "generated-static",
+                "cold:static", "cold:generated", "cold:generated-static"):
+        assert set(report[key]) >= {"hr@10", "ndcg@10", "auc"}, key
+        lo, hi = report[key]["ndcg@10"]["ci"]
+        assert lo <= report[key]["ndcg@10"]["value"] <= hi
+    warm_users = report["static"]["ndcg@10"]["users"]
+    cold_users = report["cold:static"]["ndcg@10"]["users"]
+    assert warm_users + cold_users == int((ml100k.lengths() >= 3).sum())
+
+
+def test_corrupt_bundle_is_refused(tmp_path, tiny_bundle):
+    from common.errors import ModelNotFound
+
+    with pytest.raises(ModelNotFound, match="no model bundle"):
+        load_bundle(tmp_path / "missing")
+    save_bundle(tiny_bundle, tmp_path / "b")
+    payload = torch.load(tmp_path / "b" / "bundle.pt", weights_only=True)
+    payload["device_state"]["item_emb.weight"][3, 0] += 1.0
+    torch.save(payload, tmp_path / "b" / "bundle.pt")
+    with pytest.raises(ModelNotFound, match="base version"):
+        load_bundle(tmp_path / "b")
+
+
+def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):
+    from tools.cli import main
+
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), "--epochs", "1",
+                 "--gen-epochs", "1", "--hidden", "16", "--head-units", "16", "--ffn-units", "16", "--max-len", "20",
+                 "--window", "20", "--gen-width", "32", "--gen-layers", "1", "--threads", "1", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["generated_parameters_per_device"] == 4 * (16 + 16) * 2
+    assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "ml-100k"), "--json",
+                 "--variants", "static,generated"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["static"]["hr@10"]["value"] <= 1.0
+    assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "amazon-beauty")]) == 2
+    assert "items" in capsys.readouterr().err
+    assert np.isfinite(report["generated-static"]["ndcg@10"]["value"])
