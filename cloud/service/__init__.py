@@ -1,0 +1,1 @@
+"""The ParamCast gRPC service: batcher, core logic, error mapping, servicer and server factory."""

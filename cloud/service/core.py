@@ -1,0 +1,177 @@
+"""The service's logic, callable without sockets: what Generate and GetModel do.
+
+    core = ServiceCore(registry, auth=TokenAuth.from_file("tokens.json"), rates=RateLimiter(5, 10))
+    bundle = await core.generate(GenerateCall(model_id, base_version, "device-17", [5, 9, 12]),
+                                 metadata={"authorization": "Bearer ..."}, deadline=time.monotonic() + 1)
+    for chunk in core.get_model(model_id, version="", offset=0, chunk_size=0, metadata=...): ...
+
+Every request passes the same steps in the same order: authenticate (no work at all for unknown
+callers), authorize the device id, take a rate-limit token, validate every field, resolve the
+model and version, and only then queue for the micro-batched generator. Each failure is a typed
+error (`common.errors`, `cloud.service.errors`) naming the field at fault; the gRPC layer maps
+them to status codes in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cloud.generation import check_window, generate_bundles
+from cloud.service.auth import RateLimiter, TokenAuth
+from cloud.service.batcher import BatchObserver, MicroBatcher
+from cloud.service.errors import OutOfRange
+from cloud.service.registry import ModelRegistry, ServedModel
+from common.bundle import ENCODINGS, DeltaBundle
+from common.errors import InvalidInput
+
+MAX_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request bounds and batching settings (the CLI flags of `paramcast serve`)."""
+
+    max_window_items: int = 1024  # longer windows are rejected; the generator reads the last `window`
+    max_batch: int = 64
+    max_delay_ms: float = 2.0
+    max_queue: int = 4096
+    chunk_bytes: int = 64 * 1024  # GetModel chunk size when the request says 0
+    min_chunk_bytes: int = 4 * 1024  # requested sizes are clamped into [min, max]
+    max_chunk_bytes: int = 1024 * 1024
+    ttl_ms: int = 0  # bundle lifetime; 0 = bundles never expire
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """A Generate request in domain terms (the servicer fills it from the protobuf message)."""
+
+    model_id: str
+    base_version: str
+    device_id: str
+    window: Sequence[int] = field(default_factory=list)
+    encoding: str = "int8"
+    keep_ratio: float = 0.0  # 0 = no slimming
+
+
+@dataclass(frozen=True)
+class PackageChunk:
+    model_id: str
+    version: str
+    total_size: int
+    archive_sha256: bytes
+    offset: int
+    data: bytes
+    chunk_sha256: bytes
+
+
+def check_id(field_name: str, value: str, required: bool = True) -> str:
+    """A model id, version or device id: printable text of at most MAX_ID_CHARS characters."""
+    if not isinstance(value, str):
+        raise InvalidInput(field_name, f"must be a string, got {type(value).__name__}")
+    if not value:
+        if required:
+            raise InvalidInput(field_name, "is empty")
+        return value
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidInput(field_name, f"is {len(value)} characters long; at most {MAX_ID_CHARS} are accepted")
+    if not value.isprintable():
+        raise InvalidInput(field_name, "contains control or non-printable characters")
+    return value
+
+
+def check_keep_ratio(value: float) -> float | None:
+    """0 -> None (no slimming); otherwise a fraction in (0, 1]."""
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or value > 1:
+        raise InvalidInput("keep_ratio", f"must be 0 (no slimming) or in (0, 1], got {value}")
+    return None if value == 0 or value == 1 else value
+
+
+class ServiceCore:
+    def __init__(self, registry: ModelRegistry, auth: TokenAuth | None = None, rates: RateLimiter | None = None,
+                 limits: Limits | None = None, observer: BatchObserver | None = None):
+        if len(registry) == 0:
+            raise InvalidInput("models", "a server needs at least one model")
+        self.registry = registry
+        self.auth = auth or TokenAuth(None)
+        self.rates = rates or RateLimiter(0)
+        self.limits = limits or Limits()
+        self.batcher = MicroBatcher(self._compute, max_batch=self.limits.max_batch,
+                                    max_delay_s=self.limits.max_delay_ms / 1000, max_queue=self.limits.max_queue,
+                                    observer=observer)
+
+    # -- Generate -------------------------------------------------------------------------------
+    def admit(self, call: GenerateCall, metadata: Mapping[str, str] | None = None,
+              ) -> tuple[ServedModel, np.ndarray, float | None]:
+        """Every check Generate makes before queueing: -> (model, window to generate from, keep ratio)."""
+        principal = self.auth.authenticate(metadata)
+        device_id = check_id("device_id", call.device_id)
+        self.auth.authorize(principal, device_id)
+        self.rates.check(device_id)
+        check_id("model_id", call.model_id)
+        check_id("base_version", call.base_version)
+        if call.encoding not in ENCODINGS:
+            raise InvalidInput("encoding", f"unknown encoding {call.encoding!r}; expected one of {ENCODINGS}")
+        keep_ratio = check_keep_ratio(call.keep_ratio)
+        served = self.registry.for_base(call.model_id, call.base_version)
+        window = check_window(list(call.window), served.n_items, self.limits.max_window_items, "window")
+        return served, window[-served.window:], keep_ratio
+
+    async def generate(self, call: GenerateCall, metadata: Mapping[str, str] | None = None,
+                       deadline: float | None = None) -> DeltaBundle:
+        """One device's bundle, generated in a micro-batch with concurrent calls.
+
+        `deadline` is a time.monotonic() value; a request still queued when it passes is dropped
+        (DeadlineExpired) without reaching the generator. The bundle is fp32; the caller encodes
+        it as `call.encoding`.
+        """
+        served, window, keep_ratio = self.admit(call, metadata)
+        return await self.batcher.submit((served.key, keep_ratio), window, deadline)
+
+    def _compute(self, key: tuple[tuple[str, str], float | None], windows: list[np.ndarray]) -> list[DeltaBundle]:
+        """Runs in the batcher's worker thread: one generator pass for a batch of one model version."""
+        (model_id, version), keep_ratio = key
+        served = self.registry.get(model_id, version)
+        return generate_bundles(served.bundle, windows, keep_ratio, device=self.registry.device,
+                                ttl_ms=self.limits.ttl_ms)
+
+    # -- GetModel -------------------------------------------------------------------------------
+    def get_model(self, model_id: str, version: str = "", offset: int = 0, chunk_size: int = 0,
+                  metadata: Mapping[str, str] | None = None) -> Iterator[PackageChunk]:
+        """Validate a package request now, then return the chunks from `offset` to the end."""
+        self.auth.authenticate(metadata)
+        check_id("model_id", model_id)
+        check_id("version", version, required=False)
+        if offset < 0:
+            raise InvalidInput("offset", f"must be >= 0, got {offset}")
+        if chunk_size < 0:
+            raise InvalidInput("chunk_size", f"must be >= 0, got {chunk_size}")
+        lim = self.limits
+        size = lim.chunk_bytes if chunk_size == 0 else min(max(chunk_size, lim.min_chunk_bytes), lim.max_chunk_bytes)
+        served = self.registry.get(model_id, version)
+        total = len(served.archive)
+        if offset > total:
+            raise OutOfRange("offset", f"{offset} is beyond the end of the {total}-byte package of "
+                                       f"{model_id} {served.version}")
+        return self._chunks(served, offset, size)
+
+    @staticmethod
+    def _chunks(served: ServedModel, offset: int, size: int) -> Iterator[PackageChunk]:
+        total = len(served.archive)
+        view = memoryview(served.archive)
+        pos = offset
+        while True:
+            data = bytes(view[pos:pos + size])
+            yield PackageChunk(served.model_id, served.version, total, served.archive_sha256, pos, data,
+                               hashlib.sha256(data).digest())
+            pos += len(data)
+            if pos >= total:  # an offset == total request still gets its one empty chunk
+                return
+
+    async def close(self) -> None:
+        await self.batcher.close()

@@ -1,0 +1,240 @@
+"""The ParamCast gRPC server: one factory that builds, binds and starts it.
+
+    server, port = await start_server(["runs/ml-100k"], "127.0.0.1", 0)   # port 0: the OS picks
+    ...
+    await server.stop(grace=10)                                            # drains in-flight calls
+
+What a started server has: ParamService behind the error interceptor, the standard health service
+(`grpc.health.v1.Health`, SERVING for "" and "paramcast.v1.ParamService" until shutdown begins)
+and server reflection; optional TLS; optional gzip for responses; a bound on request message size
+(larger requests get RESOURCE_EXHAUSTED from gRPC itself, before any ParamCast code runs);
+Prometheus metrics in a registry of its own, exposed over HTTP when `metrics_port` is given.
+
+Shutdown is graceful: health turns NOT_SERVING (load balancers stop sending), the server stops
+accepting calls, in-flight calls finish within `grace` seconds (their queued requests still get
+their generator pass), and only then the batcher and its thread stop.
+
+`serve_in_thread` runs a server on its own event loop in a background thread, for synchronous
+callers (tests, notebooks, the benchmark's echo comparisons).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloud.checkpoint import ModelBundle, load_bundle
+from cloud.service.auth import RateLimiter, TokenAuth
+from cloud.service.core import Limits, ServiceCore
+from cloud.service.errors import ErrorInterceptor
+from cloud.service.metrics import ServiceMetrics
+from cloud.service.registry import ModelRegistry
+from cloud.service.servicer import ParamServicer
+from common.errors import IntegrityError, InvalidInput, ModelNotFound
+from common.serde import SERVICE_NAME
+from device.package import DevicePackage
+from protos.paramcast.v1 import param_service_pb2 as pb
+from protos.paramcast.v1 import param_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("paramcast.service")
+
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024  # a 1024-item window is at most ~10 KiB; anything far larger is abuse
+PACKAGE_SUBDIR = "package"  # `paramcast export --out MODEL_DIR/package` is picked up by serve
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificate_chain: bytes  # PEM
+    private_key: bytes  # PEM
+
+    @classmethod
+    def from_files(cls, cert: str | Path, key: str | Path) -> TlsConfig:
+        return cls(Path(cert).read_bytes(), Path(key).read_bytes())
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda when torch sees a GPU, else cpu; cuda without a GPU is an error, not a silent CPU run."""
+    import torch
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise InvalidInput("device", f"must be auto, cpu or cuda, got {name!r}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("device", "cuda was asked for but torch sees no CUDA device")
+    return name
+
+
+def load_models(models: Sequence[ModelBundle | str | Path], device: str = "cpu") -> ModelRegistry:
+    """A registry of model bundles (objects or `paramcast train` directories), in order: for each
+    model id, the last one given is the latest. A directory's `package/` subfolder is used as its
+    device package when it matches the weights; otherwise the package is exported at start."""
+    registry = ModelRegistry(device)
+    for item in models:
+        if isinstance(item, ModelBundle):
+            registry.add(item)
+            continue
+        path = Path(item)
+        bundle = load_bundle(path)
+        registry.add(bundle, _matching_package(path / PACKAGE_SUBDIR, bundle))
+    return registry
+
+
+def _matching_package(path: Path, bundle: ModelBundle) -> Path | None:
+    if not (path / "manifest.json").exists():
+        return None
+    try:
+        package = DevicePackage.load(path)
+    except (IntegrityError, ModelNotFound) as exc:
+        log.warning("ignoring %s: %s; exporting a fresh package", path, exc)
+        return None
+    if (package.model_id, package.base_version) != (bundle.model_id, bundle.base_version):
+        log.warning("ignoring %s: it is the package of %s %s, not %s %s; exporting a fresh package", path,
+                    package.model_id, package.base_version, bundle.model_id, bundle.base_version)
+        return None
+    return path
+
+
+class ParamServer:
+    """A started server: `port`, `metrics_port` (or None), `core`, `metrics`; `stop()` drains it."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, core: ServiceCore, metrics: ServiceMetrics,
+                 health_servicer: health.aio.HealthServicer, metrics_http=None):
+        self.server, self.port, self.core, self.metrics = server, port, core, metrics
+        self.health = health_servicer
+        self._metrics_http = metrics_http
+        self.metrics_port: int | None = metrics_http[0].server_port if metrics_http else None
+        self._stopped = False
+
+    async def stop(self, grace: float | None = 10.0) -> None:
+        """Graceful: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` s."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.core.close()
+        if self._metrics_http is not None:
+            http, thread = self._metrics_http
+            http.shutdown()
+            http.server_close()
+            thread.join(timeout=5)
+        log.info("server on port %d stopped", self.port)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_server(
+    models: ModelRegistry | Sequence[ModelBundle | str | Path],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    limits: Limits | None = None,
+    auth: TokenAuth | None = None,
+    rates: RateLimiter | None = None,
+    tls: TlsConfig | None = None,
+    metrics_port: int | None = None,
+    gzip: bool = False,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    device: str = "cpu",
+) -> tuple[ParamServer, int]:
+    """Build, bind and start a server on the running event loop -> (server, bound port)."""
+    registry = models if isinstance(models, ModelRegistry) else load_models(models, resolve_device(device))
+    metrics = ServiceMetrics()
+    core = ServiceCore(registry, auth=auth, rates=rates, limits=limits, observer=metrics)
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(SERVICE_NAME, metrics)],
+        options=[
+            ("grpc.max_receive_message_length", max_request_bytes),
+            ("grpc.max_send_message_length", 8 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),  # a second server must never silently share a port with the first
+        ],
+        compression=grpc.Compression.Gzip if gzip else None,
+    )
+    pb_grpc.add_ParamServiceServicer_to_server(ParamServicer(core, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["ParamService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if tls is not None:
+        creds = grpc.ssl_server_credentials([(tls.private_key, tls.certificate_chain)])
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise InvalidInput("port", f"could not bind {address}")
+    await server.start()
+    core.batcher.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    metrics_http = None
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        metrics_http = start_http_server(metrics_port, addr=host, registry=metrics.registry)
+    return ParamServer(server, bound, core, metrics, health_servicer, metrics_http), bound
+
+
+class ServerThread:
+    """A server on its own event loop in a daemon thread; `port` is set once it is up."""
+
+    def __init__(self, models, host: str = "127.0.0.1", port: int = 0, **kwargs):
+        self._args = (models, host, port)
+        self._kwargs = kwargs
+        self.loop = asyncio.new_event_loop()
+        self.server: ParamServer | None = None
+        self.port = 0
+        self._started: Future = Future()
+        self._thread = threading.Thread(target=self._main, name="paramcast-server", daemon=True)
+
+    def start(self, timeout: float = 120.0) -> ServerThread:
+        if not self._thread.is_alive() and not self._started.done():
+            self._thread.start()
+        self._started.result(timeout)  # re-raises a start-up failure here, in the caller's thread
+        return self
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.server, self.port = self.loop.run_until_complete(start_server(*self._args, **self._kwargs))
+        except BaseException as exc:
+            self._started.set_exception(exc)
+            self.loop.close()
+            return
+        self._started.set_result(self.port)
+        self.loop.run_forever()
+        self.loop.close()
+
+    def run(self, coro, timeout: float | None = 60.0):
+        """Run a coroutine on the server's loop from another thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        if self.server is not None and self._thread.is_alive():
+            self.run(self.server.stop(grace), timeout=None if grace is None else grace + 30)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_in_thread(models, host: str = "127.0.0.1", port: int = 0, **kwargs) -> ServerThread:
+    """Start a server in a background thread -> its handle (`.port`, `.server`, `.stop()`)."""
+    return ServerThread(models, host, port, **kwargs).start()

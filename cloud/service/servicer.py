@@ -1,0 +1,56 @@
+"""paramcast.v1.ParamService over grpc.aio: convert messages, delegate to ServiceCore, convert back.
+
+Errors are not handled here: the typed errors the core raises reach `ErrorInterceptor`
+(cloud/service/errors.py), which maps them to status codes for every method alike.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from cloud.service.core import GenerateCall, ServiceCore
+from cloud.service.metrics import ServiceMetrics
+from common.serde import bundle_to_proto, encoding_from_proto
+from protos.paramcast.v1 import param_service_pb2 as pb
+from protos.paramcast.v1 import param_service_pb2_grpc as pb_grpc
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()  # seconds, None without a deadline
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class ParamServicer(pb_grpc.ParamServiceServicer):
+    def __init__(self, core: ServiceCore, metrics: ServiceMetrics):
+        self.core, self.metrics = core, metrics
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        call = GenerateCall(
+            model_id=request.model_id,
+            base_version=request.base_version,
+            device_id=request.device_id,
+            window=request.window,
+            encoding=encoding_from_proto(request.encoding),
+            keep_ratio=request.keep_ratio,
+        )
+        bundle = await self.core.generate(call, _metadata(context), _deadline(context))
+        response = pb.GenerateResponse(bundle=bundle_to_proto(bundle, call.encoding))
+        self.metrics.sent("Generate", response.ByteSize(), bundle=True)
+        return response
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
+        chunks = self.core.get_model(request.model_id, request.version, request.offset, request.chunk_size,
+                                     _metadata(context))
+        for c in chunks:
+            response = pb.GetModelResponse(
+                model_id=c.model_id, version=c.version, total_size=c.total_size, archive_sha256=c.archive_sha256,
+                offset=c.offset, data=c.data, chunk_sha256=c.chunk_sha256,
+            )
+            self.metrics.sent("GetModel", response.ByteSize())
+            yield response
