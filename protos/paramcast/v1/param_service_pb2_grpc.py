@@ -59,6 +59,13 @@ class ParamServiceServicer:
     def GetModel(self, request, context):
         """Stream the device package (one archive file) in chunks. Resumable: a client that already
         holds the first N bytes asks again with offset = N and the same resolved version.
+
+        The archive is an uncompressed POSIX ustar (tar) file holding the package's files as regular
+        files at the top level, no directories or links: `manifest.json` first, then the files the
+        manifest lists in name order (`model.onnx`). Headers are normalised (mtime 0, mode 0644,
+        uid/gid 0, empty owner names), so one package version always has the same bytes and the same
+        archive_sha256 on every server. A device verifies archive_sha256, unpacks, and then checks
+        each file against the sha256 the manifest records for it before loading the model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
