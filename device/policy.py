@@ -1,0 +1,579 @@
+"""Request policies: when a device asks the cloud for a fresh DeltaBundle.
+
+A device holds a bundle generated from its behaviour window at some earlier step. Each step it
+scores candidates with the parameters it holds, then observes what its user did, then its policy
+decides whether to call Generate with the window up to now. Requesting on every step keeps the
+parameters fresh at the price of one bundle per interaction; a gate spends a request budget on
+the steps where the held bundle has gone stale.
+
+Everything here is numpy: it runs on the device beside ONNX Runtime. A gate adds no model run of
+its own; it reads what the scoring call just returned (the graph's `behaviour` output - the
+backbone's state of the scored history -, its `user_state` and `scores`) plus the candidates and
+which of them the user took. Policies are vectorised over a fleet of devices (`StepView.devices`
+names the rows), so the simulation harness drives thousands of devices per call and a real device
+is a fleet of one.
+
+Policies, written as `NAME[:params]` (`key=value` pairs separated by commas, or one bare value for
+the policy's primary parameter, e.g. `every-k:10`, `random-p:0.1`, `drift:rate=0.1`):
+
+  never         keep the bundle the device enrolled with
+  always        request after every step
+  every-k:K     request once K steps have passed since the last request; each device starts at a
+                random phase (`phase=0` aligns them), so the fleet requests on 1/K of its steps
+  random-p:P    request with probability P after each step
+  drift         distance between the behaviour embedding now and when the held bundle was
+                generated (`metric=cosine|l2`)
+  loss          the device model's recent loss on the items the user actually took, since the
+                held bundle arrived (`decay` of the running mean)
+  ideal         IDEAL-style (Lv et al., WWW 2024): a distribution mapper turns what the device
+                knows into a Gaussian over the change a fresh bundle would make to the user state;
+                `samples` draws from it re-score the candidates, and the gate is the expected
+                disagreement (total variation between the candidate distributions) with the
+                current scores. The mapper is fitted on validation devices (`fit_gaussian_mapper`).
+
+Every gate takes `threshold=T` (request when its score exceeds T) or `rate=R` (the threshold is
+calibrated on validation devices so the fleet requests on R of its steps; a bare value means
+`rate`). Every policy takes `min_interval=M`: at least M steps between two requests of a device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import InvalidInput
+
+# ---------------------------------------------------------------------------------------------
+# What a device knows at a decision point
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepView:
+    """The decision-time view of n devices: the scoring call they just made and what their users did.
+
+    n = devices deciding now, d = hidden size, C = candidates scored.
+    """
+
+    devices: np.ndarray  # (n,) int64 rows of the fleet
+    behaviour: np.ndarray  # (n, d) backbone state of the history that was scored
+    user_state: np.ndarray  # (n, d) the adapted head's output the scores are dot products with
+    scores: np.ndarray  # (n, C) what the held parameters gave each candidate
+    candidates: np.ndarray  # (n, C) int64 item ids
+    observed: np.ndarray  # (n,) int64 column of the item the user took; -1 when it was not a candidate
+
+    @classmethod
+    def single(cls, behaviour, user_state, scores, candidates, observed: int = -1, device: int = 0) -> StepView:
+        """One device's view from the outputs of one scoring call (1-D arrays)."""
+        return cls(np.array([device], dtype=np.int64), np.asarray(behaviour, np.float32)[None],
+                   np.asarray(user_state, np.float32)[None], np.asarray(scores, np.float32)[None],
+                   np.asarray(candidates, np.int64)[None], np.array([observed], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------------
+
+
+class Policy:
+    """Base class: per-device age since the last request, and the minimum interval between requests.
+
+    Lifecycle: `start(n_devices, seed, behaviour)` once (the devices hold their enrolment bundle,
+    or none when `behaviour` is None); then per step `decide(view)` for the devices that just
+    observed an item, and `applied(devices, behaviour)` when bundles requested with those
+    behaviour embeddings became active.
+    """
+
+    name = ""
+    primary: str | None = None  # the parameter a bare value sets, as in `every-k:10`
+    params: dict[str, type] = {"min_interval": int}
+
+    def __init__(self, min_interval: int = 1):
+        if min_interval < 1:
+            raise InvalidInput("min_interval", f"must be >= 1, got {min_interval}")
+        self.min_interval = min_interval
+        self.age = np.zeros(0, dtype=np.int64)  # (N,) decisions since the device's last request
+        self.holds = np.zeros(0, dtype=bool)  # (N,) the device holds a bundle
+        self.rng = np.random.default_rng(0)
+
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
+        """Fresh state for a fleet; `behaviour` (N, d) is what each enrolment bundle was generated at."""
+        self.rng = np.random.default_rng(seed)
+        self.age = np.zeros(n_devices, dtype=np.int64)
+        self.holds = np.full(n_devices, behaviour is not None)
+
+    def want(self, view: StepView) -> np.ndarray:
+        """(n,) bool: would these devices request now, before the minimum interval is applied."""
+        raise NotImplementedError
+
+    def decide(self, view: StepView) -> np.ndarray:
+        """(n,) bool: which of the view's devices request a bundle now."""
+        dev = view.devices
+        self.age[dev] += 1
+        request = self.want(view) & (self.age[dev] >= self.min_interval)
+        self.age[dev[request]] = 0
+        return request
+
+    def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
+        """Bundles requested at `behaviour` (m, d) are now active on `devices` (m,)."""
+        self.holds[devices] = True
+
+    def describe(self) -> dict:
+        return {"name": self.name, "min_interval": self.min_interval}
+
+
+class Never(Policy):
+    name = "never"
+
+    def want(self, view: StepView) -> np.ndarray:
+        return np.zeros(len(view), dtype=bool)
+
+
+class Always(Policy):
+    name = "always"
+
+    def want(self, view: StepView) -> np.ndarray:
+        return np.ones(len(view), dtype=bool)
+
+
+class EveryK(Policy):
+    name = "every-k"
+    primary = "k"
+    params = {"k": int, "phase": str, "min_interval": int}
+
+    def __init__(self, k: int, phase: str = "random", min_interval: int = 1):
+        super().__init__(min_interval)
+        if k < 1:
+            raise InvalidInput("k", f"must be >= 1, got {k}")
+        if phase not in ("random", "0"):
+            raise InvalidInput("phase", f"must be 'random' or '0', got {phase!r}")
+        self.k, self.phase = k, phase
+
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
+        super().start(n_devices, seed, behaviour)
+        if self.phase == "random":  # devices enrol at different times; their schedules are not aligned
+            self.age = self.rng.integers(0, self.k, size=n_devices)
+
+    def want(self, view: StepView) -> np.ndarray:
+        return (self.age[view.devices] >= self.k) | ~self.holds[view.devices]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "k": self.k, "phase": self.phase}
+
+
+class RandomP(Policy):
+    name = "random-p"
+    primary = "p"
+    params = {"p": float, "min_interval": int}
+
+    def __init__(self, p: float, min_interval: int = 1):
+        super().__init__(min_interval)
+        if not 0.0 <= p <= 1.0:
+            raise InvalidInput("p", f"must be in [0, 1], got {p}")
+        self.p = p
+
+    def want(self, view: StepView) -> np.ndarray:
+        return self.rng.random(len(view)) < self.p
+
+    def describe(self) -> dict:
+        return {**super().describe(), "p": self.p}
+
+
+# ---------------------------------------------------------------------------------------------
+# Gates: a score per device, compared with a threshold
+# ---------------------------------------------------------------------------------------------
+
+
+class Gate(Policy):
+    """A policy that requests when `score(view)` exceeds `threshold`.
+
+    A device holding no bundle scores +inf (anything beats the base model). Until a threshold is
+    set (`threshold=` or calibration to `rate=`), `decide` refuses to run.
+    """
+
+    primary = "rate"
+    params = {"threshold": float, "rate": float, "min_interval": int}
+
+    def __init__(self, threshold: float | None = None, rate: float | None = None, min_interval: int = 1):
+        super().__init__(min_interval)
+        if threshold is not None and rate is not None:
+            raise InvalidInput("policy", f"{self.name}: give threshold or rate, not both")
+        if rate is not None and not 0.0 < rate <= 1.0:
+            raise InvalidInput("rate", f"must be in (0, 1], got {rate}")
+        self.threshold = threshold
+        self.target_rate = rate
+        self.last_score = np.zeros(0)  # (n,) scores of the latest decision
+
+    def score(self, view: StepView) -> np.ndarray:
+        """(n,) float: higher = the held bundle is more likely stale."""
+        raise NotImplementedError
+
+    def want(self, view: StepView) -> np.ndarray:
+        if self.threshold is None:
+            raise InvalidInput("threshold", f"{self.name}: not calibrated; give threshold= or calibrate to rate=")
+        s = self.score(view)
+        self.last_score = s = np.where(self.holds[view.devices], s, np.inf)  # kept for calibration
+        return s > self.threshold
+
+    def describe(self) -> dict:
+        return {**super().describe(), "threshold": self.threshold, "target_rate": self.target_rate}
+
+
+class DriftGate(Gate):
+    """Distance between the behaviour embedding now and the one the held bundle was generated at."""
+
+    name = "drift"
+    params = {**Gate.params, "metric": str}
+
+    def __init__(self, threshold: float | None = None, rate: float | None = None, min_interval: int = 1,
+                 metric: str = "cosine"):
+        super().__init__(threshold, rate, min_interval)
+        if metric not in ("cosine", "l2"):
+            raise InvalidInput("metric", f"must be 'cosine' or 'l2', got {metric!r}")
+        self.metric = metric
+        self.ref = np.zeros((0, 0), dtype=np.float32)  # (N, d) behaviour at the held bundle
+
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
+        super().start(n_devices, seed, behaviour)
+        self.ref = np.zeros((n_devices, 0), dtype=np.float32) if behaviour is None else \
+            np.array(behaviour, dtype=np.float32)
+
+    def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
+        super().applied(devices, behaviour)
+        if self.ref.shape[1] == 0:  # first bundle of a fleet that started without any
+            self.ref = np.zeros((len(self.holds), behaviour.shape[1]), dtype=np.float32)
+        self.ref[devices] = behaviour
+
+    def score(self, view: StepView) -> np.ndarray:
+        if self.ref.shape[1] == 0:
+            return np.full(len(view), np.inf)
+        ref = self.ref[view.devices]  # (n, d)
+        b = view.behaviour
+        if self.metric == "l2":
+            return np.sqrt(((b - ref) ** 2).sum(-1))
+        dot = (b * ref).sum(-1)
+        norms = np.sqrt((b * b).sum(-1) * (ref * ref).sum(-1))
+        return 1.0 - dot / np.maximum(norms, 1e-12)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "metric": self.metric}
+
+
+def candidate_loss(scores: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """(n,) cross-entropy of the observed column among the candidates; NaN where observed is -1."""
+    top = scores.max(axis=1, keepdims=True)  # (n, 1) for a stable log-sum-exp
+    lse = top[:, 0] + np.log(np.exp(scores - top).sum(axis=1))
+    took = np.take_along_axis(scores, np.maximum(observed, 0)[:, None], axis=1)[:, 0]
+    return np.where(observed >= 0, lse - took, np.nan)
+
+
+class LossGate(Gate):
+    """Running mean of the device model's loss on what its users took, since the held bundle arrived.
+
+    The mean is bias-corrected (an exponential average restarted at every bundle), so a bundle
+    that fits badly shows up after one or two steps rather than being diluted by older ones.
+    """
+
+    name = "loss"
+    params = {**Gate.params, "decay": float}
+
+    def __init__(self, threshold: float | None = None, rate: float | None = None, min_interval: int = 1,
+                 decay: float = 0.7):
+        super().__init__(threshold, rate, min_interval)
+        if not 0.0 <= decay < 1.0:
+            raise InvalidInput("decay", f"must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.avg = np.zeros(0)
+        self.weight = np.zeros(0)  # (N,) sum of the averaging weights so far, for the bias correction
+
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
+        super().start(n_devices, seed, behaviour)
+        self.avg, self.weight = np.zeros(n_devices), np.zeros(n_devices)
+
+    def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
+        super().applied(devices, behaviour)
+        self.avg[devices] = 0.0
+        self.weight[devices] = 0.0
+
+    def score(self, view: StepView) -> np.ndarray:
+        dev = view.devices
+        loss = candidate_loss(view.scores, view.observed)
+        seen = ~np.isnan(loss)
+        d = self.decay
+        self.avg[dev[seen]] = d * self.avg[dev[seen]] + (1 - d) * loss[seen]
+        self.weight[dev[seen]] = d * self.weight[dev[seen]] + (1 - d)
+        w = self.weight[dev]
+        return np.where(w > 0, self.avg[dev] / np.maximum(w, 1e-12), 0.0)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "decay": self.decay}
+
+
+# ---------------------------------------------------------------------------------------------
+# The IDEAL-style gate
+# ---------------------------------------------------------------------------------------------
+
+
+def mapper_features(behaviour: np.ndarray, ref: np.ndarray, age: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the distribution mapper reads: mean features (n, 2d + 1) and variance features (n, 3).
+
+    Mean: the behaviour change since the held bundle, the behaviour itself, a constant. Variance:
+    log squared size of that change, log(1 + steps since the bundle), a constant.
+    """
+    diff = behaviour - ref  # (n, d)
+    ones = np.ones((len(behaviour), 1), dtype=np.float32)
+    x = np.concatenate([diff, behaviour, ones], axis=1)  # (n, 2d + 1)
+    z = np.stack([np.log((diff * diff).sum(1) + 1e-6), np.log1p(age.astype(np.float64)),
+                  np.ones(len(behaviour))], axis=1).astype(np.float32)  # (n, 3)
+    return x.astype(np.float32), z
+
+
+# E[log chi^2_1]: the mean of log(r^2) for r ~ N(0, 1); fitting log-variance to log squared
+# residuals is biased down by this much.
+_LOG_CHI2_MEAN = -1.2703628454614782
+
+
+@dataclass
+class GaussianMapper:
+    """Behaviour -> N(mean, diag(exp(log_var))) over the change a fresh bundle makes to the user state."""
+
+    w_mean: np.ndarray  # (2d + 1, d)
+    w_log_var: np.ndarray  # (3, d)
+    meta: dict = field(default_factory=dict)
+
+    def __call__(self, x: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return x @ self.w_mean, z @ self.w_log_var  # (n, d) each
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        np.savez(path, w_mean=self.w_mean, w_log_var=self.w_log_var, meta=np.array(repr(self.meta)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> GaussianMapper:
+        with np.load(path) as f:
+            return cls(f["w_mean"].astype(np.float32), f["w_log_var"].astype(np.float32))
+
+
+def fit_gaussian_mapper(behaviour: np.ndarray, ref: np.ndarray, age: np.ndarray, delta: np.ndarray,
+                        ridge: float = 1.0) -> GaussianMapper:
+    """Fit the mapper on examples from validation devices, in closed form.
+
+    behaviour, ref (n, d): behaviour now and at the held bundle; age (n,): steps since it;
+    delta (n, d): how much a bundle generated now would change the user state (fresh - held).
+    The mean is a ridge regression; the log-variance regresses log squared residuals on the
+    variance features (heteroscedastic least squares), corrected for the log-chi-square bias.
+    """
+    x, z = mapper_features(behaviour, ref, age)
+    x64, z64, y = x.astype(np.float64), z.astype(np.float64), delta.astype(np.float64)
+    gram = x64.T @ x64 + ridge * np.eye(x64.shape[1])
+    w_mean = np.linalg.solve(gram, x64.T @ y)  # (2d + 1, d)
+    resid = y - x64 @ w_mean
+    target = np.log(resid * resid + 1e-10) - _LOG_CHI2_MEAN  # (n, d)
+    w_log_var = np.linalg.lstsq(z64, target, rcond=None)[0]  # (3, d)
+    explained = 1.0 - float((resid**2).sum() / max(((y - y.mean(0)) ** 2).sum(), 1e-12))
+    return GaussianMapper(w_mean.astype(np.float32), w_log_var.astype(np.float32),
+                          {"examples": len(y), "r2_mean": explained, "ridge": ridge})
+
+
+def _softmax(s: np.ndarray) -> np.ndarray:
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class IdealGate(Gate):
+    """Expected disagreement between the current scores and scores under sampled fresh user states.
+
+    The mapper turns (behaviour now, behaviour at the held bundle, steps since) into a Gaussian over
+    the change a fresh bundle would make to the user state; `samples` draws re-score the last
+    candidates (user state + change, dotted with their embeddings), and the score is the mean total
+    variation distance between the softmax over candidates now and under each draw: the chance
+    mass that would move if the device asked now. Needs the item embedding table the scores are
+    dot products with (`item_embeddings(package)` reads it from a device package).
+    """
+
+    name = "ideal"
+    params = {**Gate.params, "samples": int}
+
+    def __init__(self, mapper: GaussianMapper, item_emb: np.ndarray, threshold: float | None = None,
+                 rate: float | None = None, min_interval: int = 1, samples: int = 8):
+        super().__init__(threshold, rate, min_interval)
+        if samples < 1:
+            raise InvalidInput("samples", f"must be >= 1, got {samples}")
+        d = item_emb.shape[1]
+        if mapper.w_mean.shape != (2 * d + 1, d):
+            raise InvalidInput("mapper", f"expects hidden size {mapper.w_mean.shape[1]}, items have {d}")
+        self.mapper, self.samples = mapper, samples
+        self.item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)  # (n_items + 1, d)
+        self.ref = np.zeros((0, d), dtype=np.float32)
+
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
+        super().start(n_devices, seed, behaviour)
+        d = self.item_emb.shape[1]
+        self.ref = np.zeros((n_devices, d), np.float32) if behaviour is None else np.array(behaviour, np.float32)
+
+    def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
+        super().applied(devices, behaviour)
+        self.ref[devices] = behaviour
+
+    def score(self, view: StepView) -> np.ndarray:
+        n, S = len(view), self.samples
+        x, z = mapper_features(view.behaviour, self.ref[view.devices], self.age[view.devices])
+        mean, log_var = self.mapper(x, z)  # (n, d) each
+        eps = self.rng.standard_normal((n, S, mean.shape[1]), dtype=np.float32)
+        change = mean[:, None, :] + np.exp(0.5 * np.clip(log_var, -30, 30))[:, None, :] * eps  # (n, S, d)
+        emb = self.item_emb[view.candidates]  # (n, C, d)
+        sampled = view.scores[:, None, :] + change @ emb.transpose(0, 2, 1)  # (n, S, C)
+        p_now = _softmax(view.scores)[:, None, :]  # (n, 1, C)
+        return 0.5 * np.abs(_softmax(sampled) - p_now).sum(-1).mean(-1)  # (n,)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "samples": self.samples, "mapper": self.mapper.meta}
+
+
+def item_embeddings(package) -> np.ndarray:
+    """The (n_items + 1, d) item embedding table of a device package's graph (what scores dot with)."""
+    import onnx  # the device extra ships onnx for slimming; only the ideal gate needs it here
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(package.model_bytes)
+    want = (package.n_items + 1, package.hidden)
+    for t in proto.graph.initializer:
+        if t.name.endswith("item_emb.weight") and tuple(t.dims) == want:
+            return numpy_helper.to_array(t).astype(np.float32)
+    raise InvalidInput("package", f"no item embedding initializer of shape {want} in {package.path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs and calibration
+# ---------------------------------------------------------------------------------------------
+
+POLICIES: dict[str, type[Policy]] = {
+    p.name: p for p in (Never, Always, EveryK, RandomP, DriftGate, LossGate, IdealGate)
+}
+GATES = tuple(name for name, cls in POLICIES.items() if issubclass(cls, Gate))
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A parsed `NAME[:params]`: the policy's name and typed parameters."""
+
+    name: str
+    params: dict
+    text: str
+
+    @property
+    def is_gate(self) -> bool:
+        return self.name in GATES
+
+    @property
+    def rate_free(self) -> bool:
+        """True when the spec fixes nothing that sets its request rate, so a budget applies to it."""
+        if self.name in ("never", "always"):
+            return False
+        return not ({"k", "p", "rate", "threshold"} & set(self.params))
+
+    def at_budget(self, budget: float) -> PolicySpec:
+        """This spec with its rate set to `budget` (k = 1/budget for every-k, p = budget for random-p)."""
+        if not self.rate_free:
+            return self
+        if not 0.0 < budget <= 1.0:
+            raise InvalidInput("budget", f"must be in (0, 1], got {budget}")
+        key, value = {"every-k": ("k", max(1, round(1.0 / budget))), "random-p": ("p", budget)}.get(
+            self.name, ("rate", budget))
+        params = {**self.params, key: value}
+        return PolicySpec(self.name, params, format_spec(self.name, params))
+
+
+def format_spec(name: str, params: dict) -> str:
+    if not params:
+        return name
+    return f"{name}:" + ",".join(f"{k}={_fmt(v)}" for k, v in params.items())
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def parse_policy(text: str) -> PolicySpec:
+    """`NAME[:params]` -> PolicySpec; raises InvalidInput naming what is wrong."""
+    name, _, rest = text.strip().partition(":")
+    if name not in POLICIES:
+        raise InvalidInput("policy", f"unknown policy {name!r} in {text!r}; choose one of {', '.join(POLICIES)}")
+    cls = POLICIES[name]
+    params: dict = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq:
+            if cls.primary is None or params:
+                raise InvalidInput("policy", f"{text!r}: {name} takes no bare value; use key=value "
+                                             f"with keys {sorted(cls.params)}")
+            key, value = cls.primary, part
+        key = key.strip()
+        if key not in cls.params:
+            raise InvalidInput("policy", f"{text!r}: {name} has no parameter {key!r}; it takes {sorted(cls.params)}")
+        kind = cls.params[key]
+        try:
+            params[key] = kind(value.strip())
+        except ValueError:
+            raise InvalidInput("policy", f"{text!r}: {key} must be {kind.__name__}, got {value!r}") from None
+    return PolicySpec(name, params, text.strip())
+
+
+def build_policy(spec: PolicySpec, mapper: GaussianMapper | None = None,
+                 item_emb: np.ndarray | None = None) -> Policy:
+    """Instantiate a spec. The ideal gate needs the fitted mapper and the item embedding table."""
+    cls = POLICIES[spec.name]
+    params = dict(spec.params)
+    if spec.name == "every-k" and "k" not in params:
+        raise InvalidInput("policy", f"{spec.text!r}: every-k needs k (every-k:10) or a --budget")
+    if spec.name == "random-p" and "p" not in params:
+        raise InvalidInput("policy", f"{spec.text!r}: random-p needs p (random-p:0.1) or a --budget")
+    if spec.name == "ideal":
+        if mapper is None or item_emb is None:
+            raise InvalidInput("policy", "ideal needs a fitted distribution mapper and the item embeddings")
+        return IdealGate(mapper, item_emb, **params)
+    return cls(**params)
+
+
+def calibrate_threshold(rate_at: Callable[[float], float], target: float, scores: np.ndarray,
+                        tolerance: float = 0.002, max_iter: int = 30) -> tuple[float, float]:
+    """Threshold at which `rate_at(threshold)` (the request rate a replay reaches) meets `target`.
+
+    `scores` are gate scores seen on the same devices (e.g. in a replay that never requests) and
+    bracket the search; bisection runs over their quantiles, because the rate is monotone in the
+    threshold but gate scores are far from uniformly spread. Returns (threshold, rate reached):
+    the lowest-threshold point whose rate does not exceed the target unless none is within
+    tolerance, in which case the closest one.
+    """
+    finite = np.sort(scores[np.isfinite(scores)])
+    if len(finite) == 0:
+        raise InvalidInput("scores", "no finite gate scores to calibrate on")
+
+    def at(q: float) -> float:
+        return float(np.quantile(finite, q))
+
+    lo, hi = 0.0, 1.0  # quantile bracket: rate_at(at(lo)) >= target >= rate_at(at(hi)) hopefully
+    best: tuple[float, float] | None = None
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        threshold = at(mid)
+        rate = rate_at(threshold)
+        if best is None or abs(rate - target) < abs(best[1] - target):
+            best = (threshold, rate)
+        if abs(rate - target) <= tolerance:
+            return threshold, rate
+        if rate > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1.0 / (4 * len(finite)):
+            break
+    assert best is not None
+    return best

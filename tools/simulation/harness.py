@@ -1,0 +1,372 @@
+"""The simulation: calibrate policies on validation devices, replay them on test devices, report.
+
+    report = simulate(bundle, data, SimulationConfig(policies=["never", "always", "every-k",
+                      "random-p", "drift", "loss", "ideal"], budgets=[0.1]))
+
+Devices come from a pool of real users (by default the users the model bundle held out of
+training) split at random into validation and test devices. Everything that is tuned - gate
+thresholds (calibrated to a request rate), the IDEAL mapper, which gate is "the best" - is
+decided on validation devices; test devices are only replayed and measured.
+
+A policy spec that fixes no rate (`every-k`, `random-p`, `drift`, ...) runs once per budget in
+`budgets`: `every-k` with k = 1/budget, `random-p` with p = budget, a gate calibrated to request
+on `budget` of the validation steps. `never` and `always` run once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from cloud.checkpoint import ModelBundle
+from common.errors import InvalidInput
+from common.evaluation import bootstrap_ci, paired_difference, summarize
+from common.interactions import InteractionLog
+from device.policy import (
+    Gate,
+    GaussianMapper,
+    Policy,
+    PolicySpec,
+    RandomP,
+    build_policy,
+    calibrate_threshold,
+    fit_gaussian_mapper,
+    parse_policy,
+)
+from tools.simulation.cache import Scorer, StepCache, precompute
+from tools.simulation.replay import METRICS, STARTS, CacheSource, Run, Source, replay
+from tools.simulation.timelines import Timelines, build_timelines, split_devices
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLICIES = ("never", "always", "every-k", "random-p", "drift", "loss", "ideal")
+
+
+@dataclass
+class SimulationConfig:
+    policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
+    budgets: list[float] = field(default_factory=lambda: [0.1])
+    warmup: int = 3  # interactions before a device enrols
+    n_negatives: int = 100
+    devices: str = "cold"  # the user pool: "cold" (held out of training) or "all"
+    valid_fraction: float = 0.5  # share of the pool used as validation devices
+    users: int | None = None  # at most this many test devices (and as many validation devices)
+    max_steps: int | None = None  # replay at most this many steps per device
+    start: str = "bundle"  # after warm-up a device holds its enrolment bundle, or "base" (nothing)
+    encoding: str = "int8"  # wire encoding of every bundle
+    seed: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        if not self.policies:
+            raise InvalidInput("policy", "name at least one policy")
+        for b in self.budgets:
+            if not 0.0 < b <= 1.0:
+                raise InvalidInput("budget", f"must be in (0, 1], got {b}")
+        if self.start not in STARTS:
+            raise InvalidInput("start", f"must be one of {STARTS}, got {self.start!r}")
+        if self.users is not None and self.users < 1:
+            raise InvalidInput("users", f"must be >= 1, got {self.users}")
+
+
+@dataclass
+class Prepared:
+    """Timelines and model caches of one device set."""
+
+    tl: Timelines
+    cache: StepCache
+
+
+@dataclass
+class Entry:
+    """One policy run on the test devices, with what calibration decided on validation."""
+
+    spec: PolicySpec
+    budget: float | None
+    run: Run
+    valid: dict = field(default_factory=dict)
+
+
+class Simulation:
+    """Holds the prepared validation and test devices; `run()` produces the report."""
+
+    def __init__(self, bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig):
+        cfg.check()
+        if data.n_items != bundle.device.cfg.n_items:
+            raise InvalidInput("data", f"has {data.n_items} items but model {bundle.model_id} was trained on "
+                                       f"{bundle.device.cfg.n_items}; simulate on the data it was trained on")
+        self.bundle, self.data, self.cfg = bundle, data, cfg
+        self.specs = [parse_policy(p) for p in cfg.policies]
+        if bundle.generator is None and any(s.name != "never" for s in self.specs):
+            raise InvalidInput("model", f"model {bundle.model_id} has no generator; only `never` can run")
+        self.scorer = Scorer(bundle.device)
+        self.timing: dict[str, float] = {}
+        self.steps_replayed = 0
+        self.replay_seconds = 0.0
+        self.mapper: GaussianMapper | None = None
+        self.valid_runs: dict[str, Run] = {}
+        self._t0 = time.perf_counter()
+        cold = bundle.meta.get("split", {}).get("cold_users", [])
+        valid_users, test_users = split_devices(data, cold, cfg.devices, cfg.valid_fraction, cfg.seed)
+        if cfg.users is not None:
+            valid_users, test_users = valid_users[: cfg.users], test_users[: cfg.users]
+        self.valid = self._prepare(valid_users, "validation", seed=cfg.seed + 1)
+        self.test = self._prepare(test_users, "test", seed=cfg.seed)
+        if self.test.tl.n_steps == 0:
+            raise InvalidInput("data", f"no test device has more than {cfg.warmup} interactions")
+
+    def _prepare(self, users: np.ndarray, what: str, seed: int) -> Prepared:
+        t0 = time.perf_counter()
+        tl = build_timelines(self.data, users, self.cfg.warmup, self.cfg.n_negatives, self.cfg.max_steps, seed)
+        log.info("%s devices: %d users, %d steps", what, tl.n_devices, tl.n_steps)
+        cache = precompute(self.bundle, tl, self.cfg.encoding, progress=self.cfg.progress)
+        self.timing[f"prepare_{what}"] = time.perf_counter() - t0
+        return Prepared(tl, cache)
+
+    # -- replays --------------------------------------------------------------------------------
+    def replay(self, policy: Policy, on: Prepared, name: str, source: Source | None = None) -> Run:
+        run = replay(policy, on.tl, on.cache, self.scorer, source or CacheSource(on.cache, on.tl.n_devices),
+                     self.cfg.start, self.cfg.seed, name)
+        self.steps_replayed += on.tl.n_steps
+        self.replay_seconds += run.seconds
+        return run
+
+    def fit_mapper(self, rate: float) -> GaussianMapper:
+        """Fit the IDEAL distribution mapper on validation devices replayed under random-p at `rate`:
+        what each step's fresh bundle would change in the user state, given how stale the held one is."""
+        on = self.valid
+        run = self.replay(RandomP(rate), on, f"mapper examples (random-p:{rate:g})")
+        held = run.extra["held_row"]  # (N,) FactorTable row each step was scored with
+        tl, cache = on.tl, on.cache
+        rng = np.random.default_rng(self.cfg.seed)
+        steps = np.arange(tl.n_steps)
+        if len(steps) > 50_000:  # plenty for a closed-form fit of a (2d + 1) x d map
+            steps = np.sort(rng.choice(steps, 50_000, replace=False))
+        rows = held[steps]
+        enrolled = rows <= tl.n_devices  # enrolment bundle (or base) rather than a requested one
+        req_step = np.where(enrolled, -1, rows - 1 - tl.n_devices)
+        j = tl.step_index()[steps]
+        ref = np.where(enrolled[:, None], cache.enrol_behaviour[tl.device[steps]],
+                       cache.behaviour[np.maximum(req_step, 0)])
+        age = np.where(enrolled, j + 1, steps - req_step)
+        b = cache.behaviour[steps]
+        assert cache.table is not None
+        dummy = np.zeros((len(steps), 1), dtype=np.int64)
+        user_held, _ = self.scorer(b, cache.table.gather(rows), dummy)
+        user_fresh, _ = self.scorer(b, cache.table.gather(cache.fresh_row(steps, tl.n_devices)), dummy)
+        mapper = fit_gaussian_mapper(b, ref, age, user_fresh - user_held)
+        mapper.meta["fitted_on"] = f"validation devices under random-p:{rate:g}"
+        log.info("ideal mapper: %d examples, mean R^2 %.3f", mapper.meta["examples"], mapper.meta["r2_mean"])
+        return mapper
+
+    def build(self, spec: PolicySpec) -> Policy:
+        if spec.name == "ideal" and self.mapper is None:
+            self.mapper = self.fit_mapper(min(self.cfg.budgets))
+        return build_policy(spec, self.mapper, self.valid.cache.item_emb)
+
+    def calibrate(self, spec: PolicySpec) -> tuple[Policy, dict]:
+        """Build a policy; a gate given a rate gets its threshold from replays on validation devices."""
+        policy = self.build(spec)
+        if not isinstance(policy, Gate) or policy.threshold is not None:
+            return policy, {}
+        t0 = time.perf_counter()
+        target = float(policy.target_rate)  # type: ignore[arg-type]
+        policy.threshold = float("inf")  # never requests: gate scores of growing staleness
+        hint = self.replay(policy, self.valid, f"{spec.text} (calibration)").gate
+
+        def rate_at(threshold: float) -> float:
+            policy.threshold = threshold
+            return self.replay(policy, self.valid, f"{spec.text} (calibration)").request_rate
+
+        threshold, reached = calibrate_threshold(rate_at, target, hint)
+        policy.threshold = threshold
+        valid_run = self.replay(policy, self.valid, spec.text)
+        self.valid_runs[spec.text] = valid_run
+        info = {"threshold": threshold, "target_rate": target, "request_rate": valid_run.request_rate,
+                "ndcg@10": float(valid_run.per_device(self.valid.tl)["ndcg@10"].mean()),
+                "seconds": time.perf_counter() - t0}
+        log.info("calibrated %s: threshold %.5g -> validation rate %.4f (target %.4f)", spec.text, threshold,
+                 valid_run.request_rate, target)
+        return policy, info
+
+    def entries(self, source_for_test=None) -> list[Entry]:
+        """Every (spec, budget) run on the test devices."""
+        out = []
+        for spec in self.specs:
+            budgets: list[float | None] = list(self.cfg.budgets) if spec.rate_free else [None]
+            for budget in budgets:
+                s = spec.at_budget(budget) if budget is not None else spec
+                policy, valid = self.calibrate(s)
+                source = source_for_test() if source_for_test else None
+                run = self.replay(policy, self.test, s.text, source)
+                out.append(Entry(s, budget if budget is not None else _spec_rate(s), run, valid))
+                log.info("%-28s rate %.4f ndcg@10 %.4f (%.1fs)", s.text, run.request_rate,
+                         run.per_device(self.test.tl)["ndcg@10"].mean(), run.seconds)
+        return out
+
+    def run(self, source_for_test=None) -> dict:
+        entries = self.entries(source_for_test)
+        self.timing["total"] = time.perf_counter() - self._t0
+        return build_report(self, entries)
+
+
+def _spec_rate(spec: PolicySpec) -> float | None:
+    """The nominal request rate a spec fixes (None for never/always or a fixed threshold)."""
+    p = spec.params
+    if "rate" in p:
+        return float(p["rate"])
+    if "p" in p:
+        return float(p["p"])
+    if "k" in p:
+        return 1.0 / int(p["k"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, list[float]]:
+    """mean(num) / mean(den) with a percentile bootstrap CI resampling devices (paired rows)."""
+    value = float(num.mean() / den.mean()) if den.mean() != 0 else float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boots = num[idx].mean(1) / den[idx].mean(1)
+    boots = boots[np.isfinite(boots)]
+    if len(boots) == 0:
+        return value, [float("nan"), float("nan")]
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return value, [float(lo), float(hi)]
+
+
+def _over_time(run: Run, tl: Timelines, metric: str = "ndcg@10") -> dict:
+    """Mean metric per step number, in bins that widen with the step (few devices replay long)."""
+    j = tl.step_index()
+    edges = np.unique(np.concatenate([np.arange(0, 10), np.round(np.geomspace(10, max(11, tl.max_length + 1),
+                                                                              25)).astype(int)]))
+    which = np.clip(np.searchsorted(edges, j, side="right") - 1, 0, len(edges) - 1)
+    sums = np.bincount(which, weights=run.metrics[metric], minlength=len(edges))
+    counts = np.bincount(which, minlength=len(edges))
+    rates = np.bincount(which, weights=run.requested.astype(np.float64), minlength=len(edges))
+    keep = counts > 0
+    return {"step": edges[keep].tolist(), metric: (sums[keep] / counts[keep]).tolist(),
+            "request_rate": (rates[keep] / counts[keep]).tolist(), "steps": counts[keep].tolist()}
+
+
+def build_report(sim: Simulation, entries: list[Entry]) -> dict:
+    tl = sim.test.tl
+    per_device = {e.spec.text: e.run.per_device(tl) for e in entries}
+    bundle_bytes = sim.test.cache.bundle_bytes
+    enrol = 1 if sim.cfg.start == "bundle" else 0
+    never = next((e for e in entries if e.spec.name == "never"), None)
+    always = next((e for e in entries if e.spec.name == "always"), None)
+    gain = None
+    if never and always:
+        gain = per_device[always.spec.text]["ndcg@10"] - per_device[never.spec.text]["ndcg@10"]
+
+    policies = []
+    for e in entries:
+        pd = per_device[e.spec.text]
+        summary = summarize({m: pd[m] for m in METRICS}, seed=sim.cfg.seed)
+        requests = np.add.reduceat(e.run.received.astype(np.float64), tl.start)  # (D,) bundles received
+        row = {
+            "name": e.spec.text,
+            "policy": e.spec.name,
+            "budget": e.budget,
+            "request_rate": e.run.request_rate,
+            "request_rate_ci": list(bootstrap_ci(pd["requests"], seed=sim.cfg.seed)),
+            "requests_per_device": float(requests.mean()),
+            "bytes_per_device": float((requests + enrol).mean() * bundle_bytes),
+            **{m: {"value": summary[m]["value"], "ci": summary[m]["ci"]} for m in METRICS},
+            "policy_config": e.run.policy,
+            "seconds": e.run.seconds,
+        }
+        if gain is not None and never is not None:
+            value, ci = ratio_ci(pd["ndcg@10"] - per_device[never.spec.text]["ndcg@10"], gain, seed=sim.cfg.seed)
+            row["gain_kept"] = {"value": value, "ci": ci}
+        if e.valid:
+            row["validation"] = e.valid
+        policies.append(row)
+
+    paired = []
+
+    def pair(a: Entry, b: Entry, why: str) -> None:
+        diff = paired_difference({m: per_device[a.spec.text][m] for m in METRICS},
+                                 {m: per_device[b.spec.text][m] for m in METRICS}, seed=sim.cfg.seed)
+        paired.append({"a": a.spec.text, "b": b.spec.text, "why": why,
+                       **{m: {"value": diff[m]["value"], "ci": diff[m]["ci"]} for m in METRICS}})
+
+    if never and always:
+        pair(always, never, "value of fresh bundles")
+    for e in entries:
+        if e.spec.is_gate and e.budget is not None:
+            for other in entries:
+                if other.spec.name in ("random-p", "every-k") and other.budget == e.budget:
+                    pair(e, other, f"gate vs baseline at budget {e.budget:g}")
+
+    selected = select_gates(sim, entries)
+    bars = check_bars(entries, policies, paired, selected)
+    total = sim.timing.get("total", float("nan"))
+    return {
+        "dataset": sim.data.name,
+        "model": {"model_id": sim.bundle.model_id, "base_version": sim.bundle.base_version},
+        "mode": "inprocess",
+        "config": asdict(sim.cfg),
+        "devices": {"test": tl.n_devices, "test_steps": tl.n_steps, "validation": sim.valid.tl.n_devices,
+                    "validation_steps": sim.valid.tl.n_steps, "pool": sim.cfg.devices},
+        "bundle_bytes": bundle_bytes,
+        "policies": policies,
+        "paired": paired,
+        "selected_gates": selected,
+        "bars": bars,
+        "device_steps_per_s": sim.steps_replayed / total if total else float("nan"),
+        "throughput": {
+            "device_steps": sim.steps_replayed,
+            "seconds_total": total,
+            "replay_device_steps_per_s": sim.steps_replayed / sim.replay_seconds if sim.replay_seconds else None,
+            "seconds": {**sim.timing, "replay": sim.replay_seconds},
+            "torch_threads": torch.get_num_threads(),
+        },
+        "ideal_mapper": sim.mapper.meta if sim.mapper else None,
+        "over_time": {e.spec.text: _over_time(e.run, tl) for e in entries},
+    }
+
+
+def select_gates(sim: Simulation, entries: list[Entry]) -> list[dict]:
+    """Per budget, the gate with the best validation NDCG@10: the choice made without test devices."""
+    out = []
+    for budget in sorted({e.budget for e in entries if e.spec.is_gate and e.budget is not None}):
+        gates = [e for e in entries if e.spec.is_gate and e.budget == budget and e.valid]
+        if gates:
+            best = max(gates, key=lambda e: e.valid["ndcg@10"])
+            out.append({"budget": budget, "name": best.spec.text, "by": "validation ndcg@10",
+                        "validation": {e.spec.text: e.valid["ndcg@10"] for e in gates}})
+    return out
+
+
+def check_bars(entries: list[Entry], policies: list[dict], paired: list[dict], selected: list[dict]) -> dict:
+    """The issue's bar at a 10% budget, evaluated for the gate selected on validation devices."""
+    pick = next((s for s in selected if abs(s["budget"] - 0.1) < 1e-9), None)
+    if pick is None:
+        return {"budget": 0.1, "evaluated": False, "why": "no gate ran at a 0.1 budget"}
+    row = next(p for p in policies if p["name"] == pick["name"])
+    out: dict = {"budget": 0.1, "evaluated": True, "gate": pick["name"], "request_rate": row["request_rate"]}
+    if "gain_kept" in row:
+        out["gain_kept"] = row["gain_kept"]
+        out["keeps_90_percent"] = row["gain_kept"]["value"] >= 0.9
+    for baseline in ("random-p", "every-k"):
+        d = next((p for p in paired if p["a"] == pick["name"] and p["b"].startswith(baseline)), None)
+        if d is not None:
+            out[f"beats_{baseline}"] = {"ndcg@10": d["ndcg@10"], "ci_above_zero": d["ndcg@10"]["ci"][0] > 0}
+    return out
+
+
+def simulate(bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig, source_for_test=None) -> dict:
+    """Run a full simulation (see module docstring) and return the report dictionary."""
+    return Simulation(bundle, data, cfg).run(source_for_test)
