@@ -98,9 +98,9 @@ class ServiceCore:
         if len(registry) == 0:
             raise InvalidInput("models", "a server needs at least one model")
         self.registry = registry
-        self.auth = auth or TokenAuth(None)
-        self.rates = rates or RateLimiter(0)
-        self.limits = limits or Limits()
+        self.auth = TokenAuth(None) if auth is None else auth
+        self.rates = RateLimiter(0) if rates is None else rates  # (a RateLimiter with no devices yet is falsy)
+        self.limits = Limits() if limits is None else limits
         self.batcher = MicroBatcher(self._compute, max_batch=self.limits.max_batch,
                                     max_delay_s=self.limits.max_delay_ms / 1000, max_queue=self.limits.max_queue,
                                     observer=observer)
