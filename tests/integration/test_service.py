@@ -1,0 +1,447 @@
+"""Real servers on loopback port 0 (in-process and `paramcast serve` subprocesses) and real devices.
+
+Every server a test starts is stopped by a fixture or a context manager, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cloud.checkpoint import load_bundle
+from cloud.generation import generate_bundles
+from cloud.service.auth import RateLimiter, TokenAuth
+from cloud.service.core import Limits
+from cloud.service.errors import ErrorInterceptor
+from cloud.service.server import ServerThread, TlsConfig, load_models
+from common.data import load_interactions
+from common.errors import RateLimited
+from common.serde import SERVICE_NAME, bundle_from_proto, bundle_to_proto
+from device.agent import APPLIED, REFUSED, REJECTED, STALE_BASE, UNREACHABLE, DeviceAgent
+from device.client import AsyncParamClient, CloudUnavailable, ParamClient, RetryPolicy
+from device.package import DevicePackage
+from device.runtime import DeviceRuntime
+from protos.paramcast.v1 import param_service_pb2 as pb
+from protos.paramcast.v1 import param_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+TOKENS = {"dev-1": "token-1", "dev-2": "token-2"}
+FAST_RETRY = dict(retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.05, max_backoff_s=0.2),
+                  reconnect_backoff_s=(0.05, 0.5))
+
+
+@pytest.fixture(scope="module")
+def registry(trained_model):
+    return load_models([trained_model])
+
+
+@pytest.fixture(scope="module")
+def model(trained_model):
+    return load_bundle(trained_model)
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    """An in-process server with per-device tokens."""
+    with ServerThread(registry, auth=TokenAuth(TOKENS), limits=Limits(max_delay_ms=5)) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def users(shared_data):
+    """Real MovieLens users: (history, candidates = the next true item + 100 random items)."""
+    log = load_interactions(shared_data / "ml-100k")
+    rng = np.random.default_rng(0)
+    out = []
+    for u in rng.choice(log.n_users, 4, replace=False):
+        seq = log.sequences[u].astype(np.int64)
+        candidates = np.concatenate([seq[-1:], rng.integers(1, log.n_items + 1, 100)])
+        out.append((seq[:-1], candidates))
+    return out
+
+
+def client_for(port: int, device: str = "dev-1", **kw) -> ParamClient:
+    return ParamClient(f"127.0.0.1:{port}", device_id=device, token=TOKENS.get(device), timeout_s=5, **FAST_RETRY,
+                       **kw)
+
+
+def agent_for(root: Path, model, device: str = "dev-1", **kw) -> DeviceAgent:
+    return DeviceAgent(root, model.model_id, device_id=device, token=TOKENS.get(device), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The end-to-end parity test
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("encoding", "keep_ratio"), [("int8", 0.0), ("fp32", 0.0), ("fp16", 0.5)])
+def test_device_scores_equal_in_process_generation_plus_onnx_runtime(tmp_path, server, model, trained_model, users,
+                                                                     encoding, keep_ratio):
+    with client_for(server.port) as client:
+        agent = agent_for(tmp_path, model, encoding=encoding, keep_ratio=keep_ratio).open(client)
+        # The package arrived whole: the same model bytes the cloud exported.
+        assert agent.package.model_bytes == DevicePackage.load(trained_model / "package").model_bytes
+        reference = DeviceRuntime(DevicePackage.load(trained_model / "package"))
+        for history, candidates in users:
+            base = agent.score(history, candidates)
+            outcome = agent.refresh(client, history)
+            assert outcome.outcome == APPLIED, outcome
+            got = agent.score(history, candidates)
+
+            expected_bundle = generate_bundles(model, [history[-model.generator.cfg.window:]],
+                                               keep_ratio or None)[0].quantized(encoding)
+            reference.apply(expected_bundle)
+            expected = reference.score(history, candidates)
+            np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+            assert np.abs(got - base).max() > 1e-3, "the delta must change scores for this test to mean anything"
+            if keep_ratio:
+                assert agent.runtime.active_keep, "a slimming bundle switches to a slimmed session"
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+# ---------------------------------------------------------------------------------------------
+
+
+def test_server_killed_mid_run_device_keeps_serving_and_recovers(tmp_path, serve_process, trained_model, model,
+                                                                 users):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    proc = serve_process("--model", str(trained_model), "--port", "0", "--tokens", str(tokens), "--threads", "1")
+    (history, candidates), (other, _) = users[0], users[1]
+    with client_for(proc.port) as client:
+        agent = agent_for(tmp_path / "a", model).open(client)
+        never_refreshed = agent_for(tmp_path / "b", model, device="dev-2").open(client)
+        base = never_refreshed.score(history, candidates)
+        assert agent.refresh(client, history).outcome == APPLIED
+        adapted = agent.score(history, candidates)
+
+        proc.kill()  # SIGKILL: no drain, connections reset
+        down = agent.refresh(client, other, timeout_s=2)
+        assert down.outcome == UNREACHABLE, down
+        np.testing.assert_array_equal(agent.score(history, candidates), adapted)  # the last good bundle
+        assert never_refreshed.refresh(client, other, timeout_s=2).outcome == UNREACHABLE
+        assert never_refreshed.serving == "base"
+        np.testing.assert_array_equal(never_refreshed.score(history, candidates), base)
+        # A device restarting while the cloud is down comes back with its last good bundle from disk.
+        restarted = agent_for(tmp_path / "a", model).open(None)
+        assert restarted.serving == "bundle" and restarted.bundle.bundle_id == agent.bundle.bundle_id
+        np.testing.assert_array_equal(restarted.score(history, candidates), adapted)
+
+        serve_process("--model", str(trained_model), "--port", str(proc.port), "--tokens", str(tokens),
+                      "--threads", "1")
+        deadline = time.monotonic() + 30
+        while (outcome := agent.refresh(client, other, timeout_s=2)).outcome == UNREACHABLE:
+            assert time.monotonic() < deadline, "the device never reconnected"
+            time.sleep(0.2)
+        assert outcome.outcome == APPLIED, outcome
+        assert agent.bundle.bundle_id != restarted.bundle.bundle_id
+
+
+class CorruptingProxy(pb_grpc.ParamServiceServicer):
+    """Forwards to the real server and damages what comes back, as a faulty network or cache might."""
+
+    def __init__(self, upstream: pb_grpc.ParamServiceStub):
+        self.upstream, self.mode = upstream, "flip"
+
+    def Generate(self, request, context):
+        response = self.upstream.Generate(request, metadata=context.invocation_metadata(), timeout=5)
+        if self.mode == "flip":  # one bit of one factor: only the checksum can notice
+            data = bytearray(response.bundle.slots[0].a.data)
+            data[3] ^= 0x04
+            response.bundle.slots[0].a.data = bytes(data)
+        elif self.mode == "other_base":  # intact and correctly checksummed, but for another base version
+            bundle = bundle_from_proto(response.bundle)
+            bundle.base_version = "0123456789abcdef"
+            response.bundle.CopyFrom(bundle_to_proto(bundle, "fp32"))
+        return response
+
+
+def test_corrupted_or_foreign_bundles_are_rejected_and_old_parameters_kept(tmp_path, server, model, users):
+    upstream = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    proxy_servicer = CorruptingProxy(pb_grpc.ParamServiceStub(upstream))
+    proxy = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ParamServiceServicer_to_server(proxy_servicer, proxy)
+    proxy_port = proxy.add_insecure_port("127.0.0.1:0")
+    proxy.start()
+    try:
+        (history, candidates), (other, _) = users[0], users[1]
+        with client_for(server.port) as good, client_for(proxy_port) as bad:
+            agent = agent_for(tmp_path, model).open(good)
+            assert agent.refresh(good, history).outcome == APPLIED
+            held_id, scores = agent.bundle.bundle_id, agent.score(history, candidates)
+            stored = agent.store.path.read_bytes()
+            for mode, reason in (("flip", "checksum"), ("other_base", "base version")):
+                proxy_servicer.mode = mode
+                outcome = agent.refresh(bad, other)
+                assert outcome.outcome == REJECTED and reason in outcome.detail, outcome
+                assert agent.bundle.bundle_id == held_id
+                np.testing.assert_array_equal(agent.score(history, candidates), scores)
+                assert agent.store.path.read_bytes() == stored
+    finally:
+        proxy.stop(None)
+        upstream.close()
+
+
+def test_bad_requests_get_the_documented_status_and_the_server_stays_up(server, model):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.ParamServiceStub(channel)
+    ok = dict(model_id=model.model_id, base_version=model.base_version, device_id="dev-1", window=[1, 2, 3])
+    auth = (("authorization", "Bearer token-1"),)
+    cases = [
+        ("no credentials", ok, (), grpc.StatusCode.UNAUTHENTICATED),
+        ("unknown token", ok, (("authorization", "Bearer nope"),), grpc.StatusCode.UNAUTHENTICATED),
+        ("another device's token", ok, (("authorization", "Bearer token-2"),), grpc.StatusCode.PERMISSION_DENIED),
+        ("stale base version", {**ok, "base_version": "0" * 16}, auth, grpc.StatusCode.FAILED_PRECONDITION),
+        ("unknown model", {**ok, "model_id": "nope"}, auth, grpc.StatusCode.NOT_FOUND),
+        ("item id out of range", {**ok, "window": [1, 10**9]}, auth, grpc.StatusCode.INVALID_ARGUMENT),
+        ("window too long", {**ok, "window": [1] * 1500}, auth, grpc.StatusCode.INVALID_ARGUMENT),
+        ("bad keep ratio", {**ok, "keep_ratio": 7.0}, auth, grpc.StatusCode.INVALID_ARGUMENT),
+        ("unknown encoding", {**ok, "encoding": 42}, auth, grpc.StatusCode.INVALID_ARGUMENT),
+        ("no device id", {**ok, "device_id": ""}, auth, grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    try:
+        for name, fields, metadata, code in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(pb.GenerateRequest(**fields), metadata=metadata, timeout=5)
+            assert info.value.code() == code, (name, info.value.details())
+            assert "Traceback" not in info.value.details()
+        # The stale-version answer tells the device what to fetch.
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(pb.GenerateRequest(**{**ok, "base_version": "0" * 16}), metadata=auth, timeout=5)
+        assert model.base_version in info.value.details()
+
+        raw = channel.unary_unary(f"/{SERVICE_NAME}/Generate")
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\x0a\xff\xff\xff\xff", metadata=auth, timeout=5)  # a length prefix that runs off the end
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid GenerateRequest" in info.value.details()
+        huge = pb.GenerateRequest(**{**ok, "window": [1000] * 40_000}).SerializeToString()  # ~80 KiB > 64 KiB
+        with pytest.raises(grpc.RpcError) as info:
+            raw(huge, metadata=auth, timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.GetModel(pb.GetModelRequest(model_id=model.model_id, offset=10**12), metadata=auth, timeout=5))
+        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.GetModel(pb.GetModelRequest(model_id=model.model_id), timeout=5))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        # Still up and serving.
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        response = stub.Generate(pb.GenerateRequest(**ok), metadata=auth, timeout=5)
+        assert bundle_from_proto(response.bundle).base_version == model.base_version
+        metrics = server.server.metrics
+        assert metrics.value("paramcast_requests_total", {"method": "Generate", "code": "PERMISSION_DENIED"}) >= 1
+        assert metrics.value("paramcast_requests_total", {"method": "GetModel", "code": "OUT_OF_RANGE"}) >= 1
+    finally:
+        channel.close()
+
+
+def test_unexpected_errors_become_internal_without_details(caplog):
+    class Broken(pb_grpc.ParamServiceServicer):
+        async def Generate(self, request, context):
+            raise RuntimeError("secret detail: /etc/paramcast/key")
+
+    async def main():
+        srv = grpc.aio.server(interceptors=[ErrorInterceptor(SERVICE_NAME)])
+        pb_grpc.add_ParamServiceServicer_to_server(Broken(), srv)
+        port = srv.add_insecure_port("127.0.0.1:0")
+        await srv.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await pb_grpc.ParamServiceStub(channel).Generate(pb.GenerateRequest(), timeout=5)
+                return info.value
+        finally:
+            await srv.stop(None)
+
+    error = asyncio.run(main())
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in error.details() and "incident" in error.details()
+    incident = error.details().split("incident ")[1].rstrip(")")
+    logged = [r for r in caplog.records if incident in r.getMessage()]
+    assert logged and logged[0].exc_info is not None  # the traceback stays in the server log
+
+
+def test_rate_limit_answers_resource_exhausted_with_a_retry_hint(tmp_path, registry, model):
+    with ServerThread(registry, rates=RateLimiter(rate=0.05, burst=2)) as st:
+        channel = grpc.insecure_channel(f"127.0.0.1:{st.port}")
+        stub = pb_grpc.ParamServiceStub(channel)
+        request = pb.GenerateRequest(model_id=model.model_id, base_version=model.base_version, device_id="d",
+                                     window=[1])
+        stub.Generate(request, timeout=5)
+        stub.Generate(request, timeout=5)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        hint = dict(info.value.trailing_metadata())["retry-after-ms"]
+        assert 1000 < int(hint) <= 20000
+        stub.Generate(pb.GenerateRequest(**{**dict(model_id=model.model_id, base_version=model.base_version,
+                                                   device_id="another", window=[1])}), timeout=5)
+        channel.close()
+        with ParamClient(f"127.0.0.1:{st.port}", device_id="d") as client:
+            with pytest.raises(RateLimited):
+                client.generate([1], model.model_id, model.base_version)
+            agent = DeviceAgent(tmp_path, model.model_id, device_id="d").open(client)
+            assert agent.refresh(client, [1]).outcome == REFUSED
+
+
+def test_requests_whose_deadline_passes_are_never_computed(registry, model):
+    with ServerThread(registry, limits=Limits(max_delay_ms=800, max_batch=64)) as st:
+        batcher = st.server.core.batcher
+        with ParamClient(f"127.0.0.1:{st.port}", device_id="d", timeout_s=0.2) as client:
+            with pytest.raises(CloudUnavailable, match="DEADLINE_EXCEEDED"):
+                client.generate([1, 2, 3], model.model_id, model.base_version)
+            time.sleep(1.0)  # past the batch's close: a live request would have been computed by now
+            assert batcher.items == 0
+            fetched = client.generate([1, 2, 3], model.model_id, model.base_version, timeout_s=5)
+            assert fetched.bundle.base_version == model.base_version and batcher.items == 1
+
+
+def test_package_download_resumes_after_an_interruption(tmp_path, server, model, trained_model):
+    class Crash(Exception):
+        pass
+
+    def crash_after_three(offset: int, total: int) -> None:
+        if offset >= 3 * 4096:
+            raise Crash
+
+    seen: list[int] = []
+    with client_for(server.port) as client:
+        with pytest.raises(Crash):
+            client.download_package(model.model_id, tmp_path, chunk_size=4096, progress=crash_after_three)
+        assert (tmp_path / "downloads" / f"{model.model_id}.part").stat().st_size == 3 * 4096
+        package = client.download_package(model.model_id, tmp_path, chunk_size=4096,
+                                          progress=lambda offset, total: seen.append(offset))
+    total = len(server.server.core.registry.latest(model.model_id).archive)
+    # The resumed stream started at byte 3 * 4096: its first chunk ends at 4 * 4096.
+    assert seen[0] == 4 * 4096 and seen[-1] == total
+    assert package.model_bytes == DevicePackage.load(trained_model / "package").model_bytes
+    assert not (tmp_path / "downloads" / f"{model.model_id}.part").exists()
+
+
+def test_a_new_base_version_is_served_beside_the_old_and_devices_upgrade(tmp_path, trained_model, model, users):
+    """Serve v1 only, then v1 + v2 (v2 latest), then v2 only: a v1 device keeps working in the
+    middle phase and is told to upgrade in the last."""
+    import torch
+
+    from cloud.export import export_package
+
+    v2 = load_bundle(trained_model)
+    with torch.no_grad():
+        v2.device.item_emb.weight[1:].mul_(1.01)
+    assert v2.base_version != model.base_version
+    v2_package = export_package(v2, tmp_path / "v2-package")
+    history, candidates = users[0]
+    with ServerThread(load_models([trained_model])) as old:
+        with ParamClient(f"127.0.0.1:{old.port}", device_id="d") as client:
+            agent = DeviceAgent(tmp_path / "device", model.model_id, device_id="d").open(client)
+    both = load_models([trained_model])
+    both.add(v2, v2_package)
+    with ServerThread(both) as st, ParamClient(f"127.0.0.1:{st.port}", device_id="d") as client:
+        assert agent.refresh(client, history).outcome == APPLIED  # v1 still served
+        assert agent.base_version == model.base_version
+    only_v2 = load_models([])
+    only_v2.add(v2, v2_package)
+    with ServerThread(only_v2) as st, ParamClient(f"127.0.0.1:{st.port}", device_id="d") as client:
+        outcome = agent.refresh(client, history)
+        assert outcome.outcome == STALE_BASE and v2.base_version in outcome.detail
+        assert agent.serving == "bundle"  # still serving what it has
+        assert agent.upgrade(client)
+        assert agent.base_version == v2.base_version and agent.serving == "base"  # the v1 bundle is refused
+        assert agent.refresh(client, history).outcome == APPLIED
+        assert not agent.upgrade(client)  # already on the latest: nothing to switch to
+
+
+# ---------------------------------------------------------------------------------------------
+# Server features
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_calls(serve_process, trained_model, model):
+    proc = serve_process("--model", str(trained_model), "--max-delay-ms", "1500", "--max-batch", "64",
+                         "--threads", "1")
+    result: dict = {}
+
+    def call() -> None:
+        with ParamClient(f"127.0.0.1:{proc.port}", device_id="d", timeout_s=20) as client:
+            try:
+                result["bundle"] = client.generate([1, 2, 3], model.model_id, model.base_version).bundle
+            except Exception as exc:  # recorded for the assertion below
+                result["error"] = exc
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.5)  # the call now waits in the batcher (its batch closes after 1.5 s)
+    assert proc.terminate(timeout=30) == 0
+    thread.join(timeout=30)
+    assert "error" not in result, result.get("error")
+    assert result["bundle"].base_version == model.base_version
+    assert "draining in-flight calls" in proc.output
+
+
+def test_async_client_many_concurrent_devices_share_batches(registry, model):
+    with ServerThread(registry, limits=Limits(max_delay_ms=20, max_batch=64)) as st:
+
+        async def main():
+            async with AsyncParamClient(f"127.0.0.1:{st.port}", timeout_s=10) as client:
+                assert await client.check_health()
+                calls = [client.generate([i + 1, i + 2], model.model_id, model.base_version, device_id=f"dev-{i}")
+                         for i in range(48)]
+                return await asyncio.gather(*calls)
+
+        fetched = asyncio.run(main())
+        assert len({f.bundle.bundle_id for f in fetched}) == 48
+        batcher = st.server.core.batcher
+        assert batcher.items == 48 and batcher.batches < 48 / 2  # requests really shared generator passes
+        assert st.server.metrics.value("paramcast_batch_size_sum") == 48
+
+
+def test_metrics_health_and_reflection(registry, model):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with ServerThread(registry, metrics_port=0) as st:
+        with ParamClient(f"127.0.0.1:{st.port}", device_id="d") as client:
+            assert client.check_health()
+            client.generate([5, 6], model.model_id, model.base_version)
+            services = ProtoReflectionDescriptorDatabase(client.channel).get_services()
+        assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
+        text = urllib.request.urlopen(f"http://127.0.0.1:{st.server.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'paramcast_requests_total{code="OK",method="Generate"} 1.0' in text
+    for name in ("paramcast_request_seconds_bucket", "paramcast_queue_seconds_bucket", "paramcast_batch_size_bucket",
+                 "paramcast_bundle_bytes_bucket", 'paramcast_response_bytes_total{method="Generate"}'):
+        assert name in text, name
+
+
+def test_tls_and_gzip(tmp_path, registry, model):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    with ServerThread(registry, tls=TlsConfig.from_files(cert, key), gzip=True) as st:
+        with ParamClient(f"localhost:{st.port}", device_id="d", root_certificates=cert.read_bytes(),
+                         gzip=True) as client:
+            assert client.generate([1, 2], model.model_id, model.base_version).bundle.base_version == model.base_version
+        with ParamClient(f"127.0.0.1:{st.port}", device_id="d", timeout_s=1, **FAST_RETRY) as plaintext:
+            with pytest.raises(CloudUnavailable):
+                plaintext.generate([1, 2], model.model_id, model.base_version)
