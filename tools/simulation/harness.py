@@ -203,6 +203,9 @@ class Simulation:
                 policy, valid = self.calibrate(s)
                 source = source_for_test() if source_for_test else None
                 run = self.replay(policy, self.test, s.text, source)
+                if source is not None and hasattr(source, "stats"):  # network mode: what crossed the wire
+                    run.extra["network"] = source.stats.summary()
+                    run.extra["bytes_per_device"] = source.received_bytes.astype(np.float64)
                 out.append(Entry(s, budget if budget is not None else _spec_rate(s), run, valid))
                 log.info("%-28s rate %.4f ndcg@10 %.4f (%.1fs)", s.text, run.request_rate,
                          run.per_device(self.test.tl)["ndcg@10"].mean(), run.seconds)
@@ -282,7 +285,8 @@ def build_report(sim: Simulation, entries: list[Entry]) -> dict:
             "request_rate": e.run.request_rate,
             "request_rate_ci": list(bootstrap_ci(pd["requests"], seed=sim.cfg.seed)),
             "requests_per_device": float(requests.mean()),
-            "bytes_per_device": float((requests + enrol).mean() * bundle_bytes),
+            "bytes_per_device": float(e.run.extra["bytes_per_device"].mean()) if "bytes_per_device" in e.run.extra
+            else float((requests + enrol).mean() * bundle_bytes),
             **{m: {"value": summary[m]["value"], "ci": summary[m]["ci"]} for m in METRICS},
             "policy_config": e.run.policy,
             "seconds": e.run.seconds,
@@ -292,6 +296,8 @@ def build_report(sim: Simulation, entries: list[Entry]) -> dict:
             row["gain_kept"] = {"value": value, "ci": ci}
         if e.valid:
             row["validation"] = e.valid
+        if "network" in e.run.extra:
+            row["network"] = e.run.extra["network"]
         policies.append(row)
 
     paired = []
@@ -316,7 +322,7 @@ def build_report(sim: Simulation, entries: list[Entry]) -> dict:
     return {
         "dataset": sim.data.name,
         "model": {"model_id": sim.bundle.model_id, "base_version": sim.bundle.base_version},
-        "mode": "inprocess",
+        "mode": "network" if any("network" in e.run.extra for e in entries) else "inprocess",
         "config": asdict(sim.cfg),
         "devices": {"test": tl.n_devices, "test_steps": tl.n_steps, "validation": sim.valid.tl.n_devices,
                     "validation_steps": sim.valid.tl.n_steps, "pool": sim.cfg.devices},
@@ -370,3 +376,41 @@ def check_bars(entries: list[Entry], policies: list[dict], paired: list[dict], s
 def simulate(bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig, source_for_test=None) -> dict:
     """Run a full simulation (see module docstring) and return the report dictionary."""
     return Simulation(bundle, data, cfg).run(source_for_test)
+
+
+def run_simulation(bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig, mode: str = "inprocess",
+                   server: str | None = None, model_dir: str | None = None, serve_threads: int = 1) -> dict:
+    """`simulate` in either mode. Network mode replays the test devices as gRPC clients of `server`, or
+    of a `paramcast serve --model model_dir` started on loopback for the run (calibration on
+    validation devices stays in-process: it is offline tuning, not device traffic)."""
+    if mode not in ("inprocess", "network"):
+        raise InvalidInput("mode", f"must be 'inprocess' or 'network', got {mode!r}")
+    sim = Simulation(bundle, data, cfg)
+    if mode == "inprocess":
+        return sim.run()
+    from tools.simulation.network import NetworkSource, ServeProcess
+
+    if bundle.generator is None:
+        raise InvalidInput("model", "network mode needs a model with a generator")
+    proc = None
+    if server is None:
+        if model_dir is None:
+            raise InvalidInput("server", "network mode needs a server address or a model directory to serve")
+        t0 = time.perf_counter()
+        proc = ServeProcess([model_dir], threads=serve_threads)
+        server = proc.target
+        log.info("started paramcast serve on %s (%.1fs)", server, time.perf_counter() - t0)
+    try:
+        g = bundle.generator.cfg
+        source = NetworkSource(server, sim.test.tl, bundle.model_id, bundle.base_version, g.slot_shapes, g.rank,
+                               g.window, cfg.encoding)
+        try:
+            report = sim.run(lambda: source)
+        finally:
+            source.close()
+    finally:
+        if proc is not None:
+            proc.stop()
+    report["network"] = {"server": server, "started_server": proc is not None,
+                         "devices": sim.test.tl.n_devices, "clients": sim.test.tl.n_devices}
+    return report

@@ -59,7 +59,7 @@ def write_json(report: dict, path: str | Path) -> Path:
     return path
 
 
-def plot(report: dict, out_dir: str | Path) -> list[Path]:
+def plot(report: dict, out_dir: str | Path, suffix: str = "") -> list[Path]:
     """quality-vs-rate.png (every policy's NDCG@10 against its request rate, with 95% CIs) and
     quality-over-time.png (NDCG@10 by step since enrolment, at each budget)."""
     import matplotlib
@@ -91,7 +91,7 @@ def plot(report: dict, out_dir: str | Path) -> list[Path]:
     ax.set_title(f"{name}: quality against request rate")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    files.append(out_dir / f"simulation-{name}-quality-vs-rate.png")
+    files.append(out_dir / f"simulation-{name}{suffix}-quality-vs-rate.png")
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
 
@@ -109,7 +109,7 @@ def plot(report: dict, out_dir: str | Path) -> list[Path]:
         ax.set_title(f"{name}: budget {budget:g}" if budget is not None else name)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    files.append(out_dir / f"simulation-{name}-quality-over-time.png")
+    files.append(out_dir / f"simulation-{name}{suffix}-quality-over-time.png")
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
     return files
