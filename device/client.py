@@ -302,6 +302,10 @@ class _Download:
         else:
             package = unpack_package(self.part, dest)
         self.reset()
+        if (package.model_id, package.base_version) != (self.model_id, dest.name[len(self.model_id) + 1:]):
+            shutil.rmtree(dest, ignore_errors=True)
+            raise IntegrityError(f"the package served as {self.model_id} {dest.name[len(self.model_id) + 1:]} is "
+                                 f"{package.model_id} {package.base_version}")
         return package
 
 

@@ -1,0 +1,158 @@
+"""The device client's pieces that need no server: retry configuration, error mapping, the
+resumable download's checks, and that the whole device side runs without torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grpc
+import pytest
+from device_fixtures import tiny_package
+
+from common.errors import IntegrityError, ModelNotFound, PermissionDenied, RateLimited, VersionMismatch
+from device.archive import pack_package
+from device.client import CloudUnavailable, RemoteError, RetryPolicy, _Download, cloud_error, service_config
+from device.package import DevicePackage
+from protos.paramcast.v1 import param_service_pb2 as pb
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_service_config_retries_unavailable_with_exponential_backoff():
+    config = json.loads(service_config(RetryPolicy(max_attempts=4, initial_backoff_s=0.25, max_backoff_s=3)))
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "paramcast.v1.ParamService"}]
+    assert method["retryPolicy"] == {
+        "maxAttempts": 4, "initialBackoff": "0.250s", "maxBackoff": "3.000s", "backoffMultiplier": 2.0,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str = "details"):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, CloudUnavailable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, CloudUnavailable),
+        (grpc.StatusCode.NOT_FOUND, ModelNotFound),
+        (grpc.StatusCode.FAILED_PRECONDITION, VersionMismatch),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDenied),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, RateLimited),
+        (grpc.StatusCode.INTERNAL, RemoteError),
+    ],
+)
+def test_status_codes_become_typed_errors(code, error):
+    err = cloud_error(FakeRpcError(code, "the reason"))
+    assert isinstance(err, error) and err.code == code and "the reason" in str(err)
+
+
+def package_id() -> tuple[str, str]:
+    package = DevicePackage.load(tiny_package())
+    return package.model_id, package.base_version
+
+
+def chunks(archive: bytes, size: int, version: str | None = None):
+    model_id, base_version = package_id()
+    sha = hashlib.sha256(archive).digest()
+    for offset in range(0, len(archive), size):
+        data = archive[offset:offset + size]
+        yield pb.GetModelResponse(model_id=model_id, version=version or base_version, total_size=len(archive),
+                                  archive_sha256=sha, offset=offset, data=data,
+                                  chunk_sha256=hashlib.sha256(data).digest())
+
+
+def test_download_writes_only_verified_contiguous_chunks_and_resumes(tmp_path):
+    archive = pack_package(tiny_package())
+    model_id, version = package_id()
+    stream = list(chunks(archive, 8192))
+    first = _Download(tmp_path, model_id, "")
+    for msg in stream[:3]:
+        assert first.accept(msg) is False
+
+    bad = pb.GetModelResponse()
+    bad.CopyFrom(stream[3])
+    bad.data = bad.data[:-1] + bytes([bad.data[-1] ^ 1])
+    with pytest.raises(IntegrityError, match="sha256"):
+        first.accept(bad)
+    with pytest.raises(IntegrityError, match="expected 24576"):
+        first.accept(stream[4])  # a gap
+    other = list(chunks(archive[:-10], 8192, version="v2"))[3]
+    with pytest.raises(IntegrityError, match="archive changed"):
+        first.accept(other)
+
+    resumed = _Download(tmp_path, model_id, "")  # a later call (or process) picks up the partial file
+    assert resumed.offset == 3 * 8192
+    request = resumed.request(0)
+    assert (request.version, request.offset) == (version, 3 * 8192)  # pinned to the version it started
+    for msg in stream[3:]:
+        resumed.accept(msg)
+    package = resumed.finish()
+    assert package.model_bytes == (tiny_package() / "model.onnx").read_bytes()
+    assert not resumed.part.exists() and not resumed.meta_file.exists()
+    # Asking again for the version now held stops after the first chunk.
+    again = _Download(tmp_path, model_id, "")
+    assert again.accept(next(chunks(archive, 8192))) is True and again.held.base_version == version
+
+
+def test_a_package_that_is_not_what_the_server_named_is_refused(tmp_path):
+    archive = pack_package(tiny_package())
+    model_id, _ = package_id()
+    download = _Download(tmp_path, model_id, "")
+    for msg in chunks(archive, 65536, version="0000000000000000"):
+        download.accept(msg)
+    with pytest.raises(IntegrityError, match="is tiny"):
+        download.finish()
+    assert not (tmp_path / "packages" / f"{model_id}-0000000000000000").exists()
+
+
+def test_a_corrupt_whole_archive_is_discarded(tmp_path):
+    archive = pack_package(tiny_package())
+    download = _Download(tmp_path, package_id()[0], "")
+    sha = hashlib.sha256(b"something else").digest()
+    for msg in chunks(archive, 65536):
+        msg.archive_sha256 = sha
+        download.accept(msg)
+    with pytest.raises(IntegrityError, match="archive sha256"):
+        download.finish()
+    assert download.offset == 0 and not download.part.exists()
+
+
+def test_device_side_runs_without_torch(tmp_path):
+    """client, store, agent and archive import with torch (and cloud/) blocked."""
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import importlib.abc, sys
+        class _NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "cloud"):
+                    raise ModuleNotFoundError(f"No module named {name!r} (blocked for this test)", name=name)
+        sys.meta_path.insert(0, _NoTorch())
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    code = textwrap.dedent("""
+        import sys
+        import device.agent, device.client, device.store, device.archive
+        try:
+            import torch
+        except ModuleNotFoundError as exc:
+            print("torch blocked:", exc)
+        print("torch loaded" if "torch" in sys.modules else "no torch")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch blocked" in proc.stdout and "no torch" in proc.stdout
