@@ -1,0 +1,268 @@
+"""Request policies: spec parsing, each policy's decisions, gate scores, mapper fitting, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.errors import InvalidInput
+from device.policy import (
+    Always,
+    DriftGate,
+    EveryK,
+    GaussianMapper,
+    IdealGate,
+    LossGate,
+    Never,
+    RandomP,
+    StepView,
+    build_policy,
+    calibrate_threshold,
+    candidate_loss,
+    fit_gaussian_mapper,
+    mapper_features,
+    parse_policy,
+)
+
+D_HIDDEN = 4
+
+
+def view(n: int, behaviour: np.ndarray | None = None, scores: np.ndarray | None = None,
+         observed: np.ndarray | None = None, devices: np.ndarray | None = None, n_cand: int = 5) -> StepView:
+    devices = np.arange(n) if devices is None else devices
+    behaviour = np.ones((n, D_HIDDEN), np.float32) if behaviour is None else behaviour.astype(np.float32)
+    scores = np.zeros((n, n_cand), np.float32) if scores is None else scores.astype(np.float32)
+    observed = np.zeros(n, np.int64) if observed is None else observed
+    cands = np.tile(np.arange(1, n_cand + 1), (n, 1))
+    return StepView(devices, behaviour, behaviour.copy(), scores, cands, observed)
+
+
+def run_steps(policy, n_devices: int, steps: int, seed: int = 0) -> np.ndarray:
+    """(steps, n_devices) request decisions of a policy fed a constant view."""
+    policy.start(n_devices, seed, np.ones((n_devices, D_HIDDEN), np.float32))
+    out = []
+    for _ in range(steps):
+        v = view(n_devices)
+        r = policy.decide(v)
+        policy.applied(v.devices[r], v.behaviour[r])
+        out.append(r)
+    return np.array(out)
+
+
+# ---------------------------------------------------------------------------------------------- specs
+
+def test_parse_bare_values_set_the_primary_parameter():
+    assert parse_policy("every-k:10").params == {"k": 10}
+    assert parse_policy("random-p:0.25").params == {"p": 0.25}
+    assert parse_policy("drift:0.1").params == {"rate": 0.1}
+    spec = parse_policy("drift:rate=0.1,min_interval=3,metric=l2")
+    assert spec.params == {"rate": 0.1, "min_interval": 3, "metric": "l2"}
+    assert spec.is_gate and not spec.rate_free
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("sometimes", "unknown policy"),
+    ("never:3", "no bare value"),
+    ("every-k:k=ten", "k must be int"),
+    ("drift:speed=2", "no parameter 'speed'"),
+    ("random-p:0.1,0.2", "no bare value"),
+])
+def test_parse_rejects_bad_specs_naming_the_problem(text, fragment):
+    with pytest.raises(InvalidInput, match=fragment):
+        parse_policy(text)
+
+
+def test_budget_fills_in_only_specs_without_a_rate():
+    assert parse_policy("every-k").at_budget(0.1).params == {"k": 10}
+    assert parse_policy("random-p").at_budget(0.1).params == {"p": 0.1}
+    assert parse_policy("loss:min_interval=2").at_budget(0.05).text == "loss:min_interval=2,rate=0.05"
+    fixed = parse_policy("every-k:4")
+    assert fixed.at_budget(0.1) is fixed
+    assert parse_policy("always").at_budget(0.1).params == {}
+
+
+def test_build_needs_the_rate_and_the_ideal_gate_its_mapper():
+    with pytest.raises(InvalidInput, match="needs k"):
+        build_policy(parse_policy("every-k"))
+    with pytest.raises(InvalidInput, match="mapper"):
+        build_policy(parse_policy("ideal:0.1"))
+    with pytest.raises(InvalidInput, match="threshold or rate"):
+        build_policy(parse_policy("drift:threshold=0.1,rate=0.1"))
+    assert isinstance(build_policy(parse_policy("drift:threshold=0.2")), DriftGate)
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+def test_never_and_always():
+    assert not run_steps(Never(), 3, 10).any()
+    assert run_steps(Always(), 3, 10).all()
+
+
+def test_min_interval_spaces_requests():
+    decisions = run_steps(Always(min_interval=3), 2, 12)
+    assert decisions[:, 0].tolist() == [False, False, True] * 4  # third step after each request
+
+
+def test_every_k_aligned_requests_every_k_steps():
+    decisions = run_steps(EveryK(4, phase="0"), 3, 12)
+    assert decisions.all(axis=1).tolist() == [False, False, False, True] * 3
+
+
+def test_every_k_random_phase_spreads_requests_at_rate_one_over_k():
+    decisions = run_steps(EveryK(5), 500, 20)
+    assert decisions.mean() == pytest.approx(0.2, abs=1e-9)  # every device exactly 4 times in 20 steps
+    assert (decisions.sum(axis=0) == 4).all()
+    assert len({tuple(np.flatnonzero(decisions[:, d])) for d in range(500)}) == 5  # 5 distinct phases
+
+
+def test_random_p_rate_and_seeding():
+    a = run_steps(RandomP(0.1), 1000, 20, seed=3)
+    b = run_steps(RandomP(0.1), 1000, 20, seed=3)
+    assert (a == b).all()
+    assert a.mean() == pytest.approx(0.1, abs=0.01)
+    assert not (a == run_steps(RandomP(0.1), 1000, 20, seed=4)).all()
+
+
+def test_gate_without_threshold_refuses_to_decide():
+    g = DriftGate(rate=0.1)
+    g.start(1, 0, np.ones((1, D_HIDDEN)))
+    with pytest.raises(InvalidInput, match="not calibrated"):
+        g.decide(view(1))
+
+
+# ---------------------------------------------------------------------------------------------- gates
+
+def test_drift_measures_change_since_the_bundle_and_resets_when_one_arrives():
+    g = DriftGate(threshold=0.5)
+    ref = np.array([[1, 0, 0, 0], [1, 0, 0, 0]], np.float32)
+    g.start(2, 0, ref)
+    now = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32)  # device 0 unchanged, device 1 orthogonal
+    v = view(2, behaviour=now)
+    assert g.score(v) == pytest.approx([0.0, 1.0])
+    assert g.decide(v).tolist() == [False, True]
+    g.applied(np.array([1]), now[1:])
+    assert g.score(view(2, behaviour=now)) == pytest.approx([0.0, 0.0])
+    l2 = DriftGate(threshold=1.0, metric="l2")
+    l2.start(2, 0, ref)
+    assert l2.score(v) == pytest.approx([0.0, np.sqrt(2.0)])
+
+
+def test_gates_request_at_once_for_devices_holding_no_bundle():
+    g = DriftGate(threshold=10.0)
+    g.start(3, 0, None)  # devices start on the base model
+    assert g.decide(view(3)).all()
+    g.applied(np.arange(3), np.ones((3, D_HIDDEN), np.float32))
+    assert not g.decide(view(3)).any()
+
+
+def test_candidate_loss_is_cross_entropy_of_the_observed_candidate():
+    scores = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    loss = candidate_loss(scores, np.array([1, -1]))
+    expected = -np.log(np.exp(0.0) / np.exp(scores[0]).sum())
+    assert loss[0] == pytest.approx(expected)
+    assert np.isnan(loss[1])
+
+
+def test_loss_gate_tracks_recent_loss_and_restarts_with_a_bundle():
+    g = LossGate(threshold=1.0, decay=0.5)
+    g.start(1, 0, np.ones((1, D_HIDDEN)))
+    good = np.array([[10.0, 0, 0, 0, 0]])  # the observed candidate (column 0) is ranked first
+    bad = np.array([[-10.0, 0, 0, 0, 0]])
+    s_good = g.score(view(1, scores=good))[0]
+    assert s_good == pytest.approx(candidate_loss(good, np.array([0]))[0], rel=1e-2)  # bias-corrected: one value
+    s_bad = g.score(view(1, scores=bad))[0]
+    assert s_bad > 5.0 > s_good
+    g.applied(np.array([0]), np.ones((1, D_HIDDEN)))
+    assert g.score(view(1, scores=good))[0] == pytest.approx(s_good, rel=1e-6)  # the bad step was forgotten
+
+
+def _mapper(mean_scale: float, log_var: float) -> GaussianMapper:
+    w_mean = np.zeros((2 * D_HIDDEN + 1, D_HIDDEN), np.float32)
+    w_mean[:D_HIDDEN] = mean_scale * np.eye(D_HIDDEN)  # mean change = scale * (behaviour - ref)
+    w_log_var = np.zeros((3, D_HIDDEN), np.float32)
+    w_log_var[2] = log_var  # constant variance
+    return GaussianMapper(w_mean, w_log_var)
+
+
+def test_ideal_gate_grows_with_predicted_change_and_uncertainty():
+    emb = np.random.default_rng(0).normal(size=(6, D_HIDDEN)).astype(np.float32)
+    ref = np.zeros((1, D_HIDDEN), np.float32)
+    scores = np.zeros((1, 5), np.float32)
+
+    def score(mapper, behaviour):
+        g = IdealGate(mapper, emb, threshold=0.1, samples=64)
+        g.start(1, 0, ref)
+        return g.score(view(1, behaviour=behaviour, scores=scores))[0]
+
+    still = np.zeros((1, D_HIDDEN), np.float32)
+    moved = np.full((1, D_HIDDEN), 2.0, np.float32)
+    assert score(_mapper(1.0, -30.0), still) == pytest.approx(0.0, abs=1e-6)  # no change, no spread
+    assert score(_mapper(1.0, -30.0), moved) > 0.05  # a predicted change moves the distribution
+    assert score(_mapper(0.0, 0.0), still) > score(_mapper(0.0, -4.0), still) > 0.0  # spread alone counts
+    g1, g2 = IdealGate(_mapper(0.0, 0.0), emb, threshold=0.1), IdealGate(_mapper(0.0, 0.0), emb, threshold=0.1)
+    g1.start(1, 7, ref)
+    g2.start(1, 7, ref)
+    v = view(1, behaviour=still, scores=scores)
+    assert g1.score(v) == g2.score(v)  # seeded sampling
+
+
+def test_ideal_gate_rejects_a_mapper_of_another_width():
+    with pytest.raises(InvalidInput, match="hidden size"):
+        IdealGate(_mapper(1.0, 0.0), np.zeros((6, D_HIDDEN + 1), np.float32))
+
+
+def test_fit_gaussian_mapper_recovers_mean_and_heteroscedastic_variance():
+    rng = np.random.default_rng(0)
+    n, d = 20000, D_HIDDEN
+    ref = rng.normal(size=(n, d)).astype(np.float32)
+    behaviour = (ref + rng.normal(size=(n, d)) * rng.uniform(0.1, 2.0, size=(n, 1))).astype(np.float32)
+    age = rng.integers(1, 50, size=n)
+    diff = behaviour - ref
+    true_sd = 0.05 * np.sqrt((diff * diff).sum(1, keepdims=True))  # noise grows with the change
+    delta = 0.5 * diff + true_sd * rng.normal(size=(n, d))
+    mapper = fit_gaussian_mapper(behaviour, ref, age, delta, ridge=1e-3)
+    x, z = mapper_features(behaviour, ref, age)
+    mean, log_var = mapper(x, z)
+    assert np.abs(mean - 0.5 * diff).max() < 0.05 * np.abs(diff).max()
+    assert np.corrcoef(log_var[:, 0], np.log(true_sd[:, 0] ** 2))[0, 1] > 0.95
+    assert np.median(np.abs(log_var[:, 0] - np.log(true_sd[:, 0] ** 2))) < 0.3
+    assert mapper.meta["r2_mean"] > 0.9
+
+
+def test_mapper_save_and_load(tmp_path):
+    m = _mapper(0.3, -1.0)
+    loaded = GaussianMapper.load(m.save(tmp_path / "mapper.npz"))
+    assert np.array_equal(loaded.w_mean, m.w_mean) and np.array_equal(loaded.w_log_var, m.w_log_var)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+def test_calibrate_threshold_meets_the_target_rate():
+    scores = np.random.default_rng(1).lognormal(size=5000)
+
+    def rate_at(threshold: float) -> float:
+        return float((scores > threshold).mean())
+
+    threshold, rate = calibrate_threshold(rate_at, 0.1, scores, tolerance=0.001)
+    assert rate == pytest.approx(0.1, abs=0.001)
+    assert rate_at(threshold) == rate
+
+
+def test_calibrate_threshold_returns_the_closest_point_when_the_target_is_out_of_reach():
+    scores = np.array([1.0, 1.0, 1.0, 2.0])
+
+    def rate_at(threshold: float) -> float:
+        return float((scores > threshold).mean())
+
+    _, rate = calibrate_threshold(rate_at, 0.5, scores)
+    assert rate == 0.25  # the only rates reachable are 0, 0.25 and 1; 0.25 is closest
+    with pytest.raises(InvalidInput):
+        calibrate_threshold(rate_at, 0.5, np.array([np.inf]))
+
+
+def test_single_device_view():
+    v = StepView.single(np.ones(4), np.ones(4), np.zeros(3), [4, 5, 6], observed=2, device=0)
+    assert v.behaviour.shape == (1, 4) and v.candidates.tolist() == [[4, 5, 6]] and v.observed.tolist() == [2]
+    g = DriftGate(threshold=0.5)
+    g.start(1, 0, np.ones((1, 4)))
+    assert g.decide(v).tolist() == [False]

@@ -1,0 +1,300 @@
+"""The simulation harness on a tiny model: timelines, cached bundles, replays against direct
+scoring, calibration, the report, the ONNX device's agreement, and `paramcast simulate`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cloud.checkpoint import ModelBundle, save_bundle
+from cloud.generation import generate_bundles, generate_parameters
+from cloud.generator import Generator, GeneratorConfig
+from cloud.model import DeviceModel, DeviceModelConfig, left_pad
+from common.evaluation import metrics_from_scores
+from common.interactions import InteractionLog
+from device.policy import Always, DriftGate, EveryK, Never, RandomP, parse_policy
+from tools.simulation.cache import FactorTable, Scorer, precompute
+from tools.simulation.harness import Simulation, SimulationConfig, simulate
+from tools.simulation.replay import replay
+from tools.simulation.timelines import build_timelines, split_devices
+
+N_ITEMS = 150
+
+
+@pytest.fixture(scope="module")
+def data() -> InteractionLog:
+    rng = np.random.default_rng(0)
+    # Users drift between two halves of the catalogue, so behaviour changes along a timeline.
+    seqs = []
+    for u in range(40):
+        n = int(rng.integers(4, 30))
+        half = (np.arange(n) * 3 // max(n, 1) + u) % 2
+        seqs.append((1 + half * 75 + rng.integers(0, 75, size=n)).astype(np.int64))
+    return InteractionLog("synthetic", seqs, N_ITEMS, [str(u + 1) for u in range(40)],
+                          [""] + [str(i) for i in range(1, N_ITEMS + 1)])
+
+
+@pytest.fixture(scope="module")
+def bundle(data) -> ModelBundle:
+    torch.manual_seed(0)
+    model = DeviceModel(DeviceModelConfig(n_items=N_ITEMS, hidden=8, ffn_units=8, head_units=8, max_len=12,
+                                          dropout=0.0)).eval()
+    gen = Generator(GeneratorConfig(n_items=N_ITEMS, slot_shapes=model.slot_shapes(), unit_groups=model.unit_groups(),
+                                    window=12, width=16, n_layers=1, rank=2, dropout=0.0)).eval()
+    with torch.no_grad():  # untrained B heads are zero (the static model); give deltas that change scores
+        for head in gen.b_heads.values():
+            head.weight.normal_(0, 0.5)
+    cold = [str(u + 1) for u in range(0, 40, 2)]
+    return ModelBundle("sasrec-synthetic", model, gen, {"split": {"cold_users": cold}})
+
+
+@pytest.fixture(scope="module")
+def prepared(data, bundle):
+    tl = build_timelines(data, np.arange(data.n_users), warmup=3, n_negatives=20, seed=0)
+    return tl, precompute(bundle, tl, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- timelines
+
+def test_timelines_cover_every_step_after_warm_up(data):
+    tl = build_timelines(data, np.arange(data.n_users), warmup=3, n_negatives=20)
+    lengths = data.lengths() - 3
+    assert tl.n_steps == lengths[lengths > 0].sum()
+    assert np.all(np.diff(tl.length) <= 0)  # longest first: active devices are a prefix
+    for j in (0, 5, tl.max_length - 1):
+        assert tl.active(j) == int((tl.length > j).sum())
+    for k in range(tl.n_steps):
+        seq = data.sequences[int(tl.users[tl.device[k]])]
+        assert tl.t[k] == 3 + k - tl.start[tl.device[k]]
+        assert tl.candidates[k, 0] == seq[tl.t[k]]
+        negatives = tl.candidates[k, 1:]
+        assert len(np.unique(negatives)) == 20 and not np.isin(negatives, seq).any() and negatives.min() >= 1
+    again = build_timelines(data, np.arange(data.n_users), warmup=3, n_negatives=20)
+    assert np.array_equal(again.candidates, tl.candidates)  # same seed, same candidates for every policy
+
+
+def test_timelines_cap_steps_and_drop_short_users(data):
+    tl = build_timelines(data, np.arange(data.n_users), warmup=10, n_negatives=20, max_steps=4)
+    assert tl.length.max() == 4
+    assert set(tl.users.tolist()) == {u for u in range(data.n_users) if data.lengths()[u] > 10}
+    sub = tl.subset(np.array([1, 2]))
+    assert sub.n_steps == tl.length[1] + tl.length[2]
+    assert np.array_equal(sub.candidates[: tl.length[1]], tl.candidates[tl.start[1]: tl.start[1] + tl.length[1]])
+
+
+def test_split_devices_is_disjoint_and_uses_cold_users(data, bundle):
+    valid, test = split_devices(data, bundle.meta["split"]["cold_users"], "cold", 0.5)
+    assert len(np.intersect1d(valid, test)) == 0 and len(valid) + len(test) == 20
+    assert set(valid.tolist()) | set(test.tolist()) == set(range(0, 40, 2))
+    v_all, t_all = split_devices(data, [], "all", 0.25)
+    assert len(v_all) == 10 and len(t_all) == 30
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+def test_factor_table_holds_exactly_what_the_device_decodes(bundle, data):
+    windows = [data.sequences[u][:5] for u in range(3)]
+    adapters, _ = generate_parameters(bundle, windows)
+    for encoding in ("int8", "fp16", "fp32"):
+        table = FactorTable(bundle.generator.cfg.slot_shapes, bundle.generator.cfg.rank, 4, encoding)
+        table.put(np.array([1, 2, 3]), {s: (a.numpy(), b.numpy()) for s, (a, b) in adapters.items()})
+        for i, b in enumerate(generate_bundles(bundle, windows)):
+            wire = b.quantized(encoding)
+            for slot, (a, bb) in table.row(i + 1).items():
+                assert np.array_equal(a, wire.factors[slot][0]) and np.array_equal(bb, wire.factors[slot][1])
+        assert all(not a.any() and not b.any() for a, b in table.row(0).values())  # row 0 = base model
+
+
+def test_cached_behaviour_and_head_reproduce_the_device_model(bundle, prepared):
+    tl, cache = prepared
+    model = bundle.device
+    ks = np.array([0, 7, tl.n_steps - 1])
+    hist = [tl.history(int(k)) for k in ks]
+    rows = cache.fresh_row(ks, tl.n_devices)
+    adapters = cache.table.gather(rows)
+    _, scores = Scorer(model)(cache.behaviour[ks], adapters, tl.candidates[ks])
+    with torch.no_grad():
+        direct = model.score(left_pad(hist, model.cfg.max_len), torch.as_tensor(tl.candidates[ks]), adapters)
+    np.testing.assert_allclose(scores, direct.numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- replays
+
+def _direct_metrics(bundle, tl, windows_of_step) -> dict:
+    """Score every step directly with the int8 bundle generated from windows_of_step(k)."""
+    model = bundle.device
+    hist = [tl.history(k) for k in range(tl.n_steps)]
+    bundles = generate_bundles(bundle, [windows_of_step(k) for k in range(tl.n_steps)])
+    slots = list(bundle.generator.cfg.slot_shapes)
+    adapters = {s: (torch.from_numpy(np.stack([b.quantized("int8").factors[s][0] for b in bundles])),
+                    torch.from_numpy(np.stack([b.quantized("int8").factors[s][1] for b in bundles]))) for s in slots}
+    with torch.no_grad():
+        scores = model.score(left_pad(hist, model.cfg.max_len), torch.as_tensor(tl.candidates), adapters)
+    return metrics_from_scores(scores.numpy())
+
+
+def test_always_scores_each_step_with_the_bundle_of_its_own_history(bundle, prepared):
+    tl, cache = prepared
+    run = replay(Always(), tl, cache, Scorer(bundle.device))
+    direct = _direct_metrics(bundle, tl, lambda k: tl.history(k))
+    for m in ("ndcg@10", "hr@10", "auc"):
+        np.testing.assert_allclose(run.metrics[m], direct[m], atol=1e-6)
+    assert run.requested.all() and run.request_rate == 1.0
+
+
+def test_never_keeps_the_enrolment_bundle(bundle, prepared, data):
+    tl, cache = prepared
+    run = replay(Never(), tl, cache, Scorer(bundle.device))
+    seq_of = {k: data.sequences[int(tl.users[tl.device[k]])] for k in range(tl.n_steps)}
+    direct = _direct_metrics(bundle, tl, lambda k: seq_of[k][:3])
+    np.testing.assert_allclose(run.metrics["auc"], direct["auc"], atol=1e-6)
+    assert not run.requested.any()
+    always = replay(Always(), tl, cache, Scorer(bundle.device))
+    assert not np.array_equal(run.metrics["auc"], always.metrics["auc"])  # staleness does change scores
+
+
+def test_equivalent_policies_replay_identically(bundle, prepared):
+    tl, cache = prepared
+    scorer = Scorer(bundle.device)
+    assert np.array_equal(replay(EveryK(1), tl, cache, scorer).metrics["auc"],
+                          replay(Always(), tl, cache, scorer).metrics["auc"])
+    assert np.array_equal(replay(RandomP(0.0), tl, cache, scorer).metrics["auc"],
+                          replay(Never(), tl, cache, scorer).metrics["auc"])
+    a = replay(RandomP(0.3), tl, cache, scorer, seed=5)
+    b = replay(RandomP(0.3), tl, cache, scorer, seed=5)
+    assert np.array_equal(a.requested, b.requested) and 0.2 < a.request_rate < 0.4
+
+
+def test_base_start_scores_with_the_static_model_until_the_first_bundle(bundle, prepared):
+    tl, cache = prepared
+    run = replay(Never(), tl, cache, Scorer(bundle.device), start="base")
+    with torch.no_grad():
+        hist = [tl.history(k) for k in range(tl.n_steps)]
+        static = bundle.device.score(left_pad(hist, bundle.device.cfg.max_len), torch.as_tensor(tl.candidates))
+    np.testing.assert_allclose(run.metrics["auc"], metrics_from_scores(static.numpy())["auc"], atol=1e-6)
+    gate = DriftGate(threshold=1e9)
+    first = replay(gate, tl, cache, Scorer(bundle.device), start="base")
+    assert first.requested[tl.start].all()  # with nothing held, a gate asks at once
+    assert not np.delete(first.requested, tl.start).any()
+
+
+# ---------------------------------------------------------------------------------------------- harness
+
+@pytest.fixture(scope="module")
+def report(bundle, data):
+    cfg = SimulationConfig(policies=["never", "always", "every-k", "random-p", "drift", "loss", "ideal"],
+                           budgets=[0.2], devices="all", n_negatives=20, progress=False)
+    return simulate(bundle, data, cfg)
+
+
+def test_report_schema_and_bookkeeping(report):
+    names = [p["name"] for p in report["policies"]]
+    assert names == ["never", "always", "every-k:k=5", "random-p:p=0.2", "drift:rate=0.2", "loss:rate=0.2",
+                     "ideal:rate=0.2"]
+    for p in report["policies"]:
+        for m in ("ndcg@10", "hr@10", "auc"):
+            assert set(p[m]) == {"value", "ci"} and p[m]["ci"][0] <= p[m]["value"] <= p[m]["ci"][1]
+        assert p["bytes_per_device"] == pytest.approx((p["requests_per_device"] + 1) * report["bundle_bytes"])
+    by = {p["name"]: p for p in report["policies"]}
+    assert by["never"]["request_rate"] == 0 and by["always"]["request_rate"] == 1
+    assert by["never"]["gain_kept"]["value"] == 0 and by["always"]["gain_kept"]["value"] == pytest.approx(1)
+    assert report["bundle_bytes"] > 0 and report["device_steps_per_s"] > 0
+    assert report["devices"]["test"] + report["devices"]["validation"] == 40
+    pairs = {(d["a"], d["b"]) for d in report["paired"]}
+    assert ("always", "never") in pairs and ("drift:rate=0.2", "random-p:p=0.2") in pairs
+    assert ("ideal:rate=0.2", "every-k:k=5") in pairs
+    diff = next(d for d in report["paired"] if d["a"] == "always")
+    assert diff["ndcg@10"]["value"] == pytest.approx(by["always"]["ndcg@10"]["value"] - by["never"]["ndcg@10"]["value"])
+    json.dumps(report)  # serialisable as is
+
+
+def test_gates_are_calibrated_on_validation_devices(report):
+    for p in report["policies"]:
+        if p["policy"] in ("drift", "loss", "ideal"):
+            assert p["validation"]["request_rate"] == pytest.approx(0.2, abs=0.03)
+            assert p["policy_config"]["threshold"] == p["validation"]["threshold"]
+    selected = report["selected_gates"][0]
+    assert selected["budget"] == 0.2 and selected["name"] == max(selected["validation"],
+                                                                 key=selected["validation"].get)
+
+
+def test_calibration_never_replays_test_devices(bundle, data, monkeypatch):
+    sim = Simulation(bundle, data, SimulationConfig(policies=["drift"], budgets=[0.2], devices="all",
+                                                    n_negatives=20, progress=False))
+    seen = []
+    original = sim.replay
+
+    def spy(policy, on, name, source=None):
+        seen.append((name, on is sim.test))
+        return original(policy, on, name, source)
+
+    monkeypatch.setattr(sim, "replay", spy)
+    sim.run()
+    assert [name for name, on_test in seen if on_test] == ["drift:rate=0.2"]  # only the final measurement
+
+
+def test_report_writes_table_and_plots(report, tmp_path):
+    from tools.simulation.report import plot, table, write_json
+
+    text = table(report)
+    assert "drift:rate=0.2" in text and "device-steps/s" in text
+    files = plot(report, tmp_path)
+    assert all(f.stat().st_size > 1000 and f.read_bytes()[:4] == b"\x89PNG" for f in files)
+    assert json.loads(write_json(report, tmp_path / "r.json").read_text())["policies"][0]["name"] == "never"
+
+
+# ---------------------------------------------------------------------------------------------- device agreement
+
+def test_onnx_device_scores_what_the_harness_scores(bundle, prepared, tmp_path):
+    from cloud.export import export_package
+    from device.package import DevicePackage
+    from device.policy import item_embeddings
+    from device.runtime import DeviceRuntime
+
+    tl, cache = prepared
+    package = DevicePackage.load(export_package(bundle, tmp_path / "pkg"))
+    np.testing.assert_array_equal(item_embeddings(package), cache.item_emb)
+    runtime = DeviceRuntime(package, threads=1)
+    k = int(tl.start[0]) + 5  # step 5 of the longest device: the request after step k - 1 used its history
+    b = generate_bundles(bundle, [tl.history(k)])[0].quantized("int8")
+    runtime.apply(b)
+    _, scores = Scorer(bundle.device)(cache.behaviour[[k]], cache.table.gather(cache.fresh_row(np.array([k - 1]),
+                                                                                              tl.n_devices)),
+                                      tl.candidates[[k]])
+    np.testing.assert_allclose(runtime.score(tl.history(k), tl.candidates[k]), scores[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(runtime.behaviour_embedding(tl.history(k)), cache.behaviour[k], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def test_simulate_command_writes_report_and_plots(bundle, data, tmp_path, capsys):
+    from tools.cli import main
+
+    model_dir = save_bundle(bundle, tmp_path / "model")
+    pairs = tmp_path / "synthetic.txt"
+    pairs.write_text("".join(f"{u + 1} {i}\n" for u, seq in enumerate(data.sequences) for i in seq))
+    out = tmp_path / "out"
+    code = main(["simulate", "--model", str(model_dir), "--data", str(pairs), "--policy", "never", "always",
+                 "random-p", "drift:rate=0.3,min_interval=2", "--budget", "0.3", "--out", str(out), "--no-progress",
+                 "--threads", "1", "--devices", "all"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "random-p:p=0.3" in printed and "drift:rate=0.3,min_interval=2" in printed
+    doc = json.loads((out / "simulation-synthetic.json").read_text())
+    assert {p["name"] for p in doc["policies"]} == {"never", "always", "random-p:p=0.3",
+                                                    "drift:rate=0.3,min_interval=2"}
+    assert (out / "simulation-synthetic-quality-vs-rate.png").is_file()
+    assert parse_policy(doc["policies"][3]["name"]).params["min_interval"] == 2
+
+
+def test_simulate_command_reports_bad_policies(bundle, tmp_path, capsys, data):
+    from tools.cli import main
+
+    model_dir = save_bundle(bundle, tmp_path / "model")
+    pairs = tmp_path / "synthetic.txt"
+    pairs.write_text("".join(f"{u + 1} {i}\n" for u, seq in enumerate(data.sequences) for i in seq))
+    assert main(["simulate", "--model", str(model_dir), "--data", str(pairs), "--policy", "drift:speed=1"]) == 2
+    assert "no parameter 'speed'" in capsys.readouterr().err
