@@ -396,7 +396,7 @@ def test_sigterm_drains_in_flight_calls(serve_process, trained_model, model):
     assert "draining in-flight calls" in proc.output
 
 
-def test_async_client_many_concurrent_devices_share_batches(registry, model):
+def test_async_client_many_concurrent_devices_share_batches(tmp_path, registry, model, users):
     with ServerThread(registry, limits=Limits(max_delay_ms=20, max_batch=64)) as st:
 
         async def main():
@@ -404,13 +404,20 @@ def test_async_client_many_concurrent_devices_share_batches(registry, model):
                 assert await client.check_health()
                 calls = [client.generate([i + 1, i + 2], model.model_id, model.base_version, device_id=f"dev-{i}")
                          for i in range(48)]
-                return await asyncio.gather(*calls)
+                fetched = await asyncio.gather(*calls)
+                # Devices in network mode: agents sharing the one async client (one channel).
+                agents = [await DeviceAgent(tmp_path / f"d{i}", model.model_id, device_id=f"agent-{i}")
+                          .open_async(client) for i in range(3)]
+                outcomes = await asyncio.gather(*(a.refresh_async(client, users[i][0]) for i, a in enumerate(agents)))
+                return fetched, agents, outcomes
 
-        fetched = asyncio.run(main())
+        fetched, agents, outcomes = asyncio.run(main())
         assert len({f.bundle.bundle_id for f in fetched}) == 48
         batcher = st.server.core.batcher
-        assert batcher.items == 48 and batcher.batches < 48 / 2  # requests really shared generator passes
-        assert st.server.metrics.value("paramcast_batch_size_sum") == 48
+        assert batcher.items == 48 + 3 and batcher.batches < 48 / 2  # requests really shared generator passes
+        assert st.server.metrics.value("paramcast_batch_size_sum") == 48 + 3
+        assert [o.outcome for o in outcomes] == [APPLIED] * 3
+        assert all(a.serving == "bundle" for a in agents)
 
 
 def test_metrics_health_and_reflection(registry, model):
