@@ -114,7 +114,7 @@ class CallRecorder:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps typed errors to status codes for every method under `service_prefix`; other services
+    """Maps typed errors to status codes for every method of `service_name`; other services
     (health, reflection) pass through untouched."""
 
     def __init__(self, service_name: str, recorder: CallRecorder | None = None):
