@@ -23,8 +23,8 @@ the policy's primary parameter, e.g. `every-k:10`, `random-p:0.1`, `drift:rate=0
   random-p:P    request with probability P after each step
   drift         distance between the behaviour embedding now and when the held bundle was
                 generated (`metric=cosine|l2`)
-  loss          the device model's recent loss on the items the user actually took, since the
-                held bundle arrived (`decay` of the running mean)
+  loss          the device model's recent loss (1 - NDCG of the rank it gave the item the user
+                took) since the held bundle arrived (`decay` of the running mean)
   ideal         IDEAL-style (Lv et al., WWW 2024): a distribution mapper turns what the device
                 knows into a Gaussian over the change a fresh bundle would make to the user state;
                 `samples` draws from it re-score the candidates, and the gate is the expected
@@ -38,6 +38,7 @@ calibrated on validation devices so the fleet requests on R of its steps; a bare
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,11 @@ class StepView:
 # ---------------------------------------------------------------------------------------------
 # Baselines
 # ---------------------------------------------------------------------------------------------
+#
+# The decision path is written for cost: a device runs it after every interaction, and it must
+# stay a small fraction of one scoring call. Every numpy call on a small array costs about a
+# microsecond, so the code keeps their number low (state the gates need is prepared when a
+# bundle arrives, not at every step) rather than splitting the arithmetic into tidy helpers.
 
 
 class Policy:
@@ -100,6 +106,7 @@ class Policy:
         self.min_interval = min_interval
         self.age = np.zeros(0, dtype=np.int64)  # (N,) decisions since the device's last request
         self.holds = np.zeros(0, dtype=bool)  # (N,) the device holds a bundle
+        self.all_hold = True  # every device holds one (the common case: skips a per-step check)
         self.rng = np.random.default_rng(0)
 
     def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
@@ -107,22 +114,43 @@ class Policy:
         self.rng = np.random.default_rng(seed)
         self.age = np.zeros(n_devices, dtype=np.int64)
         self.holds = np.full(n_devices, behaviour is not None)
+        self.all_hold = behaviour is not None
 
-    def want(self, view: StepView) -> np.ndarray:
-        """(n,) bool: would these devices request now, before the minimum interval is applied."""
+    def want(self, view: StepView, age: np.ndarray) -> np.ndarray:
+        """(n,) bool: would these devices request now (`age`: decisions since their last request,
+        this one included), before the minimum interval is applied."""
         raise NotImplementedError
 
+    def want_one(self, view: StepView, device: int, age: int) -> bool:
+        """`want` for a view of one device; gates override it with scalar code (see `decide`)."""
+        return bool(self.want(view, np.array([age]))[0])
+
     def decide(self, view: StepView) -> np.ndarray:
-        """(n,) bool: which of the view's devices request a bundle now."""
+        """(n,) bool: which of the view's devices request a bundle now.
+
+        A view of one device - what a real device decides every step - takes a scalar path: on
+        arrays this small, each numpy call costs more than the arithmetic it does.
+        """
         dev = view.devices
-        self.age[dev] += 1
-        request = self.want(view) & (self.age[dev] >= self.min_interval)
-        self.age[dev[request]] = 0
+        if len(dev) == 1:
+            i = int(dev[0])
+            age1 = int(self.age[i]) + 1
+            want = self.want_one(view, i, age1) and age1 >= self.min_interval
+            self.age[i] = 0 if want else age1
+            return np.array([want])
+        age = self.age[dev] + 1
+        request = self.want(view, age)
+        if self.min_interval > 1:
+            request &= age >= self.min_interval
+        age[request] = 0
+        self.age[dev] = age
         return request
 
     def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
         """Bundles requested at `behaviour` (m, d) are now active on `devices` (m,)."""
-        self.holds[devices] = True
+        if not self.all_hold:
+            self.holds[devices] = True
+            self.all_hold = bool(self.holds.all())
 
     def describe(self) -> dict:
         return {"name": self.name, "min_interval": self.min_interval}
@@ -131,14 +159,14 @@ class Policy:
 class Never(Policy):
     name = "never"
 
-    def want(self, view: StepView) -> np.ndarray:
+    def want(self, view: StepView, age: np.ndarray) -> np.ndarray:
         return np.zeros(len(view), dtype=bool)
 
 
 class Always(Policy):
     name = "always"
 
-    def want(self, view: StepView) -> np.ndarray:
+    def want(self, view: StepView, age: np.ndarray) -> np.ndarray:
         return np.ones(len(view), dtype=bool)
 
 
@@ -160,8 +188,10 @@ class EveryK(Policy):
         if self.phase == "random":  # devices enrol at different times; their schedules are not aligned
             self.age = self.rng.integers(0, self.k, size=n_devices)
 
-    def want(self, view: StepView) -> np.ndarray:
-        return (self.age[view.devices] >= self.k) | ~self.holds[view.devices]
+    def want(self, view: StepView, age: np.ndarray) -> np.ndarray:
+        if self.all_hold:
+            return age >= self.k
+        return (age >= self.k) | ~self.holds[view.devices]
 
     def describe(self) -> dict:
         return {**super().describe(), "k": self.k, "phase": self.phase}
@@ -178,7 +208,7 @@ class RandomP(Policy):
             raise InvalidInput("p", f"must be in [0, 1], got {p}")
         self.p = p
 
-    def want(self, view: StepView) -> np.ndarray:
+    def want(self, view: StepView, age: np.ndarray) -> np.ndarray:
         return self.rng.random(len(view)) < self.p
 
     def describe(self) -> dict:
@@ -191,7 +221,7 @@ class RandomP(Policy):
 
 
 class Gate(Policy):
-    """A policy that requests when `score(view)` exceeds `threshold`.
+    """A policy that requests when `score(view, age)` exceeds `threshold`.
 
     A device holding no bundle scores +inf (anything beats the base model). Until a threshold is
     set (`threshold=` or calibration to `rate=`), `decide` refuses to run.
@@ -208,17 +238,30 @@ class Gate(Policy):
             raise InvalidInput("rate", f"must be in (0, 1], got {rate}")
         self.threshold = threshold
         self.target_rate = rate
-        self.last_score = np.zeros(0)  # (n,) scores of the latest decision
+        self.last_score = np.zeros(0)  # (n,) scores of the latest decision, kept for calibration
 
-    def score(self, view: StepView) -> np.ndarray:
+    def score(self, view: StepView, age: np.ndarray) -> np.ndarray:
         """(n,) float: higher = the held bundle is more likely stale."""
         raise NotImplementedError
 
-    def want(self, view: StepView) -> np.ndarray:
+    def score_one(self, view: StepView, device: int, age: int) -> float:
+        """`score` for a view of one device (row `device`); gates override it with scalar code."""
+        return float(self.score(view, np.array([age]))[0])
+
+    def want(self, view: StepView, age: np.ndarray) -> np.ndarray:
         if self.threshold is None:
             raise InvalidInput("threshold", f"{self.name}: not calibrated; give threshold= or calibrate to rate=")
-        s = self.score(view)
-        self.last_score = s = np.where(self.holds[view.devices], s, np.inf)  # kept for calibration
+        s = self.score(view, age)
+        if not self.all_hold:
+            s = np.where(self.holds[view.devices], s, np.inf)
+        self.last_score = s
+        return s > self.threshold
+
+    def want_one(self, view: StepView, device: int, age: int) -> bool:
+        if self.threshold is None:
+            raise InvalidInput("threshold", f"{self.name}: not calibrated; give threshold= or calibrate to rate=")
+        s = self.score_one(view, device, age) if self.all_hold or self.holds[device] else math.inf
+        self.last_score = np.array([s])
         return s > self.threshold
 
     def describe(self) -> dict:
@@ -226,7 +269,8 @@ class Gate(Policy):
 
 
 class DriftGate(Gate):
-    """Distance between the behaviour embedding now and the one the held bundle was generated at."""
+    """Distance between the behaviour embedding now and the one the held bundle was generated at
+    (`cosine`: 1 - cosine similarity; `l2`: Euclidean distance)."""
 
     name = "drift"
     params = {**Gate.params, "metric": str}
@@ -237,47 +281,63 @@ class DriftGate(Gate):
         if metric not in ("cosine", "l2"):
             raise InvalidInput("metric", f"must be 'cosine' or 'l2', got {metric!r}")
         self.metric = metric
-        self.ref = np.zeros((0, 0), dtype=np.float32)  # (N, d) behaviour at the held bundle
+        self.ref = np.zeros((0, 0), dtype=np.float32)  # (N, d) behaviour at the held bundle (unit length for cosine)
+
+    def _reference(self, behaviour: np.ndarray) -> np.ndarray:
+        ref = np.asarray(behaviour, dtype=np.float32)
+        if self.metric == "cosine":
+            ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
+        return ref
 
     def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
         super().start(n_devices, seed, behaviour)
-        self.ref = np.zeros((n_devices, 0), dtype=np.float32) if behaviour is None else \
-            np.array(behaviour, dtype=np.float32)
+        self.ref = np.zeros((n_devices, 0), np.float32) if behaviour is None else self._reference(behaviour)
 
     def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
         super().applied(devices, behaviour)
         if self.ref.shape[1] == 0:  # first bundle of a fleet that started without any
             self.ref = np.zeros((len(self.holds), behaviour.shape[1]), dtype=np.float32)
-        self.ref[devices] = behaviour
+        self.ref[devices] = self._reference(behaviour)
 
-    def score(self, view: StepView) -> np.ndarray:
+    def score(self, view: StepView, age: np.ndarray) -> np.ndarray:
         if self.ref.shape[1] == 0:
             return np.full(len(view), np.inf)
-        ref = self.ref[view.devices]  # (n, d)
-        b = view.behaviour
+        b, ref = view.behaviour, self.ref[view.devices]  # (n, d) each
         if self.metric == "l2":
-            return np.sqrt(((b - ref) ** 2).sum(-1))
-        dot = (b * ref).sum(-1)
-        norms = np.sqrt((b * b).sum(-1) * (ref * ref).sum(-1))
-        return 1.0 - dot / np.maximum(norms, 1e-12)
+            diff = b - ref
+            return np.sqrt(np.einsum("nd,nd->n", diff, diff))
+        both = np.einsum("nd,nkd->nk", b, np.stack([b, ref], axis=1))  # (n, 2): |b|^2 and b . ref_unit
+        return 1.0 - both[:, 1] / np.sqrt(np.maximum(both[:, 0], 1e-24))
+
+    def score_one(self, view: StepView, device: int, age: int) -> float:
+        if self.ref.shape[1] == 0:
+            return math.inf
+        b, ref = view.behaviour[0], self.ref[device]
+        if self.metric == "l2":
+            diff = b - ref
+            return math.sqrt(float(diff @ diff))
+        return 1.0 - float(b @ ref) / math.sqrt(max(float(b @ b), 1e-24))
 
     def describe(self) -> dict:
         return {**super().describe(), "metric": self.metric}
 
 
-def candidate_loss(scores: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    """(n,) cross-entropy of the observed column among the candidates; NaN where observed is -1."""
-    top = scores.max(axis=1, keepdims=True)  # (n, 1) for a stable log-sum-exp
-    lse = top[:, 0] + np.log(np.exp(scores - top).sum(axis=1))
-    took = np.take_along_axis(scores, np.maximum(observed, 0)[:, None], axis=1)[:, 0]
-    return np.where(observed >= 0, lse - took, np.nan)
+def observed_loss(scores: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """(n,) ranking loss of the observed column: 1 - NDCG of its rank among the candidates (0 when
+    ranked first, towards 1 when ranked last; ties count against it). NaN where observed is -1."""
+    took = scores[np.arange(len(observed)), observed]  # (n,); -1 picks a real column, masked below
+    rank = (scores >= took[:, None]).sum(axis=1) - 1  # candidates scored at least as high, itself excluded
+    loss = 1.0 - 1.0 / np.log2(rank + 2.0)
+    return np.where(observed >= 0, loss, np.nan)
 
 
 class LossGate(Gate):
     """Running mean of the device model's loss on what its users took, since the held bundle arrived.
 
-    The mean is bias-corrected (an exponential average restarted at every bundle), so a bundle
-    that fits badly shows up after one or two steps rather than being diluted by older ones.
+    The loss is 1 - NDCG of the taken item's rank among the scored candidates. The mean is an
+    exponential average restarted at every bundle and bias-corrected (sum / total weight), so a
+    bundle that fits badly shows up after a step or two rather than being diluted by older ones.
+    Steps where the taken item was not among the candidates (observed = -1) leave it unchanged.
     """
 
     name = "loss"
@@ -289,27 +349,44 @@ class LossGate(Gate):
         if not 0.0 <= decay < 1.0:
             raise InvalidInput("decay", f"must be in [0, 1), got {decay}")
         self.decay = decay
-        self.avg = np.zeros(0)
-        self.weight = np.zeros(0)  # (N,) sum of the averaging weights so far, for the bias correction
+        self.acc = np.zeros((0, 2))  # (N, 2): decayed sum of losses, decayed sum of weights
+        self.gain = np.zeros(0)  # 1 - NDCG by rank, looked up instead of computed per step
 
     def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
         super().start(n_devices, seed, behaviour)
-        self.avg, self.weight = np.zeros(n_devices), np.zeros(n_devices)
+        self.acc = np.zeros((n_devices, 2))
+        self.gain = np.zeros(0)
 
     def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
         super().applied(devices, behaviour)
-        self.avg[devices] = 0.0
-        self.weight[devices] = 0.0
+        self.acc[devices] = 0.0
 
-    def score(self, view: StepView) -> np.ndarray:
-        dev = view.devices
-        loss = candidate_loss(view.scores, view.observed)
-        seen = ~np.isnan(loss)
-        d = self.decay
-        self.avg[dev[seen]] = d * self.avg[dev[seen]] + (1 - d) * loss[seen]
-        self.weight[dev[seen]] = d * self.weight[dev[seen]] + (1 - d)
-        w = self.weight[dev]
-        return np.where(w > 0, self.avg[dev] / np.maximum(w, 1e-12), 0.0)
+    def score(self, view: StepView, age: np.ndarray) -> np.ndarray:
+        scores, observed = view.scores, view.observed
+        if len(self.gain) != scores.shape[1]:
+            self.gain = 1.0 - 1.0 / np.log2(np.arange(scores.shape[1]) + 2.0)
+        took = scores[np.arange(len(observed)), observed]  # (n,)
+        rank = (scores >= took[:, None]).sum(axis=1) - 1  # (n,)
+        step = np.empty((len(observed), 2))
+        step[:, 0] = self.gain.take(rank)
+        step[:, 1] = 1.0
+        held = self.acc[view.devices]  # (n, 2)
+        acc = held * self.decay + step * (1.0 - self.decay)
+        if observed.min() < 0:  # the taken item was not a candidate: that device learns nothing
+            acc[observed < 0] = held[observed < 0]
+        self.acc[view.devices] = acc
+        return acc[:, 0] / np.maximum(acc[:, 1], 1e-12)
+
+    def score_one(self, view: StepView, device: int, age: int) -> float:
+        scores, taken = view.scores[0], int(view.observed[0])
+        if len(self.gain) != len(scores):
+            self.gain = 1.0 - 1.0 / np.log2(np.arange(len(scores)) + 2.0)
+        acc = self.acc[device]  # a view: updated in place
+        if taken >= 0:
+            rank = int(np.count_nonzero(scores >= scores[taken])) - 1
+            acc[0] = self.decay * acc[0] + (1.0 - self.decay) * self.gain[rank]
+            acc[1] = self.decay * acc[1] + (1.0 - self.decay)
+        return float(acc[0] / acc[1]) if acc[1] > 0 else 0.0
 
     def describe(self) -> dict:
         return {**super().describe(), "decay": self.decay}
@@ -320,20 +397,20 @@ class LossGate(Gate):
 # ---------------------------------------------------------------------------------------------
 
 
-def mapper_features(behaviour: np.ndarray, ref: np.ndarray, age: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """What the distribution mapper reads: mean features (n, 2d + 1) and variance features (n, 3).
+def mapper_features(behaviour: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the distribution mapper reads: mean features x (n, 2d + 1) and variance features z (n, 2).
 
     Mean: the behaviour change since the held bundle, the behaviour itself, a constant. Variance:
-    log squared size of that change, log(1 + steps since the bundle), a constant.
+    the log squared size of that change, a constant.
     """
     diff = behaviour - ref  # (n, d)
     ones = np.ones((len(behaviour), 1), dtype=np.float32)
     x = np.concatenate([diff, behaviour, ones], axis=1)  # (n, 2d + 1)
-    z = np.stack([np.log((diff * diff).sum(1) + 1e-6), np.log1p(age.astype(np.float64)),
-                  np.ones(len(behaviour))], axis=1).astype(np.float32)  # (n, 3)
-    return x.astype(np.float32), z
+    z = np.stack([np.log((diff * diff).sum(1) + _EPS), np.ones(len(behaviour))], axis=1)  # (n, 2)
+    return x.astype(np.float32), z.astype(np.float32)
 
 
+_EPS = 1e-6  # keeps log |change|^2 finite right after a bundle (change = 0)
 # E[log chi^2_1]: the mean of log(r^2) for r ~ N(0, 1); fitting log-variance to log squared
 # residuals is biased down by this much.
 _LOG_CHI2_MEAN = -1.2703628454614782
@@ -341,18 +418,25 @@ _LOG_CHI2_MEAN = -1.2703628454614782
 
 @dataclass
 class GaussianMapper:
-    """Behaviour -> N(mean, diag(exp(log_var))) over the change a fresh bundle makes to the user state."""
+    """Behaviour -> N(mean, diag(exp(log_var))) over the change a fresh bundle makes to the user state.
+
+    mean = x @ w_mean, log_var = z @ w_log_var with x, z from `mapper_features`.
+    """
 
     w_mean: np.ndarray  # (2d + 1, d)
-    w_log_var: np.ndarray  # (3, d)
+    w_log_var: np.ndarray  # (2, d)
     meta: dict = field(default_factory=dict)
+
+    @property
+    def hidden(self) -> int:
+        return self.w_mean.shape[1]
 
     def __call__(self, x: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return x @ self.w_mean, z @ self.w_log_var  # (n, d) each
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        np.savez(path, w_mean=self.w_mean, w_log_var=self.w_log_var, meta=np.array(repr(self.meta)))
+        np.savez(path, w_mean=self.w_mean, w_log_var=self.w_log_var)
         return path
 
     @classmethod
@@ -361,41 +445,41 @@ class GaussianMapper:
             return cls(f["w_mean"].astype(np.float32), f["w_log_var"].astype(np.float32))
 
 
-def fit_gaussian_mapper(behaviour: np.ndarray, ref: np.ndarray, age: np.ndarray, delta: np.ndarray,
+def fit_gaussian_mapper(behaviour: np.ndarray, ref: np.ndarray, delta: np.ndarray,
                         ridge: float = 1.0) -> GaussianMapper:
     """Fit the mapper on examples from validation devices, in closed form.
 
-    behaviour, ref (n, d): behaviour now and at the held bundle; age (n,): steps since it;
-    delta (n, d): how much a bundle generated now would change the user state (fresh - held).
-    The mean is a ridge regression; the log-variance regresses log squared residuals on the
-    variance features (heteroscedastic least squares), corrected for the log-chi-square bias.
+    behaviour, ref (n, d): behaviour now and at the held bundle; delta (n, d): how much a bundle
+    generated now would change the user state (fresh - held). The mean is a ridge regression;
+    the log-variance regresses log squared residuals on the variance features (heteroscedastic
+    least squares), corrected for the log-chi-square bias.
     """
-    x, z = mapper_features(behaviour, ref, age)
+    x, z = mapper_features(behaviour, ref)
     x64, z64, y = x.astype(np.float64), z.astype(np.float64), delta.astype(np.float64)
     gram = x64.T @ x64 + ridge * np.eye(x64.shape[1])
     w_mean = np.linalg.solve(gram, x64.T @ y)  # (2d + 1, d)
     resid = y - x64 @ w_mean
     target = np.log(resid * resid + 1e-10) - _LOG_CHI2_MEAN  # (n, d)
-    w_log_var = np.linalg.lstsq(z64, target, rcond=None)[0]  # (3, d)
+    w_log_var = np.linalg.lstsq(z64, target, rcond=None)[0]  # (2, d)
     explained = 1.0 - float((resid**2).sum() / max(((y - y.mean(0)) ** 2).sum(), 1e-12))
     return GaussianMapper(w_mean.astype(np.float32), w_log_var.astype(np.float32),
                           {"examples": len(y), "r2_mean": explained, "ridge": ridge})
 
 
-def _softmax(s: np.ndarray) -> np.ndarray:
-    e = np.exp(s - s.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 class IdealGate(Gate):
     """Expected disagreement between the current scores and scores under sampled fresh user states.
 
-    The mapper turns (behaviour now, behaviour at the held bundle, steps since) into a Gaussian over
-    the change a fresh bundle would make to the user state; `samples` draws re-score the last
-    candidates (user state + change, dotted with their embeddings), and the score is the mean total
-    variation distance between the softmax over candidates now and under each draw: the chance
-    mass that would move if the device asked now. Needs the item embedding table the scores are
-    dot products with (`item_embeddings(package)` reads it from a device package).
+    The mapper turns (behaviour now, behaviour at the held bundle) into a Gaussian over the change
+    a fresh bundle would make to the user state; `samples` draws re-score the last candidates
+    (user state + change, dotted with their embeddings), and the score is the mean total
+    variation distance between the softmax over candidates now and under each draw: the share of
+    the recommendation mass that would move if the device asked now. Needs the item embedding
+    table the scores are dot products with (`item_embeddings(package)` reads it from a package).
+
+    For speed the mapper is applied in a factored form: with x = [b - ref, b, 1],
+    mean = b @ (W_diff + W_b) - (ref @ W_diff - w_1), where the bracket is fixed while a bundle is
+    held and computed when it arrives; and with z = [log(|b - ref|^2 + eps), 1],
+    sd = exp(log_var / 2) = exp(w_1 / 2) * (|b - ref|^2 + eps) ** (w_0 / 2).
     """
 
     name = "ideal"
@@ -407,31 +491,66 @@ class IdealGate(Gate):
         if samples < 1:
             raise InvalidInput("samples", f"must be >= 1, got {samples}")
         d = item_emb.shape[1]
-        if mapper.w_mean.shape != (2 * d + 1, d):
-            raise InvalidInput("mapper", f"expects hidden size {mapper.w_mean.shape[1]}, items have {d}")
+        if mapper.w_mean.shape != (2 * d + 1, d) or mapper.w_log_var.shape != (2, d):
+            raise InvalidInput("mapper", f"expects hidden size {mapper.hidden}, items have {d}")
         self.mapper, self.samples = mapper, samples
         self.item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)  # (n_items + 1, d)
-        self.ref = np.zeros((0, d), dtype=np.float32)
+        self.item_emb_t = np.ascontiguousarray(self.item_emb.T)  # (d, n_items + 1) for one device's scores
+        w = mapper.w_mean.astype(np.float32)
+        self.w_diff, self.w_b = w[:d], w[:d] + w[d:2 * d]  # (d, d) each
+        self.w_const = w[2 * d]  # (d,)
+        self.sd_exp = (0.5 * mapper.w_log_var[0]).astype(np.float32)  # (d,)
+        self.sd_scale = np.exp(0.5 * mapper.w_log_var[1]).astype(np.float32)  # (d,)
+        self.ref = np.zeros((0, d), np.float32)  # (N, d) behaviour at the held bundle
+        self.ref_term = np.zeros((0, d), np.float32)  # (N, d) ref @ W_diff - w_1
+        self.draws = np.zeros((0, samples, d), np.float32)  # (N, S, d) standard normals
 
     def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
         super().start(n_devices, seed, behaviour)
         d = self.item_emb.shape[1]
-        self.ref = np.zeros((n_devices, d), np.float32) if behaviour is None else np.array(behaviour, np.float32)
+        self.ref = np.zeros((n_devices, d), np.float32)
+        self.ref_term = np.zeros((n_devices, d), np.float32)
+        self.draws = self.rng.standard_normal((n_devices, self.samples, d), dtype=np.float32)
+        if behaviour is not None:
+            self._set_ref(np.arange(n_devices), behaviour)
+
+    def _set_ref(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
+        ref = np.asarray(behaviour, dtype=np.float32)
+        self.ref[devices] = ref
+        self.ref_term[devices] = ref @ self.w_diff - self.w_const
 
     def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
         super().applied(devices, behaviour)
-        self.ref[devices] = behaviour
+        self._set_ref(devices, behaviour)
+        # Fresh draws per bundle: within one bundle's life the gate compares like with like
+        # (common random numbers), and no normals are drawn on the per-step path.
+        self.draws[devices] = self.rng.standard_normal((len(devices), *self.draws.shape[1:]), dtype=np.float32)
 
-    def score(self, view: StepView) -> np.ndarray:
-        n, S = len(view), self.samples
-        x, z = mapper_features(view.behaviour, self.ref[view.devices], self.age[view.devices])
-        mean, log_var = self.mapper(x, z)  # (n, d) each
-        eps = self.rng.standard_normal((n, S, mean.shape[1]), dtype=np.float32)
-        change = mean[:, None, :] + np.exp(0.5 * np.clip(log_var, -30, 30))[:, None, :] * eps  # (n, S, d)
-        emb = self.item_emb[view.candidates]  # (n, C, d)
-        sampled = view.scores[:, None, :] + change @ emb.transpose(0, 2, 1)  # (n, S, C)
-        p_now = _softmax(view.scores)[:, None, :]  # (n, 1, C)
-        return 0.5 * np.abs(_softmax(sampled) - p_now).sum(-1).mean(-1)  # (n,)
+    def score(self, view: StepView, age: np.ndarray) -> np.ndarray:
+        dev, b, s = view.devices, view.behaviour, view.scores
+        diff = b - self.ref[dev]  # (n, d)
+        mean = b @ self.w_b - self.ref_term[dev]  # (n, d)
+        sd = self.sd_scale * (np.einsum("nd,nd->n", diff, diff)[:, None] + _EPS) ** self.sd_exp  # (n, d)
+        change = mean[:, None, :] + sd[:, None, :] * self.draws[dev]  # (n, S, d)
+        emb = self.item_emb.take(view.candidates, axis=0)  # (n, C, d)
+        moved = change @ emb.transpose(0, 2, 1)  # (n, S, C): score change of each candidate per draw
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        p = (p / p.sum(axis=1, keepdims=True))[:, None, :]  # (n, 1, C) softmax now
+        q = p * np.exp(np.minimum(moved, 60.0))  # softmax(s + moved) up to its sum; the cap keeps float32 finite
+        q /= q.sum(axis=2, keepdims=True)  # (n, S, C)
+        return 0.5 * np.abs(q - p).sum(axis=2).mean(axis=1)  # (n,) mean total variation
+
+    def score_one(self, view: StepView, device: int, age: int) -> float:
+        b, s = view.behaviour[0], view.scores[0]
+        diff = b - self.ref[device]  # (d,)
+        mean = b @ self.w_b - self.ref_term[device]  # (d,)
+        sd = self.sd_scale * (float(diff @ diff) + _EPS) ** self.sd_exp  # (d,)
+        moved = (mean + sd * self.draws[device]) @ self.item_emb_t.take(view.candidates[0], axis=1)  # (S, C)
+        p = np.exp(s - s.max())
+        p /= p.sum()  # (C,)
+        q = p * np.exp(np.minimum(moved, 60.0))
+        q /= q.sum(axis=1, keepdims=True)  # (S, C)
+        return 0.5 * float(np.abs(q - p).sum()) / self.samples
 
     def describe(self) -> dict:
         return {**super().describe(), "samples": self.samples, "mapper": self.mapper.meta}

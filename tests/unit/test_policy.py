@@ -18,9 +18,9 @@ from device.policy import (
     StepView,
     build_policy,
     calibrate_threshold,
-    candidate_loss,
     fit_gaussian_mapper,
     mapper_features,
+    observed_loss,
     parse_policy,
 )
 
@@ -138,13 +138,13 @@ def test_drift_measures_change_since_the_bundle_and_resets_when_one_arrives():
     g.start(2, 0, ref)
     now = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32)  # device 0 unchanged, device 1 orthogonal
     v = view(2, behaviour=now)
-    assert g.score(v) == pytest.approx([0.0, 1.0])
+    assert g.score(v, np.ones(2, np.int64)) == pytest.approx([0.0, 1.0])
     assert g.decide(v).tolist() == [False, True]
     g.applied(np.array([1]), now[1:])
-    assert g.score(view(2, behaviour=now)) == pytest.approx([0.0, 0.0])
+    assert g.score(view(2, behaviour=now), np.ones(2, np.int64)) == pytest.approx([0.0, 0.0])
     l2 = DriftGate(threshold=1.0, metric="l2")
     l2.start(2, 0, ref)
-    assert l2.score(v) == pytest.approx([0.0, np.sqrt(2.0)])
+    assert l2.score(v, np.ones(2, np.int64)) == pytest.approx([0.0, np.sqrt(2.0)])
 
 
 def test_gates_request_at_once_for_devices_holding_no_bundle():
@@ -155,32 +155,35 @@ def test_gates_request_at_once_for_devices_holding_no_bundle():
     assert not g.decide(view(3)).any()
 
 
-def test_candidate_loss_is_cross_entropy_of_the_observed_candidate():
-    scores = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
-    loss = candidate_loss(scores, np.array([1, -1]))
-    expected = -np.log(np.exp(0.0) / np.exp(scores[0]).sum())
-    assert loss[0] == pytest.approx(expected)
-    assert np.isnan(loss[1])
+def test_observed_loss_is_one_minus_ndcg_of_the_taken_items_rank():
+    scores = np.array([[2.0, 0.0, -1.0, 5.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    loss = observed_loss(scores, np.array([1, 0, -1]))
+    assert loss[0] == pytest.approx(1 - 1 / np.log2(2 + 2))  # two candidates score higher
+    assert loss[1] == pytest.approx(1 - 1 / np.log2(2 + 3))  # ties count against it: rank 3
+    assert np.isnan(loss[2])
+    assert observed_loss(np.array([[9.0, 1.0]]), np.array([0]))[0] == 0.0
 
 
 def test_loss_gate_tracks_recent_loss_and_restarts_with_a_bundle():
-    g = LossGate(threshold=1.0, decay=0.5)
+    g = LossGate(threshold=0.5, decay=0.5)
     g.start(1, 0, np.ones((1, D_HIDDEN)))
     good = np.array([[10.0, 0, 0, 0, 0]])  # the observed candidate (column 0) is ranked first
-    bad = np.array([[-10.0, 0, 0, 0, 0]])
-    s_good = g.score(view(1, scores=good))[0]
-    assert s_good == pytest.approx(candidate_loss(good, np.array([0]))[0], rel=1e-2)  # bias-corrected: one value
-    s_bad = g.score(view(1, scores=bad))[0]
-    assert s_bad > 5.0 > s_good
+    bad = np.array([[-10.0, 0, 0, 0, 0]])  # ... ranked last
+    age = np.ones(1, np.int64)
+    assert g.score(view(1, scores=good), age)[0] == 0.0  # bias-corrected: the one loss seen so far
+    s_bad = g.score(view(1, scores=bad), age)[0]
+    assert s_bad == pytest.approx(0.5 * (1 - 1 / np.log2(6)) / 0.75)  # (0.5 * 0 + 0.5 * bad) / (1 - 0.25)
+    g.score(view(1, scores=bad, observed=np.array([-1])), age)  # nothing observed: no update
+    assert g.score(view(1, scores=bad), age)[0] > s_bad
     g.applied(np.array([0]), np.ones((1, D_HIDDEN)))
-    assert g.score(view(1, scores=good))[0] == pytest.approx(s_good, rel=1e-6)  # the bad step was forgotten
+    assert g.score(view(1, scores=good), age)[0] == 0.0  # the bad steps were forgotten
 
 
 def _mapper(mean_scale: float, log_var: float) -> GaussianMapper:
     w_mean = np.zeros((2 * D_HIDDEN + 1, D_HIDDEN), np.float32)
     w_mean[:D_HIDDEN] = mean_scale * np.eye(D_HIDDEN)  # mean change = scale * (behaviour - ref)
-    w_log_var = np.zeros((3, D_HIDDEN), np.float32)
-    w_log_var[2] = log_var  # constant variance
+    w_log_var = np.zeros((2, D_HIDDEN), np.float32)
+    w_log_var[1] = log_var  # constant variance
     return GaussianMapper(w_mean, w_log_var)
 
 
@@ -192,7 +195,7 @@ def test_ideal_gate_grows_with_predicted_change_and_uncertainty():
     def score(mapper, behaviour):
         g = IdealGate(mapper, emb, threshold=0.1, samples=64)
         g.start(1, 0, ref)
-        return g.score(view(1, behaviour=behaviour, scores=scores))[0]
+        return g.score(view(1, behaviour=behaviour, scores=scores), np.ones(1, np.int64))[0]
 
     still = np.zeros((1, D_HIDDEN), np.float32)
     moved = np.full((1, D_HIDDEN), 2.0, np.float32)
@@ -203,7 +206,10 @@ def test_ideal_gate_grows_with_predicted_change_and_uncertainty():
     g1.start(1, 7, ref)
     g2.start(1, 7, ref)
     v = view(1, behaviour=still, scores=scores)
-    assert g1.score(v) == g2.score(v)  # seeded sampling
+    assert g1.score(v, np.ones(1, np.int64)) == g2.score(v, np.ones(1, np.int64))  # seeded sampling
+    before = g1.draws.copy()
+    g1.applied(np.array([0]), still)
+    assert not np.array_equal(before, g1.draws)  # a new bundle, new draws
 
 
 def test_ideal_gate_rejects_a_mapper_of_another_width():
@@ -216,17 +222,39 @@ def test_fit_gaussian_mapper_recovers_mean_and_heteroscedastic_variance():
     n, d = 20000, D_HIDDEN
     ref = rng.normal(size=(n, d)).astype(np.float32)
     behaviour = (ref + rng.normal(size=(n, d)) * rng.uniform(0.1, 2.0, size=(n, 1))).astype(np.float32)
-    age = rng.integers(1, 50, size=n)
     diff = behaviour - ref
     true_sd = 0.05 * np.sqrt((diff * diff).sum(1, keepdims=True))  # noise grows with the change
     delta = 0.5 * diff + true_sd * rng.normal(size=(n, d))
-    mapper = fit_gaussian_mapper(behaviour, ref, age, delta, ridge=1e-3)
-    x, z = mapper_features(behaviour, ref, age)
+    mapper = fit_gaussian_mapper(behaviour, ref, delta, ridge=1e-3)
+    x, z = mapper_features(behaviour, ref)
     mean, log_var = mapper(x, z)
     assert np.abs(mean - 0.5 * diff).max() < 0.05 * np.abs(diff).max()
-    assert np.corrcoef(log_var[:, 0], np.log(true_sd[:, 0] ** 2))[0, 1] > 0.95
-    assert np.median(np.abs(log_var[:, 0] - np.log(true_sd[:, 0] ** 2))) < 0.3
+    assert np.median(np.abs(log_var[:, 0] - np.log(true_sd[:, 0] ** 2))) < 0.2
     assert mapper.meta["r2_mean"] > 0.9
+
+
+def test_ideal_gate_fast_path_applies_the_mapper_exactly():
+    rng = np.random.default_rng(2)
+    n, d = 6, D_HIDDEN
+    mapper = GaussianMapper(rng.normal(size=(2 * d + 1, d)).astype(np.float32),
+                            rng.normal(size=(2, d)).astype(np.float32) * 0.3)
+    emb = rng.normal(size=(7, d)).astype(np.float32)
+    ref, b = rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
+    g = IdealGate(mapper, emb, threshold=0.0, samples=3)
+    g.start(n, 0, ref)
+    g.draws[:] = 0.0  # zero draws: every sample is the mean
+    v = view(n, behaviour=b, scores=rng.normal(size=(n, 5)))
+    x, z = mapper_features(b, ref)
+    mean, _ = mapper(x, z)
+    moved = np.einsum("nd,ncd->nc", mean, emb[v.candidates])
+    p = np.exp(v.scores) / np.exp(v.scores).sum(1, keepdims=True)
+    q = np.exp(v.scores + moved) / np.exp(v.scores + moved).sum(1, keepdims=True)
+    np.testing.assert_allclose(g.score(v, np.ones(n, np.int64)), 0.5 * np.abs(q - p).sum(1), rtol=1e-4, atol=1e-6)
+    g.draws[:] = 1.0  # unit draws: mean + sd
+    _, log_var = mapper(x, z)
+    moved = np.einsum("nd,ncd->nc", mean + np.exp(0.5 * log_var), emb[v.candidates])
+    q = np.exp(v.scores + moved) / np.exp(v.scores + moved).sum(1, keepdims=True)
+    np.testing.assert_allclose(g.score(v, np.ones(n, np.int64)), 0.5 * np.abs(q - p).sum(1), rtol=1e-3, atol=1e-5)
 
 
 def test_mapper_save_and_load(tmp_path):
@@ -266,3 +294,38 @@ def test_single_device_view():
     g = DriftGate(threshold=0.5)
     g.start(1, 0, np.ones((1, 4)))
     assert g.decide(v).tolist() == [False]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: EveryK(3),
+    lambda: RandomP(0.3),
+    lambda: Always(min_interval=2),
+    lambda: DriftGate(threshold=0.3),
+    lambda: DriftGate(threshold=1.5, metric="l2", min_interval=2),
+    lambda: LossGate(threshold=0.4),
+    lambda: IdealGate(_mapper(0.5, -2.0), np.random.default_rng(5).normal(size=(9, D_HIDDEN)).astype(np.float32),
+                      threshold=0.05, samples=4),
+], ids=["every-k", "random-p", "always", "drift", "drift-l2", "loss", "ideal"])
+def test_one_device_at_a_time_decides_as_the_fleet_does(make):
+    """The scalar path for a single device (what a phone runs) agrees with the vectorised one."""
+    rng = np.random.default_rng(0)
+    n, steps = 5, 40
+    fleet, single = make(), make()
+    start = rng.normal(size=(n, D_HIDDEN)).astype(np.float32)
+    fleet.start(n, 3, start)
+    single.start(n, 3, start)
+    for _ in range(steps):
+        b = rng.normal(size=(n, D_HIDDEN)).astype(np.float32)
+        v = StepView(np.arange(n), b, b, rng.normal(size=(n, 5)).astype(np.float32),
+                     rng.integers(1, 9, size=(n, 5)), rng.integers(-1, 5, size=n))
+        together = fleet.decide(v)
+        alone = []
+        for i in range(n):
+            one = StepView(np.array([i]), v.behaviour[i:i + 1], v.user_state[i:i + 1], v.scores[i:i + 1],
+                           v.candidates[i:i + 1], v.observed[i:i + 1])
+            alone.append(single.decide(one)[0])
+            if hasattr(single, "last_score"):
+                assert single.last_score[0] == pytest.approx(fleet.last_score[i], rel=1e-4, abs=1e-6)
+        assert together.tolist() == alone
+        fleet.applied(np.flatnonzero(together), b[together])
+        single.applied(np.flatnonzero(together), b[together])

@@ -149,16 +149,14 @@ class Simulation:
         rows = held[steps]
         enrolled = rows <= tl.n_devices  # enrolment bundle (or base) rather than a requested one
         req_step = np.where(enrolled, -1, rows - 1 - tl.n_devices)
-        j = tl.step_index()[steps]
         ref = np.where(enrolled[:, None], cache.enrol_behaviour[tl.device[steps]],
                        cache.behaviour[np.maximum(req_step, 0)])
-        age = np.where(enrolled, j + 1, steps - req_step)
         b = cache.behaviour[steps]
         assert cache.table is not None
         dummy = np.zeros((len(steps), 1), dtype=np.int64)
         user_held, _ = self.scorer(b, cache.table.gather(rows), dummy)
         user_fresh, _ = self.scorer(b, cache.table.gather(cache.fresh_row(steps, tl.n_devices)), dummy)
-        mapper = fit_gaussian_mapper(b, ref, age, user_fresh - user_held)
+        mapper = fit_gaussian_mapper(b, ref, user_fresh - user_held)
         mapper.meta["fitted_on"] = f"validation devices under random-p:{rate:g}"
         log.info("ideal mapper: %d examples, mean R^2 %.3f", mapper.meta["examples"], mapper.meta["r2_mean"])
         return mapper
