@@ -14,7 +14,8 @@ from common.bundle import DeltaBundle
 from common.errors import InvalidInput
 
 
-def check_window(window: Sequence[int] | np.ndarray, n_items: int, max_window: int, field: str = "window") -> np.ndarray:
+def check_window(window: Sequence[int] | np.ndarray, n_items: int, max_window: int,
+                 field: str = "window") -> np.ndarray:
     """Validate one behaviour window: 1-D int ids in [1, n_items], at most `max_window` long."""
     arr = np.asarray(window)
     if arr.ndim != 1:

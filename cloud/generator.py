@@ -13,12 +13,14 @@ Shapes: B = devices in a batch, N = window length, g = generator width, r = rank
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from cloud.model import Adapters, Masks
+
+KEEP_RATIOS = (0.25, 0.5, 0.75)  # subnet sizes trained for and reported
 
 
 @dataclass
@@ -28,11 +30,14 @@ class GeneratorConfig:
     unit_groups: dict[str, int]  # group -> n_units, from DeviceModel.unit_groups()
     window: int = 50
     width: int = 128
+    # Item embeddings: a frozen copy of the device model's table (dimension `item_dim`) projected to
+    # `width`. The generator then learns only how to read a window, not what items are, which is
+    # what keeps it from overfitting the few sequences per user that training has.
+    item_dim: int = 64
     n_layers: int = 2
     n_heads: int = 2
     rank: int = 4
     dropout: float = 0.2
-    keep_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
 
     def __post_init__(self) -> None:  # JSON round trips turn tuples into lists
         self.slot_shapes = {k: tuple(v) for k, v in self.slot_shapes.items()}  # type: ignore[misc]
@@ -65,8 +70,11 @@ class Generator(nn.Module):
         super().__init__()
         self.cfg = cfg
         g = cfg.width
-        self.item_emb = nn.Embedding(cfg.n_items + 1, g, padding_idx=0)
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.item_dim, padding_idx=0)
+        self.item_emb.weight.requires_grad_(False)
+        self.in_proj = nn.Linear(cfg.item_dim, g)
         self.pos_emb = nn.Embedding(cfg.window, g)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(
             g, cfg.n_heads, dim_feedforward=2 * g, dropout=cfg.dropout, activation="gelu",
             batch_first=True, norm_first=True,
@@ -86,7 +94,12 @@ class Generator(nn.Module):
         self.unit_heads = nn.ModuleDict(
             {group.replace(".", "_"): nn.Linear(2 * g, n) for group, n in cfg.unit_groups.items()}
         )
-        nn.init.normal_(self.item_emb.weight, std=g**-0.5)
+
+    @torch.no_grad()
+    def share_item_embeddings(self, table: torch.Tensor) -> None:
+        """Copy the device model's (n_items + 1, item_dim) item table in (it stays frozen)."""
+        assert table.shape == self.item_emb.weight.shape, (table.shape, self.item_emb.weight.shape)
+        self.item_emb.weight.copy_(table)
 
     def context(self, window: torch.Tensor) -> torch.Tensor:
         """(B, N) item ids, left-padded -> (B, 2g): last-position state and mean over the window."""
@@ -94,7 +107,7 @@ class Generator(nn.Module):
         assert N == self.cfg.window, f"window length {N} != {self.cfg.window}"
         pad = window == 0  # (B, N)
         pos = torch.arange(N, device=window.device)
-        x = self.item_emb(window) * math.sqrt(self.cfg.width) + self.pos_emb(pos)  # (B, N, g)
+        x = self.in_proj(self.item_emb(window)) + self.pos_emb(pos)  # (B, N, g)
         # A fully padded window (no history yet) would give NaN attention; let it see its last slot.
         pad = pad.clone()
         pad[:, -1] = False

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cloud.checkpoint import ModelBundle
-from cloud.generator import Generator, GeneratorConfig, window_batch
+from cloud.generator import KEEP_RATIOS, Generator, GeneratorConfig, window_batch
 from cloud.model import DeviceModel, DeviceModelConfig, left_pad
 from common.evaluation import LeaveOneOut
 from common.interactions import InteractionLog
@@ -47,10 +47,17 @@ class TrainConfig:
     valid_users: int = 0  # 0 = all; otherwise a fixed sample of validation users for early stopping
     # generator stage
     gen_epochs: int = 60
-    gen_lr: float = 1e-3
+    gen_lr: float = 1e-4  # the factor heads move the whole head at once; larger steps oscillate
+    gen_batch_size: int = 32
     gen_patience: int = 5
     horizon: int = 4  # next items after the cut that a generated delta is trained on
+    # Last training items per user kept from stage 1 and used only as stage-2 targets: the generator
+    # then learns on transitions the frozen device model never fitted, as it will be used online.
+    gen_holdout: int = 0
     slim_prob: float = 0.5  # share of generator batches trained under a random keep-ratio mask
+    # Share of stage-1 batches run under random unit masks (structured dropout), so the frozen device
+    # model already tolerates the subnets the generator will pick (DIET trains its subnets jointly).
+    slim_train_prob: float = 0.25
     joint: bool = False  # also fine-tune the device model in stage 2 (not DUET's default)
     progress: bool = True
 
@@ -111,6 +118,8 @@ class Trainer:
         self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
         self.split = LeaveOneOut.of(data, self.warm)
         self.train_seqs = [s for s in self.split.train_sequences() if len(s) >= 2]
+        h = cfg.gen_holdout
+        self.static_seqs = [s[: len(s) - h] for s in self.train_seqs if len(s) - h >= 2] if h else self.train_seqs
         self.valid_users = self.split.eval_users()
         if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
             rng = np.random.default_rng(cfg.seed)
@@ -121,14 +130,13 @@ class Trainer:
         self.history: dict[str, list] = {"static": [], "generator": []}
 
     # -- stage 1 ----------------------------------------------------------------------------------
-    def _batch_order(self) -> list[np.ndarray]:
+    def _batch_order(self, seqs: list[np.ndarray], bs: int) -> list[np.ndarray]:
         """Shuffled batches of similar-length sequences: a random permutation is cut into chunks of
         32 batches, each chunk is sorted by length, and batch order is shuffled again. Short
         sequences then pad to their own length instead of max_len (most of a sparse log's batch
         would otherwise be padding)."""
-        bs = self.cfg.batch_size
-        lengths = np.array([len(s) for s in self.train_seqs])
-        order = self.rng.permutation(len(self.train_seqs))
+        lengths = np.array([len(s) for s in seqs])
+        order = self.rng.permutation(len(seqs))
         chunk = 32 * bs
         batches = []
         for start in range(0, len(order), chunk):
@@ -139,8 +147,8 @@ class Trainer:
 
     def _static_batches(self):
         L = self.model_cfg.max_len
-        for idx in self._batch_order():
-            x = left_pad([self.train_seqs[i] for i in idx], L + 1, trim=True)  # (B, T+1)
+        for idx in self._batch_order(self.static_seqs, self.cfg.batch_size):
+            x = left_pad([self.static_seqs[i] for i in idx], L + 1, trim=True)  # (B, T+1)
             yield x[:, :-1], x[:, 1:]  # inputs, next items
 
     def train_static(self) -> DeviceModel:
@@ -148,7 +156,7 @@ class Trainer:
         model = DeviceModel(self.model_cfg).to(dev)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
         best, best_state, bad = -1.0, None, 0
-        n_batches = -(-len(self.train_seqs) // cfg.batch_size)
+        n_batches = -(-len(self.static_seqs) // cfg.batch_size)
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             t0, total = time.perf_counter(), 0.0
@@ -156,7 +164,8 @@ class Trainer:
                        disable=not cfg.progress, leave=False)
             for inp, tgt in bar:
                 inp, tgt = inp.to(dev), tgt.to(dev)
-                states = model.user_states(inp)  # (B, L, d)
+                masks = self._random_masks(model, len(inp)) if self.rng.random() < cfg.slim_train_prob else None
+                states = model.user_states(inp, None, masks)  # (B, L, d)
                 keep = tgt > 0
                 loss = _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items,
                                 self.torch_gen)
@@ -165,7 +174,7 @@ class Trainer:
                 opt.step()
                 total += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            ndcg = self._valid_ndcg(ModelBundle("train", model.eval()), "static")
+            ndcg = self._valid_ndcg(ModelBundle("train", model.eval()), ["static"])
             self.history["static"].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg,
                                            "seconds": time.perf_counter() - t0})
             log.info("static epoch %d loss %.4f valid ndcg@10 %.4f (%.1fs)", epoch, total / n_batches, ndcg,
@@ -180,15 +189,27 @@ class Trainer:
         model.load_state_dict(best_state)
         return model.eval()
 
+    def _random_masks(self, model: DeviceModel, batch: int) -> dict[str, torch.Tensor]:
+        """Per-sample random subnets at one keep ratio drawn from KEEP_RATIOS."""
+        ratio = float(self.rng.choice(KEEP_RATIOS))
+        masks = {}
+        for group, n in model.unit_groups().items():
+            scores = torch.rand(batch, n, generator=self.torch_gen)
+            top = scores.topk(max(1, round(ratio * n)), dim=-1).indices
+            masks[group] = torch.zeros(batch, n).scatter_(-1, top, 1.0).to(self.device)
+        return masks
+
     # -- stage 2 ----------------------------------------------------------------------------------
     def _generator_batches(self, window: int):
         """(window, device inputs, targets with only post-cut positions kept) per batch."""
         L, S = self.model_cfg.max_len, self.cfg.horizon
-        for idx in self._batch_order():
+        h = self.cfg.gen_holdout
+        for idx in self._batch_order(self.train_seqs, self.cfg.gen_batch_size):
             windows, inputs, targets = [], [], []
             for i in idx:
                 s = self.train_seqs[i]
-                cut = int(self.rng.integers(1, len(s)))  # the window is s[:cut]
+                low = max(1, len(s) - h) if h else 1  # with a holdout, only its items are targets
+                cut = int(self.rng.integers(low, len(s)))  # the window is s[:cut]
                 end = min(len(s), cut + S)
                 windows.append(s[:cut])
                 inputs.append(s[:end - 1])
@@ -200,17 +221,20 @@ class Trainer:
     def train_generator(self, model: DeviceModel) -> Generator:
         cfg, dev = self.cfg, self.device
         gcfg = GeneratorConfig(n_items=self.data.n_items, slot_shapes=model.slot_shapes(),
-                               unit_groups=model.unit_groups(), **self.gen_overrides)
+                               unit_groups=model.unit_groups(), item_dim=model.cfg.hidden, **self.gen_overrides)
         gen = Generator(gcfg).to(dev)
-        params = list(gen.parameters())
+        gen.share_item_embeddings(model.item_emb.weight)
+        params = [p for p in gen.parameters() if p.requires_grad]
         if cfg.joint:
             params += list(model.parameters())
         else:
             model.requires_grad_(False)
         opt = torch.optim.Adam(params, lr=cfg.gen_lr, betas=(0.9, 0.98))
-        base = self._valid_ndcg(ModelBundle("train", model, gen.eval()), "generated")
+        # Selection: the generator makes deltas and subnets, so it is judged on both when it learns both.
+        selection = ["generated"] + (["slimmed@0.5"] if cfg.slim_prob > 0 else [])
+        base = self._valid_ndcg(ModelBundle("train", model, gen.eval()), selection)
         best, best_state, bad = base, copy.deepcopy(gen.state_dict()), 0
-        n_batches = -(-len(self.train_seqs) // cfg.batch_size)
+        n_batches = -(-len(self.train_seqs) // cfg.gen_batch_size)
         for epoch in range(1, cfg.gen_epochs + 1):
             gen.train()
             model.train(cfg.joint)
@@ -222,7 +246,7 @@ class Trainer:
                 out = gen(win)
                 masks = None
                 if self.rng.random() < cfg.slim_prob:
-                    ratio = float(self.rng.choice(gcfg.keep_ratios))
+                    ratio = float(self.rng.choice(KEEP_RATIOS))
                     masks = out.masks(ratio, straight_through=True)
                 states = model.user_states(inp, out.adapters, masks)  # (B, L, d)
                 keep = tgt > 0
@@ -235,11 +259,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             gen.eval()
             model.eval()
-            ndcg = self._valid_ndcg(ModelBundle("train", model, gen), "generated")
+            ndcg = self._valid_ndcg(ModelBundle("train", model, gen), selection)
             self.history["generator"].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg,
                                               "seconds": time.perf_counter() - t0})
-            log.info("generator epoch %d loss %.4f valid ndcg@10 %.4f (static %.4f, %.1fs)", epoch,
-                     total / n_batches, ndcg, base, time.perf_counter() - t0)
+            log.info("generator epoch %d loss %.4f valid ndcg@10 (%s) %.4f (untrained %.4f, %.1fs)", epoch,
+                     total / n_batches, "+".join(selection), ndcg, base, time.perf_counter() - t0)
             if ndcg > best:
                 best, best_state, bad = ndcg, copy.deepcopy(gen.state_dict()), 0
             else:
@@ -250,9 +274,10 @@ class Trainer:
         model.requires_grad_(True)
         return gen.eval()
 
-    def _valid_ndcg(self, bundle: ModelBundle, variant: str) -> float:
-        per_user = self.evaluator(bundle, self.data, self.valid_users, "valid", [variant])[variant]
-        return float(np.mean(per_user["ndcg@10"]))
+    def _valid_ndcg(self, bundle: ModelBundle, variants: list[str]) -> float:
+        """Mean validation NDCG@10 over `variants` (each averaged over the validation users)."""
+        per_variant = self.evaluator(bundle, self.data, self.valid_users, "valid", variants)
+        return float(np.mean([np.mean(per_variant[v]["ndcg@10"]) for v in variants]))
 
 
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
