@@ -296,15 +296,16 @@ class _Download:
         if digest.hexdigest() != self.meta["archive_sha256"]:
             self.reset()
             raise IntegrityError("downloaded package: archive sha256 does not match; the download starts over")
-        dest = package_dir(self.root, self.model_id, self.meta["version"])
+        version = self.meta["version"]
+        dest = package_dir(self.root, self.model_id, version)
         if dest.exists():  # already unpacked by an earlier download of the same version
             package = DevicePackage.load(dest)
         else:
             package = unpack_package(self.part, dest)
         self.reset()
-        if (package.model_id, package.base_version) != (self.model_id, dest.name[len(self.model_id) + 1:]):
+        if (package.model_id, package.base_version) != (self.model_id, version):
             shutil.rmtree(dest, ignore_errors=True)
-            raise IntegrityError(f"the package served as {self.model_id} {dest.name[len(self.model_id) + 1:]} is "
+            raise IntegrityError(f"the package served as {self.model_id} {version} is "
                                  f"{package.model_id} {package.base_version}")
         return package
 

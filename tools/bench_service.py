@@ -1,6 +1,7 @@
 """Service load benchmark: Generate over loopback gRPC across concurrency, against a bare echo server.
 
-    python tools/bench_service.py [--model runs/ml-100k] [--soak-seconds 600]
+    python tools/bench_service.py [--model runs/ml-100k]                  # a few minutes
+    python tools/bench_service.py --soak-only --soak-seconds 600           # the 10-minute soak, added to the JSON
 
 Writes benchmarks/results/service-load.json. What runs, all in one invocation so every ratio
 compares numbers taken on the same machine minutes apart:
@@ -11,12 +12,14 @@ compares numbers taken on the same machine minutes apart:
    the server's mean batch size and queue time (from its Prometheus metrics), bytes per bundle.
 2. The same sweep against a bare grpc.aio echo server (another subprocess) that answers every
    request with the serialized GenerateResponse of a real bundle: the same request bytes in, the
-   same response bytes out, no ParamCast code at all. It is the transport's ceiling here.
-3. Generate with batching off (`--max-batch 1`) at concurrency 64: `batching_speedup` is the
-   batched throughput at 64 over this one.
+   same response bytes out, no ParamCast code at all. It is the transport's ceiling here. Each
+   concurrency is measured on Generate and then on echo, so both see the same background load.
+3. Generate with batching off (`--max-batch 1`) at concurrency 64, then with batching on again:
+   `batching_speedup` is the ratio of those two back-to-back runs.
 4. A soak at concurrency 64 against a fresh server: failed calls, and the server's resident memory
-   sampled every second; `soak_rss_growth` is the final RSS over the RSS after the first minute
-   (or after the first third, for soaks shorter than three minutes), minus one.
+   sampled every second; `soak_rss_growth` is the RSS at the end over the RSS after the first
+   minute (after the first third, for soaks shorter than three minutes), minus one, each end being
+   the median of the samples in a 15 s window (RSS jitters by a few percent second to second).
 
 Requests are real behaviour windows: MovieLens 100K users' histories cut at random points.
 Both the load generator and the servers share this machine's cores; the JSON records how many.
@@ -311,13 +314,30 @@ def soak(args, model: Path, requests: list[bytes]) -> dict:
                                       on_tick=tick))
     finally:
         server.stop()
+    # RSS moves by several percent from second to second (allocator arenas of the gRPC and generator
+    # threads), so each end of the comparison is the median of a window of samples, not one sample.
     baseline_at = min(60.0, args.soak_seconds / 3)
-    baseline = next(rss for t, rss in samples if t >= baseline_at)
-    final = samples[-1][1]
-    row.update(rss_baseline_at_s=baseline_at, rss_baseline_mib=baseline / 2**20, rss_final_mib=final / 2**20,
-               rss_max_mib=max(r for _, r in samples) / 2**20,
+    window = min(15.0, args.soak_seconds / 6)
+    end = samples[-1][0]
+    baseline = float(np.median([r for t, r in samples if baseline_at <= t < baseline_at + window]))
+    final = float(np.median([r for t, r in samples if t >= end - window]))
+    row.update(rss_baseline_at_s=baseline_at, rss_window_s=window, rss_baseline_mib=baseline / 2**20,
+               rss_final_mib=final / 2**20, rss_max_mib=max(r for _, r in samples) / 2**20,
                rss_samples_mib=[[round(t, 1), round(r / 2**20, 2)] for t, r in samples])
     return row
+
+
+def write_soak_only(args, soak_row: dict, info: dict, seconds: float) -> int:
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "service-load"}
+    doc.update(soak_rss_growth=soak_row["rss_final_mib"] / soak_row["rss_baseline_mib"] - 1,
+               soak_failed_calls=soak_row["failed_calls"], soak=soak_row)
+    doc.setdefault("settings", {}).update(soak_seconds=args.soak_seconds, soak_concurrency=args.soak_concurrency)
+    doc.setdefault("model", info)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"soak_rss_growth {doc['soak_rss_growth']:.4f}  soak_failed_calls {doc['soak_failed_calls']}  "
+          f"({seconds:.0f} s); wrote {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speedup-concurrency", type=int, default=64)
     p.add_argument("--soak-seconds", type=float, default=90.0, help="600 for the full 10-minute soak")
     p.add_argument("--soak-concurrency", type=int, default=64)
+    p.add_argument("--soak-only", action="store_true",
+                   help="run only the soak and update the soak fields of an existing --out file")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "service-load.json")
     p.add_argument("--echo-server", metavar="PAYLOAD", help=argparse.SUPPRESS)  # internal: run the echo server
     args = p.parse_args(argv)
@@ -353,16 +375,27 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"model {info['model_id']} {info['base_version']}: request ~{info['mean_request_bytes']:.0f} B, "
               f"response {info['response_bytes']} B", flush=True)
+        if args.soak_only:
+            soak_row = soak(args, model, requests)
+            return write_soak_only(args, soak_row, info, time.perf_counter() - t_start)
+        # Both servers stay up and each concurrency is measured on one, then at once on the other, so
+        # the two numbers of a pair see the same background load (this machine's cores are shared).
         results: dict = {"generate": [], "echo": []}
         server = start_server(model, args.max_batch, args.max_delay_ms, args.threads, args.device)
+        echo = start_echo(payload_file)
         try:
             for c in sweep:
                 row = run_generate(server, requests, c, args.seconds, args.warmup)
                 results["generate"].append(row)
                 print(f"generate c={c:4d}: {row['throughput_per_s']:8.1f}/s p50 {row['p50_ms']:7.2f} ms "
                       f"p99 {row['p99_ms']:7.2f} ms batch {row['mean_batch_size'] or 0:5.1f}", flush=True)
+                row = asyncio.run(closed_loop(echo.port, requests, c, args.seconds, args.warmup))
+                results["echo"].append(row)
+                print(f"echo     c={c:4d}: {row['throughput_per_s']:8.1f}/s p50 {row['p50_ms']:7.2f} ms "
+                      f"p99 {row['p99_ms']:7.2f} ms", flush=True)
         finally:
             server.stop()
+            echo.stop()
 
         unbatched = start_server(model, 1, args.max_delay_ms, args.threads, args.device)
         try:
@@ -371,35 +404,32 @@ def main(argv: list[str] | None = None) -> int:
             unbatched.stop()
         print(f"generate max-batch 1 c={args.speedup_concurrency}: {no_batching['throughput_per_s']:.1f}/s",
               flush=True)
-
-        echo = start_echo(payload_file)
+        # The batched figure again, right after the unbatched one, for the same reason as above.
+        server = start_server(model, args.max_batch, args.max_delay_ms, args.threads, args.device)
         try:
-            for c in sweep:
-                row = asyncio.run(closed_loop(echo.port, requests, c, args.seconds, args.warmup))
-                results["echo"].append(row)
-                print(f"echo     c={c:4d}: {row['throughput_per_s']:8.1f}/s p50 {row['p50_ms']:7.2f} ms "
-                      f"p99 {row['p99_ms']:7.2f} ms", flush=True)
+            batched_again = run_generate(server, requests, args.speedup_concurrency, args.seconds, args.warmup)
         finally:
-            echo.stop()
+            server.stop()
+        print(f"generate max-batch {args.max_batch} c={args.speedup_concurrency}: "
+              f"{batched_again['throughput_per_s']:.1f}/s", flush=True)
 
         soak_row = soak(args, model, requests) if args.soak_seconds > 0 else None
 
-    gen_by_c = {r["concurrency"]: r for r in results["generate"]}
     echo_by_c = {r["concurrency"]: r for r in results["echo"]}
     best = max(results["generate"], key=lambda r: r["throughput_per_s"])
-    batched = gen_by_c.get(args.speedup_concurrency)
     doc = {
         "benchmark": "service-load",
-        "batching_speedup": (batched["throughput_per_s"] / no_batching["throughput_per_s"]) if batched else None,
+        "batching_speedup": batched_again["throughput_per_s"] / no_batching["throughput_per_s"],
         "generate_vs_echo": best["throughput_per_s"] / echo_by_c[best["concurrency"]]["throughput_per_s"],
         "soak_rss_growth": (soak_row["rss_final_mib"] / soak_row["rss_baseline_mib"] - 1) if soak_row else None,
         "soak_failed_calls": soak_row["failed_calls"] if soak_row else None,
         "definitions": {
             "batching_speedup": f"Generate throughput at concurrency {args.speedup_concurrency} with max batch "
-                                f"{args.max_batch} over the same with max batch 1",
+                                f"{args.max_batch} over the same with max batch 1 (measured back to back)",
             "generate_vs_echo": "Generate throughput at its best concurrency over the echo server's throughput at "
                                 "that concurrency (same request and response bytes)",
-            "soak_rss_growth": "server RSS at the end of the soak over its RSS at rss_baseline_at_s, minus one",
+            "soak_rss_growth": "median server RSS over the last rss_window_s seconds of the soak over the median "
+                               "over rss_window_s seconds from rss_baseline_at_s, minus one",
         },
         "best_concurrency": best["concurrency"],
         "best_throughput_per_s": best["throughput_per_s"],
@@ -408,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": results["generate"],
         "echo": results["echo"],
         "no_batching": no_batching,
+        "batching_on": batched_again,
         "soak": soak_row,
         "settings": {
             "seconds_per_point": args.seconds, "warmup_seconds": args.warmup, "max_batch": args.max_batch,
