@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep = [int(c) for c in args.concurrency.split(",")]
     t_start = time.perf_counter()
+    load_before = os.getloadavg()  # other work on the machine skews every figure; record how much there was
     with tempfile.TemporaryDirectory(prefix="paramcast-bench-") as tmp:
         workdir = Path(tmp)
         model = args.model or quick_model(workdir, args.data)
@@ -447,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             "client": "grpc.aio closed loop in one process, 4 channels, raw bytes",
         },
         "model": info,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_1m_before": load_before[0], "load_average_1m_after": os.getloadavg()[0]},
         "wall_seconds": time.perf_counter() - t_start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
