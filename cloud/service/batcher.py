@@ -24,7 +24,7 @@ from typing import Any
 
 from cloud.service.errors import DeadlineExpired, Overloaded, ShuttingDown
 
-ComputeFn = Callable[[Hashable, list[Any]], Sequence[Any]]  # (key, items) -> one result per item
+ComputeFn = Callable[[Any, list[Any]], Sequence[Any]]  # (key, items) -> one result per item
 
 
 class BatchObserver:

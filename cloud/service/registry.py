@@ -15,10 +15,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from cloud.checkpoint import ModelBundle
+from cloud.generator import Generator
 from common.errors import InvalidInput, ModelNotFound, VersionMismatch
 from device.archive import pack_package
 from device.package import DevicePackage
@@ -67,13 +69,14 @@ class ModelRegistry:
         if version in self._models.get(bundle.model_id, {}):
             raise InvalidInput("model", f"{bundle.model_id} version {version} is already served")
         archive = _package_archive(bundle, version, package_dir)
-        bundle.generator.to(self.device).eval()
+        generator = cast(Generator, bundle.generator)  # ModelBundle types it as any nn.Module
+        generator.to(self.device).eval()
         served = ServedModel(
             model_id=bundle.model_id,
             version=version,
             bundle=_ServedBundle(bundle, version),
             n_items=bundle.device.cfg.n_items,
-            window=bundle.generator.cfg.window,
+            window=generator.cfg.window,
             archive=archive,
             archive_sha256=hashlib.sha256(archive).digest(),
         )
