@@ -8,6 +8,7 @@ device can never confuse two trainings.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,8 +41,9 @@ class ModelBundle:
     generator: torch.nn.Module | None = None
     meta: dict = field(default_factory=dict)  # data, split, training history, metrics
 
-    @property
+    @functools.cached_property
     def base_version(self) -> str:
+        """Hashed once: a bundle's device weights never change after training."""
         return weights_version(self.device)
 
 

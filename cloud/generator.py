@@ -29,15 +29,16 @@ class GeneratorConfig:
     slot_shapes: dict[str, tuple[int, int]]  # slot -> (d_in, d_out), from DeviceModel.slot_shapes()
     unit_groups: dict[str, int]  # group -> n_units, from DeviceModel.unit_groups()
     window: int = 50
-    width: int = 128
+    width: int = 64
     # Item embeddings: a frozen copy of the device model's table (dimension `item_dim`) projected to
     # `width`. The generator then learns only how to read a window, not what items are, which is
     # what keeps it from overfitting the few sequences per user that training has.
     item_dim: int = 64
-    n_layers: int = 2
+    shared_items: bool = True  # False: learn a table of its own (item_dim wide) from scratch
+    n_layers: int = 1
     n_heads: int = 2
     rank: int = 4
-    dropout: float = 0.2
+    dropout: float = 0.3
 
     def __post_init__(self) -> None:  # JSON round trips turn tuples into lists
         self.slot_shapes = {k: tuple(v) for k, v in self.slot_shapes.items()}  # type: ignore[misc]
@@ -71,7 +72,9 @@ class Generator(nn.Module):
         self.cfg = cfg
         g = cfg.width
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.item_dim, padding_idx=0)
-        self.item_emb.weight.requires_grad_(False)
+        self.item_emb.weight.requires_grad_(not cfg.shared_items)
+        if not cfg.shared_items:
+            nn.init.normal_(self.item_emb.weight, std=cfg.item_dim**-0.5)
         self.in_proj = nn.Linear(cfg.item_dim, g)
         self.pos_emb = nn.Embedding(cfg.window, g)
         nn.init.normal_(self.pos_emb.weight, std=0.02)

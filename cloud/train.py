@@ -46,7 +46,7 @@ class TrainConfig:
     cold_fraction: float = 0.1  # users held out of training entirely, for cold-start evaluation
     valid_users: int = 0  # 0 = all; otherwise a fixed sample of validation users for early stopping
     # generator stage
-    gen_epochs: int = 60
+    gen_epochs: int = 30
     gen_lr: float = 1e-4  # the factor heads move the whole head at once; larger steps oscillate
     gen_batch_size: int = 32
     gen_patience: int = 5
@@ -223,7 +223,8 @@ class Trainer:
         gcfg = GeneratorConfig(n_items=self.data.n_items, slot_shapes=model.slot_shapes(),
                                unit_groups=model.unit_groups(), item_dim=model.cfg.hidden, **self.gen_overrides)
         gen = Generator(gcfg).to(dev)
-        gen.share_item_embeddings(model.item_emb.weight)
+        if gcfg.shared_items:
+            gen.share_item_embeddings(model.item_emb.weight)
         params = [p for p in gen.parameters() if p.requires_grad]
         if cfg.joint:
             params += list(model.parameters())

@@ -40,15 +40,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--cold-fraction", type=float, default=0.1, help="users held out of training (cold-start eval)")
     t.add_argument("--valid-users", type=int, default=0, help="validation users for early stopping (0 = all)")
     g = p.add_argument_group("generator stage")
-    g.add_argument("--gen-epochs", type=int, default=60)
-    g.add_argument("--gen-lr", type=float, default=1e-3)
+    g.add_argument("--gen-epochs", type=int, default=30)
+    g.add_argument("--gen-lr", type=float, default=1e-4)
     g.add_argument("--gen-patience", type=int, default=5)
     g.add_argument("--window", type=int, default=50, help="behaviour window length N the generator reads")
     g.add_argument("--rank", type=int, default=4, help="rank r of generated factors")
-    g.add_argument("--gen-width", type=int, default=128)
-    g.add_argument("--gen-layers", type=int, default=2)
+    g.add_argument("--gen-width", type=int, default=64)
+    g.add_argument("--gen-layers", type=int, default=1)
+    g.add_argument("--gen-dropout", type=float, default=0.3)
+    g.add_argument("--gen-holdout", type=int, default=0,
+                   help="last training items per user kept from stage 1 as stage-2-only targets")
     g.add_argument("--horizon", type=int, default=4, help="next items after the cut a delta is trained on")
     g.add_argument("--slim-prob", type=float, default=0.5, help="share of generator batches under a random mask")
+    t.add_argument("--slim-train-prob", type=float, default=0.25,
+                   help="share of static batches under random unit masks (keeps subnets usable)")
     g.add_argument("--joint", action="store_true", help="fine-tune the device model jointly in stage 2")
     p.set_defaults(func=run)
 
@@ -72,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
                       loss=args.loss, n_negatives=args.negatives, seed=args.seed, device=args.device,
                       threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
                       gen_epochs=args.gen_epochs, gen_lr=args.gen_lr, gen_patience=args.gen_patience,
-                      horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint,
+                      horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint, gen_holdout=args.gen_holdout,
+                      slim_train_prob=args.slim_train_prob,
                       progress=not args.no_progress)
-    gen_cfg = {"window": args.window, "rank": args.rank, "width": args.gen_width, "n_layers": args.gen_layers}
+    gen_cfg = {"window": args.window, "rank": args.rank, "width": args.gen_width, "n_layers": args.gen_layers,
+               "dropout": args.gen_dropout}
     t0 = time.perf_counter()
     bundle = train(data, args.out, model_cfg, cfg, gen_cfg, stages)
     bundle.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
