@@ -138,12 +138,13 @@ class Generator(nn.Module):
         return sum(self.cfg.rank * (d_in + d_out) for d_in, d_out in self.cfg.slot_shapes.values())
 
     def flops_per_bundle(self) -> int:
-        """Multiply-adds x2 of one generation (encoder layers + heads); embeddings are lookups."""
+        """Multiply-adds x2 of one generation (input projection, encoder layers, heads); lookups are free."""
         g, N, L = self.cfg.width, self.cfg.window, self.cfg.n_layers
+        proj = 2 * N * self.cfg.item_dim * g
         per_layer = 2 * N * (4 * g * g + 2 * N * g + 2 * g * 2 * g)  # qkv+proj, attention, ffn
         heads = 2 * 2 * g * sum(self.cfg.rank * (a + b) for a, b in self.cfg.slot_shapes.values())
         units = 2 * 2 * g * sum(self.cfg.unit_groups.values())
-        return int(L * per_layer + heads + units)
+        return int(proj + L * per_layer + heads + units)
 
 
 def window_batch(histories: list, window: int) -> torch.Tensor:

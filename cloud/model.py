@@ -185,6 +185,19 @@ class DeviceModel(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_user(self, n_candidates: int = 101) -> int:
+        """Multiply-adds x2 to score one full-length history against `n_candidates` items.
+
+        Counts the weight matrices actually present, so a slimmed model reports its own cost."""
+        L, d = self.cfg.max_len, self.cfg.hidden
+        flops = 0
+        for block in self.blocks:
+            f = block.ffn_in.out_features
+            flops += 2 * L * (3 * d * d + d * d + 2 * d * f) + 2 * 2 * L * L * d  # projections, ffn, attention
+        m = self.head_up.weight.shape[1]
+        flops += 2 * 2 * d * m  # head, last position only
+        return int(flops + 2 * n_candidates * d)
+
 
 def slice_adapters(adapters: Adapters, keep: dict[str, torch.Tensor]) -> Adapters:
     """Slice generated factors to a slimmed head: B of head.up loses dropped columns, A of head.down rows."""

@@ -37,6 +37,45 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
     return {"report": json.loads(report_file.read_text()), "bundle": meta, "wall_seconds": wall}
 
 
+def sizes(model_dir: Path, data_path: str) -> dict:
+    """Model sizes and wire bytes of the default configuration, measured on the trained bundle."""
+    import numpy as np
+    import torch
+
+    from cloud.checkpoint import load_bundle
+    from cloud.generation import generate_bundles
+    from cloud.generator import KEEP_RATIOS
+    from common.bundle import ENCODINGS
+    from common.data import load_interactions
+    from common.serde import encode_bundle
+
+    bundle = load_bundle(model_dir)
+    data = load_interactions(data_path)
+    device, gen = bundle.device, bundle.generator
+    out: dict = {"device": {"parameters": device.n_parameters(), "flops_per_user_101": device.flops_per_user()}}
+    for ratio in KEEP_RATIOS:
+        keep = {g: torch.arange(n) < max(1, round(ratio * n)) for g, n in device.unit_groups().items()}
+        small = device.slimmed(keep)
+        out[f"slimmed@{ratio}"] = {"parameters": small.n_parameters(), "flops_per_user_101": small.flops_per_user(),
+                                   "non_embedding_parameters": small.n_parameters() - small.item_emb.weight.numel()}
+    out["device"]["non_embedding_parameters"] = device.n_parameters() - device.item_emb.weight.numel()
+    if gen is not None:
+        windows = [s[-gen.cfg.window:] for s in data.sequences[:256]]
+        bundles = generate_bundles(bundle, windows)
+        slim = generate_bundles(bundle, windows, keep_ratio=0.5)
+        out["generator"] = {"parameters": gen.n_parameters(),
+                            "trainable_parameters": sum(p.numel() for p in gen.parameters() if p.requires_grad),
+                            "flops_per_bundle": gen.flops_per_bundle(),
+                            "generated_parameters_per_device": gen.generated_parameters_per_device()}
+        out["bytes_per_bundle"] = {enc: float(np.mean([len(encode_bundle(b, enc)) for b in bundles]))
+                                   for enc in ENCODINGS}
+        out["bytes_per_bundle_with_masks@0.5"] = {enc: float(np.mean([len(encode_bundle(b, enc)) for b in slim]))
+                                                  for enc in ENCODINGS}
+        n = gen.generated_parameters_per_device()
+        out["bytes_per_generated_parameter"] = {enc: v / n for enc, v in out["bytes_per_bundle"].items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
@@ -62,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for seed, r in runs.items()
     }
+    doc["sizes"] = sizes(workdir / f"seed{min(runs)}", args.data)
     doc["meta"] = {
         "dataset": name,
         "command": "python tools/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
