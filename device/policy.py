@@ -662,15 +662,17 @@ def build_policy(spec: PolicySpec, mapper: GaussianMapper | None = None,
 
 
 def calibrate_threshold(rate_at: Callable[[float], float], target: float, scores: np.ndarray,
-                        tolerance: float = 0.002, max_iter: int = 30) -> tuple[float, float]:
+                        tolerance: float | None = None, max_iter: int = 30) -> tuple[float, float]:
     """Threshold at which `rate_at(threshold)` (the request rate a replay reaches) meets `target`.
 
     `scores` are gate scores seen on the same devices (e.g. in a replay that never requests) and
     bracket the search; bisection runs over their quantiles, because the rate is monotone in the
     threshold but gate scores are far from uniformly spread. Returns (threshold, rate reached):
     the lowest-threshold point whose rate does not exceed the target unless none is within
-    tolerance, in which case the closest one.
+    tolerance (default: 3% of the target, at least 0.001), in which case the closest one.
     """
+    if tolerance is None:
+        tolerance = max(0.001, 0.03 * target)
     finite = np.sort(scores[np.isfinite(scores)])
     if len(finite) == 0:
         raise InvalidInput("scores", "no finite gate scores to calibrate on")

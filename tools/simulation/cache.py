@@ -143,8 +143,11 @@ def generate_into(bundle: ModelBundle, table: FactorTable, rows: np.ndarray, win
         table.put(rows[lo:lo + batch], {s: (a.numpy(), b.numpy()) for s, (a, b) in adapters.items()})
 
 
-def precompute(bundle: ModelBundle, tl: Timelines, encoding: str = "int8", progress: bool = True) -> StepCache:
-    """Behaviour embeddings and generated bundles for every step of `tl` (see StepCache)."""
+def precompute(bundle: ModelBundle, tl: Timelines, encoding: str = "int8", progress: bool = True,
+               bundles: bool = True) -> StepCache:
+    """Behaviour embeddings and generated bundles for every step of `tl` (see StepCache).
+
+    `bundles=False` skips the generator (the devices will get their bundles over the network)."""
     model = bundle.device.eval()
     seqs, users = tl.data.sequences, tl.users
     t0 = time.perf_counter()
@@ -154,7 +157,7 @@ def precompute(bundle: ModelBundle, tl: Timelines, encoding: str = "int8", progr
                                            desc="enrolment", progress=progress)
     t1 = time.perf_counter()
     table, bundle_bytes = None, 0
-    if bundle.generator is not None:
+    if bundle.generator is not None and bundles:
         gen_cfg = bundle.generator.cfg
         table = FactorTable(gen_cfg.slot_shapes, gen_cfg.rank, 1 + tl.n_devices + tl.n_steps, encoding)
         enrol = [seqs[int(u)][: tl.warmup] for u in users]

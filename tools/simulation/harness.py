@@ -94,7 +94,8 @@ class Entry:
 class Simulation:
     """Holds the prepared validation and test devices; `run()` produces the report."""
 
-    def __init__(self, bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig):
+    def __init__(self, bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig, test_bundles: bool = True):
+        """`test_bundles=False`: the test devices get their bundles from a server, none are cached."""
         cfg.check()
         if data.n_items != bundle.device.cfg.n_items:
             raise InvalidInput("data", f"has {data.n_items} items but model {bundle.model_id} was trained on "
@@ -115,15 +116,15 @@ class Simulation:
         if cfg.users is not None:
             valid_users, test_users = valid_users[: cfg.users], test_users[: cfg.users]
         self.valid = self._prepare(valid_users, "validation", seed=cfg.seed + 1)
-        self.test = self._prepare(test_users, "test", seed=cfg.seed)
+        self.test = self._prepare(test_users, "test", seed=cfg.seed, bundles=test_bundles)
         if self.test.tl.n_steps == 0:
             raise InvalidInput("data", f"no test device has more than {cfg.warmup} interactions")
 
-    def _prepare(self, users: np.ndarray, what: str, seed: int) -> Prepared:
+    def _prepare(self, users: np.ndarray, what: str, seed: int, bundles: bool = True) -> Prepared:
         t0 = time.perf_counter()
         tl = build_timelines(self.data, users, self.cfg.warmup, self.cfg.n_negatives, self.cfg.max_steps, seed)
         log.info("%s devices: %d users, %d steps", what, tl.n_devices, tl.n_steps)
-        cache = precompute(self.bundle, tl, self.cfg.encoding, progress=self.cfg.progress)
+        cache = precompute(self.bundle, tl, self.cfg.encoding, progress=self.cfg.progress, bundles=bundles)
         self.timing[f"prepare_{what}"] = time.perf_counter() - t0
         return Prepared(tl, cache)
 
@@ -263,7 +264,7 @@ def _over_time(run: Run, tl: Timelines, metric: str = "ndcg@10") -> dict:
 def build_report(sim: Simulation, entries: list[Entry]) -> dict:
     tl = sim.test.tl
     per_device = {e.spec.text: e.run.per_device(tl) for e in entries}
-    bundle_bytes = sim.test.cache.bundle_bytes
+    bundle_bytes = sim.valid.cache.bundle_bytes or sim.test.cache.bundle_bytes
     enrol = 1 if sim.cfg.start == "bundle" else 0
     never = next((e for e in entries if e.spec.name == "never"), None)
     always = next((e for e in entries if e.spec.name == "always"), None)
@@ -383,7 +384,7 @@ def run_simulation(bundle: ModelBundle, data: InteractionLog, cfg: SimulationCon
     validation devices stays in-process: it is offline tuning, not device traffic)."""
     if mode not in ("inprocess", "network"):
         raise InvalidInput("mode", f"must be 'inprocess' or 'network', got {mode!r}")
-    sim = Simulation(bundle, data, cfg)
+    sim = Simulation(bundle, data, cfg, test_bundles=mode == "inprocess")
     if mode == "inprocess":
         return sim.run()
     from tools.simulation.network import NetworkSource, ServeProcess

@@ -1,0 +1,56 @@
+"""Network mode of the simulation: every device a gRPC client of a real `paramcast serve` process."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud.checkpoint import load_bundle
+from common.data import load_interactions
+from tools.simulation.harness import SimulationConfig, run_simulation
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data(shared_data):
+    return load_interactions(shared_data / "ml-100k")
+
+
+def test_network_mode_measures_what_inprocess_mode_measures(trained_model, data):
+    bundle = load_bundle(trained_model)
+    cfg = SimulationConfig(policies=["never", "always", "random-p:0.2", "drift:rate=0.2"], users=12, max_steps=15,
+                           progress=False)
+    local = run_simulation(bundle, data, cfg, mode="inprocess")
+    remote = run_simulation(bundle, data, cfg, mode="network", model_dir=str(trained_model))
+    assert remote["mode"] == "network" and remote["network"]["started_server"]
+    steps = remote["devices"]["test_steps"]
+    devices = remote["devices"]["test"]
+    assert devices == 12
+    for a, b in zip(local["policies"], remote["policies"], strict=True):
+        assert a["name"] == b["name"]
+        # Same bundles (same generator, same int8 codec), so the same decisions and the same quality;
+        # the server batches requests differently, which may move a float's last bit.
+        assert b["request_rate"] == a["request_rate"]
+        for m in ("ndcg@10", "hr@10", "auc"):
+            assert b[m]["value"] == pytest.approx(a[m]["value"], abs=2e-3)
+        net = b["network"]
+        expected_calls = devices + round(b["request_rate"] * steps)  # enrolment, then every request
+        assert net["calls"] == expected_calls and net["failures"] == 0
+        # Bytes are what crossed the wire: each GenerateResponse wraps one encoded bundle.
+        per_call = net["bytes_received"] / net["calls"]
+        assert remote["bundle_bytes"] <= per_call <= remote["bundle_bytes"] + 16
+        assert b["bytes_per_device"] == pytest.approx(net["bytes_received"] / devices)
+    always = next(p for p in remote["policies"] if p["name"] == "always")
+    assert always["network"]["max_concurrent_calls"] == devices
+    assert always["network"]["latency_ms"]["p99"] > 0
+
+
+def test_network_mode_holds_hundreds_of_concurrent_devices(trained_model, data):
+    bundle = load_bundle(trained_model)
+    cfg = SimulationConfig(policies=["always"], users=220, max_steps=3, devices="all", progress=False)
+    report = run_simulation(bundle, data, cfg, mode="network", model_dir=str(trained_model))
+    net = report["policies"][0]["network"]
+    assert report["devices"]["test"] == 220
+    assert net["max_concurrent_calls"] == 220  # every device in flight at once, each on its own channel
+    assert net["failures"] == 0 and net["calls"] == 220 + report["devices"]["test_steps"]
+    assert net["bundles_per_s"] > 0

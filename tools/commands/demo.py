@@ -1,0 +1,129 @@
+"""`paramcast demo`: the whole loop on MovieLens 100K, end to end, in a few minutes.
+
+    paramcast demo [--data PATH] [--out paramcast-demo]
+
+1. finds ml-100k: `--data`, else `$PARAMCAST_DATA`, else `../shared/data`, else downloads it from
+   GroupLens (md5 checked);
+2. trains a small device model and its generator (users held out of training become the devices);
+3. exports the ONNX device package;
+4. starts `paramcast serve` on loopback;
+5. replays every held-out user as a device - each one a gRPC client - under never, always,
+   every-k, random-p and the drift, loss and IDEAL-style gates at a 10% request budget (gate
+   thresholds calibrated on validation devices), each device's first 50 steps;
+6. prints the policy table and where the JSON report and plots are.
+
+A second run reuses the trained model in OUT/model (`--retrain` trains again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+DATASET = "ml-100k"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="train, export, serve and simulate devices on ml-100k, end to end",
+                              description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help="ml-100k folder, or a folder holding ml-100k/ (default: $PARAMCAST_DATA, ../shared/data, "
+                        "else download)")
+    p.add_argument("--out", metavar="DIR", default="paramcast-demo", help="where the model and results go")
+    p.add_argument("--retrain", action="store_true", help="train again even if OUT/model exists")
+    p.add_argument("--budget", nargs="+", type=float, default=[0.1], metavar="RATE",
+                   help="request budgets to compare the policies at (default 0.1)")
+    p.add_argument("--max-steps", type=int, default=50, help="steps replayed per device (default 50)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def find_data(explicit: str | None, fetch_to: Path) -> Path:
+    """The ml-100k folder: explicit path, $PARAMCAST_DATA, ../shared/data (from here or from the
+    source tree), else a verified download into `fetch_to`."""
+    candidates = [explicit] if explicit else []
+    if not explicit:
+        if os.environ.get("PARAMCAST_DATA"):
+            candidates.append(os.environ["PARAMCAST_DATA"])
+        root = Path(__file__).resolve().parents[2]
+        candidates += [str(Path.cwd() / ".." / "shared" / "data"), str(root / ".." / "shared" / "data")]
+    for c in candidates:
+        path = Path(c)
+        for folder in (path, path / DATASET):
+            if (folder / "u.data").is_file():
+                return folder.resolve()
+    if explicit:
+        from common.errors import InvalidInput
+
+        raise InvalidInput("data", f"{explicit} holds no {DATASET} (looked for u.data in it and in {DATASET}/)")
+    from common.data import fetch
+
+    print(f"{DATASET} not found locally; downloading it into {fetch_to}", flush=True)
+    return fetch(DATASET, fetch_to)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from cloud.checkpoint import load_bundle, save_bundle
+    from cloud.export import export_package
+    from cloud.model import DeviceModelConfig
+    from cloud.train import TrainConfig, train
+    from common.data import load_interactions
+    from tools.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
+    from tools.simulation.report import plot, table, write_json
+
+    t0 = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    data = load_interactions(find_data(args.data, out / "data"))
+    model_dir = out / "model"
+    progress = not args.no_progress
+
+    if args.retrain or not (model_dir / "bundle.pt").is_file():
+        print(f"[1/3] training a small model on {data.name} ({data.n_users} users, {data.n_interactions:,} "
+              "interactions); 40% of the users are held out to become the simulated devices", flush=True)
+        bundle = train(
+            data, str(model_dir),
+            DeviceModelConfig(n_items=data.n_items, hidden=32, ffn_units=32, head_units=64, max_len=50),
+            TrainConfig(epochs=60, patience=5, gen_epochs=15, gen_patience=4, cold_fraction=0.4,
+                        threads=args.threads, progress=progress),
+            {"width": 64, "window": 50},
+        )
+        save_bundle(bundle, model_dir)
+        export_package(bundle, model_dir / "package")
+    else:
+        print(f"[1/3] reusing the model in {model_dir} (--retrain to train again)", flush=True)
+        bundle = load_bundle(model_dir)
+    print(f"      model {bundle.model_id} {bundle.base_version} ({time.perf_counter() - t0:.0f}s so far)", flush=True)
+
+    print("[2/3] starting `paramcast serve` on loopback and replaying the held-out users as gRPC devices",
+          flush=True)
+    cfg = SimulationConfig(policies=list(DEFAULT_POLICIES), budgets=args.budget, valid_fraction=1 / 3,
+                           max_steps=args.max_steps, progress=progress)
+    report = run_simulation(bundle, data, cfg, mode="network", model_dir=str(model_dir),
+                            serve_threads=max(1, args.threads or 1))
+
+    print("[3/3] results", flush=True)
+    results = out / "results"
+    path = write_json(report, results / f"simulation-{data.name}-network.json")
+    files = plot(report, results, "-network")
+    print()
+    print(table(report))
+    net = [p["network"] for p in report["policies"] if "network" in p]
+    busiest = max(net, key=lambda n: n["max_concurrent_calls"]) if net else None
+    if busiest:
+        print(f"network: {report['devices']['test']} devices, each its own gRPC client; up to "
+              f"{busiest['max_concurrent_calls']} concurrent Generate calls, {busiest['bundles_per_s']:.0f} bundles/s, "
+              f"p50 {busiest['latency_ms']['p50']:.1f} ms / p99 {busiest['latency_ms']['p99']:.1f} ms")
+    print(f"report: {path}")
+    for f in files:
+        print(f"plot:   {f}")
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    return 0
