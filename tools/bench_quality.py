@@ -23,14 +23,19 @@ HEADLINE = ("static", "generated", "generated-static", "slimmed@0.5", "int8", "c
 
 
 def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
-    """One seed in a fresh process, so its peak RSS is its own."""
+    """One seed in a fresh process, so its peak RSS is its own. A seed whose bundle and report are
+    already in `workdir` is reused, so more seeds can be added to a finished run."""
     out = workdir / f"seed{seed}"
+    report_file = out / "evaluate.json"
+    if report_file.exists() and (out / "bundle.json").exists():
+        meta = json.loads((out / "bundle.json").read_text())
+        return {"report": json.loads(report_file.read_text()), "bundle": meta,
+                "wall_seconds": meta["meta"]["wall_seconds"]}
     cmd = [sys.executable, "-m", "tools.cli", "train", "--data", args.data, "--out", str(out), "--seed", str(seed),
            "--no-progress", *args.train_args]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    report_file = out / "evaluate.json"
     subprocess.run([sys.executable, "-m", "tools.cli", "evaluate", "--model", str(out), "--data", args.data,
                     "--json", "--out", str(report_file)], check=True, stdout=subprocess.DEVNULL)
     meta = json.loads((out / "bundle.json").read_text())

@@ -1,0 +1,179 @@
+"""Render BENCHMARKS.md from benchmarks/results/*.json, so every figure in it comes from a result file.
+
+    python tools/write_benchmarks.py            # rewrites BENCHMARKS.md
+
+Each section names the command that produced its file. Commentary that interprets the numbers
+(what falls short and why) lives in benchmarks/notes/<section>.md and is included verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+NOTES = ROOT / "benchmarks" / "notes"
+METRICS = ("hr@10", "ndcg@10", "auc")
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def note(section: str) -> str:
+    path = NOTES / f"{section}.md"
+    return "\n" + path.read_text().strip() + "\n" if path.exists() else ""
+
+
+def cell(m: dict, digits: int = 4) -> str:
+    lo, hi = m["ci"]
+    return f"{m['value']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def quality_section(doc: dict) -> str:
+    meta = doc["meta"]
+    name = meta["dataset"]
+    out = [f"### {name}", "", f"Command: `{meta['command']}`", ""]
+    out.append("| variant | " + " | ".join(f"{m} [95% CI]" for m in METRICS) + " |")
+    out.append("|---|" + "---|" * len(METRICS))
+    for variant, ms in doc.items():
+        if variant in ("seeds", "meta", "sizes") or not isinstance(ms, dict) or "ndcg@10" not in ms:
+            continue
+        out.append(f"| `{variant}` | " + " | ".join(cell(ms[m]) for m in METRICS) + " |")
+    if "generated-static" in doc:
+        rel = doc["generated-static"]["ndcg@10"]["value"] / doc["static"]["ndcg@10"]["value"]
+        out += ["", f"Relative NDCG@10 change of `generated` over `static` (seed {min(doc['seeds'])}): {rel:+.2%}."]
+    if "slimmed@0.5" in doc and "generated" in doc:
+        rel = doc["slimmed@0.5"]["ndcg@10"]["value"] / doc["generated"]["ndcg@10"]["value"] - 1
+        out.append(f"`slimmed@0.5` against unslimmed `generated`: {rel:+.2%} NDCG@10.")
+    if "int8" in doc and "generated" in doc:
+        diff = doc["int8"]["ndcg@10"]["value"] - doc["generated"]["ndcg@10"]["value"]
+        out.append(f"int8 encoding against fp32 factors: {diff:+.5f} absolute NDCG@10.")
+    out += ["", "Per seed (test split; paired differences bootstrapped over users):", ""]
+    cols = [v for v in ("static", "generated", "generated-static", "slimmed@0.5", "cold:generated-static")
+            if any(v in s for s in doc["seeds"].values())]
+    out.append("| seed | train s | static s | peak RSS MiB | " + " | ".join(f"{c} NDCG@10" for c in cols) + " |")
+    out.append("|---|---|---|---|" + "---|" * len(cols))
+    for seed, s in doc["seeds"].items():
+        out.append(f"| {seed} | {s['wall_seconds']:.0f} | {s['static_seconds']:.0f} | {s['peak_rss_mib']:.0f} | "
+                   + " | ".join(cell(s[c]["ndcg@10"]) if c in s else "" for c in cols) + " |")
+    sizes = doc.get("sizes", {})
+    if sizes:
+        out += ["", "Sizes (trained bundle of the first seed):", "",
+                "| model | parameters | non-embedding parameters | FLOPs to score 1 user x 101 |", "|---|---|---|---|"]
+        for key in ("device", "slimmed@0.25", "slimmed@0.5", "slimmed@0.75"):
+            if key in sizes:
+                s = sizes[key]
+                out.append(f"| {key} | {s['parameters']:,} | {s['non_embedding_parameters']:,} | "
+                           f"{s['flops_per_user_101']:,} |")
+        if "generator" in sizes:
+            g = sizes["generator"]
+            out += ["", f"Generator: {g['parameters']:,} parameters ({g['trainable_parameters']:,} trained; the rest "
+                    f"is the device model's frozen item table), {g['flops_per_bundle']:,} FLOPs per bundle, "
+                    f"{g['generated_parameters_per_device']:,} generated parameters per device.", "",
+                    "| encoding | bytes per bundle | bytes per generated parameter | bytes with 0.5 masks |",
+                    "|---|---|---|---|"]
+            for enc, b in sizes["bytes_per_bundle"].items():
+                out.append(f"| {enc} | {b:.0f} | {sizes['bytes_per_generated_parameter'][enc]:.2f} | "
+                           f"{sizes['bytes_per_bundle_with_masks@0.5'][enc]:.0f} |")
+    cfg = meta["train_config"]
+    out += ["", f"Device model: {meta['device_config']}. Generator: {meta['generator_config']}. "
+            f"Training: {cfg}."]
+    return "\n".join(out) + "\n" + note(f"quality-{name}")
+
+
+def device_section(doc: dict) -> str:
+    lat = doc["latency_ms"]
+    out = ["## Device runtime (ONNX Runtime)", "", "Command: `python tools/bench_device.py "
+           + (f"--model {doc['model']}" if not doc["model"].startswith("random") else "") + "`", "",
+           f"Threads: {doc['threads']}; machine: {doc['machine']}.", "",
+           "| variant | batch | p50 ms | p99 ms |", "|---|---|---|---|"]
+    for variant, by_batch in lat.items():
+        for label, m in by_batch.items():
+            out.append(f"| ONNX Runtime {variant} | {label} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} |")
+    for variant, by_batch in doc["torch_eager_latency_ms"].items():
+        for label, m in by_batch.items():
+            out.append(f"| PyTorch eager {variant} | {label} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} |")
+    apply = doc["apply_ms"]
+    mem = doc["memory"]
+    out += ["", f"- ONNX Runtime vs PyTorch eager, 1 user x 101: **{doc['ort_vs_torch_speedup']:.2f}x** faster "
+            f"(by batch: {', '.join(f'{k} {v:.2f}x' for k, v in doc['ort_vs_torch_speedup_by_batch'].items())}); "
+            f"max |ORT - torch| = {doc['max_abs_diff_ort_vs_torch']:.2e}.",
+            f"- Apply a decoded bundle: p50 {apply['apply_decoded']['p50_ms'] * 1000:.1f} us, "
+            f"p99 {apply['apply_decoded']['p99_ms'] * 1000:.1f} us (target < 1 ms); decode + apply p50 "
+            f"{apply['decode_and_apply']['p50_ms'] * 1000:.1f} us; first apply of a new mask (builds a slimmed "
+            f"session) {apply['apply_new_mask_first_time_ms']:.1f} ms.",
+            f"- Package {doc['package_bytes'] / 1e6:.2f} MB (model.onnx {doc['model_onnx_bytes'] / 1e6:.2f} MB); "
+            f"slimmed@0.5 graph {doc['slimmed_size_ratio']:.2f}x the size, latency ratio "
+            f"{', '.join(f'{k} {v:.2f}x' for k, v in doc['slimmed_latency_ratio'].items())}.",
+            f"- Resident memory: {json.dumps(mem)}.",
+            f"- Bundle on the wire ({doc['encoding']}): {doc['bundle_wire_bytes']}.",
+            f"- Adapter mechanism: {json.dumps(doc['adapter_mechanism'])}."]
+    return "\n".join(out) + "\n" + note("device")
+
+
+def service_section(doc: dict) -> str:
+    out = ["## Cloud service (gRPC)", "", "Command: `python tools/bench_service.py`"
+           + (f" (soak: `--soak-only --soak-seconds {doc['settings']['soak_seconds']:.0f}`)" if "soak" in doc else ""),
+           "", f"Settings: {doc['settings']}.", "",
+           "| concurrency | Generate /s | p50 ms | p99 ms | mean batch | echo /s | echo p50 ms |",
+           "|---|---|---|---|---|---|---|"]
+    echo = {e["concurrency"]: e for e in doc["echo"]}
+    for g in doc["generate"]:
+        e = echo.get(g["concurrency"], {})
+        out.append(f"| {g['concurrency']} | {g['throughput_per_s']:.0f} | {g['p50_ms']:.1f} | {g['p99_ms']:.1f} | "
+                   f"{g['mean_batch_size']:.1f} | {e.get('throughput_per_s', float('nan')):.0f} | "
+                   f"{e.get('p50_ms', float('nan')):.2f} |")
+    out += ["", f"- `batching_speedup` (concurrency 64, max batch 64 vs 1): **{doc['batching_speedup']:.2f}x**.",
+            f"- `generate_vs_echo` (best concurrency): **{doc['generate_vs_echo']:.2f}**.",
+            f"- Bytes per bundle: {doc['bytes_per_bundle']:.0f}.",
+            f"- Soak: `soak_rss_growth` {doc['soak_rss_growth']:+.2%}, `soak_failed_calls` {doc['soak_failed_calls']}"
+            + (f" over {doc['soak']['seconds']:.0f} s and {doc['soak']['calls']:,} calls." if "soak" in doc else ".")]
+    return "\n".join(out) + "\n" + note("service")
+
+
+def simulation_section(doc: dict, name: str) -> str:
+    out = [f"### {name}", "", f"Command: `{doc.get('command', '')}`", "",
+           "| policy | request rate | NDCG@10 [95% CI] | HR@10 | AUC | bytes per device |", "|---|---|---|---|---|---|"]
+    for p in doc["policies"]:
+        out.append(f"| `{p['name']}` | {p['request_rate']:.3f} | {cell(p['ndcg@10'])} | {cell(p['hr@10'])} | "
+                   f"{cell(p['auc'])} | {p['bytes_per_device']:.0f} |")
+    out += ["", f"In-process throughput: {doc['device_steps_per_s']:,.0f} device-steps/s."]
+    return "\n".join(out) + "\n" + note(f"simulation-{name}")
+
+
+def render() -> str:
+    parts = ["# ParamCast benchmarks", "",
+             "Every figure below is read from `benchmarks/results/*.json` by `python tools/write_benchmarks.py`; "
+             "each section names the command that wrote its file. Machine: 2 cores, 24 GiB, no GPU (shared, so "
+             "absolute times are noisy; ratios are measured within one run).", note("summary")]
+    quality = sorted(RESULTS.glob("quality-*.json"))
+    if quality:
+        parts += ["## Quality (SASRec protocol: leave-one-out, 100 sampled negatives)", "",
+                  "`static` is the device model alone; `generated` adds a delta generated from the window ending at "
+                  "the evaluation point; `slimmed@k` also applies the generated subnet at keep ratio k; `stale@k` uses "
+                  "the delta generated k interactions earlier; `int8` is `generated` after the wire encoding; "
+                  "`cold:*` are users held out of training entirely. Differences (`a-b`) are paired over users.", ""]
+        parts += [quality_section(json.loads(p.read_text())) for p in quality]
+    sim = sorted(RESULTS.glob("simulation-*.json"))
+    if sim:
+        parts += ["## Request policies and simulation", ""]
+        parts += [simulation_section(json.loads(p.read_text()), p.stem.removeprefix("simulation-")) for p in sim]
+    if (d := load("device-latency.json")) is not None:
+        parts.append(device_section(d))
+    if (s := load("service-load.json")) is not None:
+        parts.append(service_section(s))
+    return "\n".join(parts)
+
+
+def main() -> int:
+    (ROOT / "BENCHMARKS.md").write_text(render())
+    print(ROOT / "BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
