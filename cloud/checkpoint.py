@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cloud.generator import Generator, GeneratorConfig
 from cloud.model import DeviceModel, DeviceModelConfig
 from common.errors import ModelNotFound
 
@@ -38,7 +39,7 @@ def weights_version(model: torch.nn.Module) -> str:
 class ModelBundle:
     model_id: str
     device: DeviceModel
-    generator: torch.nn.Module | None = None
+    generator: Generator | None = None
     meta: dict = field(default_factory=dict)  # data, split, training history, metrics
 
     @functools.cached_property
@@ -57,7 +58,7 @@ def save_bundle(bundle: ModelBundle, out: str | Path) -> Path:
         "base_version": bundle.base_version,
         "device_config": bundle.device.cfg.to_dict(),
         "device_state": {k: v.detach().cpu() for k, v in bundle.device.state_dict().items()},
-        "generator_config": gen.cfg.to_dict() if gen is not None else None,  # type: ignore[union-attr]
+        "generator_config": gen.cfg.to_dict() if gen is not None else None,
         "generator_state": {k: v.detach().cpu() for k, v in gen.state_dict().items()} if gen else None,
         "meta_json": json.dumps(bundle.meta),
     }
@@ -83,8 +84,6 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> M
     device.eval()
     generator = None
     if payload["generator_config"] is not None:
-        from cloud.generator import Generator, GeneratorConfig
-
         generator = Generator(GeneratorConfig(**payload["generator_config"]))
         generator.load_state_dict(payload["generator_state"])
         generator.eval()

@@ -86,8 +86,9 @@ def score_cases(bundle: ModelBundle, histories: Sequence[np.ndarray], candidates
         cand = torch.as_tensor(candidates[rows])
         adapters, masks = None, None
         if kind != "static":
-            windows = [h[:-arg] if kind == "stale" and arg else h for h in hist]
-            adapters, masks = generate_parameters(bundle, windows, arg if kind == "slimmed" else None)
+            windows = [h[: len(h) - int(arg)] if kind == "stale" and arg else h for h in hist]  # type: ignore[arg-type]
+            keep = float(arg) if kind == "slimmed" else None  # type: ignore[arg-type]
+            adapters, masks = generate_parameters(bundle, windows, keep)
             if kind == "encoded":
                 adapters = _encoded(adapters, str(arg))
         out[rows] = model.score(seq, cand, adapters, masks).numpy()

@@ -91,9 +91,10 @@ class Generator(nn.Module):
         for slot, (d_in, d_out) in cfg.slot_shapes.items():
             key = slot.replace(".", "_")
             self.a_heads[key] = nn.Linear(2 * g, d_in * cfg.rank)
-            self.b_heads[key] = nn.Linear(2 * g, cfg.rank * d_out)
-            nn.init.zeros_(self.b_heads[key].weight)
-            nn.init.zeros_(self.b_heads[key].bias)
+            b_head = nn.Linear(2 * g, cfg.rank * d_out)
+            nn.init.zeros_(b_head.weight)
+            nn.init.zeros_(b_head.bias)
+            self.b_heads[key] = b_head
         self.unit_heads = nn.ModuleDict(
             {group.replace(".", "_"): nn.Linear(2 * g, n) for group, n in cfg.unit_groups.items()}
         )

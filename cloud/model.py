@@ -107,7 +107,8 @@ class DeviceModel(nn.Module):
 
     # -- what the generator and the exporter need to know -------------------------------------
     def slot_shapes(self) -> dict[str, tuple[int, int]]:
-        return {"head.up": tuple(self.head_up.weight.shape), "head.down": tuple(self.head_down.weight.shape)}
+        (d, m), (m2, d2) = self.head_up.weight.shape, self.head_down.weight.shape
+        return {"head.up": (d, m), "head.down": (m2, d2)}
 
     def unit_groups(self) -> dict[str, int]:
         groups = {"head": self.cfg.head_units}
@@ -192,7 +193,8 @@ class DeviceModel(nn.Module):
         L, d = self.cfg.max_len, self.cfg.hidden
         flops = 0
         for block in self.blocks:
-            f = block.ffn_in.out_features
+            assert isinstance(block, Block)
+            f = int(block.ffn_in.weight.shape[0])  # Linear(d, f).weight is (f, d)
             flops += 2 * L * (3 * d * d + d * d + 2 * d * f) + 2 * 2 * L * L * d  # projections, ffn, attention
         m = self.head_up.weight.shape[1]
         flops += 2 * 2 * d * m  # head, last position only

@@ -138,7 +138,7 @@ class Trainer:
         lengths = np.array([len(s) for s in seqs])
         order = self.rng.permutation(len(seqs))
         chunk = 32 * bs
-        batches = []
+        batches: list[np.ndarray] = []
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]
             part = part[np.argsort(lengths[part], kind="stable")]

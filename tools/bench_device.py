@@ -102,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             runtime.apply(delta)
         latency[name] = {}
         for label, batch, iters in (("1x101", one, args.iters), (f"{BATCH}x101", users, args.batch_iters)):
-            hist, cands = [h for h, _ in batch], np.stack([c for _, c in batch])
+            hists, cands = [h for h, _ in batch], np.stack([c for _, c in batch])
+            hist: list[np.ndarray] | np.ndarray = hists
             if len(batch) == 1:
-                hist, cands = hist[0], cands[0]  # the one-user call path
+                hist, cands = hists[0], cands[0]  # the one-user call path
             latency[name][label] = timed(lambda r=runtime, h=hist, c=cands: r.score(h, c), iters)
         got = runtime.score([h for h, _ in users], np.stack([c for _, c in users]))
         want = torch_scores(model, users, delta, keep if name.startswith("slimmed") else None)

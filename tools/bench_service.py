@@ -328,7 +328,7 @@ def soak(args, model: Path, requests: list[bytes]) -> dict:
 
 
 def write_soak_only(args, soak_row: dict, info: dict, seconds: float) -> int:
-    doc = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "service-load"}
+    doc: dict = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "service-load"}
     doc.update(soak_rss_growth=soak_row["rss_final_mib"] / soak_row["rss_baseline_mib"] - 1,
                soak_failed_calls=soak_row["failed_calls"], soak=soak_row)
     doc.setdefault("settings", {}).update(soak_seconds=args.soak_seconds, soak_concurrency=args.soak_concurrency)
@@ -377,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {info['model_id']} {info['base_version']}: request ~{info['mean_request_bytes']:.0f} B, "
               f"response {info['response_bytes']} B", flush=True)
         if args.soak_only:
-            soak_row = soak(args, model, requests)
-            return write_soak_only(args, soak_row, info, time.perf_counter() - t_start)
+            return write_soak_only(args, soak(args, model, requests), info, time.perf_counter() - t_start)
         # Both servers stay up and each concurrency is measured on one, then at once on the other, so
         # the two numbers of a pair see the same background load (this machine's cores are shared).
         results: dict = {"generate": [], "echo": []}
