@@ -290,6 +290,10 @@ def build_report(sim: Simulation, entries: list[Entry]) -> dict:
             "policy_config": e.run.policy,
             "seconds": e.run.seconds,
         }
+        if never is not None:
+            diff = paired_difference({m: pd[m] for m in METRICS},
+                                     {m: per_device[never.spec.text][m] for m in METRICS}, seed=sim.cfg.seed)
+            row["vs_never"] = {m: {"value": diff[m]["value"], "ci": diff[m]["ci"]} for m in METRICS}
         if gain is not None and never is not None:
             value, ci = ratio_ci(pd["ndcg@10"] - per_device[never.spec.text]["ndcg@10"], gain, seed=sim.cfg.seed)
             row["gain_kept"] = {"value": value, "ci": ci}

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 
 def _ci(x: dict) -> str:
     lo, hi = x["ci"]
@@ -38,8 +40,10 @@ def table(report: dict) -> str:
     bars = report.get("bars", {})
     if bars.get("evaluated"):
         parts = [f"gate selected on validation at 10%: {bars['gate']} (test rate {bars['request_rate']:.4f})"]
-        if "gain_kept" in bars:
+        if "gain_kept" in bars and math.isfinite(bars["gain_kept"]["value"]):
             parts.append(f"keeps {_ci(bars['gain_kept'])} of always-over-never")
+        elif "gain_kept" in bars:
+            parts.append("always and never tie, so there is no gain to keep")
         for b in ("random-p", "every-k"):
             if f"beats_{b}" in bars:
                 ok = bars[f"beats_{b}"]["ci_above_zero"]
@@ -60,8 +64,13 @@ def write_json(report: dict, path: str | Path) -> Path:
 
 
 def plot(report: dict, out_dir: str | Path, suffix: str = "") -> list[Path]:
-    """quality-vs-rate.png (every policy's NDCG@10 against its request rate, with 95% CIs) and
-    quality-over-time.png (NDCG@10 by step since enrolment, at each budget)."""
+    """Two PNGs (matplotlib Agg):
+
+    quality-vs-rate: each policy's NDCG@10 against its request rate, absolute (left) and as the
+    paired difference from `never` over the same devices (right), with 95% CIs;
+    quality-over-time: NDCG@10 by steps since enrolment (top) and its difference from `never`
+    at the same step (bottom), one panel per budget.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -71,43 +80,61 @@ def plot(report: dict, out_dir: str | Path, suffix: str = "") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = report["dataset"]
     files = []
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     families: dict[str, list[dict]] = {}
     for p in report["policies"]:
         families.setdefault(p["policy"], []).append(p)
-    for family, rows in families.items():
-        rows = sorted(rows, key=lambda r: r["request_rate"])
-        x = [r["request_rate"] for r in rows]
-        y = [r["ndcg@10"]["value"] for r in rows]
-        err = [[r["ndcg@10"]["value"] - r["ndcg@10"]["ci"][0] for r in rows],
-               [r["ndcg@10"]["ci"][1] - r["ndcg@10"]["value"] for r in rows]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=family, linestyle="-" if len(rows) > 1 else "none")
-    for budget in sorted({p["budget"] for p in report["policies"] if p["budget"] is not None}):
-        ax.axvline(budget, color="grey", linewidth=0.5, linestyle=":")
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel("requests per device-step")
-    ax.set_ylabel("NDCG@10 (test devices, 95% CI)")
-    ax.set_title(f"{name}: quality against request rate")
-    ax.legend(fontsize=8)
+    colors = {f: f"C{i}" for i, f in enumerate(families)}
+    budgets = sorted({p["budget"] for p in report["policies"] if p["budget"] is not None})
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], None, "NDCG@10"), (axes[1], "vs_never", "NDCG@10 - never (paired)")):
+        for family, rows in families.items():
+            rows = sorted(rows, key=lambda r: r["request_rate"])
+            if key is not None and not all(key in r for r in rows):
+                continue
+            stats = [r[key]["ndcg@10"] if key else r["ndcg@10"] for r in rows]
+            x = [r["request_rate"] for r in rows]
+            y = [s["value"] for s in stats]
+            err = [[s["value"] - s["ci"][0] for s in stats], [s["ci"][1] - s["value"] for s in stats]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colors[family], label=family,
+                        linestyle="-" if len(rows) > 1 else "none")
+        for budget in budgets:
+            ax.axvline(budget, color="grey", linewidth=0.5, linestyle=":")
+        if key:
+            ax.axhline(0.0, color="black", linewidth=0.5)
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlim(-0.001, 1.2)
+        ax.set_xlabel("requests per device-step")
+        ax.set_ylabel(f"{label} (test devices, 95% CI)")
+    axes[0].set_title(f"{name}: quality against request rate")
+    axes[1].set_title("gain over never, paired over devices")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     files.append(out_dir / f"simulation-{name}{suffix}-quality-vs-rate.png")
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
 
-    budgets = sorted({p["budget"] for p in report["policies"] if p["budget"] is not None}) or [None]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
-    for ax, budget in zip(axes[0], budgets, strict=True):
+    panels = budgets or [None]
+    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 7), squeeze=False, sharex=True)
+    never = next((p for p in report["policies"] if p["policy"] == "never"), None)
+    base = report["over_time"][never["name"]]["ndcg@10"] if never else None
+    for col, budget in enumerate(panels):
+        top, bottom = axes[0][col], axes[1][col]
         for p in report["policies"]:
             if p["budget"] not in (budget, None):
                 continue
             series = report["over_time"][p["name"]]
-            ax.plot(series["step"], series["ndcg@10"], label=p["name"], linewidth=1)
-        ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlabel("steps since enrolment")
-        ax.set_ylabel("NDCG@10 (mean over devices at that step)")
-        ax.set_title(f"{name}: budget {budget:g}" if budget is not None else name)
-        ax.legend(fontsize=7)
+            top.plot(series["step"], series["ndcg@10"], label=p["name"], linewidth=1, color=colors[p["policy"]])
+            if base is not None:
+                bottom.plot(series["step"], np.subtract(series["ndcg@10"], base), linewidth=1,
+                            color=colors[p["policy"]])
+        top.set_title(f"{name}: budget {budget:g}" if budget is not None else name)
+        top.set_ylabel("NDCG@10 (devices at that step)")
+        bottom.set_ylabel("NDCG@10 - never at that step")
+        bottom.axhline(0.0, color="black", linewidth=0.5)
+        bottom.set_xscale("symlog", linthresh=10)
+        bottom.set_xlabel("steps since enrolment")
+        top.legend(fontsize=7)
     fig.tight_layout()
     files.append(out_dir / f"simulation-{name}{suffix}-quality-over-time.png")
     fig.savefig(files[-1], dpi=120)
