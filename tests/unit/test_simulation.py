@@ -208,6 +208,8 @@ def test_report_schema_and_bookkeeping(report):
     assert ("ideal:rate=0.2", "every-k:k=5") in pairs
     diff = next(d for d in report["paired"] if d["a"] == "always")
     assert diff["ndcg@10"]["value"] == pytest.approx(by["always"]["ndcg@10"]["value"] - by["never"]["ndcg@10"]["value"])
+    assert by["always"]["vs_never"]["ndcg@10"] == diff["ndcg@10"]
+    assert by["never"]["vs_never"]["auc"] == {"value": 0.0, "ci": [0.0, 0.0]}
     json.dumps(report)  # serialisable as is
 
 
