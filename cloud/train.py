@@ -151,42 +151,58 @@ class Trainer:
             x = left_pad([self.static_seqs[i] for i in idx], L + 1, trim=True)  # (B, T+1)
             yield x[:, :-1], x[:, 1:]  # inputs, next items
 
-    def train_static(self) -> DeviceModel:
-        cfg, dev = self.cfg, self.device
-        model = DeviceModel(self.model_cfg).to(dev)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-        best, best_state, bad = -1.0, None, 0
-        n_batches = -(-len(self.static_seqs) // cfg.batch_size)
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
+    def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
+             step, epochs: int, patience: int, validate, train_modes) -> float:
+        """The loop both stages share: Adam over `params`, one validation per epoch, early stopping.
+
+        `step(batch)` returns the loss; `validate()` the selection score; `train_modes(on)` switches
+        the modules being trained. The best state of `selected` is restored at the end, and an
+        untrained start (epoch 0) competes too when `stage` is the generator's."""
+        cfg = self.cfg
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+        best = validate() if stage == "generator" else float("-inf")
+        untrained, best_state, bad = best, copy.deepcopy(selected.state_dict()), 0
+        for epoch in range(1, epochs + 1):
+            train_modes(True)
             t0, total = time.perf_counter(), 0.0
-            bar = tqdm(self._static_batches(), total=n_batches, desc=f"static epoch {epoch}",
-                       disable=not cfg.progress, leave=False)
-            for inp, tgt in bar:
-                inp, tgt = inp.to(dev), tgt.to(dev)
-                masks = self._random_masks(model, len(inp)) if self.rng.random() < cfg.slim_train_prob else None
-                states = model.user_states(inp, None, masks)  # (B, L, d)
-                keep = tgt > 0
-                loss = _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items,
-                                self.torch_gen)
+            bar = tqdm(batches(), total=n_batches, desc=f"{stage} epoch {epoch}", disable=not cfg.progress, leave=False)
+            for batch in bar:
+                loss = step(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            ndcg = self._valid_ndcg(ModelBundle("train", model.eval()), ["static"])
-            self.history["static"].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg,
-                                           "seconds": time.perf_counter() - t0})
-            log.info("static epoch %d loss %.4f valid ndcg@10 %.4f (%.1fs)", epoch, total / n_batches, ndcg,
-                     time.perf_counter() - t0)
-            if ndcg > best:
-                best, best_state, bad = ndcg, copy.deepcopy(model.state_dict()), 0
+            train_modes(False)
+            score = validate()
+            seconds = time.perf_counter() - t0
+            self.history[stage].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": score,
+                                        "seconds": seconds})
+            log.info("%s epoch %d loss %.4f valid ndcg@10 %.4f (untrained %.4f, %.1fs)", stage, epoch,
+                     total / n_batches, score, untrained, seconds)
+            if score > best:
+                best, best_state, bad = score, copy.deepcopy(selected.state_dict()), 0
             else:
                 bad += 1
-                if bad >= cfg.patience:
+                if bad >= patience:
                     break
-        assert best_state is not None
-        model.load_state_dict(best_state)
+        selected.load_state_dict(best_state)
+        return best
+
+    def train_static(self) -> DeviceModel:
+        cfg, dev = self.cfg, self.device
+        model = DeviceModel(self.model_cfg).to(dev)
+
+        def step(batch) -> torch.Tensor:
+            inp, tgt = (t.to(dev) for t in batch)
+            masks = self._random_masks(model, len(inp)) if self.rng.random() < cfg.slim_train_prob else None
+            states = model.user_states(inp, None, masks)  # (B, L, d)
+            keep = tgt > 0
+            return _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items, self.torch_gen)
+
+        self._fit("static", model, list(model.parameters()), cfg.lr, self._static_batches,
+                  -(-len(self.static_seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience,
+                  lambda: self._valid_ndcg(ModelBundle("train", model), ["static"]), model.train)
         return model.eval()
 
     def _random_masks(self, model: DeviceModel, batch: int) -> dict[str, torch.Tensor]:
@@ -230,48 +246,27 @@ class Trainer:
             params += list(model.parameters())
         else:
             model.requires_grad_(False)
-        opt = torch.optim.Adam(params, lr=cfg.gen_lr, betas=(0.9, 0.98))
         # Selection: the generator makes deltas and subnets, so it is judged on both when it learns both.
         selection = ["generated"] + (["slimmed@0.5"] if cfg.slim_prob > 0 else [])
-        base = self._valid_ndcg(ModelBundle("train", model, gen.eval()), selection)
-        best, best_state, bad = base, copy.deepcopy(gen.state_dict()), 0
-        n_batches = -(-len(self.train_seqs) // cfg.gen_batch_size)
-        for epoch in range(1, cfg.gen_epochs + 1):
-            gen.train()
-            model.train(cfg.joint)
-            t0, total = time.perf_counter(), 0.0
-            bar = tqdm(self._generator_batches(gcfg.window), total=n_batches, desc=f"generator epoch {epoch}",
-                       disable=not cfg.progress, leave=False)
-            for win, inp, tgt in bar:
-                win, inp, tgt = win.to(dev), inp.to(dev), tgt.to(dev)
-                out = gen(win)
-                masks = None
-                if self.rng.random() < cfg.slim_prob:
-                    ratio = float(self.rng.choice(KEEP_RATIOS))
-                    masks = out.masks(ratio, straight_through=True)
-                states = model.user_states(inp, out.adapters, masks)  # (B, L, d)
-                keep = tgt > 0
-                loss = _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items,
-                                self.torch_gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            gen.eval()
-            model.eval()
-            ndcg = self._valid_ndcg(ModelBundle("train", model, gen), selection)
-            self.history["generator"].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg,
-                                              "seconds": time.perf_counter() - t0})
-            log.info("generator epoch %d loss %.4f valid ndcg@10 (%s) %.4f (untrained %.4f, %.1fs)", epoch,
-                     total / n_batches, "+".join(selection), ndcg, base, time.perf_counter() - t0)
-            if ndcg > best:
-                best, best_state, bad = ndcg, copy.deepcopy(gen.state_dict()), 0
-            else:
-                bad += 1
-                if bad >= cfg.gen_patience:
-                    break
-        gen.load_state_dict(best_state)
+
+        def step(batch) -> torch.Tensor:
+            win, inp, tgt = (t.to(dev) for t in batch)
+            out = gen(win)
+            masks = None
+            if self.rng.random() < cfg.slim_prob:
+                masks = out.masks(float(self.rng.choice(KEEP_RATIOS)), straight_through=True)
+            states = model.user_states(inp, out.adapters, masks)  # (B, L, d)
+            keep = tgt > 0
+            return _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items, self.torch_gen)
+
+        def train_modes(on: bool) -> None:
+            gen.train(on)
+            model.train(on and cfg.joint)
+
+        train_modes(False)
+        self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window),
+                  -(-len(self.train_seqs) // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
+                  lambda: self._valid_ndcg(ModelBundle("train", model, gen), selection), train_modes)
         model.requires_grad_(True)
         return gen.eval()
 
