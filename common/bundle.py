@@ -17,6 +17,10 @@ makes every q * scale with |q| <= 127 exactly representable in float32, so dequa
 and re-encoding a decoded tensor reproduces the same bytes (the codec is idempotent). Rows whose
 largest magnitude is below INT8_FLUSH (2^-100) are sent as zeros with scale 0: their scale would be
 a float32 subnormal, too coarse to keep those guarantees, and such values never move a score.
+
+The server encodes a whole generator batch at once: `BundleBatch` holds n bundles of one layout
+with a leading batch axis, and `quantize_stack` / `pack_mask_stack` encode n tensors or masks in
+one numpy pass with exactly the bytes `quantize` / `pack_mask` give for each alone.
 """
 
 from __future__ import annotations
@@ -70,16 +74,30 @@ class EncodedTensor:
         return len(self.data) + len(self.row_scales)
 
 
+def _row_absmax(x: np.ndarray) -> np.ndarray:
+    """max |x| of each row of a (rows, cols) float array, 0 for rows with no columns (exact: abs
+    and max do not round). numpy reduces a short contiguous axis one row at a time, which is slow
+    for stacked A factors (rows = n * d, cols = rank ~ 4); those take the maximum column by column."""
+    ax = np.abs(x)  # (rows, cols)
+    rows, cols = ax.shape
+    if cols == 0 or cols > 16:
+        return ax.max(axis=1, initial=0.0)
+    out = ax[:, 0].copy()  # (rows,)
+    for j in range(1, cols):
+        np.maximum(out, ax[:, j], out=out)
+    return out
+
+
 def _int8_row_scales(x: np.ndarray) -> np.ndarray:
     """Per-row symmetric scales of a finite (rows, cols) array, as float32 with a 16-bit significand
     rounded up (so max|row| <= 127 * scale and q * scale is exact in float32 for |q| <= 127);
     0 for rows below INT8_FLUSH, so every non-zero scale is a normal float32."""
-    absmax = np.abs(x.astype(np.float64)).max(axis=1, initial=0.0)  # (rows,)
+    absmax = _row_absmax(x).astype(np.float64)  # (rows,)
     exact = np.where(absmax < INT8_FLUSH, 0.0, absmax / 127.0)  # (rows,) float64
     scales = exact.astype(np.float32)
     # float64 -> float32 rounds to nearest; step up where that went below the exact value.
-    below = scales.astype(np.float64) < exact
-    scales[below] = np.nextafter(scales[below], np.float32(np.inf))
+    below = scales.astype(np.float64) < exact  # (rows,)
+    scales = np.where(below, np.nextafter(scales, np.float32(np.inf)), scales)
     # Round the significand up to 16 bits: clear the low 8 of the 23 stored fraction bits, carrying
     # into the exponent when needed (positive float32 bit patterns order like the values they encode).
     bits = scales.view(np.uint32)
@@ -89,36 +107,77 @@ def _int8_row_scales(x: np.ndarray) -> np.ndarray:
 
 def quantize(x: np.ndarray, encoding: str) -> EncodedTensor:
     """Encode a finite rank-2 float array as `encoding` (one of ENCODINGS)."""
-    if encoding not in ENCODINGS:
-        raise InvalidInput("encoding", f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
     x = np.asarray(x)
     if x.ndim != 2:
         raise InvalidInput("tensor", f"expected a rank-2 array, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+    return quantize_stack(x[None], encoding)[0]
+
+
+def quantize_stack(x: np.ndarray, encoding: str) -> list[EncodedTensor]:
+    """Encode n same-shaped rank-2 tensors, given as one (n, rows, cols) array, in one pass.
+
+    Element i is byte-identical to quantize(x[i], encoding): fp16 and fp32 convert element by
+    element, and int8 scales are per row, so stacking the n tensors into n * rows rows changes
+    nothing but the number of numpy calls (the server encodes a whole generator batch this way).
+    """
+    if encoding not in ENCODINGS:
+        raise InvalidInput("encoding", f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+    x = np.asarray(x)
+    if x.ndim != 3:
+        raise InvalidInput("tensor", f"expected a stack of rank-2 arrays (n, rows, cols), got shape {x.shape}")
+    if x.dtype.kind not in "fiu":
         raise InvalidInput("tensor", f"expected a numeric array, got dtype {x.dtype}")
-    with np.errstate(over="ignore"):  # float64 beyond the float32 range becomes inf, rejected below
-        x = x.astype(np.float32)
+    if x.dtype != np.float32:  # (the generator's float32 output skips this: no copy, no errstate)
+        with np.errstate(over="ignore"):  # float64 beyond the float32 range becomes inf, rejected below
+            x = x.astype(np.float32)
+    n, rows, cols = (int(d) for d in x.shape)
+    shape = (rows, cols)
+
+    # Checks run over the whole stack at once; only a failing one looks for the tensor to name.
+    def fail(bad: np.ndarray, problem: str) -> InvalidInput:
+        # bad: (n, ...) bool, True at offending values; name the first tensor holding one.
+        which = f"tensor {int(np.flatnonzero(bad.reshape(n, -1).any(axis=1))[0])} of {n}: " if n > 1 else ""
+        return InvalidInput("tensor", which + problem)
+
     if not np.isfinite(x).all():
-        raise InvalidInput("tensor", "contains NaN or infinite values (or exceeds the float32 range)")
-    shape = tuple(int(n) for n in x.shape)
+        raise fail(~np.isfinite(x), "contains NaN or infinite values (or exceeds the float32 range)")
+
+    def split(data: bytes, step: int) -> list[EncodedTensor]:
+        # data holds the n tensors back to back, `step` bytes each.
+        return [EncodedTensor(encoding, shape, data[i * step:(i + 1) * step]) for i in range(n)]
 
     if encoding == "fp32":
-        return EncodedTensor("fp32", shape, x.astype("<f4").tobytes())
+        return split(x.astype("<f4").tobytes(), 4 * rows * cols)
     if encoding == "fp16":
         # |x| >= 65520 rounds to inf in float16 (65504 is the largest finite half).
         if x.size and np.abs(x).max() >= 65520.0:
-            raise InvalidInput("tensor", "values exceed the float16 range (|x| > 65504); use fp32")
-        return EncodedTensor("fp16", shape, x.astype("<f2").tobytes())
+            raise fail(np.abs(x) >= 65520.0, "values exceed the float16 range (|x| > 65504); use fp32")
+        return split(x.astype("<f2").tobytes(), 2 * rows * cols)
 
-    scales = _int8_row_scales(x)  # (rows,)
-    if (scales.astype(np.float64) * 127 > np.finfo(np.float32).max).any():
+    flat = x.reshape(n * rows, cols)  # (n * rows, cols): every tensor row is one scaled row
+    scales = _int8_row_scales(flat)  # (n * rows,)
+    f32_max = float(np.finfo(np.float32).max)  # a Python float: the products below stay float64
+    if scales.size and float(scales.max()) * 127 > f32_max:
         # Only within 2^-15 of float32's maximum: the rounded-up scale would decode +-127 to inf.
-        raise InvalidInput("tensor", "values too close to the float32 maximum for int8; use fp32")
+        raise fail(scales.astype(np.float64).reshape(n, rows) * 127 > f32_max,
+                   "values too close to the float32 maximum for int8; use fp32")
     # Divide in float64 so the rounding to the nearest multiple of the scale is exact; rows with
     # scale 0 (all below INT8_FLUSH) quantise to 0.
-    safe = np.where(scales > 0, scales, 1.0).astype(np.float64)[:, None]  # (rows, 1)
-    q = np.clip(np.rint(x.astype(np.float64) / safe), -127, 127).astype(np.int8)  # (rows, cols)
-    return EncodedTensor("int8", shape, q.tobytes(), scales.astype("<f4").tobytes())
+    # In place on one buffer: a batch's temporaries are large enough that allocating one per step
+    # (page faults on fresh memory) costs more than the arithmetic.
+    safe = np.where(scales > 0, scales, 1.0).astype(np.float64)[:, None]  # (n * rows, 1)
+    q64 = flat.astype(np.float64)  # (n * rows, cols)
+    np.divide(q64, safe, out=q64)
+    np.rint(q64, out=q64)
+    np.maximum(q64, -127, out=q64)  # clip to [-127, 127] with bare ufuncs (np.clip's wrapper costs
+    np.minimum(q64, 127, out=q64)  # more than the clipping at n = 1)
+    q = q64.astype(np.int8)  # (n * rows, cols)
+    data, scale_bytes = q.tobytes(), scales.astype("<f4").tobytes()
+    step, scale_step = rows * cols, 4 * rows
+    return [
+        EncodedTensor("int8", shape, data[i * step:(i + 1) * step], scale_bytes[i * scale_step:(i + 1) * scale_step])
+        for i in range(n)
+    ]
 
 
 def dequantize(t: EncodedTensor) -> np.ndarray:
@@ -150,7 +209,16 @@ def pack_mask(mask: np.ndarray) -> bytes:
     mask = np.asarray(mask)
     if mask.ndim != 1:
         raise InvalidInput("mask", f"expected a 1-D array, got shape {mask.shape}")
-    return np.packbits(mask.astype(bool), bitorder="little").tobytes()
+    return pack_mask_stack(mask[None])[0]
+
+
+def pack_mask_stack(masks: np.ndarray) -> list[bytes]:
+    """Bool (n, n_units) -> n bitsets, each exactly pack_mask(masks[i]) (packbits pads every row)."""
+    masks = np.asarray(masks)
+    if masks.ndim != 2:
+        raise InvalidInput("mask", f"expected a stack of 1-D masks (n, n_units), got shape {masks.shape}")
+    packed = np.packbits(masks.astype(bool), axis=1, bitorder="little")  # (n, ceil(n_units / 8)) uint8
+    return [row.tobytes() for row in packed]
 
 
 def unpack_mask(bits: bytes, n_units: int) -> np.ndarray:
@@ -290,3 +358,126 @@ class DeltaBundle:
             created_at_ms=self.created_at_ms,
             expires_at_ms=self.expires_at_ms,
         )
+
+
+@dataclass
+class BundleBatch:
+    """n updates for the same (model_id, base_version) with the same slot and mask shapes, stacked
+    along a leading axis: what one generator pass produces and what the codec encodes in one pass,
+    without a DeltaBundle per device in between.
+
+    factors: slot -> (A (n, d, r) float32, B (n, r, k) float32)
+    masks:   unit group -> bool (n, n_units)
+    bundle_ids, created_at_ms, expires_at_ms: one entry per bundle, as in DeltaBundle.
+    Bundle i of the batch is `unstack()[i]`.
+    """
+
+    model_id: str
+    base_version: str
+    factors: dict[str, tuple[np.ndarray, np.ndarray]]
+    masks: dict[str, np.ndarray]
+    bundle_ids: list[str]
+    created_at_ms: list[int]
+    expires_at_ms: list[int]
+
+    def __post_init__(self) -> None:
+        n = len(self.bundle_ids)
+        if len(self.created_at_ms) != n or len(self.expires_at_ms) != n:
+            raise InvalidInput("bundle_ids", f"{n} ids but {len(self.created_at_ms)} creation and "
+                                             f"{len(self.expires_at_ms)} expiry times")
+        factors = {}
+        for slot, pair in self.factors.items():
+            if len(pair) != 2:
+                raise InvalidInput(f"factors[{slot!r}]", "expected a pair (A, B)")
+            a = np.ascontiguousarray(pair[0], dtype=np.float32)
+            b = np.ascontiguousarray(pair[1], dtype=np.float32)
+            if a.ndim != 3 or b.ndim != 3 or a.shape[2] != b.shape[1] or a.shape[0] != n or b.shape[0] != n:
+                raise InvalidInput(f"factors[{slot!r}]", f"expected A ({n}, d, r) and B ({n}, r, k), "
+                                                         f"got {a.shape} and {b.shape}")
+            factors[slot] = (a, b)
+        self.factors = factors
+        masks = {}
+        for group, mask in self.masks.items():
+            mask = np.asarray(mask)
+            if mask.ndim != 2 or mask.shape[0] != n:
+                raise InvalidInput(f"masks[{group!r}]", f"expected ({n}, n_units), got shape {mask.shape}")
+            masks[group] = mask.astype(bool)
+        self.masks = masks
+
+    @classmethod
+    def fresh(cls, model_id: str, base_version: str, factors: dict[str, tuple[np.ndarray, np.ndarray]],
+              masks: dict[str, np.ndarray] | None = None, ttl_ms: int = 0) -> BundleBatch:
+        """A batch of newly generated bundles: new ids, created now, expiring after `ttl_ms` (0 = never).
+        The batch size is the leading axis of the factors (or, without factors, of the masks)."""
+        masks = masks or {}
+        leading = [a.shape[0] for a, _ in factors.values()] + [m.shape[0] for m in masks.values()]
+        if not leading:
+            raise InvalidInput("factors", "a batch needs factors or masks to know its size")
+        n = int(leading[0])
+        now = _now_ms()
+        return cls(model_id, base_version, factors, masks, bundle_ids=[uuid.uuid4().hex for _ in range(n)],
+                   created_at_ms=[now] * n, expires_at_ms=[now + ttl_ms if ttl_ms else 0] * n)
+
+    @classmethod
+    def stack(cls, bundles: Sequence[DeltaBundle]) -> BundleBatch:
+        """Stack bundles that share model id, base version, slot shapes and mask sizes (see `layout`)."""
+        if not bundles:
+            raise InvalidInput("bundles", "cannot stack an empty list (the batch would have no layout)")
+        first = layout(bundles[0])
+        for i, bundle in enumerate(bundles):
+            if layout(bundle) != first:
+                raise InvalidInput(f"bundles[{i}]", f"layout {layout(bundle)} differs from bundle 0's {first}; "
+                                                    "only bundles of one layout stack")
+        return cls(
+            model_id=bundles[0].model_id,
+            base_version=bundles[0].base_version,
+            factors={slot: (np.stack([b.factors[slot][0] for b in bundles]),  # (n, d, r)
+                            np.stack([b.factors[slot][1] for b in bundles]))  # (n, r, k)
+                     for slot in bundles[0].factors},
+            masks={group: np.stack([b.masks[group] for b in bundles]) for group in bundles[0].masks},  # (n, units)
+            bundle_ids=[b.bundle_id for b in bundles],
+            created_at_ms=[b.created_at_ms for b in bundles],
+            expires_at_ms=[b.expires_at_ms for b in bundles],
+        )
+
+    def __len__(self) -> int:
+        return len(self.bundle_ids)
+
+    def take(self, indices: Sequence[int]) -> BundleBatch:
+        """The sub-batch of the bundles at `indices`, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return BundleBatch(
+            model_id=self.model_id,
+            base_version=self.base_version,
+            factors={slot: (a[idx], b[idx]) for slot, (a, b) in self.factors.items()},
+            masks={group: m[idx] for group, m in self.masks.items()},
+            bundle_ids=[self.bundle_ids[i] for i in idx],
+            created_at_ms=[self.created_at_ms[i] for i in idx],
+            expires_at_ms=[self.expires_at_ms[i] for i in idx],
+        )
+
+    def unstack(self) -> list[DeltaBundle]:
+        """One DeltaBundle per device; its arrays are views into this batch's."""
+        return [
+            DeltaBundle(
+                model_id=self.model_id,
+                base_version=self.base_version,
+                factors={slot: (a[i], b[i]) for slot, (a, b) in self.factors.items()},
+                masks={group: m[i] for group, m in self.masks.items()},
+                bundle_id=self.bundle_ids[i],
+                created_at_ms=self.created_at_ms[i],
+                expires_at_ms=self.expires_at_ms[i],
+            )
+            for i in range(len(self))
+        ]
+
+
+Layout = tuple[str, str, tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...], tuple[tuple[str, int], ...]]
+
+
+def layout(bundle: DeltaBundle) -> Layout:
+    """What bundles must share to stack into one BundleBatch: model id, base version, every slot's
+    factor shapes and every mask group's size."""
+    slots = tuple((slot, a.shape, b.shape) for slot, (a, b) in sorted(bundle.factors.items()))
+    masks = tuple((group, int(m.size)) for group, m in sorted(bundle.masks.items()))
+    return bundle.model_id, bundle.base_version, slots, masks

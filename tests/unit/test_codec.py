@@ -14,21 +14,27 @@ from hypothesis import strategies as st
 from common.bundle import (
     ENCODINGS,
     INT8_FLUSH,
+    BundleBatch,
     DeltaBundle,
     EncodedTensor,
     dequantize,
     pack_mask,
+    pack_mask_stack,
     payload_checksum,
     quantize,
+    quantize_stack,
     unpack_mask,
 )
 from common.errors import IntegrityError, InvalidInput, VersionMismatch
 from common.serde import (
+    batch_to_proto,
     bundle_from_proto,
     bundle_to_proto,
+    bundles_to_proto,
     check_bundle_for,
     decode_bundle,
     encode_bundle,
+    encode_bundles,
     encoding_from_proto,
     encoding_to_proto,
 )
@@ -458,3 +464,138 @@ def test_quantize_rejects_bad_input(x, encoding):
 def test_bundle_rejects_inconsistent_factors():
     with pytest.raises(InvalidInput, match="head"):
         DeltaBundle("m", "v", {"head": (np.zeros((4, 2)), np.zeros((3, 5)))})
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched encoding: the server encodes a whole generator batch at once; every message must be the
+# one bundle_to_proto gives for that bundle alone, byte for byte.
+# ---------------------------------------------------------------------------------------------
+
+
+def wire(messages) -> list[bytes]:
+    return [m.SerializeToString(deterministic=True) for m in messages]
+
+
+def one_by_one(bundles_: list[DeltaBundle], encoding: str) -> list[bytes]:
+    return [encode_bundle(b, encoding) for b in bundles_]
+
+
+@st.composite
+def same_layout_bundles(draw, with_masks: bool) -> list[DeltaBundle]:
+    """0-5 bundles sharing model, base version, slot shapes and mask sizes (one generator batch),
+    with values from subnormal to the float16 limit, so int8 rows of every scale regime occur."""
+    shapes = {slot: tuple(draw(st.integers(0, 5)) for _ in range(3))
+              for slot in draw(st.lists(names, min_size=1, max_size=3, unique=True))}
+    sizes = {g: draw(st.integers(0, 20)) for g in draw(st.lists(names, min_size=1, max_size=2, unique=True))}
+    sizes = sizes if with_masks else {}
+    elements = st.floats(-FP16_MAX, FP16_MAX, allow_nan=False, allow_infinity=False, width=32)
+    out = []
+    for i in range(draw(st.integers(0, 5))):
+        factors = {slot: (draw(hnp.arrays(np.float32, (d, r), elements=elements)),
+                          draw(hnp.arrays(np.float32, (r, k), elements=elements)))
+                   for slot, (d, r, k) in shapes.items()}
+        masks = {g: draw(hnp.arrays(np.bool_, n)) for g, n in sizes.items()}
+        out.append(DeltaBundle("m", "v1", factors, masks, bundle_id=f"b{i}", created_at_ms=1000 + i,
+                               expires_at_ms=draw(st.integers(0, 2**40))))
+    return out
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@given(data=st.data())
+def test_batched_encoding_is_byte_identical_to_one_by_one(encoding, with_masks, data):
+    batch = data.draw(same_layout_bundles(with_masks))
+    want = one_by_one(batch, encoding)
+    assert wire(bundles_to_proto(batch, encoding)) == want
+    assert encode_bundles(batch, encoding) == want
+    if batch:
+        assert wire(batch_to_proto(BundleBatch.stack(batch), encoding)) == want
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@given(mixed=st.lists(bundles(), max_size=6))
+def test_bundles_of_different_layouts_are_grouped_and_keep_their_order(encoding, mixed):
+    assert wire(bundles_to_proto(mixed, encoding)) == one_by_one(mixed, encoding)
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_generator_sized_batch_is_byte_identical(encoding, with_masks):
+    """64 bundles of the default model's shapes (rank 4, (64, 4) x (4, 128) and (128, 4) x (4, 64)),
+    including all-zero rows, rows below INT8_FLUSH and rows of very different magnitudes, so the
+    batch's stacked rows would expose any scale shared across rows or bundles."""
+    rng = np.random.default_rng(3)
+    batch = []
+    for i in range(64):
+        factors = {}
+        for slot, (d, k) in {"head.up": (64, 128), "head.down": (128, 64)}.items():
+            a = rng.normal(size=(d, 4)) * 10.0 ** rng.integers(-6, 4, size=(d, 1))
+            b = rng.normal(size=(4, k)) * 10.0 ** rng.integers(-6, 4, size=(4, 1))
+            a[i % d] = 0.0
+            b[i % 4] *= INT8_FLUSH / 4
+            factors[slot] = (a, b)
+        masks = {"head": rng.random(128) > 0.5, "block0.ffn": rng.random(61) > 0.5} if with_masks else {}
+        batch.append(DeltaBundle("m", "v1", factors, masks, expires_at_ms=i))
+    want = one_by_one(batch, encoding)
+    assert len(set(want)) == 64  # distinct bundles: a mix-up between them could not pass unnoticed
+    assert wire(bundles_to_proto(batch, encoding)) == want
+    stacked = BundleBatch.stack(batch)
+    assert wire(batch_to_proto(stacked, encoding)) == want
+    # Per-bundle encodings within one batch (devices in one generator pass asking for different ones).
+    per_bundle = [ENCODINGS[i % 3] for i in range(64)]
+    assert wire(batch_to_proto(stacked, per_bundle)) == [
+        encode_bundle(b, e) for b, e in zip(batch, per_bundle, strict=True)
+    ]
+
+
+@given(stack=hnp.arrays(np.float32, hnp.array_shapes(min_dims=3, max_dims=3, min_side=0, max_side=40),
+                        elements=st.floats(-FP16_MAX, FP16_MAX, allow_nan=False, width=32)))
+def test_quantize_stack_is_quantize_per_tensor(stack):
+    """Narrow (rank-like) and wide rows take different code paths for the row maximum; both exact."""
+    for encoding in ENCODINGS:
+        assert quantize_stack(stack, encoding) == [quantize(x, encoding) for x in stack]
+
+
+@given(hnp.arrays(np.bool_, hnp.array_shapes(min_dims=2, max_dims=2, min_side=0, max_side=30)))
+def test_pack_mask_stack_is_pack_mask_per_row(masks):
+    assert pack_mask_stack(masks) == [pack_mask(m) for m in masks]
+
+
+def test_batch_take_and_unstack_keep_each_bundle():
+    rng = np.random.default_rng(5)
+    originals = [DeltaBundle("m", "v1", {"s": (rng.normal(size=(3, 2)), rng.normal(size=(2, 4)))},
+                             {"g": rng.random(9) > 0.5}, bundle_id=f"b{i}", created_at_ms=i, expires_at_ms=10 + i)
+                 for i in range(4)]
+    batch = BundleBatch.stack(originals)
+    assert len(batch) == 4 and batch.factors["s"][0].shape == (4, 3, 2) and batch.masks["g"].shape == (4, 9)
+    for got, want in zip(batch.take([2, 0]).unstack(), [originals[2], originals[0]], strict=True):
+        assert_same_metadata(got, want)
+        assert_bit_identical(got, want)
+
+
+def test_fresh_batch_has_new_ids_and_expiry():
+    batch = BundleBatch.fresh("m", "v1", {"s": (np.zeros((3, 5, 2)), np.zeros((3, 2, 4)))}, ttl_ms=500)
+    assert len(batch) == 3 and len(set(batch.bundle_ids)) == 3
+    assert all(e == c + 500 for c, e in zip(batch.created_at_ms, batch.expires_at_ms, strict=True))
+    assert BundleBatch.fresh("m", "v1", {"s": (np.zeros((2, 5, 2)), np.zeros((2, 2, 4)))}).expires_at_ms == [0, 0]
+
+
+def test_batched_encoding_refuses_what_it_cannot_stack_or_encode():
+    a = DeltaBundle("m", "v1", {"s": (np.ones((3, 2)), np.ones((2, 4)))})
+    wider = DeltaBundle("m", "v1", {"s": (np.ones((3, 2)), np.ones((2, 5)))})
+    with pytest.raises(InvalidInput, match=r"bundles\[1\]"):
+        BundleBatch.stack([a, wider])  # the explicit batch type holds one layout only
+    assert wire(bundles_to_proto([a, wider, a], "int8")) == one_by_one([a, wider, a], "int8")  # the list API groups
+    with pytest.raises(InvalidInput, match="2 encodings for a batch of 3"):
+        batch_to_proto(BundleBatch.stack([a, a, a]), ["int8", "fp16"])
+    with pytest.raises(InvalidInput, match="encoding"):
+        bundles_to_proto([a], "int4")
+    with pytest.raises(InvalidInput, match="A \\(2, d, r\\)"):
+        BundleBatch("m", "v1", {"s": (np.ones((3, 3, 2)), np.ones((3, 2, 4)))}, {}, ["x", "y"], [0, 0], [0, 0])
+    stack = np.ones((3, 2, 2), dtype=np.float32)
+    stack[2, 1, 0] = np.nan
+    with pytest.raises(InvalidInput, match="tensor 2 of 3: contains NaN"):
+        quantize_stack(stack, "int8")
+    stack[2, 1, 0] = 1e5
+    with pytest.raises(InvalidInput, match="tensor 2 of 3: values exceed the float16 range"):
+        quantize_stack(stack, "fp16")
