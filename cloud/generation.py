@@ -10,7 +10,7 @@ import torch
 
 from cloud.checkpoint import ModelBundle
 from cloud.generator import window_batch
-from common.bundle import DeltaBundle
+from common.bundle import BundleBatch, DeltaBundle
 from common.errors import InvalidInput
 
 
@@ -46,22 +46,18 @@ def generate_parameters(bundle: ModelBundle, windows: Sequence[np.ndarray], keep
     return out.adapters, masks
 
 
+def generate_batch(bundle: ModelBundle, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
+                   device: torch.device | str = "cpu", ttl_ms: int = 0) -> BundleBatch:
+    """Batched generation -> the bundles of all windows stacked along a leading axis (fp32 factors),
+    ready for the codec's batch encoder (`common.serde.batch_to_proto`) as they come off the generator."""
+    adapters, masks = generate_parameters(bundle, windows, keep_ratio, device)
+    factors = {slot: (a.float().cpu().numpy(), b.float().cpu().numpy())  # (B, d, r), (B, r, k)
+               for slot, (a, b) in adapters.items()}
+    keep = {g: m.cpu().numpy() > 0.5 for g, m in masks.items()} if masks else {}  # group -> (B, n_units)
+    return BundleBatch.fresh(bundle.model_id, bundle.base_version, factors, keep, ttl_ms=ttl_ms)
+
+
 def generate_bundles(bundle: ModelBundle, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
                      device: torch.device | str = "cpu", ttl_ms: int = 0) -> list[DeltaBundle]:
     """Batched generation -> one DeltaBundle per window (fp32 factors; the codec encodes them)."""
-    adapters, masks = generate_parameters(bundle, windows, keep_ratio, device)
-    base_version = bundle.base_version
-    factors_np = {slot: (a.float().cpu().numpy(), b.float().cpu().numpy()) for slot, (a, b) in adapters.items()}
-    masks_np = {g: m.cpu().numpy() > 0.5 for g, m in masks.items()} if masks else {}
-    out = []
-    for i in range(len(windows)):
-        b = DeltaBundle(
-            model_id=bundle.model_id,
-            base_version=base_version,
-            factors={slot: (a[i], bb[i]) for slot, (a, bb) in factors_np.items()},
-            masks={g: m[i] for g, m in masks_np.items()},
-        )
-        if ttl_ms:
-            b.expires_at_ms = b.created_at_ms + ttl_ms
-        out.append(b)
-    return out
+    return generate_batch(bundle, windows, keep_ratio, device, ttl_ms).unstack()

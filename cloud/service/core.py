@@ -1,13 +1,15 @@
 """The service's logic, callable without sockets: what Generate and GetModel do.
 
     core = ServiceCore(registry, auth=TokenAuth.from_file("tokens.json"), rates=RateLimiter(5, 10))
-    bundle = await core.generate(GenerateCall(model_id, base_version, "device-17", [5, 9, 12]),
-                                 metadata={"authorization": "Bearer ..."}, deadline=time.monotonic() + 1)
+    msg = await core.generate(GenerateCall(model_id, base_version, "device-17", [5, 9, 12]),
+                              metadata={"authorization": "Bearer ..."}, deadline=time.monotonic() + 1)
+    # msg: the encoded paramcast.v1.DeltaBundle for the response
     for chunk in core.get_model(model_id, version="", offset=0, chunk_size=0, metadata=...): ...
 
 Every request passes the same steps in the same order: authenticate (no work at all for unknown
 callers), authorize the device id, take a rate-limit token, validate every field, resolve the
-model and version, and only then queue for the micro-batched generator. Each failure is a typed
+model and version, and only then queue for the micro-batched generator, whose stacked output is
+encoded for the whole batch in one pass (common.serde.batch_to_proto). Each failure is a typed
 error (`common.errors`, `cloud.service.errors`) naming the field at fault; the gRPC layer maps
 them to status codes in one place.
 """
@@ -21,13 +23,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cloud.generation import check_window, generate_bundles
+from cloud.generation import check_window, generate_batch
 from cloud.service.auth import RateLimiter, TokenAuth
 from cloud.service.batcher import BatchObserver, MicroBatcher
 from cloud.service.errors import OutOfRange
 from cloud.service.registry import ModelRegistry, ServedModel
-from common.bundle import ENCODINGS, DeltaBundle
+from common.bundle import ENCODINGS
 from common.errors import InvalidInput
+from common.serde import batch_to_proto
+from protos.paramcast.v1 import param_service_pb2 as pb
 
 MAX_ID_CHARS = 128
 
@@ -123,22 +127,26 @@ class ServiceCore:
         return served, window[-served.window:], keep_ratio
 
     async def generate(self, call: GenerateCall, metadata: Mapping[str, str] | None = None,
-                       deadline: float | None = None) -> DeltaBundle:
-        """One device's bundle, generated in a micro-batch with concurrent calls.
+                       deadline: float | None = None) -> pb.DeltaBundle:
+        """One device's bundle, generated in a micro-batch with concurrent calls and encoded as
+        `call.encoding`: the message the response carries.
 
         `deadline` is a time.monotonic() value; a request still queued when it passes is dropped
-        (DeadlineExpired) without reaching the generator. The bundle is fp32; the caller encodes
-        it as `call.encoding`.
+        (DeadlineExpired) without reaching the generator.
         """
         served, window, keep_ratio = self.admit(call, metadata)
-        return await self.batcher.submit((served.key, keep_ratio), window, deadline)
+        return await self.batcher.submit((served.key, keep_ratio), (window, call.encoding), deadline)
 
-    def _compute(self, key: tuple[tuple[str, str], float | None], windows: list[np.ndarray]) -> list[DeltaBundle]:
-        """Runs in the batcher's worker thread: one generator pass for a batch of one model version."""
+    def _compute(self, key: tuple[tuple[str, str], float | None],
+                 items: list[tuple[np.ndarray, str]]) -> list[pb.DeltaBundle]:
+        """Runs in the batcher's worker thread: one generator pass for a batch of one model version,
+        then one encoding pass over the stacked output. Requests in a batch may ask for different
+        encodings (the encoding is not part of the batch key, so it never splits a generator pass)."""
         (model_id, version), keep_ratio = key
         served = self.registry.get(model_id, version)
-        return generate_bundles(served.bundle, windows, keep_ratio, device=self.registry.device,
-                                ttl_ms=self.limits.ttl_ms)
+        batch = generate_batch(served.bundle, [window for window, _ in items], keep_ratio,
+                               device=self.registry.device, ttl_ms=self.limits.ttl_ms)
+        return batch_to_proto(batch, [encoding for _, encoding in items])
 
     # -- GetModel -------------------------------------------------------------------------------
     def get_model(self, model_id: str, version: str = "", offset: int = 0, chunk_size: int = 0,

@@ -34,8 +34,10 @@ from common.errors import (
     Unauthenticated,
     VersionMismatch,
 )
+from common.serde import bundle_from_proto
 from device.archive import pack_package, unpack_package
 from device.package import DevicePackage
+from protos.paramcast.v1 import param_service_pb2 as pb
 
 WINDOW = 10
 
@@ -100,7 +102,8 @@ def test_generate_matches_in_process_generation_for_each_served_version(registry
     windows = [[3, 1, 4, 1, 5], list(range(1, 40)), [7]]
     for bundle in (v1, v2):
         core = ServiceCore(registry)
-        got = run(_generate(core, *(call(bundle, window=w) for w in windows)))
+        got = [bundle_from_proto(m) for m in run(_generate(core, *(call(bundle, window=w, encoding="fp32")
+                                                                   for w in windows)))]
         want = generate_bundles(bundle, [np.array(w[-WINDOW:]) for w in windows])
         for g, w in zip(got, want, strict=True):
             assert (g.model_id, g.base_version) == (bundle.model_id, bundle.base_version)
@@ -111,6 +114,38 @@ def test_generate_matches_in_process_generation_for_each_served_version(registry
     assert v1.base_version != v2.base_version
 
 
+def test_one_generator_pass_serves_every_encoding_asked_for(registry, v1):
+    """Devices asking for different encodings share a batch; each gets its own encoding, of its own
+    window, with a valid checksum and the ttl applied."""
+    windows = [[3, 1, 4, 1, 5], list(range(1, 40)), [7], [9, 9, 2]]
+    encodings = ["int8", "fp16", "fp32", "int8"]
+    core = ServiceCore(registry, limits=Limits(ttl_ms=60_000))
+    msgs = run(_generate(core, *(call(v1, window=w, encoding=e) for w, e in zip(windows, encodings, strict=True))))
+    assert core.batcher.batches == 1
+    want = generate_bundles(v1, [np.array(w[-WINDOW:]) for w in windows])
+    dtypes = {"int8": pb.INT8_ROW_SCALED, "fp16": pb.FLOAT16, "fp32": pb.FLOAT32}
+
+    def close_to(got, ref, encoding) -> bool:
+        """Decoded factors within the encoding's rounding of the in-process fp32 factors."""
+        for slot in ref.factors:
+            for u, v in zip(got.factors[slot], ref.factors[slot], strict=True):
+                if encoding == "int8":
+                    tol = 0.5 * np.abs(u).max(axis=1, keepdims=True) / 127
+                else:
+                    tol = 1e-3 * np.abs(v) if encoding == "fp16" else 0.0
+                if not (np.abs(u - v) <= tol + 1e-5).all():
+                    return False
+        return True
+
+    for i, (msg, encoding) in enumerate(zip(msgs, encodings, strict=True)):
+        assert {s.a.dtype for s in msg.slots} | {s.b.dtype for s in msg.slots} == {dtypes[encoding]}
+        got = bundle_from_proto(msg)  # verifies the checksum
+        assert got.expires_at_ms == got.created_at_ms + 60_000
+        assert close_to(got, want[i], encoding), encoding
+        assert not any(close_to(got, w, encoding) for j, w in enumerate(want) if j != i), "another window's bundle"
+    assert len({m.bundle_id for m in msgs}) == 4
+
+
 def test_latest_version_is_the_last_added(registry, v1, v2):
     assert registry.versions(v1.model_id) == [v1.base_version, v2.base_version]
     assert registry.latest(v1.model_id).version == v2.base_version
@@ -118,7 +153,8 @@ def test_latest_version_is_the_last_added(registry, v1, v2):
 
 def test_keep_ratio_gives_masks_and_zero_gives_none(registry, v1):
     core = ServiceCore(registry)
-    slim, plain = run(_generate(core, call(v1, keep_ratio=0.5), call(v1, keep_ratio=0.0)))
+    slim, plain = (bundle_from_proto(m) for m in run(_generate(core, call(v1, keep_ratio=0.5),
+                                                                call(v1, keep_ratio=0.0))))
     assert plain.masks == {}
     assert set(slim.masks) == set(v1.device.unit_groups())
     for group, mask in slim.masks.items():
