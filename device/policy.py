@@ -33,7 +33,9 @@ the policy's primary parameter, e.g. `every-k:10`, `random-p:0.1`, `drift:rate=0
 
 Every gate takes `threshold=T` (request when its score exceeds T) or `rate=R` (the threshold is
 calibrated on validation devices so the fleet requests on R of its steps; a bare value means
-`rate`). Every policy takes `min_interval=M`: at least M steps between two requests of a device.
+`rate`), and optionally `pace=X`: each device earns X * R requests per step (banking at most
+`burst`, default 1) and the gate picks when to spend them. Every policy takes `min_interval=M`:
+at least M steps between two requests of a device.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class StepView:
 # bundle arrives, not at every step) rather than splitting the arithmetic into tidy helpers.
 
 
+_ONE = 1.0 - 1e-9  # a request's cost in tokens, less a rounding margin (ten times 0.1 is 0.999...)
+
+
 class Policy:
     """Base class: per-device age since the last request, and the minimum interval between requests.
 
@@ -108,11 +113,15 @@ class Policy:
         self.holds = np.zeros(0, dtype=bool)  # (N,) the device holds a bundle
         self.all_hold = True  # every device holds one (the common case: skips a per-step check)
         self.rng = np.random.default_rng(0)
+        self.allowance = 0.0  # requests a device earns per step when paced (0: not paced)
+        self.burst = 1.0  # most requests a paced device can bank
+        self.tokens = np.zeros(0)  # (N,) requests each paced device has in hand
 
     def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
         """Fresh state for a fleet; `behaviour` (N, d) is what each enrolment bundle was generated at."""
         self.rng = np.random.default_rng(seed)
         self.age = np.zeros(n_devices, dtype=np.int64)
+        self.tokens = np.zeros(n_devices)  # a device has just enrolled: it starts with none in hand
         self.holds = np.full(n_devices, behaviour is not None)
         self.all_hold = behaviour is not None
 
@@ -136,12 +145,21 @@ class Policy:
             i = int(dev[0])
             age1 = int(self.age[i]) + 1
             want = self.want_one(view, i, age1) and age1 >= self.min_interval
+            if self.allowance:
+                tokens = min(float(self.tokens[i]) + self.allowance, self.burst)
+                want = want and tokens >= _ONE
+                self.tokens[i] = tokens - 1.0 if want else tokens
             self.age[i] = 0 if want else age1
             return np.array([want])
         age = self.age[dev] + 1
         request = self.want(view, age)
         if self.min_interval > 1:
             request &= age >= self.min_interval
+        if self.allowance:
+            tokens = np.minimum(self.tokens[dev] + self.allowance, self.burst)
+            request &= tokens >= _ONE
+            tokens[request] -= 1.0
+            self.tokens[dev] = tokens
         age[request] = 0
         self.age[dev] = age
         return request
@@ -225,19 +243,34 @@ class Gate(Policy):
 
     A device holding no bundle scores +inf (anything beats the base model). Until a threshold is
     set (`threshold=` or calibration to `rate=`), `decide` refuses to run.
+
+    Pacing (`pace=X`, with `rate=R`): each device earns X * R requests per step and banks at most
+    `burst` of them; the gate only decides *when* a device spends one. Without it, one threshold
+    for the whole fleet lets devices whose behaviour is always moving take most of the budget
+    while steadier devices keep a bundle from long ago.
     """
 
     primary = "rate"
-    params = {"threshold": float, "rate": float, "min_interval": int}
+    params = {"threshold": float, "rate": float, "min_interval": int, "pace": float, "burst": float}
 
-    def __init__(self, threshold: float | None = None, rate: float | None = None, min_interval: int = 1):
+    def __init__(self, threshold: float | None = None, rate: float | None = None, min_interval: int = 1,
+                 pace: float = 0.0, burst: float = 1.0):
         super().__init__(min_interval)
         if threshold is not None and rate is not None:
             raise InvalidInput("policy", f"{self.name}: give threshold or rate, not both")
         if rate is not None and not 0.0 < rate <= 1.0:
             raise InvalidInput("rate", f"must be in (0, 1], got {rate}")
+        if pace and rate is None:
+            raise InvalidInput("pace", f"{self.name}: pacing needs the fleet's rate (rate=R)")
+        if pace < 0 or (pace and pace * rate < 1e-6):  # type: ignore[operator]
+            raise InvalidInput("pace", f"must be positive, got {pace}")
+        if burst < 1.0:
+            raise InvalidInput("burst", f"must be >= 1 (a request costs one), got {burst}")
         self.threshold = threshold
         self.target_rate = rate
+        self.pace = pace
+        self.allowance = pace * rate if pace else 0.0  # type: ignore[operator]
+        self.burst = burst
         self.last_score = np.zeros(0)  # (n,) scores of the latest decision, kept for calibration
 
     def score(self, view: StepView, age: np.ndarray) -> np.ndarray:
@@ -265,7 +298,8 @@ class Gate(Policy):
         return s > self.threshold
 
     def describe(self) -> dict:
-        return {**super().describe(), "threshold": self.threshold, "target_rate": self.target_rate}
+        out = {**super().describe(), "threshold": self.threshold, "target_rate": self.target_rate}
+        return {**out, "pace": self.pace, "burst": self.burst} if self.pace else out
 
 
 class DriftGate(Gate):
@@ -276,8 +310,8 @@ class DriftGate(Gate):
     params = {**Gate.params, "metric": str}
 
     def __init__(self, threshold: float | None = None, rate: float | None = None, min_interval: int = 1,
-                 metric: str = "cosine"):
-        super().__init__(threshold, rate, min_interval)
+                 pace: float = 0.0, burst: float = 1.0, metric: str = "cosine"):
+        super().__init__(threshold, rate, min_interval, pace, burst)
         if metric not in ("cosine", "l2"):
             raise InvalidInput("metric", f"must be 'cosine' or 'l2', got {metric!r}")
         self.metric = metric
@@ -344,8 +378,8 @@ class LossGate(Gate):
     params = {**Gate.params, "decay": float}
 
     def __init__(self, threshold: float | None = None, rate: float | None = None, min_interval: int = 1,
-                 decay: float = 0.7):
-        super().__init__(threshold, rate, min_interval)
+                 pace: float = 0.0, burst: float = 1.0, decay: float = 0.7):
+        super().__init__(threshold, rate, min_interval, pace, burst)
         if not 0.0 <= decay < 1.0:
             raise InvalidInput("decay", f"must be in [0, 1), got {decay}")
         self.decay = decay
@@ -486,8 +520,9 @@ class IdealGate(Gate):
     params = {**Gate.params, "samples": int}
 
     def __init__(self, mapper: GaussianMapper, item_emb: np.ndarray, threshold: float | None = None,
-                 rate: float | None = None, min_interval: int = 1, samples: int = 8):
-        super().__init__(threshold, rate, min_interval)
+                 rate: float | None = None, min_interval: int = 1, pace: float = 0.0, burst: float = 1.0,
+                 samples: int = 8):
+        super().__init__(threshold, rate, min_interval, pace, burst)
         if samples < 1:
             raise InvalidInput("samples", f"must be >= 1, got {samples}")
         d = item_emb.shape[1]

@@ -296,6 +296,11 @@ def test_single_device_view():
     assert g.decide(v).tolist() == [False]
 
 
+def _paced(gate):
+    gate.threshold = 0.2  # as calibration would set it
+    return gate
+
+
 @pytest.mark.parametrize("make", [
     lambda: EveryK(3),
     lambda: RandomP(0.3),
@@ -303,9 +308,10 @@ def test_single_device_view():
     lambda: DriftGate(threshold=0.3),
     lambda: DriftGate(threshold=1.5, metric="l2", min_interval=2),
     lambda: LossGate(threshold=0.4),
+    lambda: _paced(DriftGate(rate=0.2, pace=1.5, burst=2.0)),
     lambda: IdealGate(_mapper(0.5, -2.0), np.random.default_rng(5).normal(size=(9, D_HIDDEN)).astype(np.float32),
                       threshold=0.05, samples=4),
-], ids=["every-k", "random-p", "always", "drift", "drift-l2", "loss", "ideal"])
+], ids=["every-k", "random-p", "always", "drift", "drift-l2", "loss", "drift-paced", "ideal"])
 def test_one_device_at_a_time_decides_as_the_fleet_does(make):
     """The scalar path for a single device (what a phone runs) agrees with the vectorised one."""
     rng = np.random.default_rng(0)
@@ -329,3 +335,22 @@ def test_one_device_at_a_time_decides_as_the_fleet_does(make):
         assert together.tolist() == alone
         fleet.applied(np.flatnonzero(together), b[together])
         single.applied(np.flatnonzero(together), b[together])
+
+
+def test_pacing_spreads_a_gates_requests_over_devices():
+    """A gate that always fires, paced at rate 0.1: every device requests once per 10 steps."""
+    g = DriftGate(rate=0.1, pace=1.0)
+    g.threshold = -1.0  # always above threshold
+    decisions = run_steps(g, 20, 50)
+    assert (decisions.sum(axis=0) == 5).all()  # each device: its allowance, no more
+    burst = DriftGate(rate=0.1, pace=1.0, burst=3.0)
+    burst.threshold = 10.0  # never fires for 30 steps ...
+    burst.start(1, 0, np.ones((1, D_HIDDEN)))
+    for _ in range(30):
+        assert not burst.decide(view(1))[0]
+    burst.threshold = -1.0  # ... then fires: the three banked requests go out back to back
+    assert [bool(burst.decide(view(1))[0]) for _ in range(5)] == [True, True, True, False, False]
+    with pytest.raises(InvalidInput, match="needs the fleet's rate"):
+        DriftGate(threshold=0.1, pace=1.0)
+    with pytest.raises(InvalidInput, match="burst"):
+        DriftGate(rate=0.1, pace=1.0, burst=0.5)
