@@ -178,8 +178,8 @@ class Trainer:
             seconds = time.perf_counter() - t0
             self.history[stage].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": score,
                                         "seconds": seconds})
-            log.info("%s epoch %d loss %.4f valid ndcg@10 %.4f (untrained %.4f, %.1fs)", stage, epoch,
-                     total / n_batches, score, untrained, seconds)
+            log.info("%s epoch %d loss %.4f valid ndcg@10 %.4f (best %.4f, at start %.4f, %.1fs)", stage, epoch,
+                     total / n_batches, score, max(best, score), untrained, seconds)
             if score > best:
                 best, best_state, bad = score, copy.deepcopy(selected.state_dict()), 0
             else:
