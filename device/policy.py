@@ -23,6 +23,8 @@ the policy's primary parameter, e.g. `every-k:10`, `random-p:0.1`, `drift:rate=0
   random-p:P    request with probability P after each step
   drift         distance between the behaviour embedding now and when the held bundle was
                 generated (`metric=cosine|l2`)
+  window        the share of the behaviour window (the generator's last `size` interactions) the
+                held bundle has not seen
   loss          the device model's recent loss (1 - NDCG of the rank it gave the item the user
                 took) since the held bundle arrived (`decay` of the running mean)
   ideal         IDEAL-style (Lv et al., WWW 2024): a distribution mapper turns what the device
@@ -67,13 +69,16 @@ class StepView:
     scores: np.ndarray  # (n, C) what the held parameters gave each candidate
     candidates: np.ndarray  # (n, C) int64 item ids
     observed: np.ndarray  # (n,) int64 column of the item the user took; -1 when it was not a candidate
+    seen: np.ndarray | None = None  # (n,) int64 interactions seen so far, the one just observed included
 
     @classmethod
-    def single(cls, behaviour, user_state, scores, candidates, observed: int = -1, device: int = 0) -> StepView:
+    def single(cls, behaviour, user_state, scores, candidates, observed: int = -1, device: int = 0,
+               seen: int | None = None) -> StepView:
         """One device's view from the outputs of one scoring call (1-D arrays)."""
         return cls(np.array([device], dtype=np.int64), np.asarray(behaviour, np.float32)[None],
                    np.asarray(user_state, np.float32)[None], np.asarray(scores, np.float32)[None],
-                   np.asarray(candidates, np.int64)[None], np.array([observed], dtype=np.int64))
+                   np.asarray(candidates, np.int64)[None], np.array([observed], dtype=np.int64),
+                   None if seen is None else np.array([seen], dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.devices)
@@ -117,8 +122,10 @@ class Policy:
         self.burst = 1.0  # most requests a paced device can bank
         self.tokens = np.zeros(0)  # (N,) requests each paced device has in hand
 
-    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
-        """Fresh state for a fleet; `behaviour` (N, d) is what each enrolment bundle was generated at."""
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None,
+              seen: np.ndarray | None = None) -> None:
+        """Fresh state for a fleet; `behaviour` (N, d) is what each enrolment bundle was generated at
+        and `seen` (N,) how many interactions each device had seen when it enrolled."""
         self.rng = np.random.default_rng(seed)
         self.age = np.zeros(n_devices, dtype=np.int64)
         self.tokens = np.zeros(n_devices)  # a device has just enrolled: it starts with none in hand
@@ -201,8 +208,9 @@ class EveryK(Policy):
             raise InvalidInput("phase", f"must be 'random' or '0', got {phase!r}")
         self.k, self.phase = k, phase
 
-    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
-        super().start(n_devices, seed, behaviour)
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None,
+              seen: np.ndarray | None = None) -> None:
+        super().start(n_devices, seed, behaviour, seen)
         if self.phase == "random":  # devices enrol at different times; their schedules are not aligned
             self.age = self.rng.integers(0, self.k, size=n_devices)
 
@@ -323,8 +331,9 @@ class DriftGate(Gate):
             ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
         return ref
 
-    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
-        super().start(n_devices, seed, behaviour)
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None,
+              seen: np.ndarray | None = None) -> None:
+        super().start(n_devices, seed, behaviour, seen)
         self.ref = np.zeros((n_devices, 0), np.float32) if behaviour is None else self._reference(behaviour)
 
     def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
@@ -354,6 +363,64 @@ class DriftGate(Gate):
 
     def describe(self) -> dict:
         return {**super().describe(), "metric": self.metric}
+
+
+class WindowGate(Gate):
+    """Share of the behaviour window the held bundle has not seen.
+
+    A bundle is a function of the window it was generated from (the last `size` interactions,
+    the generator's window). With `seen` interactions now and `seen_at` when the bundle was
+    asked for, min(seen - seen_at, size) of the min(seen, size) items in today's window are new
+    to it: early in a device's life a few interactions replace much of the window, later the same
+    number barely moves it, so requests come often at first and then at a steady pace. Needs
+    `StepView.seen`.
+    """
+
+    name = "window"
+    params = {**Gate.params, "size": int}
+
+    def __init__(self, threshold: float | None = None, rate: float | None = None, min_interval: int = 1,
+                 pace: float = 0.0, burst: float = 1.0, size: int = 50):
+        super().__init__(threshold, rate, min_interval, pace, burst)
+        if size < 1:
+            raise InvalidInput("size", f"must be >= 1, got {size}")
+        self.size = size
+        self.seen_now = np.zeros(0)  # (N,) interactions seen at the latest decision
+        self.seen_at = np.zeros(0)  # (N,) interactions seen when the held bundle was asked for; NaN: unknown
+
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None,
+              seen: np.ndarray | None = None) -> None:
+        super().start(n_devices, seed, behaviour, seen)
+        self.seen_now = np.zeros(n_devices)
+        # Unknown enrolment point: the device enrolled right before its first decision.
+        self.seen_at = np.full(n_devices, np.nan) if seen is None else np.asarray(seen, np.float64).copy()
+
+    def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
+        super().applied(devices, behaviour)
+        self.seen_at[devices] = self.seen_now[devices]
+
+    def score(self, view: StepView, age: np.ndarray) -> np.ndarray:
+        if view.seen is None:
+            raise InvalidInput("seen", "the window gate needs StepView.seen (interactions seen so far)")
+        dev, seen = view.devices, view.seen.astype(np.float64)
+        self.seen_now[dev] = seen
+        at = self.seen_at[dev]
+        at = np.where(np.isnan(at), seen - 1.0, at)
+        self.seen_at[dev] = at
+        return np.minimum(seen - at, self.size) / np.minimum(seen, self.size)
+
+    def score_one(self, view: StepView, device: int, age: int) -> float:
+        if view.seen is None:
+            raise InvalidInput("seen", "the window gate needs StepView.seen (interactions seen so far)")
+        seen = float(view.seen[0])
+        self.seen_now[device] = seen
+        at = float(self.seen_at[device])
+        if at != at:  # NaN: first decision, the device enrolled one interaction ago
+            at = self.seen_at[device] = seen - 1.0
+        return min(seen - at, self.size) / min(seen, self.size)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "size": self.size}
 
 
 def observed_loss(scores: np.ndarray, observed: np.ndarray) -> np.ndarray:
@@ -386,8 +453,9 @@ class LossGate(Gate):
         self.acc = np.zeros((0, 2))  # (N, 2): decayed sum of losses, decayed sum of weights
         self.gain = np.zeros(0)  # 1 - NDCG by rank, looked up instead of computed per step
 
-    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
-        super().start(n_devices, seed, behaviour)
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None,
+              seen: np.ndarray | None = None) -> None:
+        super().start(n_devices, seed, behaviour, seen)
         self.acc = np.zeros((n_devices, 2))
         self.gain = np.zeros(0)
 
@@ -540,8 +608,9 @@ class IdealGate(Gate):
         self.ref_term = np.zeros((0, d), np.float32)  # (N, d) ref @ W_diff - w_1
         self.draws = np.zeros((0, samples, d), np.float32)  # (N, S, d) standard normals
 
-    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None) -> None:
-        super().start(n_devices, seed, behaviour)
+    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None,
+              seen: np.ndarray | None = None) -> None:
+        super().start(n_devices, seed, behaviour, seen)
         d = self.item_emb.shape[1]
         self.ref = np.zeros((n_devices, d), np.float32)
         self.ref_term = np.zeros((n_devices, d), np.float32)
@@ -609,7 +678,7 @@ def item_embeddings(package) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (Never, Always, EveryK, RandomP, DriftGate, LossGate, IdealGate)
+    p.name: p for p in (Never, Always, EveryK, RandomP, DriftGate, WindowGate, LossGate, IdealGate)
 }
 GATES = tuple(name for name, cls in POLICIES.items() if issubclass(cls, Gate))
 
@@ -681,10 +750,13 @@ def parse_policy(text: str) -> PolicySpec:
 
 
 def build_policy(spec: PolicySpec, mapper: GaussianMapper | None = None,
-                 item_emb: np.ndarray | None = None) -> Policy:
-    """Instantiate a spec. The ideal gate needs the fitted mapper and the item embedding table."""
+                 item_emb: np.ndarray | None = None, window: int | None = None) -> Policy:
+    """Instantiate a spec. The ideal gate needs the fitted mapper and the item embedding table; the
+    window gate takes the generator's window length as its default `size`."""
     cls = POLICIES[spec.name]
     params = dict(spec.params)
+    if spec.name == "window" and "size" not in params and window:
+        params["size"] = window
     if spec.name == "every-k" and "k" not in params:
         raise InvalidInput("policy", f"{spec.text!r}: every-k needs k (every-k:10) or a --budget")
     if spec.name == "random-p" and "p" not in params:

@@ -16,6 +16,7 @@ from device.policy import (
     Never,
     RandomP,
     StepView,
+    WindowGate,
     build_policy,
     calibrate_threshold,
     fit_gaussian_mapper,
@@ -309,9 +310,10 @@ def _paced(gate):
     lambda: DriftGate(threshold=1.5, metric="l2", min_interval=2),
     lambda: LossGate(threshold=0.4),
     lambda: _paced(DriftGate(rate=0.2, pace=1.5, burst=2.0)),
+    lambda: WindowGate(threshold=0.3, size=6),
     lambda: IdealGate(_mapper(0.5, -2.0), np.random.default_rng(5).normal(size=(9, D_HIDDEN)).astype(np.float32),
                       threshold=0.05, samples=4),
-], ids=["every-k", "random-p", "always", "drift", "drift-l2", "loss", "drift-paced", "ideal"])
+], ids=["every-k", "random-p", "always", "drift", "drift-l2", "loss", "drift-paced", "window", "ideal"])
 def test_one_device_at_a_time_decides_as_the_fleet_does(make):
     """The scalar path for a single device (what a phone runs) agrees with the vectorised one."""
     rng = np.random.default_rng(0)
@@ -320,15 +322,15 @@ def test_one_device_at_a_time_decides_as_the_fleet_does(make):
     start = rng.normal(size=(n, D_HIDDEN)).astype(np.float32)
     fleet.start(n, 3, start)
     single.start(n, 3, start)
-    for _ in range(steps):
+    for step in range(steps):
         b = rng.normal(size=(n, D_HIDDEN)).astype(np.float32)
         v = StepView(np.arange(n), b, b, rng.normal(size=(n, 5)).astype(np.float32),
-                     rng.integers(1, 9, size=(n, 5)), rng.integers(-1, 5, size=n))
+                     rng.integers(1, 9, size=(n, 5)), rng.integers(-1, 5, size=n), np.full(n, 4 + step))
         together = fleet.decide(v)
         alone = []
         for i in range(n):
             one = StepView(np.array([i]), v.behaviour[i:i + 1], v.user_state[i:i + 1], v.scores[i:i + 1],
-                           v.candidates[i:i + 1], v.observed[i:i + 1])
+                           v.candidates[i:i + 1], v.observed[i:i + 1], v.seen[i:i + 1])
             alone.append(single.decide(one)[0])
             if hasattr(single, "last_score"):
                 assert single.last_score[0] == pytest.approx(fleet.last_score[i], rel=1e-4, abs=1e-6)
@@ -354,3 +356,31 @@ def test_pacing_spreads_a_gates_requests_over_devices():
         DriftGate(threshold=0.1, pace=1.0)
     with pytest.raises(InvalidInput, match="burst"):
         DriftGate(rate=0.1, pace=1.0, burst=0.5)
+
+
+def test_window_gate_measures_the_share_of_the_window_the_bundle_has_not_seen():
+    g = WindowGate(threshold=0.5, size=10)
+    g.start(2, 0, np.ones((2, D_HIDDEN)), seen=np.array([3, 30]))
+    v = view(2)
+    v.seen = np.array([4, 31])  # one new interaction each
+    assert g.score(v, np.ones(2, np.int64)) == pytest.approx([1 / 4, 1 / 10])
+    v.seen = np.array([6, 36])
+    assert g.score(v, np.ones(2, np.int64)) == pytest.approx([3 / 6, 6 / 10])
+    assert g.decide(v).tolist() == [False, True]
+    g.applied(np.array([1]), np.ones((1, D_HIDDEN)))
+    v.seen = np.array([7, 37])
+    assert g.score(v, np.ones(2, np.int64)) == pytest.approx([4 / 7, 1 / 10])  # device 1 starts over at 36
+    v.seen = np.array([50, 80])
+    assert g.score(v, np.ones(2, np.int64)) == pytest.approx([1.0, 1.0])  # the whole window is new
+    unknown = WindowGate(threshold=0.5, size=10)
+    unknown.start(1, 0, np.ones((1, D_HIDDEN)))  # enrolment point unknown: one interaction before
+    one = view(1)
+    one.seen = np.array([8])
+    assert unknown.score(one, np.ones(1, np.int64))[0] == pytest.approx(1 / 8)
+    with pytest.raises(InvalidInput, match="StepView.seen"):
+        unknown.score(view(1), np.ones(1, np.int64))
+
+
+def test_window_gate_takes_the_generators_window_as_its_default_size():
+    assert build_policy(parse_policy("window:threshold=0.2"), window=200).size == 200
+    assert build_policy(parse_policy("window:threshold=0.2,size=7"), window=200).size == 7

@@ -185,15 +185,15 @@ def test_base_start_scores_with_the_static_model_until_the_first_bundle(bundle, 
 
 @pytest.fixture(scope="module")
 def report(bundle, data):
-    cfg = SimulationConfig(policies=["never", "always", "every-k", "random-p", "drift", "loss", "ideal"],
+    cfg = SimulationConfig(policies=["never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal"],
                            budgets=[0.2], devices="all", n_negatives=20, progress=False)
     return simulate(bundle, data, cfg)
 
 
 def test_report_schema_and_bookkeeping(report):
     names = [p["name"] for p in report["policies"]]
-    assert names == ["never", "always", "every-k:k=5", "random-p:p=0.2", "drift:rate=0.2", "loss:rate=0.2",
-                     "ideal:rate=0.2"]
+    assert names == ["never", "always", "every-k:k=5", "random-p:p=0.2", "drift:rate=0.2", "window:rate=0.2",
+                     "loss:rate=0.2", "ideal:rate=0.2"]
     for p in report["policies"]:
         for m in ("ndcg@10", "hr@10", "auc"):
             assert set(p[m]) == {"value", "ci"} and p[m]["ci"][0] <= p[m]["value"] <= p[m]["ci"][1]
@@ -215,7 +215,7 @@ def test_report_schema_and_bookkeeping(report):
 
 def test_gates_are_calibrated_on_validation_devices(report):
     for p in report["policies"]:
-        if p["policy"] in ("drift", "loss", "ideal"):
+        if p["policy"] in ("drift", "window", "loss", "ideal"):
             assert p["validation"]["request_rate"] == pytest.approx(0.2, abs=0.03)
             assert p["policy_config"]["threshold"] == p["validation"]["threshold"]
     selected = report["selected_gates"][0]

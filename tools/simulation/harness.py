@@ -43,7 +43,7 @@ from tools.simulation.timelines import Timelines, build_timelines, split_devices
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLICIES = ("never", "always", "every-k", "random-p", "drift", "loss", "ideal")
+DEFAULT_POLICIES = ("never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal")
 
 
 @dataclass
@@ -165,7 +165,8 @@ class Simulation:
     def build(self, spec: PolicySpec) -> Policy:
         if spec.name == "ideal" and self.mapper is None:
             self.mapper = self.fit_mapper(min(self.cfg.budgets))
-        return build_policy(spec, self.mapper, self.valid.cache.item_emb)
+        window = self.bundle.generator.cfg.window if self.bundle.generator is not None else None
+        return build_policy(spec, self.mapper, self.valid.cache.item_emb, window)
 
     def calibrate(self, spec: PolicySpec) -> tuple[Policy, dict]:
         """Build a policy; a gate given a rate gets its threshold from replays on validation devices."""

@@ -93,7 +93,8 @@ def replay(policy: Policy, tl: Timelines, cache: StepCache, scorer: Scorer, sour
         raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     source = source or CacheSource(cache, tl.n_devices)
     source.reset(start)
-    policy.start(tl.n_devices, seed, cache.enrol_behaviour if start == "bundle" else None)
+    policy.start(tl.n_devices, seed, cache.enrol_behaviour if start == "bundle" else None,
+                 np.full(tl.n_devices, tl.warmup) if start == "bundle" else None)
     N = tl.n_steps
     metrics = {m: np.empty(N, dtype=np.float32) for m in METRICS}
     requested = np.zeros(N, dtype=bool)
@@ -113,7 +114,7 @@ def replay(policy: Policy, tl: Timelines, cache: StepCache, scorer: Scorer, sour
         for m, v in metrics_from_scores(scores).items():
             if m in metrics:
                 metrics[m][k] = v
-        view = StepView(rows[:n], behaviour, user, scores, candidates, observed[:n])
+        view = StepView(rows[:n], behaviour, user, scores, candidates, observed[:n], tl.t[k] + 1)
         want = policy.decide(view)
         if isinstance(policy, Gate):
             gate[k] = policy.last_score
