@@ -97,8 +97,7 @@ def device_section(doc: dict) -> str:
     for variant, by_batch in doc["torch_eager_latency_ms"].items():
         for label, m in by_batch.items():
             out.append(f"| PyTorch eager {variant} | {label} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} |")
-    apply = doc["apply_ms"]
-    mem = doc["memory"]
+    apply, mem, ad = doc["apply_ms"], doc["memory"], doc["adapter_mechanism"]
     out += ["", f"- ONNX Runtime vs PyTorch eager, 1 user x 101: **{doc['ort_vs_torch_speedup']:.2f}x** faster "
             f"(by batch: {', '.join(f'{k} {v:.2f}x' for k, v in doc['ort_vs_torch_speedup_by_batch'].items())}); "
             f"max |ORT - torch| = {doc['max_abs_diff_ort_vs_torch']:.2e}.",
@@ -109,16 +108,24 @@ def device_section(doc: dict) -> str:
             f"- Package {doc['package_bytes'] / 1e6:.2f} MB (model.onnx {doc['model_onnx_bytes'] / 1e6:.2f} MB); "
             f"slimmed@0.5 graph {doc['slimmed_size_ratio']:.2f}x the size, latency ratio "
             f"{', '.join(f'{k} {v:.2f}x' for k, v in doc['slimmed_latency_ratio'].items())}.",
-            f"- Resident memory: {json.dumps(mem)}.",
-            f"- Bundle on the wire ({doc['encoding']}): {doc['bundle_wire_bytes']}.",
-            f"- Adapter mechanism: {json.dumps(doc['adapter_mechanism'])}."]
+            f"- Resident memory of a device process (no torch): {mem['rss_after_imports_mb']:.1f} MB after imports, "
+            f"{mem['rss_package_loaded_mb']:.1f} MB with the package loaded, "
+            f"{mem['rss_with_slimmed_session_mb']:.1f} MB with a slimmed session beside it.",
+            f"- Bundle on the wire ({doc['encoding']}): {doc['bundle_wire_bytes']['plain']} bytes, "
+            f"{doc['bundle_wire_bytes']['with_masks']} with 0.5 masks.",
+            f"- Adapter mechanism, measured both ways: graph inputs apply p50 "
+            f"{ad['apply_graph_inputs']['p50_ms'] * 1000:.1f} us and score 1x101 p50 "
+            f"{ad['score_1x101_graph_inputs']['p50_ms']:.3f} ms; ONNX Runtime's native LoRA API apply p50 "
+            f"{ad['apply_native_lora']['p50_ms'] * 1000:.0f} us, p99 {ad['apply_native_lora']['p99_ms']:.2f} ms and "
+            f"score p50 {ad['score_1x101_native_lora']['p50_ms']:.3f} ms (identical scores). Chosen: {ad['choice']}"]
     return "\n".join(out) + "\n" + note("device")
 
 
 def service_section(doc: dict) -> str:
-    out = ["## Cloud service (gRPC)", "", "Command: `python tools/bench_service.py`"
-           + (f" (soak: `--soak-only --soak-seconds {doc['settings']['soak_seconds']:.0f}`)" if "soak" in doc else ""),
-           "", f"Settings: {doc['settings']}.", "",
+    model = doc["model"]
+    out = ["## Cloud service (gRPC)", "", f"Model: `{model['model_id']}` {model['base_version']}, generator width "
+           f"{model['generator']['width']}, {model['generated_parameters_per_bundle']} generated parameters per "
+           f"bundle. Settings: {doc['settings']}.", "",
            "| concurrency | Generate /s | p50 ms | p99 ms | mean batch | echo /s | echo p50 ms |",
            "|---|---|---|---|---|---|---|"]
     echo = {e["concurrency"]: e for e in doc["echo"]}
