@@ -598,7 +598,6 @@ class IdealGate(Gate):
             raise InvalidInput("mapper", f"expects hidden size {mapper.hidden}, items have {d}")
         self.mapper, self.samples = mapper, samples
         self.item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)  # (n_items + 1, d)
-        self.item_emb_t = np.ascontiguousarray(self.item_emb.T)  # (d, n_items + 1) for one device's scores
         w = mapper.w_mean.astype(np.float32)
         self.w_diff, self.w_b = w[:d], w[:d] + w[d:2 * d]  # (d, d) each
         self.w_const = w[2 * d]  # (d,)
@@ -649,7 +648,8 @@ class IdealGate(Gate):
         diff = b - self.ref[device]  # (d,)
         mean = b @ self.w_b - self.ref_term[device]  # (d,)
         sd = self.sd_scale * (float(diff @ diff) + _EPS) ** self.sd_exp  # (d,)
-        moved = (mean + sd * self.draws[device]) @ self.item_emb_t.take(view.candidates[0], axis=1)  # (S, C)
+        emb = self.item_emb.take(view.candidates[0], axis=0)  # (C, d)
+        moved = (mean + sd * self.draws[device]) @ emb.T  # (S, C)
         p = np.exp(s - s.max())
         p /= p.sum()  # (C,)
         q = p * np.exp(np.minimum(moved, 60.0))

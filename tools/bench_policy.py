@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from a checkout
 
 from device.policy import (  # noqa: E402
+    Gate,
     GaussianMapper,
     IdealGate,
     Policy,
@@ -35,8 +36,8 @@ from device.policy import (  # noqa: E402
     parse_policy,
 )
 
-POLICIES = ("never", "always", "every-k:10", "random-p:0.1", "drift:threshold=0.3", "loss:threshold=3",
-            "ideal:threshold=0.1")
+POLICIES = ("never", "always", "every-k:10", "random-p:0.1", "drift:threshold=0.3", "window:threshold=0.3",
+            "loss:threshold=0.5", "ideal:threshold=0.1", "drift:rate=0.1,pace=1.5")
 
 
 def timed(fn, repeats: int) -> np.ndarray:
@@ -58,7 +59,9 @@ def stats_us(seconds: np.ndarray) -> dict:
 
 def make_policy(text: str, mapper: GaussianMapper, emb: np.ndarray, n: int, d: int) -> Policy:
     policy = build_policy(parse_policy(text), mapper, emb)
-    policy.start(n, 0, np.random.default_rng(1).normal(size=(n, d)).astype(np.float32))
+    if isinstance(policy, Gate) and policy.threshold is None:
+        policy.threshold = 0.1  # as calibration would set it; the cost does not depend on the value
+    policy.start(n, 0, np.random.default_rng(1).normal(size=(n, d)).astype(np.float32), np.full(n, 5))
     return policy
 
 
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     else:  # any fitted mapper of the right shape costs the same to apply
         x = rng.normal(size=(512, d)).astype(np.float32)
         mapper = fit_gaussian_mapper(x, x + rng.normal(size=x.shape).astype(np.float32), rng.normal(size=x.shape))
-    views = [StepView.single(o[2][0], o[1][0], o[0][0], candidates[i], observed=int(rng.integers(0, 101)))
+    views = [StepView.single(o[2][0], o[1][0], o[0][0], candidates[i], observed=int(rng.integers(0, 101)),
+                             seen=len(histories[i]))
              for i, o in enumerate(outs)]
 
     report: dict = {
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                          np.concatenate([views[r].user_state for r in rows]),
                          np.concatenate([views[r].scores for r in rows]),
                          np.concatenate([views[r].candidates for r in rows]),
-                         np.concatenate([views[r].observed for r in rows]))
+                         np.concatenate([views[r].observed for r in rows]),
+                         np.concatenate([views[r].seen for r in rows]))
         batched = timed(lambda i, p=big, v=batch: p.decide(v), 50) / fleet
         s = stats_us(cost)
         report["policies"][text] = {
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "batched_per_device_us": stats_us(batched)["p50"],
             **({"samples": policy.samples} if isinstance(policy, IdealGate) else {}),
         }
-    gates = {k: v for k, v in report["policies"].items() if k.split(":")[0] in ("drift", "loss", "ideal")}
+    gates = {k: v for k, v in report["policies"].items() if k.split(":")[0] in ("drift", "window", "loss", "ideal")}
     report["bar"] = {"gate_under_10_percent_of_scoring": all(v["fraction_of_scoring_call"] < 0.10
                                                               for v in gates.values()),
                      "worst_gate": max(gates, key=lambda k: gates[k]["fraction_of_scoring_call"])}
