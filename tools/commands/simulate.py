@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--out", metavar="DIR", default=None, help="write simulation-<dataset>.json and PNG plots here")
+    p.add_argument("--suffix", default="", help="appended to the output file names (e.g. -all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     )
     report = run_simulation(bundle, data, cfg, mode=args.mode, server=args.server, model_dir=args.model)
     if args.out:
-        suffix = "-network" if args.mode == "network" else ""
+        suffix = ("-network" if args.mode == "network" else "") + args.suffix
         path = write_json(report, f"{args.out}/simulation-{data.name}{suffix}.json")
         report["files"] = [str(path)] + [str(f) for f in plot(report, args.out, suffix)]
         write_json(report, path)
