@@ -4,7 +4,8 @@
 
 1. finds ml-100k: `--data`, else `$PARAMCAST_DATA`, else `../shared/data`, else downloads it from
    GroupLens (md5 checked);
-2. trains a small device model and its generator (users held out of training become the devices);
+2. trains the device model and its generator with `paramcast train`'s defaults (40% of the users
+   are held out of training and become the devices);
 3. exports the ONNX device package;
 4. starts `paramcast serve` on loopback;
 5. replays every held-out user as a device - each one a gRPC client - under never, always,
@@ -22,6 +23,7 @@ import os
 from pathlib import Path
 
 DATASET = "ml-100k"
+COLD_FRACTION = 0.4  # users held out of training; a third calibrate the gates, the rest are the test devices
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,9 +38,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", nargs="+", type=float, default=[0.1], metavar="RATE",
                    help="request budgets to compare the policies at (default 0.1)")
     p.add_argument("--max-steps", type=int, default=50, help="steps replayed per device (default 50)")
+    p.add_argument("--users", type=int, default=None, metavar="N", help="at most N devices (default: all held out)")
+    p.add_argument("--epochs", type=int, default=200, help="static-stage epoch cap (early stopping decides)")
+    p.add_argument("--gen-epochs", type=int, default=30, help="generator-stage epoch cap")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def train_command(argv: list[str]) -> None:
+    """Run `paramcast train` in this process with its own defaults: the demo's model is what the
+    documented command trains."""
+    from tools.commands import train
+
+    parser = argparse.ArgumentParser(prog="paramcast")
+    train.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", *argv])
+    args.func(args)
 
 
 def find_data(explicit: str | None, fetch_to: Path) -> Path:
@@ -70,10 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from cloud.checkpoint import load_bundle, save_bundle
+    from cloud.checkpoint import load_bundle
     from cloud.export import export_package
-    from cloud.model import DeviceModelConfig
-    from cloud.train import TrainConfig, train
     from common.data import load_interactions
     from tools.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
     from tools.simulation.report import plot, table, write_json
@@ -82,21 +96,18 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    data = load_interactions(find_data(args.data, out / "data"))
+    data_dir = find_data(args.data, out / "data")
+    data = load_interactions(data_dir)
     model_dir = out / "model"
     progress = not args.no_progress
 
     if args.retrain or not (model_dir / "bundle.pt").is_file():
-        print(f"[1/3] training a small model on {data.name} ({data.n_users} users, {data.n_interactions:,} "
-              "interactions); 40% of the users are held out to become the simulated devices", flush=True)
-        bundle = train(
-            data, str(model_dir),
-            DeviceModelConfig(n_items=data.n_items, hidden=32, ffn_units=32, head_units=64, max_len=50),
-            TrainConfig(epochs=60, patience=5, gen_epochs=15, gen_patience=4, cold_fraction=0.4,
-                        threads=args.threads, progress=progress),
-            {"width": 64, "window": 50},
-        )
-        save_bundle(bundle, model_dir)
+        print(f"[1/3] `paramcast train` on {data.name} ({data.n_users} users, {data.n_interactions:,} interactions); "
+              f"{COLD_FRACTION:.0%} of the users are held out to become the simulated devices", flush=True)
+        train_command(["--data", str(data_dir), "--out", str(model_dir), "--cold-fraction", str(COLD_FRACTION),
+                       "--epochs", str(args.epochs), "--gen-epochs", str(args.gen_epochs),
+                       "--threads", str(args.threads)] + ([] if progress else ["--no-progress"]))
+        bundle = load_bundle(model_dir)
         export_package(bundle, model_dir / "package")
     else:
         print(f"[1/3] reusing the model in {model_dir} (--retrain to train again)", flush=True)
@@ -106,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     print("[2/3] starting `paramcast serve` on loopback and replaying the held-out users as gRPC devices",
           flush=True)
     cfg = SimulationConfig(policies=list(DEFAULT_POLICIES), budgets=args.budget, valid_fraction=1 / 3,
-                           max_steps=args.max_steps, progress=progress)
+                           max_steps=args.max_steps, users=args.users, progress=progress)
     report = run_simulation(bundle, data, cfg, mode="network", model_dir=str(model_dir),
                             serve_threads=max(1, args.threads or 1))
 
