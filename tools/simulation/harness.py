@@ -175,8 +175,13 @@ class Simulation:
             return policy, {}
         t0 = time.perf_counter()
         target = float(policy.target_rate)  # type: ignore[arg-type]
-        policy.threshold = float("inf")  # never requests: gate scores of growing staleness
-        hint = self.replay(policy, self.valid, f"{spec.text} (calibration)").gate
+        # Bracket the search with the scores a gate sees when it never requests (staleness keeps
+        # growing) and when it always does (scores right after a fresh bundle).
+        hints = []
+        for bound in (float("inf"), -float("inf")):
+            policy.threshold = bound
+            hints.append(self.replay(policy, self.valid, f"{spec.text} (calibration)").gate)
+        hint = np.concatenate(hints)
 
         def rate_at(threshold: float) -> float:
             policy.threshold = threshold
