@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cloud.checkpoint import ModelBundle
 from common.errors import InvalidInput
@@ -201,19 +202,21 @@ class Simulation:
     def entries(self, source_for_test=None) -> list[Entry]:
         """Every (spec, budget) run on the test devices."""
         out = []
-        for spec in self.specs:
-            budgets: list[float | None] = list(self.cfg.budgets) if spec.rate_free else [None]
-            for budget in budgets:
-                s = spec.at_budget(budget) if budget is not None else spec
-                policy, valid = self.calibrate(s)
-                source = source_for_test() if source_for_test else None
-                run = self.replay(policy, self.test, s.text, source)
-                if source is not None and hasattr(source, "stats"):  # network mode: what crossed the wire
-                    run.extra["network"] = source.stats.summary()
-                    run.extra["bytes_per_device"] = source.received_bytes.astype(np.float64)
-                out.append(Entry(s, budget if budget is not None else _spec_rate(s), run, valid))
-                log.info("%-28s rate %.4f ndcg@10 %.4f (%.1fs)", s.text, run.request_rate,
-                         run.per_device(self.test.tl)["ndcg@10"].mean(), run.seconds)
+        todo = [(spec, budget) for spec in self.specs
+                for budget in (list(self.cfg.budgets) if spec.rate_free else [None])]
+        bar = tqdm(todo, desc="policies", unit="policy", disable=not self.cfg.progress)
+        for spec, budget in bar:
+            s = spec.at_budget(budget) if budget is not None else spec
+            bar.set_postfix_str(s.text)
+            policy, valid = self.calibrate(s)
+            source = source_for_test() if source_for_test else None
+            run = self.replay(policy, self.test, s.text, source)
+            if source is not None and hasattr(source, "stats"):  # network mode: what crossed the wire
+                run.extra["network"] = source.stats.summary()
+                run.extra["bytes_per_device"] = source.received_bytes.astype(np.float64)
+            out.append(Entry(s, budget if budget is not None else _spec_rate(s), run, valid))
+            log.info("%-28s rate %.4f ndcg@10 %.4f (%.1fs)", s.text, run.request_rate,
+                     run.per_device(self.test.tl)["ndcg@10"].mean(), run.seconds)
         return out
 
     def run(self, source_for_test=None) -> dict:
