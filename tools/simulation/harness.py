@@ -36,6 +36,7 @@ from device.policy import (
     build_policy,
     calibrate_threshold,
     fit_gaussian_mapper,
+    format_spec,
     parse_policy,
 )
 from tools.simulation.cache import Scorer, StepCache, precompute
@@ -289,6 +290,8 @@ def build_report(sim: Simulation, entries: list[Entry]) -> dict:
         row = {
             "name": e.spec.text,
             "policy": e.spec.name,
+            "family": format_spec(e.spec.name, {k: v for k, v in e.spec.params.items()
+                                                if k not in ("rate", "k", "p", "threshold")}),
             "budget": e.budget,
             "request_rate": e.run.request_rate,
             "request_rate_ci": list(bootstrap_ci(pd["requests"], seed=sim.cfg.seed)),

@@ -82,8 +82,8 @@ def plot(report: dict, out_dir: str | Path, suffix: str = "") -> list[Path]:
     files = []
     families: dict[str, list[dict]] = {}
     for p in report["policies"]:
-        families.setdefault(p["policy"], []).append(p)
-    colors = {f: f"C{i}" for i, f in enumerate(families)}
+        families.setdefault(p.get("family", p["policy"]), []).append(p)
+    colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
     budgets = sorted({p["budget"] for p in report["policies"] if p["budget"] is not None})
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -108,7 +108,7 @@ def plot(report: dict, out_dir: str | Path, suffix: str = "") -> list[Path]:
         ax.set_ylabel(f"{label} (test devices, 95% CI)")
     axes[0].set_title(f"{name}: quality against request rate")
     axes[1].set_title("gain over never, paired over devices")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     files.append(out_dir / f"simulation-{name}{suffix}-quality-vs-rate.png")
     fig.savefig(files[-1], dpi=120)
@@ -124,10 +124,10 @@ def plot(report: dict, out_dir: str | Path, suffix: str = "") -> list[Path]:
             if p["budget"] not in (budget, None):
                 continue
             series = report["over_time"][p["name"]]
-            top.plot(series["step"], series["ndcg@10"], label=p["name"], linewidth=1, color=colors[p["policy"]])
+            color = colors[p.get("family", p["policy"])]
+            top.plot(series["step"], series["ndcg@10"], label=p["name"], linewidth=1, color=color)
             if base is not None:
-                bottom.plot(series["step"], np.subtract(series["ndcg@10"], base), linewidth=1,
-                            color=colors[p["policy"]])
+                bottom.plot(series["step"], np.subtract(series["ndcg@10"], base), linewidth=1, color=color)
         top.set_title(f"{name}: budget {budget:g}" if budget is not None else name)
         top.set_ylabel("NDCG@10 (devices at that step)")
         bottom.set_ylabel("NDCG@10 - never at that step")
