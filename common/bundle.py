@@ -288,6 +288,31 @@ def payload_checksum(
 # ---------------------------------------------------------------------------------------------
 
 
+def _normalised(factors: dict, masks: dict, batch: int | None) -> tuple[dict, dict]:
+    """float32 contiguous factor pairs and bool masks, shape-checked; `batch` = n adds a leading axis of n."""
+    lead = () if batch is None else (batch,)
+    k = len(lead)
+    want_a, want_b = ("(d, r)", "(r, k)") if batch is None else (f"({batch}, d, r)", f"({batch}, r, k)")
+    out_factors = {}
+    for slot, pair in factors.items():
+        if len(pair) != 2:
+            raise InvalidInput(f"factors[{slot!r}]", "expected a pair (A, B)")
+        a = np.ascontiguousarray(pair[0], dtype=np.float32)
+        b = np.ascontiguousarray(pair[1], dtype=np.float32)
+        if (a.ndim != 2 + k or b.ndim != 2 + k or a.shape[:k] != lead or b.shape[:k] != lead
+                or a.shape[k + 1] != b.shape[k]):
+            raise InvalidInput(f"factors[{slot!r}]", f"expected A {want_a} and B {want_b}, got {a.shape} and {b.shape}")
+        out_factors[slot] = (a, b)
+    out_masks = {}
+    for group, mask in masks.items():
+        mask = np.asarray(mask)
+        if mask.ndim != 1 + k or mask.shape[:k] != lead:
+            want = "a 1-D array" if batch is None else f"({batch}, n_units)"
+            raise InvalidInput(f"masks[{group!r}]", f"expected {want}, got shape {mask.shape}")
+        out_masks[group] = mask.astype(bool)
+    return out_factors, out_masks
+
+
 @dataclass
 class DeltaBundle:
     """A generated update for one device, valid only on (model_id, base_version).
@@ -307,25 +332,7 @@ class DeltaBundle:
 
     def __post_init__(self) -> None:
         # Normalise once here so every consumer can rely on float32 factors and bool masks.
-        factors = {}
-        for slot, pair in self.factors.items():
-            if len(pair) != 2:
-                raise InvalidInput(f"factors[{slot!r}]", "expected a pair (A, B)")
-            a = np.ascontiguousarray(pair[0], dtype=np.float32)
-            b = np.ascontiguousarray(pair[1], dtype=np.float32)
-            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-                raise InvalidInput(
-                    f"factors[{slot!r}]", f"expected A (d, r) and B (r, k), got {a.shape} and {b.shape}"
-                )
-            factors[slot] = (a, b)
-        self.factors = factors
-        masks = {}
-        for group, mask in self.masks.items():
-            mask = np.asarray(mask)
-            if mask.ndim != 1:
-                raise InvalidInput(f"masks[{group!r}]", f"expected a 1-D array, got shape {mask.shape}")
-            masks[group] = mask.astype(bool)
-        self.masks = masks
+        self.factors, self.masks = _normalised(self.factors, self.masks, batch=None)
 
     def n_parameters(self) -> int:
         """Number of generated factor values (entries of every A and B); mask bits not counted."""
@@ -385,24 +392,7 @@ class BundleBatch:
         if len(self.created_at_ms) != n or len(self.expires_at_ms) != n:
             raise InvalidInput("bundle_ids", f"{n} ids but {len(self.created_at_ms)} creation and "
                                              f"{len(self.expires_at_ms)} expiry times")
-        factors = {}
-        for slot, pair in self.factors.items():
-            if len(pair) != 2:
-                raise InvalidInput(f"factors[{slot!r}]", "expected a pair (A, B)")
-            a = np.ascontiguousarray(pair[0], dtype=np.float32)
-            b = np.ascontiguousarray(pair[1], dtype=np.float32)
-            if a.ndim != 3 or b.ndim != 3 or a.shape[2] != b.shape[1] or a.shape[0] != n or b.shape[0] != n:
-                raise InvalidInput(f"factors[{slot!r}]", f"expected A ({n}, d, r) and B ({n}, r, k), "
-                                                         f"got {a.shape} and {b.shape}")
-            factors[slot] = (a, b)
-        self.factors = factors
-        masks = {}
-        for group, mask in self.masks.items():
-            mask = np.asarray(mask)
-            if mask.ndim != 2 or mask.shape[0] != n:
-                raise InvalidInput(f"masks[{group!r}]", f"expected ({n}, n_units), got shape {mask.shape}")
-            masks[group] = mask.astype(bool)
-        self.masks = masks
+        self.factors, self.masks = _normalised(self.factors, self.masks, batch=n)
 
     @classmethod
     def fresh(cls, model_id: str, base_version: str, factors: dict[str, tuple[np.ndarray, np.ndarray]],
