@@ -45,7 +45,8 @@ from tools.simulation.timelines import Timelines, build_timelines, split_devices
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLICIES = ("never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal")
+DEFAULT_POLICIES = ("never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal",
+                    "window:pace=1.5,burst=3")
 
 
 @dataclass
@@ -378,9 +379,14 @@ def check_bars(entries: list[Entry], policies: list[dict], paired: list[dict], s
         return {"budget": 0.1, "evaluated": False, "why": "no gate ran at a 0.1 budget"}
     row = next(p for p in policies if p["name"] == pick["name"])
     out: dict = {"budget": 0.1, "evaluated": True, "gate": pick["name"], "request_rate": row["request_rate"]}
+    fresh = next((p for p in paired if p["a"] == "always" and p["b"] == "never"), None)
+    if fresh is not None:
+        # A share of a gain only means something when there is a gain: always must beat never.
+        out["always_minus_never"] = fresh["ndcg@10"]
+        out["gain_significant"] = fresh["ndcg@10"]["ci"][0] > 0
     if "gain_kept" in row:
         out["gain_kept"] = row["gain_kept"]
-        out["keeps_90_percent"] = row["gain_kept"]["value"] >= 0.9
+        out["keeps_90_percent"] = row["gain_kept"]["value"] >= 0.9 and bool(out.get("gain_significant"))
     for baseline in ("random-p", "every-k"):
         d = next((p for p in paired if p["a"] == pick["name"] and p["b"].startswith(baseline)), None)
         if d is not None:

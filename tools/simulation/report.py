@@ -18,8 +18,10 @@ def table(report: dict) -> str:
     """The policy table as aligned text, then the bar check and throughput."""
     head = ("policy", "req/step", "bytes/device", "NDCG@10 [95% CI]", "HR@10", "AUC", "gain kept")
     rows = []
+    fresh = next((d for d in report.get("paired", []) if d["a"] == "always" and d["b"] == "never"), None)
+    gain_is_real = fresh is not None and fresh["ndcg@10"]["ci"][0] > 0
     for p in report["policies"]:
-        kept = p.get("gain_kept")
+        kept = p.get("gain_kept") if gain_is_real else None
         rows.append((
             p["name"], f"{p['request_rate']:.4f}", f"{p['bytes_per_device']:,.0f}", _ci(p["ndcg@10"]),
             f"{p['hr@10']['value']:.4f}", f"{p['auc']['value']:.4f}",
@@ -37,13 +39,16 @@ def table(report: dict) -> str:
     for pair in report["paired"]:
         if pair["why"].startswith("gate vs"):
             lines.append(f"  {pair['a']} - {pair['b']}: NDCG@10 {_ci(pair['ndcg@10'])}")
+    if fresh is not None:
+        lines.append(f"  always - never: NDCG@10 {_ci(fresh['ndcg@10'])}" +
+                     ("" if gain_is_real else " (no significant gain from fresh bundles, so no 'gain kept' column)"))
     bars = report.get("bars", {})
     if bars.get("evaluated"):
         parts = [f"gate selected on validation at 10%: {bars['gate']} (test rate {bars['request_rate']:.4f})"]
-        if "gain_kept" in bars and math.isfinite(bars["gain_kept"]["value"]):
+        if "gain_kept" in bars and gain_is_real:
             parts.append(f"keeps {_ci(bars['gain_kept'])} of always-over-never")
         elif "gain_kept" in bars:
-            parts.append("always and never tie, so there is no gain to keep")
+            parts.append("always does not beat never, so there is no gain to keep")
         for b in ("random-p", "every-k"):
             if f"beats_{b}" in bars:
                 ok = bars[f"beats_{b}"]["ci_above_zero"]
