@@ -15,7 +15,7 @@ from cloud.generator import Generator, GeneratorConfig
 from cloud.model import DeviceModel, DeviceModelConfig, left_pad
 from common.evaluation import metrics_from_scores
 from common.interactions import InteractionLog
-from device.policy import Always, DriftGate, EveryK, Never, RandomP, parse_policy
+from device.policy import Always, DriftGate, EveryK, GaussianMapper, Never, RandomP, parse_policy
 from tools.simulation.cache import FactorTable, Scorer, precompute
 from tools.simulation.harness import Simulation, SimulationConfig, simulate
 from tools.simulation.replay import replay
@@ -280,15 +280,18 @@ def test_simulate_command_writes_report_and_plots(bundle, data, tmp_path, capsys
     pairs.write_text("".join(f"{u + 1} {i}\n" for u, seq in enumerate(data.sequences) for i in seq))
     out = tmp_path / "out"
     code = main(["simulate", "--model", str(model_dir), "--data", str(pairs), "--policy", "never", "always",
-                 "random-p", "drift:rate=0.3,min_interval=2", "--budget", "0.3", "--out", str(out), "--no-progress",
-                 "--threads", "1", "--devices", "all"])
+                 "random-p", "drift:rate=0.3,min_interval=2", "ideal", "--budget", "0.3", "--out", str(out),
+                 "--no-progress", "--threads", "1", "--devices", "all"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "random-p:p=0.3" in printed and "drift:rate=0.3,min_interval=2" in printed
     doc = json.loads((out / "simulation-synthetic.json").read_text())
     assert {p["name"] for p in doc["policies"]} == {"never", "always", "random-p:p=0.3",
-                                                    "drift:rate=0.3,min_interval=2"}
+                                                    "drift:rate=0.3,min_interval=2", "ideal:rate=0.3"}
     assert (out / "simulation-synthetic-quality-vs-rate.png").is_file()
+    mapper = GaussianMapper.load(out / "ideal-mapper-synthetic.npz")  # what a device would load for the gate
+    assert mapper.w_mean.shape == (2 * bundle.device.cfg.hidden + 1, bundle.device.cfg.hidden)
+    assert str(out / "ideal-mapper-synthetic.npz") in doc["files"]
     assert parse_policy(doc["policies"][3]["name"]).params["min_interval"] == 2
 
 

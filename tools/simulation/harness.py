@@ -400,15 +400,20 @@ def simulate(bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig, s
 
 
 def run_simulation(bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig, mode: str = "inprocess",
-                   server: str | None = None, model_dir: str | None = None, serve_threads: int = 1) -> dict:
+                   server: str | None = None, model_dir: str | None = None, serve_threads: int = 1,
+                   keep_mapper: list | None = None) -> dict:
     """`simulate` in either mode. Network mode replays the test devices as gRPC clients of `server`, or
     of a `paramcast serve --model model_dir` started on loopback for the run (calibration on
-    validation devices stays in-process: it is offline tuning, not device traffic)."""
+    validation devices stays in-process: it is offline tuning, not device traffic). The fitted
+    IDEAL mapper, if any, is appended to `keep_mapper`."""
     if mode not in ("inprocess", "network"):
         raise InvalidInput("mode", f"must be 'inprocess' or 'network', got {mode!r}")
     sim = Simulation(bundle, data, cfg, test_bundles=mode == "inprocess")
     if mode == "inprocess":
-        return sim.run()
+        report = sim.run()
+        if keep_mapper is not None and sim.mapper is not None:
+            keep_mapper.append(sim.mapper)
+        return report
     from tools.simulation.network import NetworkSource, ServeProcess
 
     if bundle.generator is None:
@@ -434,4 +439,6 @@ def run_simulation(bundle: ModelBundle, data: InteractionLog, cfg: SimulationCon
             proc.stop()
     report["network"] = {"server": server, "started_server": proc is not None,
                          "devices": sim.test.tl.n_devices, "clients": sim.test.tl.n_devices}
+    if keep_mapper is not None and sim.mapper is not None:
+        keep_mapper.append(sim.mapper)
     return report
