@@ -142,6 +142,6 @@ def plot(report: dict, out_dir: str | Path, suffix: str = "") -> list[Path]:
         top.legend(fontsize=7)
     fig.tight_layout()
     files.append(out_dir / f"simulation-{name}{suffix}-quality-over-time.png")
-    fig.savefig(files[-1], dpi=120)
+    fig.savefig(files[-1], dpi=80)  # many thin lines: a lower resolution keeps the file small and readable
     plt.close(fig)
     return files
