@@ -54,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import shlex
     import sys
 
     import torch
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     mapper: list = []
     report = run_simulation(bundle, data, cfg, mode=args.mode, server=args.server, model_dir=args.model,
                             keep_mapper=mapper)
+    report["command"] = "paramcast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:
         suffix = ("-network" if args.mode == "network" else "") + args.suffix
         path = write_json(report, f"{args.out}/simulation-{data.name}{suffix}.json")
