@@ -9,8 +9,8 @@
 3. exports the ONNX device package;
 4. starts `paramcast serve` on loopback;
 5. replays every held-out user as a device - each one a gRPC client - under never, always,
-   every-k, random-p and the drift, loss and IDEAL-style gates at a 10% request budget (gate
-   thresholds calibrated on validation devices), each device's first 50 steps;
+   every-k, random-p and the drift, window, loss and IDEAL-style gates at a 10% request budget
+   (gate thresholds calibrated on validation devices), each device's first 50 steps;
 6. prints the policy table and where the JSON report and plots are.
 
 A second run reuses the trained model in OUT/model (`--retrain` trains again).
