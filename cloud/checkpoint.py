@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from cloud.generator import Generator, GeneratorConfig
-from cloud.model import DeviceModel, DeviceModelConfig
-from common.errors import ModelNotFound
+from paramcast.cloud.generator import Generator, GeneratorConfig
+from paramcast.cloud.model import DeviceModel, DeviceModelConfig
+from paramcast.common.errors import ModelNotFound
 
 FORMAT_VERSION = 1
 

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cloud.checkpoint import ModelBundle
-from cloud.generation import generate_parameters
-from cloud.model import left_pad
-from common.bundle import dequantize, quantize
-from common.evaluation import (
+from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.generation import generate_parameters
+from paramcast.cloud.model import left_pad
+from paramcast.common.bundle import dequantize, quantize
+from paramcast.common.evaluation import (
     LeaveOneOut,
     full_ranking_scores,
     metrics_from_scores,
@@ -30,7 +30,7 @@ from common.evaluation import (
     sample_negatives,
     summarize,
 )
-from common.interactions import InteractionLog
+from paramcast.common.interactions import InteractionLog
 
 DEFAULT_VARIANTS = ("static", "generated", "slimmed@0.25", "slimmed@0.5", "slimmed@0.75",
                     "stale@5", "stale@20", "stale@50", "int8")
@@ -127,7 +127,7 @@ def evaluate(bundle: ModelBundle, data: InteractionLog, variants: Sequence[str] 
              stage: str = "test", seed: int = 0, full: bool = False) -> dict:
     """The `paramcast evaluate --json` document: variant -> metric -> {value, ci}, plus paired diffs."""
     if data.n_items != bundle.device.cfg.n_items:
-        from common.errors import InvalidInput
+        from paramcast.common.errors import InvalidInput
 
         raise InvalidInput("data", f"has {data.n_items} items but model {bundle.model_id} was trained on "
                                    f"{bundle.device.cfg.n_items}; evaluate on the data it was trained on")

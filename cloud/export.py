@@ -37,9 +37,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from cloud.checkpoint import ModelBundle
-from cloud.model import DeviceModel
-from common.errors import InvalidInput
+from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.model import DeviceModel
+from paramcast.common.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

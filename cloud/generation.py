@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cloud.checkpoint import ModelBundle
-from cloud.generator import window_batch
-from common.bundle import BundleBatch, DeltaBundle
-from common.errors import InvalidInput
+from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.generator import window_batch
+from paramcast.common.bundle import BundleBatch, DeltaBundle
+from paramcast.common.errors import InvalidInput
 
 
 def check_window(window: Sequence[int] | np.ndarray, n_items: int, max_window: int,

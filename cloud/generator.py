@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from cloud.model import Adapters, Masks
+from paramcast.cloud.model import Adapters, Masks
 
 KEEP_RATIOS = (0.25, 0.5, 0.75)  # subnet sizes trained for and reported
 
@@ -150,7 +150,7 @@ class Generator(nn.Module):
 
 def window_batch(histories: list, window: int) -> torch.Tensor:
     """Last `window` items of each history, left-padded -> (B, window) int64."""
-    from cloud.model import left_pad
+    from paramcast.cloud.model import left_pad
 
     return left_pad(histories, window)
 

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cloud.checkpoint import ModelBundle
-from cloud.generator import KEEP_RATIOS, Generator, GeneratorConfig, window_batch
-from cloud.model import DeviceModel, DeviceModelConfig, left_pad
-from common.evaluation import LeaveOneOut
-from common.interactions import InteractionLog
+from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.generator import KEEP_RATIOS, Generator, GeneratorConfig, window_batch
+from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
+from paramcast.common.evaluation import LeaveOneOut
+from paramcast.common.interactions import InteractionLog
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class Trainer:
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
           gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "generator")) -> ModelBundle:
     """Run the stages and return the model bundle (the caller saves it)."""
-    from cloud.evaluate import per_user_metrics
+    from paramcast.cloud.evaluate import per_user_metrics
 
     t0 = time.perf_counter()
     trainer = Trainer(data, model_cfg, gen_cfg or {}, cfg, per_user_metrics)

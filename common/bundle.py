@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.errors import InvalidInput
+from paramcast.common.errors import InvalidInput
 
 ENCODINGS = ("int8", "fp16", "fp32")
 

@@ -57,8 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataFormatError, IntegrityError, InvalidInput, ParamCastError
-from common.interactions import InteractionLog
+from paramcast.common.errors import DataFormatError, IntegrityError, InvalidInput, ParamCastError
+from paramcast.common.interactions import InteractionLog
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.interactions import InteractionLog
+from paramcast.common.interactions import InteractionLog
 
 STAGES = ("valid", "test")
 METRICS = ("hr@10", "ndcg@10", "mrr", "auc")

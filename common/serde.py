@@ -17,7 +17,7 @@ from typing import cast
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from common.bundle import (
+from paramcast.common.bundle import (
     DTYPE_CODES,
     ENCODINGS,
     ITEM_SIZE,
@@ -34,8 +34,8 @@ from common.bundle import (
     quantize_stack,
     unpack_mask,
 )
-from common.errors import IntegrityError, InvalidInput, VersionMismatch
-from protos.paramcast.v1 import param_service_pb2 as pb
+from paramcast.common.errors import IntegrityError, InvalidInput, VersionMismatch
+from paramcast.v1 import param_service_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParamService"].full_name  # "paramcast.v1.ParamService"
 DEFAULT_ENCODING = "int8"  # what ENCODING_UNSPECIFIED means

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.bundle import DeltaBundle
-from common.errors import IntegrityError, InvalidInput, ModelNotFound, ParamCastError, VersionMismatch
-from device.client import AsyncParamClient, CloudUnavailable, Fetched, ParamClient, package_dir
-from device.package import DevicePackage
-from device.runtime import DeviceRuntime
-from device.store import BundleStore, write_atomic
+from paramcast.common.bundle import DeltaBundle
+from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, ParamCastError, VersionMismatch
+from paramcast.device.client import AsyncParamClient, CloudUnavailable, Fetched, ParamClient, package_dir
+from paramcast.device.package import DevicePackage
+from paramcast.device.runtime import DeviceRuntime
+from paramcast.device.store import BundleStore, write_atomic
 
 log = logging.getLogger("paramcast.device")
 

@@ -29,8 +29,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from common.errors import IntegrityError
-from device.package import MANIFEST_FILE, DevicePackage
+from paramcast.common.errors import IntegrityError
+from paramcast.device.package import MANIFEST_FILE, DevicePackage
 
 # Member names a package may contain: plain file names, nothing that could climb out of the target.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import grpc
 
-from common.bundle import ENCODINGS, DeltaBundle
-from common.errors import (
+from paramcast.common.bundle import ENCODINGS, DeltaBundle
+from paramcast.common.errors import (
     IntegrityError,
     InvalidInput,
     ModelNotFound,
@@ -46,12 +46,12 @@ from common.errors import (
     Unauthenticated,
     VersionMismatch,
 )
-from common.serde import SERVICE_NAME, bundle_from_proto, check_bundle_for, encoding_to_proto
-from device.archive import unpack_package
-from device.package import DevicePackage
-from device.store import write_atomic
-from protos.paramcast.v1 import param_service_pb2 as pb
-from protos.paramcast.v1 import param_service_pb2_grpc as pb_grpc
+from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, check_bundle_for, encoding_to_proto
+from paramcast.device.archive import unpack_package
+from paramcast.device.package import DevicePackage
+from paramcast.device.store import write_atomic
+from paramcast.v1 import param_service_pb2 as pb
+from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("paramcast.device")
 

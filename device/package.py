@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from common.errors import IntegrityError, ModelNotFound
+from paramcast.common.errors import IntegrityError, ModelNotFound
 
 FORMAT = "paramcast.device-package"
 FORMAT_VERSION = 1

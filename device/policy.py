@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import InvalidInput
+from paramcast.common.errors import InvalidInput
 
 # ---------------------------------------------------------------------------------------------
 # What a device knows at a decision point

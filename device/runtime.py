@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from common.bundle import DeltaBundle
-from common.errors import InvalidInput
-from common.serde import check_bundle_for
-from device.package import DevicePackage, UnitGroup
+from paramcast.common.bundle import DeltaBundle
+from paramcast.common.errors import InvalidInput
+from paramcast.common.serde import check_bundle_for
+from paramcast.device.package import DevicePackage, UnitGroup
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -22,9 +22,9 @@ import logging
 import os
 from pathlib import Path
 
-from common.bundle import DeltaBundle
-from common.errors import IntegrityError, VersionMismatch
-from common.serde import check_bundle_for, decode_bundle
+from paramcast.common.bundle import DeltaBundle
+from paramcast.common.errors import IntegrityError, VersionMismatch
+from paramcast.common.serde import check_bundle_for, decode_bundle
 
 log = logging.getLogger("paramcast.device")
 

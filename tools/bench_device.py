@@ -41,13 +41,13 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from cloud.checkpoint import ModelBundle, load_bundle  # noqa: E402
-from cloud.export import ScoringGraph, export_package  # noqa: E402
-from cloud.model import DeviceModel, DeviceModelConfig, left_pad  # noqa: E402
-from common.bundle import DeltaBundle  # noqa: E402
-from common.serde import decode_bundle, encode_bundle  # noqa: E402
-from device.package import DevicePackage  # noqa: E402
-from device.runtime import DeviceRuntime, session_options  # noqa: E402
+from paramcast.cloud.checkpoint import ModelBundle, load_bundle  # noqa: E402
+from paramcast.cloud.export import ScoringGraph, export_package  # noqa: E402
+from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad  # noqa: E402
+from paramcast.common.bundle import DeltaBundle  # noqa: E402
+from paramcast.common.serde import decode_bundle, encode_bundle  # noqa: E402
+from paramcast.device.package import DevicePackage  # noqa: E402
+from paramcast.device.runtime import DeviceRuntime, session_options  # noqa: E402
 
 N_CANDIDATES = 101
 BATCH = 64
@@ -179,7 +179,7 @@ def default_bundle(data: str) -> ModelBundle:
 def _n_items(data: str) -> int | None:
     if not Path(data).exists():
         return None
-    from common.data import load_interactions
+    from paramcast.common.data import load_interactions
 
     return load_interactions(data).n_items
 
@@ -189,7 +189,7 @@ def sample_users(data: str, n_items: int, n: int, rng: np.random.Generator) -> l
     catalogue, else random ones; candidates are the next item plus uniform negatives."""
     sequences = None
     if Path(data).exists():
-        from common.data import load_interactions
+        from paramcast.common.data import load_interactions
 
         log = load_interactions(data)
         if log.n_items == n_items:
@@ -204,7 +204,7 @@ def make_bundles(bundle: ModelBundle, window: np.ndarray, rank: int, rng: np.ran
     """A bundle without masks and one with masks at KEEP_RATIO: from the generator when there is
     one, else random factors of `rank` and random masks."""
     if bundle.generator is not None:
-        from cloud.generation import generate_bundles
+        from paramcast.cloud.generation import generate_bundles
 
         plain = generate_bundles(bundle, [window])[0]
         masked = generate_bundles(bundle, [window], keep_ratio=KEEP_RATIO)[0]
@@ -261,7 +261,7 @@ def torch_scorer(model: DeviceModel, users, delta: DeltaBundle | None):
 
 
 def torch_scores(model: DeviceModel, users, delta: DeltaBundle | None, keep) -> np.ndarray:
-    from cloud.model import slice_adapters
+    from paramcast.cloud.model import slice_adapters
 
     history = left_pad([h for h, _ in users], model.cfg.max_len)
     candidates = torch.from_numpy(np.stack([c for _, c in users]))
@@ -347,8 +347,8 @@ def resident_memory(package: Path, threads: int, keep: dict) -> dict:
             for line in open("/proc/self/status"):
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
-        from device.package import DevicePackage
-        from device.runtime import DeviceRuntime
+        from paramcast.device.package import DevicePackage
+        from paramcast.device.runtime import DeviceRuntime
         imported = rss_mb()
         rt = DeviceRuntime(DevicePackage.load({str(package)!r}), threads={threads})
         rt.score([1, 2, 3], list(range(1, 102)))

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from a checkout
 
-from device.policy import (  # noqa: E402
+from paramcast.device.policy import (  # noqa: E402
     Gate,
     GaussianMapper,
     IdealGate,
@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cloud.checkpoint import load_bundle
-    from cloud.export import export_package
-    from cloud.generation import generate_bundles
-    from common.data import load_interactions
-    from device.package import DevicePackage
-    from device.runtime import DeviceRuntime
+    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.export import export_package
+    from paramcast.cloud.generation import generate_bundles
+    from paramcast.common.data import load_interactions
+    from paramcast.device.package import DevicePackage
+    from paramcast.device.runtime import DeviceRuntime
 
     torch.set_num_threads(1)
     bundle = load_bundle(args.model)

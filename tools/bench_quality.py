@@ -31,12 +31,12 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
         meta = json.loads((out / "bundle.json").read_text())
         return {"report": json.loads(report_file.read_text()), "bundle": meta,
                 "wall_seconds": meta["meta"]["wall_seconds"]}
-    cmd = [sys.executable, "-m", "tools.cli", "train", "--data", args.data, "--out", str(out), "--seed", str(seed),
+    cmd = [sys.executable, "-m", "paramcast.cli", "train", "--data", args.data, "--out", str(out), "--seed", str(seed),
            "--no-progress", *args.train_args]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    subprocess.run([sys.executable, "-m", "tools.cli", "evaluate", "--model", str(out), "--data", args.data,
+    subprocess.run([sys.executable, "-m", "paramcast.cli", "evaluate", "--model", str(out), "--data", args.data,
                     "--json", "--out", str(report_file)], check=True, stdout=subprocess.DEVNULL)
     meta = json.loads((out / "bundle.json").read_text())
     return {"report": json.loads(report_file.read_text()), "bundle": meta, "wall_seconds": wall}
@@ -47,12 +47,12 @@ def sizes(model_dir: Path, data_path: str) -> dict:
     import numpy as np
     import torch
 
-    from cloud.checkpoint import load_bundle
-    from cloud.generation import generate_bundles
-    from cloud.generator import KEEP_RATIOS
-    from common.bundle import ENCODINGS
-    from common.data import load_interactions
-    from common.serde import encode_bundle
+    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.generation import generate_bundles
+    from paramcast.cloud.generator import KEEP_RATIOS
+    from paramcast.common.bundle import ENCODINGS
+    from paramcast.common.data import load_interactions
+    from paramcast.common.serde import encode_bundle
 
     bundle = load_bundle(model_dir)
     data = load_interactions(data_path)

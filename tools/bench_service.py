@@ -107,7 +107,7 @@ class Child:
 
 
 def start_server(model: Path, max_batch: int, max_delay_ms: float, threads: int, device: str) -> Child:
-    cmd = [sys.executable, "-m", "tools.cli", "serve", "--model", str(model), "--port", "0", "--metrics-port", "0",
+    cmd = [sys.executable, "-m", "paramcast.cli", "serve", "--model", str(model), "--port", "0", "--metrics-port", "0",
            "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms), "--threads", str(threads),
            "--device", device, "--max-queue", "100000"]
     child = Child(cmd, "paramcast serve ready on ")
@@ -248,11 +248,11 @@ def quick_model(workdir: Path, data: Path) -> Path:
     depends on the architecture, not on how well it was trained)."""
     import torch
 
-    from cloud.checkpoint import save_bundle
-    from cloud.export import export_package
-    from cloud.model import DeviceModelConfig
-    from cloud.train import TrainConfig, train
-    from common.data import load_interactions
+    from paramcast.cloud.checkpoint import save_bundle
+    from paramcast.cloud.export import export_package
+    from paramcast.cloud.model import DeviceModelConfig
+    from paramcast.cloud.train import TrainConfig, train
+    from paramcast.common.data import load_interactions
 
     torch.set_num_threads(1)
     log = load_interactions(data)
@@ -266,11 +266,11 @@ def quick_model(workdir: Path, data: Path) -> Path:
 
 def make_requests(model: Path, data: Path, n: int, seed: int = 0) -> tuple[list[bytes], bytes, dict]:
     """n serialized GenerateRequests from real histories, and one real GenerateResponse (the echo payload)."""
-    from cloud.checkpoint import load_bundle
-    from cloud.generation import generate_bundles
-    from common.data import load_interactions
-    from common.serde import bundle_to_proto, encoding_to_proto
-    from protos.paramcast.v1 import param_service_pb2 as pb
+    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.generation import generate_bundles
+    from paramcast.common.data import load_interactions
+    from paramcast.common.serde import bundle_to_proto, encoding_to_proto
+    from paramcast.v1 import param_service_pb2 as pb
 
     bundle = load_bundle(model)
     assert bundle.generator is not None

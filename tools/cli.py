@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from common.errors import ParamCastError
+from paramcast.common.errors import ParamCastError
 
 COMMANDS = ("data", "train", "evaluate", "export", "serve", "device", "simulate", "demo")
 
@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"tools.commands.{name}")
+            module = importlib.import_module(f"paramcast.commands.{name}")
         except ModuleNotFoundError as exc:  # a command whose module is not in this build
-            if exc.name != f"tools.commands.{name}":
+            if exc.name != f"paramcast.commands.{name}":
                 raise
             continue
         module.register(sub)

@@ -6,7 +6,8 @@
 #
 # Usage: tools/gen_protos.sh [ROOT]   (ROOT defaults to the repository root; it must contain protos/)
 #
-# protoc runs with -I ROOT so the generated modules import as protos.paramcast.v1.<name>_pb2.
+# protoc runs with -I ROOT/protos, so the generated modules import as paramcast.v1.<name>_pb2, the
+# proto package's own name (pyproject maps paramcast.v1 to protos/paramcast/v1).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,5 +35,6 @@ protos=(protos/paramcast/v1/*.proto)
 
 # Remove old outputs first so a deleted or renamed .proto leaves no stale module behind.
 rm -f protos/paramcast/v1/*_pb2.py protos/paramcast/v1/*_pb2_grpc.py protos/paramcast/v1/*_pb2.pyi
-"$python" -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. "${protos[@]}"
+cd protos
+"$python" -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. "${protos[@]#protos/}"
 echo "generated stubs for: ${protos[*]}"

@@ -26,8 +26,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
-from cloud.service.errors import DeviceRateLimited
-from common.errors import InvalidInput, PermissionDenied, Unauthenticated
+from paramcast.cloud.service.errors import DeviceRateLimited
+from paramcast.common.errors import InvalidInput, PermissionDenied, Unauthenticated
 
 AUTH_METADATA_KEY = "authorization"
 BEARER = "Bearer "

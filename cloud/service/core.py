@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cloud.generation import check_window, generate_batch
-from cloud.service.auth import RateLimiter, TokenAuth
-from cloud.service.batcher import BatchObserver, MicroBatcher
-from cloud.service.errors import OutOfRange
-from cloud.service.registry import ModelRegistry, ServedModel
-from common.bundle import ENCODINGS
-from common.errors import InvalidInput
-from common.serde import batch_to_proto
-from protos.paramcast.v1 import param_service_pb2 as pb
+from paramcast.cloud.generation import check_window, generate_batch
+from paramcast.cloud.service.auth import RateLimiter, TokenAuth
+from paramcast.cloud.service.batcher import BatchObserver, MicroBatcher
+from paramcast.cloud.service.errors import OutOfRange
+from paramcast.cloud.service.registry import ModelRegistry, ServedModel
+from paramcast.common.bundle import ENCODINGS
+from paramcast.common.errors import InvalidInput
+from paramcast.common.serde import batch_to_proto
+from paramcast.v1 import param_service_pb2 as pb
 
 MAX_ID_CHARS = 128
 

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from common.errors import (
+from paramcast.common.errors import (
     IntegrityError,
     InvalidInput,
     ModelNotFound,

@@ -19,11 +19,11 @@ from typing import cast
 
 import torch
 
-from cloud.checkpoint import ModelBundle
-from cloud.generator import Generator
-from common.errors import InvalidInput, ModelNotFound, VersionMismatch
-from device.archive import pack_package
-from device.package import DevicePackage
+from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.generator import Generator
+from paramcast.common.errors import InvalidInput, ModelNotFound, VersionMismatch
+from paramcast.device.archive import pack_package
+from paramcast.device.package import DevicePackage
 
 log = logging.getLogger("paramcast.service")
 
@@ -137,7 +137,7 @@ def _package_archive(bundle: ModelBundle, version: str, package_dir: str | Path 
                            f"not of {bundle.model_id} {version}; export it again with `paramcast export`"
             )
         return pack_package(package.path)
-    from cloud.export import export_package  # onnx export is only needed when no package was given
+    from paramcast.cloud.export import export_package  # onnx export is only needed when no package was given
 
     tmp = Path(tempfile.mkdtemp(prefix="paramcast-package-"))
     try:

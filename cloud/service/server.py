@@ -32,18 +32,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloud.checkpoint import ModelBundle, load_bundle
-from cloud.service.auth import RateLimiter, TokenAuth
-from cloud.service.core import Limits, ServiceCore
-from cloud.service.errors import ErrorInterceptor
-from cloud.service.metrics import ServiceMetrics
-from cloud.service.registry import ModelRegistry
-from cloud.service.servicer import ParamServicer
-from common.errors import IntegrityError, InvalidInput, ModelNotFound
-from common.serde import SERVICE_NAME
-from device.package import DevicePackage
-from protos.paramcast.v1 import param_service_pb2 as pb
-from protos.paramcast.v1 import param_service_pb2_grpc as pb_grpc
+from paramcast.cloud.checkpoint import ModelBundle, load_bundle
+from paramcast.cloud.service.auth import RateLimiter, TokenAuth
+from paramcast.cloud.service.core import Limits, ServiceCore
+from paramcast.cloud.service.errors import ErrorInterceptor
+from paramcast.cloud.service.metrics import ServiceMetrics
+from paramcast.cloud.service.registry import ModelRegistry
+from paramcast.cloud.service.servicer import ParamServicer
+from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound
+from paramcast.common.serde import SERVICE_NAME
+from paramcast.device.package import DevicePackage
+from paramcast.v1 import param_service_pb2 as pb
+from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("paramcast.service")
 

@@ -10,11 +10,11 @@ import time
 
 import grpc
 
-from cloud.service.core import GenerateCall, ServiceCore
-from cloud.service.metrics import ServiceMetrics
-from common.serde import encoding_from_proto
-from protos.paramcast.v1 import param_service_pb2 as pb
-from protos.paramcast.v1 import param_service_pb2_grpc as pb_grpc
+from paramcast.cloud.service.core import GenerateCall, ServiceCore
+from paramcast.cloud.service.metrics import ServiceMetrics
+from paramcast.common.serde import encoding_from_proto
+from paramcast.v1 import param_service_pb2 as pb
+from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:

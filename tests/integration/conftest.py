@@ -21,11 +21,11 @@ def trained_model(shared_data, tmp_path_factory) -> Path:
     `DIR/package` (which `paramcast serve --model DIR` picks up instead of exporting again)."""
     import torch
 
-    from cloud.checkpoint import save_bundle
-    from cloud.export import export_package
-    from cloud.model import DeviceModelConfig
-    from cloud.train import TrainConfig, train
-    from common.data import load_interactions
+    from paramcast.cloud.checkpoint import save_bundle
+    from paramcast.cloud.export import export_package
+    from paramcast.cloud.model import DeviceModelConfig
+    from paramcast.cloud.train import TrainConfig, train
+    from paramcast.common.data import load_interactions
 
     torch.set_num_threads(1)
     log = load_interactions(shared_data / "ml-100k")
@@ -56,7 +56,7 @@ class ServeProcess:
     def __init__(self, args: list[str], timeout: float = 120.0):
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "serve", *args], cwd=REPO, env=env,
+            [sys.executable, "-m", "paramcast.cli", "serve", *args], cwd=REPO, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.lines: list[str] = []

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _demo(shared_data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tools.cli", "demo", "--data", str(shared_data / "ml-100k"), "--out", str(out),
+    cmd = [sys.executable, "-m", "paramcast.cli", "demo", "--data", str(shared_data / "ml-100k"), "--out", str(out),
            "--epochs", "1", "--gen-epochs", "1", "--users", "10", "--max-steps", "5", "--budget", "0.2",
            "--threads", "1", "--no-progress", *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -41,7 +41,7 @@ def test_demo_trains_serves_and_reports_then_reuses_its_model(shared_data, tmp_p
 
 
 def test_demo_names_a_missing_dataset(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tools.cli", "demo", "--data", str(tmp_path / "nowhere"),
+    result = subprocess.run([sys.executable, "-m", "paramcast.cli", "demo", "--data", str(tmp_path / "nowhere"),
                              "--out", str(tmp_path / "demo")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "holds no ml-100k" in result.stderr

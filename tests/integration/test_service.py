@@ -20,21 +20,21 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloud.checkpoint import ModelBundle, load_bundle
-from cloud.generation import generate_bundles
-from cloud.service.auth import RateLimiter, TokenAuth
-from cloud.service.core import Limits
-from cloud.service.errors import ErrorInterceptor
-from cloud.service.server import ServerThread, TlsConfig, load_models
-from common.data import load_interactions
-from common.errors import RateLimited
-from common.serde import SERVICE_NAME, bundle_from_proto, bundle_to_proto
-from device.agent import APPLIED, REFUSED, REJECTED, STALE_BASE, UNREACHABLE, DeviceAgent
-from device.client import AsyncParamClient, CloudUnavailable, ParamClient, RetryPolicy
-from device.package import DevicePackage
-from device.runtime import DeviceRuntime
-from protos.paramcast.v1 import param_service_pb2 as pb
-from protos.paramcast.v1 import param_service_pb2_grpc as pb_grpc
+from paramcast.cloud.checkpoint import ModelBundle, load_bundle
+from paramcast.cloud.generation import generate_bundles
+from paramcast.cloud.service.auth import RateLimiter, TokenAuth
+from paramcast.cloud.service.core import Limits
+from paramcast.cloud.service.errors import ErrorInterceptor
+from paramcast.cloud.service.server import ServerThread, TlsConfig, load_models
+from paramcast.common.data import load_interactions
+from paramcast.common.errors import RateLimited
+from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, bundle_to_proto
+from paramcast.device.agent import APPLIED, REFUSED, REJECTED, STALE_BASE, UNREACHABLE, DeviceAgent
+from paramcast.device.client import AsyncParamClient, CloudUnavailable, ParamClient, RetryPolicy
+from paramcast.device.package import DevicePackage
+from paramcast.device.runtime import DeviceRuntime
+from paramcast.v1 import param_service_pb2 as pb
+from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -341,7 +341,7 @@ def test_a_new_base_version_is_served_beside_the_old_and_devices_upgrade(tmp_pat
     middle phase and is told to upgrade in the last."""
     import torch
 
-    from cloud.export import export_package
+    from paramcast.cloud.export import export_package
 
     v1 = load_bundle(trained_model)
     with torch.no_grad():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cloud.checkpoint import load_bundle
-from common.data import load_interactions
-from tools.simulation.harness import SimulationConfig, run_simulation
+from paramcast.cloud.checkpoint import load_bundle
+from paramcast.common.data import load_interactions
+from paramcast.simulation.harness import SimulationConfig, run_simulation
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cloud.checkpoint import ModelBundle
-from cloud.model import DeviceModel, DeviceModelConfig
-from common.bundle import DeltaBundle
-from common.data import load_interactions
+from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.model import DeviceModel, DeviceModelConfig
+from paramcast.common.bundle import DeltaBundle
+from paramcast.common.data import load_interactions
 
 ML_100K_ITEMS = 1682
 TINY = DeviceModelConfig(n_items=ML_100K_ITEMS, hidden=16, n_blocks=2, n_heads=2, ffn_units=24, head_units=32,
@@ -38,7 +38,7 @@ def tiny_bundle() -> ModelBundle:
 
 @functools.cache
 def tiny_package() -> Path:
-    from cloud.export import export_package
+    from paramcast.cloud.export import export_package
 
     root = Path(tempfile.mkdtemp(prefix="paramcast-pkg-"))
     atexit.register(shutil.rmtree, root, True)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from common.bundle import (
+from paramcast.common.bundle import (
     ENCODINGS,
     INT8_FLUSH,
     BundleBatch,
@@ -25,8 +25,8 @@ from common.bundle import (
     quantize_stack,
     unpack_mask,
 )
-from common.errors import IntegrityError, InvalidInput, VersionMismatch
-from common.serde import (
+from paramcast.common.errors import IntegrityError, InvalidInput, VersionMismatch
+from paramcast.common.serde import (
     batch_to_proto,
     bundle_from_proto,
     bundle_to_proto,
@@ -38,7 +38,7 @@ from common.serde import (
     encoding_from_proto,
     encoding_to_proto,
 )
-from protos.paramcast.v1 import param_service_pb2 as pb
+from paramcast.v1 import param_service_pb2 as pb
 
 # Hypothesis runs on a shared 2-core machine: no per-example deadline, a moderate example count.
 settings.register_profile(

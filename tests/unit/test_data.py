@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import common.data as data
-from common.data import FORMATS, Archive, DownloadFailed, detect_format, fetch, load_interactions
-from common.errors import DataFormatError, IntegrityError, InvalidInput
-from tools.cli import main
+import paramcast.common.data as data
+from paramcast.cli import main
+from paramcast.common.data import FORMATS, Archive, DownloadFailed, detect_format, fetch, load_interactions
+from paramcast.common.errors import DataFormatError, IntegrityError, InvalidInput
 
 
 def write(path: Path, text: str | bytes) -> Path:

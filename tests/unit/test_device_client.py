@@ -15,11 +15,11 @@ import grpc
 import pytest
 from device_fixtures import tiny_package
 
-from common.errors import IntegrityError, ModelNotFound, PermissionDenied, RateLimited, VersionMismatch
-from device.archive import pack_package
-from device.client import CloudUnavailable, RemoteError, RetryPolicy, _Download, cloud_error, service_config
-from device.package import DevicePackage
-from protos.paramcast.v1 import param_service_pb2 as pb
+from paramcast.common.errors import IntegrityError, ModelNotFound, PermissionDenied, RateLimited, VersionMismatch
+from paramcast.device.archive import pack_package
+from paramcast.device.client import CloudUnavailable, RemoteError, RetryPolicy, _Download, cloud_error, service_config
+from paramcast.device.package import DevicePackage
+from paramcast.v1 import param_service_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,7 +146,7 @@ def test_device_side_runs_without_torch(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
     code = textwrap.dedent("""
         import sys
-        import device.agent, device.client, device.store, device.archive
+        import paramcast.device.agent, device.client, device.store, device.archive
         try:
             import torch
         except ModuleNotFoundError as exc:

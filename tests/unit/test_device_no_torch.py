@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from device_fixtures import random_bundle, tiny_package
 
-from common.serde import encode_bundle
+from paramcast.common.serde import encode_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,9 +49,9 @@ def test_runtime_scores_and_applies_bundles_without_torch(tmp_path):
     bundle_file.write_bytes(encode_bundle(random_bundle(seed=1), "int8"))
     script = textwrap.dedent(f"""
         import json, sys
-        from common.serde import decode_bundle
-        from device.package import DevicePackage
-        from device.runtime import DeviceRuntime
+        from paramcast.common.serde import decode_bundle
+        from paramcast.device.package import DevicePackage
+        from paramcast.device.runtime import DeviceRuntime
 
         rt = DeviceRuntime(DevicePackage.load({str(tiny_package())!r}))
         base = rt.score([1, 2, 3], [4, 5, 6])
@@ -71,7 +71,7 @@ def test_runtime_scores_and_applies_bundles_without_torch(tmp_path):
 
 
 def test_device_score_command_without_torch(tmp_path):
-    command = ["-m", "tools.cli", "device", "score", "--package", str(tiny_package()),
+    command = ["-m", "paramcast.cli", "device", "score", "--package", str(tiny_package()),
                "--history", "1,2,3", "--candidates", "4,5,6", "--json"]
     proc = _run_without_torch(tmp_path, command)
     assert proc.returncode == 0, proc.stderr

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from device_fixtures import random_bundle, tiny_bundle
 
-from common.errors import IntegrityError, VersionMismatch
-from common.serde import decode_bundle, encode_bundle
-from device.store import BundleStore, ExpiredBundle
+from paramcast.common.errors import IntegrityError, VersionMismatch
+from paramcast.common.serde import decode_bundle, encode_bundle
+from paramcast.device.store import BundleStore, ExpiredBundle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,7 +101,7 @@ def test_killing_a_writer_at_random_moments_never_leaves_a_torn_file(tmp_path):
         (tmp_path / f"b{i}.bin").write_bytes(encode_bundle(random_bundle(seed=i), "fp32"))
     script = textwrap.dedent(f"""
         import itertools, sys
-        from device.store import BundleStore
+        from paramcast.device.store import BundleStore
         store = BundleStore({str(bundles)!r}, {b.model_id!r}, {b.base_version!r})
         blobs = [open({str(tmp_path)!r} + f"/b{{i}}.bin", "rb").read() for i in range(4)]
         print("ready", flush=True)

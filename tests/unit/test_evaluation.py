@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.data import load_interactions
-from common.evaluation import (
+from paramcast.common.data import load_interactions
+from paramcast.common.evaluation import (
     LeaveOneOut,
     bootstrap_ci,
     full_ranking_scores,
@@ -15,7 +15,7 @@ from common.evaluation import (
     sample_negatives,
     summarize,
 )
-from common.interactions import InteractionLog
+from paramcast.common.interactions import InteractionLog
 
 
 def tiny_log() -> InteractionLog:

@@ -11,11 +11,11 @@ import pytest
 from device_fixtures import TINY, tiny_bundle, tiny_package
 from onnx import numpy_helper
 
-from cloud.checkpoint import save_bundle
-from cloud.export import export_package
-from common.errors import InvalidInput
-from device.package import DevicePackage
-from tools.cli import main as cli
+from paramcast.cli import main as cli
+from paramcast.cloud.checkpoint import save_bundle
+from paramcast.cloud.export import export_package
+from paramcast.common.errors import InvalidInput
+from paramcast.device.package import DevicePackage
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.checkpoint import load_bundle, save_bundle
-from cloud.evaluate import evaluate
-from cloud.generator import Generator, GeneratorConfig, window_batch
-from cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
-from cloud.train import TrainConfig, split_users, train
-from common.data import load_interactions
+from paramcast.cloud.checkpoint import load_bundle, save_bundle
+from paramcast.cloud.evaluate import evaluate
+from paramcast.cloud.generator import Generator, GeneratorConfig, window_batch
+from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
+from paramcast.cloud.train import TrainConfig, split_users, train
+from paramcast.common.data import load_interactions
 
 TINY = dict(hidden=16, head_units=16, ffn_units=12, max_len=20, n_heads=2)
 TINY_GEN = {"window": 20, "width": 32, "n_layers": 1, "rank": 2}
@@ -115,7 +115,7 @@ def test_bundle_round_trip_and_report_layout(tmp_path, ml100k, tiny_bundle):
 
 
 def test_corrupt_bundle_is_refused(tmp_path, tiny_bundle):
-    from common.errors import ModelNotFound
+    from paramcast.common.errors import ModelNotFound
 
     with pytest.raises(ModelNotFound, match="no model bundle"):
         load_bundle(tmp_path / "missing")
@@ -128,7 +128,7 @@ def test_corrupt_bundle_is_refused(tmp_path, tiny_bundle):
 
 
 def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):
-    from tools.cli import main
+    from paramcast.cli import main
 
     out = tmp_path / "m"
     assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), "--epochs", "1",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.errors import InvalidInput
-from device.policy import (
+from paramcast.common.errors import InvalidInput
+from paramcast.device.policy import (
     Always,
     DriftGate,
     EveryK,
@@ -409,7 +409,7 @@ def test_policies_run_where_torch_is_not_installed(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     code = textwrap.dedent("""
         import numpy as np
-        from device.policy import StepView, build_policy, parse_policy
+        from paramcast.device.policy import StepView, build_policy, parse_policy
         gate = build_policy(parse_policy("window:threshold=0.2,size=10"))
         gate.start(1, 0, np.ones((1, 4)), np.array([3]))
         print(gate.decide(StepView.single(np.ones(4), np.ones(4), np.zeros(3), [1, 2, 3], 0, seen=5))[0])

@@ -11,10 +11,10 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from common.bundle import DTYPE_CODES, ENCODINGS
-from common.serde import SERVICE_NAME, encoding_to_proto
-from protos.paramcast.v1 import param_service_pb2 as pb
-from protos.paramcast.v1 import param_service_pb2_grpc as pb_grpc
+from paramcast.common.bundle import DTYPE_CODES, ENCODINGS
+from paramcast.common.serde import SERVICE_NAME, encoding_to_proto
+from paramcast.v1 import param_service_pb2 as pb
+from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = pb.DESCRIPTOR.services_by_name["ParamService"]

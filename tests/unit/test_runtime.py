@@ -17,13 +17,13 @@ from device_fixtures import (
     tiny_package,
 )
 
-from cloud.model import left_pad, slice_adapters
-from common.bundle import ENCODINGS, DeltaBundle
-from common.errors import IntegrityError, InvalidInput, ModelNotFound, VersionMismatch
-from common.serde import decode_bundle, encode_bundle
-from device.package import DevicePackage
-from device.runtime import DeviceRuntime
-from tools.cli import main as cli
+from paramcast.cli import main as cli
+from paramcast.cloud.model import left_pad, slice_adapters
+from paramcast.common.bundle import ENCODINGS, DeltaBundle
+from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, VersionMismatch
+from paramcast.common.serde import decode_bundle, encode_bundle
+from paramcast.device.package import DevicePackage
+from paramcast.device.runtime import DeviceRuntime
 
 ATOL = 1e-4
 

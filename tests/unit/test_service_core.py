@@ -17,15 +17,22 @@ import pytest
 import torch
 from device_fixtures import RANK, tiny_bundle, tiny_package
 
-from cloud.checkpoint import ModelBundle
-from cloud.generation import generate_bundles
-from cloud.generator import Generator, GeneratorConfig
-from cloud.service.auth import RateLimiter, TokenAuth
-from cloud.service.batcher import MicroBatcher
-from cloud.service.core import GenerateCall, Limits, ServiceCore
-from cloud.service.errors import DeadlineExpired, DeviceRateLimited, OutOfRange, Overloaded, ShuttingDown, status_of
-from cloud.service.registry import ModelRegistry
-from common.errors import (
+from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.generation import generate_bundles
+from paramcast.cloud.generator import Generator, GeneratorConfig
+from paramcast.cloud.service.auth import RateLimiter, TokenAuth
+from paramcast.cloud.service.batcher import MicroBatcher
+from paramcast.cloud.service.core import GenerateCall, Limits, ServiceCore
+from paramcast.cloud.service.errors import (
+    DeadlineExpired,
+    DeviceRateLimited,
+    OutOfRange,
+    Overloaded,
+    ShuttingDown,
+    status_of,
+)
+from paramcast.cloud.service.registry import ModelRegistry
+from paramcast.common.errors import (
     IntegrityError,
     InvalidInput,
     ModelNotFound,
@@ -34,10 +41,10 @@ from common.errors import (
     Unauthenticated,
     VersionMismatch,
 )
-from common.serde import bundle_from_proto
-from device.archive import pack_package, unpack_package
-from device.package import DevicePackage
-from protos.paramcast.v1 import param_service_pb2 as pb
+from paramcast.common.serde import bundle_from_proto
+from paramcast.device.archive import pack_package, unpack_package
+from paramcast.device.package import DevicePackage
+from paramcast.v1 import param_service_pb2 as pb
 
 WINDOW = 10
 

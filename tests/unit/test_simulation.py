@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.checkpoint import ModelBundle, save_bundle
-from cloud.generation import generate_bundles, generate_parameters
-from cloud.generator import Generator, GeneratorConfig
-from cloud.model import DeviceModel, DeviceModelConfig, left_pad
-from common.evaluation import metrics_from_scores
-from common.interactions import InteractionLog
-from device.policy import Always, DriftGate, EveryK, GaussianMapper, Never, RandomP, parse_policy
-from tools.simulation.cache import FactorTable, Scorer, precompute
-from tools.simulation.harness import Simulation, SimulationConfig, simulate
-from tools.simulation.replay import replay
-from tools.simulation.timelines import build_timelines, split_devices
+from paramcast.cloud.checkpoint import ModelBundle, save_bundle
+from paramcast.cloud.generation import generate_bundles, generate_parameters
+from paramcast.cloud.generator import Generator, GeneratorConfig
+from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
+from paramcast.common.evaluation import metrics_from_scores
+from paramcast.common.interactions import InteractionLog
+from paramcast.device.policy import Always, DriftGate, EveryK, GaussianMapper, Never, RandomP, parse_policy
+from paramcast.simulation.cache import FactorTable, Scorer, precompute
+from paramcast.simulation.harness import Simulation, SimulationConfig, simulate
+from paramcast.simulation.replay import replay
+from paramcast.simulation.timelines import build_timelines, split_devices
 
 N_ITEMS = 150
 
@@ -239,7 +239,7 @@ def test_calibration_never_replays_test_devices(bundle, data, monkeypatch):
 
 
 def test_report_writes_table_and_plots(report, tmp_path):
-    from tools.simulation.report import plot, table, write_json
+    from paramcast.simulation.report import plot, table, write_json
 
     text = table(report)
     assert "drift:rate=0.2" in text and "device-steps/s" in text
@@ -251,10 +251,10 @@ def test_report_writes_table_and_plots(report, tmp_path):
 # ---------------------------------------------------------------------------------------------- device agreement
 
 def test_onnx_device_scores_what_the_harness_scores(bundle, prepared, tmp_path):
-    from cloud.export import export_package
-    from device.package import DevicePackage
-    from device.policy import item_embeddings
-    from device.runtime import DeviceRuntime
+    from paramcast.cloud.export import export_package
+    from paramcast.device.package import DevicePackage
+    from paramcast.device.policy import item_embeddings
+    from paramcast.device.runtime import DeviceRuntime
 
     tl, cache = prepared
     package = DevicePackage.load(export_package(bundle, tmp_path / "pkg"))
@@ -273,7 +273,7 @@ def test_onnx_device_scores_what_the_harness_scores(bundle, prepared, tmp_path):
 # ---------------------------------------------------------------------------------------------- CLI
 
 def test_simulate_command_writes_report_and_plots(bundle, data, tmp_path, capsys):
-    from tools.cli import main
+    from paramcast.cli import main
 
     model_dir = save_bundle(bundle, tmp_path / "model")
     pairs = tmp_path / "synthetic.txt"
@@ -296,7 +296,7 @@ def test_simulate_command_writes_report_and_plots(bundle, data, tmp_path, capsys
 
 
 def test_simulate_command_reports_bad_policies(bundle, tmp_path, capsys, data):
-    from tools.cli import main
+    from paramcast.cli import main
 
     model_dir = save_bundle(bundle, tmp_path / "model")
     pairs = tmp_path / "synthetic.txt"

@@ -6,7 +6,7 @@ import argparse
 import json
 
 # numpy-only and needed to list the choices, so imported here rather than inside run().
-from common.data import ARCHIVES, FORMATS, fetch, load_interactions
+from paramcast.common.data import ARCHIVES, FORMATS, fetch, load_interactions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def train_command(argv: list[str]) -> None:
     """Run `paramcast train` in this process with its own defaults: the demo's model is what the
     documented command trains."""
-    from tools.commands import train
+    from paramcast.commands import train
 
     parser = argparse.ArgumentParser(prog="paramcast")
     train.register(parser.add_subparsers(dest="command"))
@@ -72,10 +72,10 @@ def find_data(explicit: str | None, fetch_to: Path) -> Path:
             if (folder / "u.data").is_file():
                 return folder.resolve()
     if explicit:
-        from common.errors import InvalidInput
+        from paramcast.common.errors import InvalidInput
 
         raise InvalidInput("data", f"{explicit} holds no {DATASET} (looked for u.data in it and in {DATASET}/)")
-    from common.data import fetch
+    from paramcast.common.data import fetch
 
     print(f"{DATASET} not found locally; downloading it into {fetch_to}", flush=True)
     return fetch(DATASET, fetch_to)
@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from cloud.checkpoint import load_bundle
-    from cloud.export import export_package
-    from common.data import load_interactions
-    from tools.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
-    from tools.simulation.report import plot, table, write_json
+    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.export import export_package
+    from paramcast.common.data import load_interactions
+    from paramcast.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
+    from paramcast.simulation.report import plot, table, write_json
 
     t0 = time.perf_counter()
     if args.threads:

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common.errors import InvalidInput
+from paramcast.common.errors import InvalidInput
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from device.package import DevicePackage
+    from paramcast.device.package import DevicePackage
 
     package = DevicePackage.load(args.package)
     if args.device_command == "info":
@@ -51,13 +51,13 @@ def parse_ids(text: str, field: str) -> list[int]:
 
 
 def _score(package, args: argparse.Namespace) -> int:
-    from device.runtime import DeviceRuntime
+    from paramcast.device.runtime import DeviceRuntime
 
     history = parse_ids(args.history, "history")
     candidates = parse_ids(args.candidates, "candidates")
     runtime = DeviceRuntime(package, threads=args.threads)
     if args.bundle:
-        from common.serde import decode_bundle
+        from paramcast.common.serde import decode_bundle
 
         runtime.apply(decode_bundle(Path(args.bundle).read_bytes()))
     scores = runtime.score(history, candidates)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common.data import FORMATS
+from paramcast.common.data import FORMATS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,9 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cloud.checkpoint import load_bundle
-    from cloud.evaluate import evaluate
-    from common.data import load_interactions
+    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.evaluate import evaluate
+    from paramcast.common.data import load_interactions
 
     bundle = load_bundle(args.model)
     data = load_interactions(args.data, format=args.format)

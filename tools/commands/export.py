@@ -18,9 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at module level: `paramcast device` must work without it.
-    from cloud.checkpoint import load_bundle
-    from cloud.export import DEFAULT_OPSET, export_package
-    from device.package import DevicePackage
+    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.export import DEFAULT_OPSET, export_package
+    from paramcast.device.package import DevicePackage
 
     bundle = load_bundle(args.model)
     out = export_package(bundle, args.out, opset=args.opset or DEFAULT_OPSET, max_rank=args.max_rank)

@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from cloud.service.auth import RateLimiter, TokenAuth
-    from cloud.service.core import Limits
-    from cloud.service.server import TlsConfig, load_models, resolve_device, start_server
-    from common.errors import InvalidInput
+    from paramcast.cloud.service.auth import RateLimiter, TokenAuth
+    from paramcast.cloud.service.core import Limits
+    from paramcast.cloud.service.server import TlsConfig, load_models, resolve_device, start_server
+    from paramcast.common.errors import InvalidInput
 
     log = logging.getLogger("paramcast.serve")
     if bool(args.tls_cert) != bool(args.tls_key):

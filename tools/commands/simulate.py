@@ -59,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from cloud.checkpoint import load_bundle
-    from common.data import load_interactions
-    from tools.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
-    from tools.simulation.report import plot, table, write_json
+    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.common.data import load_interactions
+    from paramcast.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
+    from paramcast.simulation.report import plot, table, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -7,7 +7,7 @@ import json
 import resource
 import time
 
-from common.data import FORMATS
+from paramcast.common.data import FORMATS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,11 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cloud.checkpoint import save_bundle
-    from cloud.model import DeviceModelConfig
-    from cloud.train import TrainConfig, train
-    from common.data import load_interactions
-    from common.errors import InvalidInput
+    from paramcast.cloud.checkpoint import save_bundle
+    from paramcast.cloud.model import DeviceModelConfig
+    from paramcast.cloud.train import TrainConfig, train
+    from paramcast.common.data import load_interactions
+    from paramcast.common.errors import InvalidInput
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = set(stages) - {"static", "generator"}

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cloud.checkpoint import ModelBundle
-from cloud.generation import generate_bundles, generate_parameters
-from cloud.model import Adapters, DeviceModel, left_pad
-from common.bundle import ENCODINGS, dequantize, quantize
-from common.errors import InvalidInput
-from common.serde import encode_bundle
-from tools.simulation.timelines import Timelines
+from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.generation import generate_bundles, generate_parameters
+from paramcast.cloud.model import Adapters, DeviceModel, left_pad
+from paramcast.common.bundle import ENCODINGS, dequantize, quantize
+from paramcast.common.errors import InvalidInput
+from paramcast.common.serde import encode_bundle
+from paramcast.simulation.timelines import Timelines
 
 
 class FactorTable:

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cloud.checkpoint import ModelBundle
-from common.errors import InvalidInput
-from common.evaluation import bootstrap_ci, paired_difference, summarize
-from common.interactions import InteractionLog
-from device.policy import (
+from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.common.errors import InvalidInput
+from paramcast.common.evaluation import bootstrap_ci, paired_difference, summarize
+from paramcast.common.interactions import InteractionLog
+from paramcast.device.policy import (
     Gate,
     GaussianMapper,
     Policy,
@@ -39,9 +39,9 @@ from device.policy import (
     format_spec,
     parse_policy,
 )
-from tools.simulation.cache import Scorer, StepCache, precompute
-from tools.simulation.replay import METRICS, STARTS, CacheSource, Run, Source, replay
-from tools.simulation.timelines import Timelines, build_timelines, split_devices
+from paramcast.simulation.cache import Scorer, StepCache, precompute
+from paramcast.simulation.replay import METRICS, STARTS, CacheSource, Run, Source, replay
+from paramcast.simulation.timelines import Timelines, build_timelines, split_devices
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ def run_simulation(bundle: ModelBundle, data: InteractionLog, cfg: SimulationCon
         if keep_mapper is not None and sim.mapper is not None:
             keep_mapper.append(sim.mapper)
         return report
-    from tools.simulation.network import NetworkSource, ServeProcess
+    from paramcast.simulation.network import NetworkSource, ServeProcess
 
     if bundle.generator is None:
         raise InvalidInput("model", "network mode needs a model with a generator")

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cloud.model import Adapters
-from common.errors import InvalidInput, ParamCastError
-from tools.simulation.timelines import Timelines
+from paramcast.cloud.model import Adapters
+from paramcast.common.errors import InvalidInput, ParamCastError
+from paramcast.simulation.timelines import Timelines
 
 READY = re.compile(r"paramcast serve ready on (\S+)")
 
@@ -68,7 +68,7 @@ class NetworkSource:
     def __init__(self, target: str, tl: Timelines, model_id: str, base_version: str,
                  slot_shapes: dict[str, tuple[int, int]], rank: int, window: int, encoding: str = "int8",
                  device_prefix: str = "sim", timeout_s: float = 30.0):
-        from device.client import AsyncParamClient
+        from paramcast.device.client import AsyncParamClient
 
         self.target, self.tl, self.model_id, self.base_version = target, tl, model_id, base_version
         self.window, self.encoding, self.timeout_s = window, encoding, timeout_s
@@ -166,7 +166,7 @@ class ServeProcess:
 
     def __init__(self, models: list[str | Path], threads: int = 1, max_batch: int = 256,
                  max_delay_ms: float = 2.0, extra: list[str] | None = None, ready_timeout_s: float = 180.0):
-        cmd = [sys.executable, "-m", "tools.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "paramcast.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                "--threads", str(threads), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms),
                "--max-queue", "100000"]
         for m in models:

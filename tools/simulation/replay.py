@@ -15,11 +15,11 @@ from typing import Protocol
 
 import numpy as np
 
-from cloud.model import Adapters
-from common.evaluation import metrics_from_scores
-from device.policy import Gate, Policy, StepView
-from tools.simulation.cache import Scorer, StepCache
-from tools.simulation.timelines import Timelines
+from paramcast.cloud.model import Adapters
+from paramcast.common.evaluation import metrics_from_scores
+from paramcast.device.policy import Gate, Policy, StepView
+from paramcast.simulation.cache import Scorer, StepCache
+from paramcast.simulation.timelines import Timelines
 
 METRICS = ("ndcg@10", "hr@10", "auc")
 STARTS = ("bundle", "base")  # what a device holds after warm-up: its enrolment bundle, or nothing

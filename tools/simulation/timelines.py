@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.errors import InvalidInput
-from common.interactions import InteractionLog
+from paramcast.common.errors import InvalidInput
+from paramcast.common.interactions import InteractionLog
 
 
 @dataclass

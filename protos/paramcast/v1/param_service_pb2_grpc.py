@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.paramcast.v1 import param_service_pb2 as protos_dot_paramcast_dot_v1_dot_param__service__pb2
+from paramcast.v1 import param_service_pb2 as paramcast_dot_v1_dot_param__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/paramcast/v1/param_service_pb2_grpc.py depends on'
+        + ' but the generated code in paramcast/v1/param_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class ParamServiceStub:
         """
         self.Generate = channel.unary_unary(
                 '/paramcast.v1.ParamService/Generate',
-                request_serializer=protos_dot_paramcast_dot_v1_dot_param__service__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_paramcast_dot_v1_dot_param__service__pb2.GenerateResponse.FromString,
+                request_serializer=paramcast_dot_v1_dot_param__service__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=paramcast_dot_v1_dot_param__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_stream(
                 '/paramcast.v1.ParamService/GetModel',
-                request_serializer=protos_dot_paramcast_dot_v1_dot_param__service__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=protos_dot_paramcast_dot_v1_dot_param__service__pb2.GetModelResponse.FromString,
+                request_serializer=paramcast_dot_v1_dot_param__service__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=paramcast_dot_v1_dot_param__service__pb2.GetModelResponse.FromString,
                 _registered_method=True)
 
 
@@ -76,13 +76,13 @@ def add_ParamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_paramcast_dot_v1_dot_param__service__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_paramcast_dot_v1_dot_param__service__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=paramcast_dot_v1_dot_param__service__pb2.GenerateRequest.FromString,
+                    response_serializer=paramcast_dot_v1_dot_param__service__pb2.GenerateResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_stream_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=protos_dot_paramcast_dot_v1_dot_param__service__pb2.GetModelRequest.FromString,
-                    response_serializer=protos_dot_paramcast_dot_v1_dot_param__service__pb2.GetModelResponse.SerializeToString,
+                    request_deserializer=paramcast_dot_v1_dot_param__service__pb2.GetModelRequest.FromString,
+                    response_serializer=paramcast_dot_v1_dot_param__service__pb2.GetModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -110,8 +110,8 @@ class ParamService:
             request,
             target,
             '/paramcast.v1.ParamService/Generate',
-            protos_dot_paramcast_dot_v1_dot_param__service__pb2.GenerateRequest.SerializeToString,
-            protos_dot_paramcast_dot_v1_dot_param__service__pb2.GenerateResponse.FromString,
+            paramcast_dot_v1_dot_param__service__pb2.GenerateRequest.SerializeToString,
+            paramcast_dot_v1_dot_param__service__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -137,8 +137,8 @@ class ParamService:
             request,
             target,
             '/paramcast.v1.ParamService/GetModel',
-            protos_dot_paramcast_dot_v1_dot_param__service__pb2.GetModelRequest.SerializeToString,
-            protos_dot_paramcast_dot_v1_dot_param__service__pb2.GetModelResponse.FromString,
+            paramcast_dot_v1_dot_param__service__pb2.GetModelRequest.SerializeToString,
+            paramcast_dot_v1_dot_param__service__pb2.GetModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
