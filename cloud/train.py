@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from paramcast.cloud import distributed
 from paramcast.cloud.checkpoint import ModelBundle
 from paramcast.cloud.generator import KEEP_RATIOS, Generator, GeneratorConfig, window_batch
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
@@ -111,7 +112,8 @@ class Trainer:
     def __init__(self, data: InteractionLog, model_cfg: DeviceModelConfig, gen_cfg: dict, cfg: TrainConfig,
                  evaluator):
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
-        self.device = resolve_device(cfg.device)
+        self.dist = distributed.context(cfg.device)  # distributed: a world of one outside torchrun
+        self.device = self.dist.torch_device(resolve_device(cfg.device))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -125,8 +127,8 @@ class Trainer:
             rng = np.random.default_rng(cfg.seed)
             self.valid_users = np.sort(rng.choice(self.valid_users, cfg.valid_users, replace=False))
         self.evaluator = evaluator  # (bundle, users, stage, variants) -> {variant: per-user metrics}
-        self.rng = np.random.default_rng(cfg.seed)
-        self.torch_gen = torch.Generator().manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(self.dist.rank_seed(cfg.seed))  # distributed: per-rank steps
+        self.torch_gen = torch.Generator().manual_seed(self.dist.rank_seed(cfg.seed))
         self.history: dict[str, list] = {"static": [], "generator": []}
 
     # -- stage 1 ----------------------------------------------------------------------------------
@@ -136,14 +138,16 @@ class Trainer:
         sequences then pad to their own length instead of max_len (most of a sparse log's batch
         would otherwise be padding)."""
         lengths = np.array([len(s) for s in seqs])
-        order = self.rng.permutation(len(seqs))
+        rng = self.dist.shared_rng(self.rng)  # distributed: every rank shuffles alike, then takes its share
+        bs = self.dist.local_batch_size(bs)
+        order = rng.permutation(len(seqs))
         chunk = 32 * bs
         batches: list[np.ndarray] = []
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]
             part = part[np.argsort(lengths[part], kind="stable")]
             batches.extend(part[i:i + bs] for i in range(0, len(part), bs))
-        return [batches[i] for i in self.rng.permutation(len(batches))]
+        return self.dist.shard([batches[i] for i in rng.permutation(len(batches))])
 
     def _static_batches(self):
         L = self.model_cfg.max_len
@@ -165,21 +169,25 @@ class Trainer:
         for epoch in range(1, epochs + 1):
             train_modes(True)
             t0, total = time.perf_counter(), 0.0
-            bar = tqdm(batches(), total=n_batches, desc=f"{stage} epoch {epoch}", disable=not cfg.progress, leave=False)
+            bar = tqdm(batches(), total=n_batches, desc=f"{stage} epoch {epoch}",
+                       disable=not (cfg.progress and self.dist.is_writer), leave=False)
+            steps = 0
             for batch in bar:
                 loss = step(batch)
+                steps += 1
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             train_modes(False)
+            epoch_loss = self.dist.mean(total / max(steps, 1))  # distributed: averaged over ranks
             score = validate()
             seconds = time.perf_counter() - t0
-            self.history[stage].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": score,
+            self.history[stage].append({"epoch": epoch, "loss": epoch_loss, "valid_ndcg@10": score,
                                         "seconds": seconds})
             log.info("%s epoch %d loss %.4f valid ndcg@10 %.4f (best %.4f, at start %.4f, %.1fs)", stage, epoch,
-                     total / n_batches, score, max(best, score), untrained, seconds)
+                     epoch_loss, score, max(best, score), untrained, seconds)
             if score > best:
                 best, best_state, bad = score, copy.deepcopy(selected.state_dict()), 0
             else:
@@ -200,6 +208,7 @@ class Trainer:
             keep = tgt > 0
             return _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items, self.torch_gen)
 
+        step = self.dist.data_parallel(step, model)  # distributed: gradients averaged across ranks
         self._fit("static", model, list(model.parameters()), cfg.lr, self._static_batches,
                   -(-len(self.static_seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience,
                   lambda: self._valid_ndcg(ModelBundle("train", model), ["static"]), model.train)
@@ -264,6 +273,7 @@ class Trainer:
             model.train(on and cfg.joint)
 
         train_modes(False)
+        step = self.dist.data_parallel(step, gen, model, sometimes_unused=True)  # distributed: averaged gradients
         self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window),
                   -(-len(self.train_seqs) // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
                   lambda: self._valid_ndcg(ModelBundle("train", model, gen), selection), train_modes)
@@ -272,8 +282,12 @@ class Trainer:
 
     def _valid_ndcg(self, bundle: ModelBundle, variants: list[str]) -> float:
         """Mean validation NDCG@10 over `variants` (each averaged over the validation users)."""
-        per_variant = self.evaluator(bundle, self.data, self.valid_users, "valid", variants)
-        return float(np.mean([np.mean(per_variant[v]["ndcg@10"]) for v in variants]))
+        users = self.valid_users
+        if self.dist.enabled and len(users) >= self.dist.world:  # distributed: each rank scores its share
+            users = np.asarray(self.dist.shard(users))
+        per_variant = self.evaluator(bundle, self.data, users, "valid", variants)
+        # distributed: means over every rank's users, so all ranks see the same score
+        return float(np.mean(self.dist.means([per_variant[v]["ndcg@10"] for v in variants])))
 
 
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
@@ -297,6 +311,9 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
+    if trainer.dist.enabled:  # distributed: the job's shape, and proof that the ranks ended equal
+        trainer.dist.check_in_sync(*(m for m in (model, gen) if m is not None))
+        meta["distributed"] = trainer.dist.describe()
     model_id = f"sasrec-{data.name}"
     return ModelBundle(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta)
 

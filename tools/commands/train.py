@@ -1,4 +1,11 @@
-"""`paramcast train`: the static device model, then the generator (DUET's two stages), into a model bundle."""
+"""`paramcast train`: the static device model, then the generator (DUET's two stages), into a model bundle.
+
+    paramcast train --data ../shared/data/ml-100k --out runs/ml-100k
+    torchrun --standalone --nproc-per-node 2 -m paramcast.cli train --data ... --out runs/ml-100k
+
+Under `torchrun` both stages train with DistributedDataParallel (cloud/distributed.py): gloo on
+CPU, NCCL on CUDA, the batch size is the global one, and only rank 0 writes the bundle.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from paramcast.cloud import distributed
     from paramcast.cloud.checkpoint import save_bundle
     from paramcast.cloud.model import DeviceModelConfig
     from paramcast.cloud.train import TrainConfig, train
@@ -82,8 +92,14 @@ def run(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
     gen_cfg = {"window": args.window, "rank": args.rank, "width": args.gen_width, "n_layers": args.gen_layers,
                "dropout": args.gen_dropout}
+    ctx = distributed.context(args.device)  # a world of one unless started by torchrun
+    if not ctx.is_writer:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports for the job
     t0 = time.perf_counter()
     bundle = train(data, args.out, model_cfg, cfg, gen_cfg, stages)
+    if not ctx.is_writer:
+        ctx.close()  # waits while rank 0 writes, then leaves with it
+        return 0
     bundle.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     bundle.meta["wall_seconds"] = time.perf_counter() - t0
     out = save_bundle(bundle, args.out)
@@ -95,4 +111,5 @@ def run(args: argparse.Namespace) -> int:
                        generated_parameters_per_device=bundle.generator.generated_parameters_per_device(),
                        generator_flops_per_bundle=bundle.generator.flops_per_bundle())
     print(json.dumps(summary, indent=2))
+    ctx.close()
     return 0
