@@ -83,7 +83,7 @@ class Context:
             raise ValueError(f"batch size {batch_size} is smaller than the world size {self.world}")
         return batch_size // self.world
 
-    def shard(self, items: Sequence[Any]) -> list:
+    def shard(self, items: Sequence[Any] | np.ndarray) -> list:
         """Every world-th item starting at this rank; the tail that would leave ranks with unequal
         counts is dropped (DDP needs every rank to take the same number of steps)."""
         if not self.enabled:

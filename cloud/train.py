@@ -208,9 +208,9 @@ class Trainer:
             keep = tgt > 0
             return _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items, self.torch_gen)
 
-        step = self.dist.data_parallel(step, model)  # distributed: gradients averaged across ranks
+        ddp_step = self.dist.data_parallel(step, model)  # distributed: gradients averaged across ranks
         self._fit("static", model, list(model.parameters()), cfg.lr, self._static_batches,
-                  -(-len(self.static_seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience,
+                  -(-len(self.static_seqs) // cfg.batch_size), ddp_step, cfg.epochs, cfg.patience,
                   lambda: self._valid_ndcg(ModelBundle("train", model), ["static"]), model.train)
         return model.eval()
 
@@ -273,9 +273,9 @@ class Trainer:
             model.train(on and cfg.joint)
 
         train_modes(False)
-        step = self.dist.data_parallel(step, gen, model, sometimes_unused=True)  # distributed: averaged gradients
+        ddp_step = self.dist.data_parallel(step, gen, model, sometimes_unused=True)  # distributed: averaged gradients
         self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window),
-                  -(-len(self.train_seqs) // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
+                  -(-len(self.train_seqs) // cfg.gen_batch_size), ddp_step, cfg.gen_epochs, cfg.gen_patience,
                   lambda: self._valid_ndcg(ModelBundle("train", model, gen), selection), train_modes)
         model.requires_grad_(True)
         return gen.eval()
