@@ -13,7 +13,7 @@ from device_fixtures import (
     random_bundle,
     random_keep,
     real_users,
-    tiny_bundle,
+    tiny_checkpoint,
     tiny_package,
 )
 
@@ -40,7 +40,7 @@ def users(shared_data):
 
 def torch_scores(users, factors=None, keep=None) -> np.ndarray:
     """What PyTorch computes for these users: the slimmed model and sliced factors when `keep`."""
-    model = tiny_bundle().device
+    model = tiny_checkpoint().device_model
     history = left_pad([h for h, _ in users], TINY.max_len)  # (B, L)
     candidates = torch.from_numpy(np.stack([c for _, c in users]))  # (B, C)
     adapters = {s: (torch.from_numpy(a)[None], torch.from_numpy(b)[None])  # (1, d_in, r), (1, r, d_out)
@@ -169,7 +169,7 @@ def _bad_bundles():
 
 @pytest.mark.parametrize(("factors", "masks", "field"), _bad_bundles())
 def test_apply_rejects_malformed_bundles_naming_the_field(runtime, factors, masks, field):
-    b = tiny_bundle()
+    b = tiny_checkpoint()
     bundle = DeltaBundle(b.model_id, b.base_version, factors, masks)
     with pytest.raises(InvalidInput) as err:
         runtime.apply(bundle)
@@ -237,7 +237,7 @@ def test_behaviour_embedding_ignores_the_applied_bundle(runtime, users):
     np.testing.assert_array_equal(runtime.behaviour_embedding(histories), before)
     np.testing.assert_array_equal(runtime.behaviour_embedding(histories[0]), before[0])
     with torch.no_grad():
-        expected = tiny_bundle().device.encode(left_pad(histories, TINY.max_len))[:, -1, :].numpy()
+        expected = tiny_checkpoint().device_model.encode(left_pad(histories, TINY.max_len))[:, -1, :].numpy()
     np.testing.assert_allclose(before, expected, atol=ATOL)
 
 
@@ -245,7 +245,7 @@ def test_user_state_is_what_candidates_are_scored_against(runtime, users):
     history, candidates = users[2]
     runtime.apply(random_bundle(seed=11, masks=random_keep(0.75)))
     state = runtime.user_state(history)  # (d,)
-    item_emb = tiny_bundle().device.item_emb.weight.detach().numpy()
+    item_emb = tiny_checkpoint().device_model.item_emb.weight.detach().numpy()
     np.testing.assert_allclose(item_emb[candidates] @ state, runtime.score(history, candidates), atol=1e-5)
     assert runtime.user_state([history, history]).shape == (2, TINY.hidden)
 
