@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from paramcast.cloud.checkpoint import Checkpoint
-from paramcast.cloud.model import DeviceModel, DeviceModelConfig
+from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
 from paramcast.common.bundle import DeltaBundle
 from paramcast.common.data import load_interactions
 
@@ -87,3 +87,18 @@ def random_keep(ratio: float, seed: int = 0) -> dict[str, np.ndarray]:
         mask[rng.choice(n, max(1, round(ratio * n)), replace=False)] = True
         keep[group] = mask
     return keep
+
+
+def torch_scores(users, factors=None, keep=None) -> np.ndarray:
+    """What PyTorch computes for (history, candidates) pairs on the tiny model: with the adapter
+    `factors` when given, and the slimmed model and sliced factors when `keep`."""
+    model = tiny_checkpoint().device_model
+    history = left_pad([np.asarray(h) for h, _ in users], TINY.max_len)  # (B, L)
+    candidates = torch.from_numpy(np.stack([np.asarray(c, dtype=np.int64) for _, c in users]))  # (B, C)
+    adapters = {s: (torch.from_numpy(a)[None], torch.from_numpy(b)[None])  # (1, d_in, r), (1, r, d_out)
+                for s, (a, b) in (factors or {}).items()}
+    if keep:
+        keep_t = {g: torch.as_tensor(np.asarray(m)) for g, m in keep.items()}
+        model, adapters = model.slimmed(keep_t), slice_adapters(adapters, keep_t)
+    with torch.no_grad():
+        return model.score(history, candidates, adapters or None).numpy()

@@ -15,10 +15,11 @@ from device_fixtures import (
     real_users,
     tiny_checkpoint,
     tiny_package,
+    torch_scores,
 )
 
 from paramcast.cli import main as cli
-from paramcast.cloud.model import left_pad, slice_adapters
+from paramcast.cloud.model import left_pad
 from paramcast.common.bundle import ENCODINGS, DeltaBundle
 from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, VersionMismatch
 from paramcast.common.serde import decode_bundle, encode_bundle
@@ -36,20 +37,6 @@ def runtime() -> DeviceRuntime:
 @pytest.fixture(scope="module")
 def users(shared_data):
     return real_users(shared_data)
-
-
-def torch_scores(users, factors=None, keep=None) -> np.ndarray:
-    """What PyTorch computes for these users: the slimmed model and sliced factors when `keep`."""
-    model = tiny_checkpoint().device_model
-    history = left_pad([h for h, _ in users], TINY.max_len)  # (B, L)
-    candidates = torch.from_numpy(np.stack([c for _, c in users]))  # (B, C)
-    adapters = {s: (torch.from_numpy(a)[None], torch.from_numpy(b)[None])  # (1, d_in, r), (1, r, d_out)
-                for s, (a, b) in (factors or {}).items()}
-    if keep:
-        keep_t = {g: torch.from_numpy(m) for g, m in keep.items()}
-        model, adapters = model.slimmed(keep_t), slice_adapters(adapters, keep_t)
-    with torch.no_grad():
-        return model.score(history, candidates, adapters or None).numpy()
 
 
 # -- parity with PyTorch ----------------------------------------------------------------------
