@@ -1,6 +1,6 @@
 """Export the device model to a device package: `model.onnx` + `manifest.json`.
 
-The package is the contract between the cloud and every device (read by `device/package.py`):
+The package is the contract between the cloud and every device (its format: `common/package.py`):
 
 - `model.onnx` scores candidates for a batch of users. Inputs: `history` (B, max_len) int64, item
   ids left-padded with 0; `candidates` (B, C) int64; and per adapter slot `<slot>.A` (B|1, d_in, r)
@@ -40,13 +40,10 @@ from torch import nn
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import DeviceModel
 from paramcast.common.errors import InvalidInput
+from paramcast.common.package import FORMAT, FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
 
-FORMAT = "paramcast.device-package"
-FORMAT_VERSION = 1
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
 # The torch exporter implements opset 18 natively; lower targets go through the ONNX version
 # converter. ONNX Runtime >= 1.17 (the device extra's floor) runs opset 18 models.
 DEFAULT_OPSET = 18

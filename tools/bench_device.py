@@ -45,8 +45,8 @@ from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from paramcast.cloud.export import ScoringGraph, export_package  # noqa: E402
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad  # noqa: E402
 from paramcast.common.bundle import DeltaBundle  # noqa: E402
+from paramcast.common.package import DevicePackage  # noqa: E402
 from paramcast.common.serde import decode_bundle, encode_bundle  # noqa: E402
-from paramcast.device.package import DevicePackage  # noqa: E402
 from paramcast.device.runtime import DeviceRuntime, session_options  # noqa: E402
 
 N_CANDIDATES = 101
@@ -347,7 +347,7 @@ def resident_memory(package: Path, threads: int, keep: dict) -> dict:
             for line in open("/proc/self/status"):
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
-        from paramcast.device.package import DevicePackage
+        from paramcast.common.package import DevicePackage
         from paramcast.device.runtime import DeviceRuntime
         imported = rss_mb()
         rt = DeviceRuntime(DevicePackage.load({str(package)!r}), threads={threads})

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.cloud.export import export_package
     from paramcast.common.data import load_interactions
-    from paramcast.device.package import DevicePackage
+    from paramcast.common.package import DevicePackage
     from paramcast.device.runtime import DeviceRuntime
 
     torch.set_num_threads(1)

@@ -3,7 +3,7 @@
 A version is a checkpoint's base version (the content hash of its device weights), so a device
 holding version V always gets deltas from the generator trained for exactly V's weights. For each
 version the registry keeps the generator (on the serving device: CPU or CUDA) and the device
-package as one archive (`device/archive.py`), ready for GetModel. The latest version of a model id
+package as one archive (`common/package.py`), ready for GetModel. The latest version of a model id
 is the one added last: `paramcast serve --model old --model new` serves both, new as the latest.
 """
 
@@ -22,8 +22,7 @@ import torch
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.generator import Generator
 from paramcast.common.errors import InvalidInput, ModelNotFound, VersionMismatch
-from paramcast.device.archive import pack_package
-from paramcast.device.package import DevicePackage
+from paramcast.common.package import DevicePackage, pack_package
 
 log = logging.getLogger("paramcast.service")
 

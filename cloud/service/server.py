@@ -40,8 +40,8 @@ from paramcast.cloud.service.metrics import ServiceMetrics
 from paramcast.cloud.service.registry import ModelRegistry
 from paramcast.cloud.service.servicer import ParamServicer
 from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound
+from paramcast.common.package import MANIFEST_FILE, DevicePackage
 from paramcast.common.serde import SERVICE_NAME
-from paramcast.device.package import DevicePackage
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
@@ -90,7 +90,7 @@ def load_models(models: Sequence[Checkpoint | str | Path], torch_device: str = "
 
 
 def _matching_package(path: Path, ckpt: Checkpoint) -> Path | None:
-    if not (path / "manifest.json").exists():
+    if not (path / MANIFEST_FILE).exists():
         return None
     try:
         package = DevicePackage.load(path)

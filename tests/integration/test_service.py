@@ -28,10 +28,10 @@ from paramcast.cloud.service.errors import ErrorInterceptor
 from paramcast.cloud.service.server import ServerThread, TlsConfig, load_models
 from paramcast.common.data import load_interactions
 from paramcast.common.errors import RateLimited
+from paramcast.common.package import DevicePackage
 from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, bundle_to_proto
 from paramcast.device.agent import APPLIED, REFUSED, REJECTED, STALE_BASE, UNREACHABLE, DeviceAgent
 from paramcast.device.client import AsyncParamClient, CloudUnavailable, ParamClient, RetryPolicy
-from paramcast.device.package import DevicePackage
 from paramcast.device.runtime import DeviceRuntime
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc

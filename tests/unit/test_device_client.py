@@ -12,9 +12,8 @@ from device_fixtures import tiny_package
 from without_torch import LOADED, run_without_torch
 
 from paramcast.common.errors import IntegrityError, ModelNotFound, PermissionDenied, RateLimited, VersionMismatch
-from paramcast.device.archive import pack_package
+from paramcast.common.package import DevicePackage, pack_package
 from paramcast.device.client import CloudUnavailable, RemoteError, RetryPolicy, _Download, cloud_error, service_config
-from paramcast.device.package import DevicePackage
 from paramcast.v1 import param_service_pb2 as pb
 
 
@@ -129,7 +128,7 @@ def test_a_corrupt_whole_archive_is_discarded(tmp_path):
 
 def test_device_side_runs_without_torch(tmp_path):
     """client, store, agent, archive and policies import with torch (and the cloud side) blocked."""
-    modules = "paramcast.device.agent, paramcast.device.client, paramcast.device.store, paramcast.device.archive, " \
+    modules = "paramcast.device.agent, paramcast.device.client, paramcast.device.store, paramcast.common.package, " \
               "paramcast.device.policy"
     proc = run_without_torch(tmp_path, ["-c", f"import json, sys, {modules}; print(json.dumps({LOADED}))"])
     assert proc.returncode == 0, proc.stderr

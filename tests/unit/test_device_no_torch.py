@@ -27,7 +27,7 @@ def test_runtime_scores_and_applies_bundles_without_torch(tmp_path):
     script = f"""
 import json, sys
 from paramcast.common.serde import decode_bundle
-from paramcast.device.package import DevicePackage
+from paramcast.common.package import DevicePackage
 from paramcast.device.runtime import DeviceRuntime
 
 rt = DeviceRuntime(DevicePackage.load({str(tiny_package())!r}))

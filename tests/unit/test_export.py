@@ -15,7 +15,7 @@ from paramcast.cli import main as cli
 from paramcast.cloud.checkpoint import save_checkpoint
 from paramcast.cloud.export import export_package
 from paramcast.common.errors import InvalidInput
-from paramcast.device.package import DevicePackage
+from paramcast.common.package import DevicePackage
 
 
 @pytest.fixture(scope="module")

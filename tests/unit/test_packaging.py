@@ -57,7 +57,7 @@ def test_the_installed_device_side_scores_without_torch(wheel, tmp_path):
     script = f"""
 import json, sys
 import paramcast, paramcast.device.agent, paramcast.device.policy
-from paramcast.device.package import DevicePackage
+from paramcast.common.package import DevicePackage
 from paramcast.device.runtime import DeviceRuntime
 
 scores = DeviceRuntime(DevicePackage.load({str(tiny_package())!r})).score([1, 2, 3], [4, 5, 6])

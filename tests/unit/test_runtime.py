@@ -22,8 +22,8 @@ from paramcast.cli import main as cli
 from paramcast.cloud.model import left_pad
 from paramcast.common.bundle import ENCODINGS, DeltaBundle
 from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, VersionMismatch
+from paramcast.common.package import DevicePackage
 from paramcast.common.serde import decode_bundle, encode_bundle
-from paramcast.device.package import DevicePackage
 from paramcast.device.runtime import DeviceRuntime
 
 ATOL = 1e-4

@@ -41,9 +41,8 @@ from paramcast.common.errors import (
     Unauthenticated,
     VersionMismatch,
 )
+from paramcast.common.package import DevicePackage, pack_package, unpack_package
 from paramcast.common.serde import bundle_from_proto
-from paramcast.device.archive import pack_package, unpack_package
-from paramcast.device.package import DevicePackage
 from paramcast.v1 import param_service_pb2 as pb
 
 WINDOW = 10

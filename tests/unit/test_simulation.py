@@ -252,7 +252,7 @@ def test_report_writes_table_and_plots(report, tmp_path):
 
 def test_onnx_device_scores_what_the_harness_scores(ckpt, prepared, tmp_path):
     from paramcast.cloud.export import export_package
-    from paramcast.device.package import DevicePackage
+    from paramcast.common.package import DevicePackage
     from paramcast.device.policy import item_embeddings
     from paramcast.device.runtime import DeviceRuntime
 

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at module level: `paramcast device` must work without it.
     from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.cloud.export import DEFAULT_OPSET, export_package
-    from paramcast.device.package import DevicePackage
+    from paramcast.common.package import DevicePackage
 
     ckpt = load_checkpoint(args.model)
     out = export_package(ckpt, args.out, opset=args.opset or DEFAULT_OPSET, max_rank=args.max_rank)
