@@ -94,15 +94,15 @@ def test_torchrun_trains_both_stages_with_two_processes(shared_data, tmp_path):
                       "--gen-width", "32", "--valid-users", "100", "--no-progress"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     # Only rank 0 wrote: one bundle, one summary on stdout.
-    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "bundle.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.json", "checkpoint.pt"]
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert done.stdout.count('"model_id"') == 1
-    meta = json.loads((out / "bundle.json").read_text())["meta"]
+    meta = json.loads((out / "checkpoint.json").read_text())["meta"]
     assert meta["distributed"] == {"world_size": 2, "backend": "gloo"}  # and the ranks ended in sync
     assert [h["epoch"] for h in meta["history"]["static"]] == [1]
     assert len(meta["history"]["generator"]) == 1
 
-    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.checkpoint import load_checkpoint
 
-    bundle = load_bundle(out)
-    assert bundle.base_version == summary["base_version"] and bundle.generator is not None
+    ckpt = load_checkpoint(out)
+    assert ckpt.base_version == summary["base_version"] and ckpt.generator is not None
