@@ -105,7 +105,7 @@ class ServiceCore:
         self.auth = TokenAuth(None) if auth is None else auth
         self.rates = RateLimiter(0) if rates is None else rates  # (a RateLimiter with no devices yet is falsy)
         self.limits = Limits() if limits is None else limits
-        self.batcher = MicroBatcher(self._compute, max_batch=self.limits.max_batch,
+        self.batcher = MicroBatcher(self.compute, max_batch=self.limits.max_batch,
                                     max_delay_s=self.limits.max_delay_ms / 1000, max_queue=self.limits.max_queue,
                                     observer=observer)
 
@@ -113,10 +113,19 @@ class ServiceCore:
     def admit(self, call: GenerateCall, metadata: Mapping[str, str] | None = None,
               ) -> tuple[ServedModel, np.ndarray, float | None]:
         """Every check Generate makes before queueing: -> (model, window to generate from, keep ratio)."""
+        device_id = self.identify(call, metadata)
+        self.rates.check(device_id)
+        return self.validate(call)
+
+    def identify(self, call: GenerateCall, metadata: Mapping[str, str] | None = None) -> str:
+        """Authenticate the caller and authorize the device id the call names -> that device id."""
         principal = self.auth.authenticate(metadata)
         device_id = check_id("device_id", call.device_id)
         self.auth.authorize(principal, device_id)
-        self.rates.check(device_id)
+        return device_id
+
+    def validate(self, call: GenerateCall) -> tuple[ServedModel, np.ndarray, float | None]:
+        """Check every field and resolve the model -> (model, window to generate from, keep ratio)."""
         check_id("model_id", call.model_id)
         check_id("base_version", call.base_version)
         if call.encoding not in ENCODINGS:
@@ -137,8 +146,8 @@ class ServiceCore:
         served, window, keep_ratio = self.admit(call, metadata)
         return await self.batcher.submit((served.key, keep_ratio), (window, call.encoding), deadline)
 
-    def _compute(self, key: tuple[tuple[str, str], float | None],
-                 items: list[tuple[np.ndarray, str]]) -> list[pb.DeltaBundle]:
+    def compute(self, key: tuple[tuple[str, str], float | None],
+                items: list[tuple[np.ndarray, str]]) -> list[pb.DeltaBundle]:
         """Runs in the batcher's worker thread: one generator pass for a batch of one model version,
         then one encoding pass over the stacked output. Requests in a batch may ask for different
         encodings (the encoding is not part of the batch key, so it never splits a generator pass)."""

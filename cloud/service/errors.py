@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -86,14 +87,18 @@ def status_of(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-class _Malformed:
+class Malformed:
     """Stands in for a request whose bytes did not parse, so the handler can answer INVALID_ARGUMENT."""
 
     def __init__(self, type_name: str):
         self.type_name = type_name
 
+    def error(self) -> InvalidInput:
+        return InvalidInput("request", f"not a valid {self.type_name} message")
 
-def _safe_deserializer(deserialize: Callable[[bytes], object] | None, type_name: str):
+
+def safe_deserializer(deserialize: Callable[[bytes], object] | None, type_name: str):
+    """`deserialize` that returns a Malformed instead of raising on bytes that do not parse."""
     if deserialize is None:
         return None
 
@@ -101,9 +106,35 @@ def _safe_deserializer(deserialize: Callable[[bytes], object] | None, type_name:
         try:
             return deserialize(data)
         except Exception:  # any parser failure: the bytes are not a valid message of this type
-            return _Malformed(type_name)
+            return Malformed(type_name)
 
     return parse
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a call that raised is answered with."""
+
+    code: grpc.StatusCode
+    message: str
+    trailing_metadata: tuple[tuple[str, str], ...] = ()
+
+
+def answer_for(method: str, exc: BaseException) -> Answer:
+    """The status code, message and trailing metadata for an error a ParamService method raised.
+
+    Typed errors keep their own message (written for the caller); anything else becomes INTERNAL
+    with an incident id, its traceback logged here under that id and never sent.
+    """
+    code = status_of(exc)
+    if code is None:
+        incident = uuid.uuid4().hex[:12]
+        log.error("%s failed (incident %s)", method, incident, exc_info=exc)
+        return Answer(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+    if isinstance(exc, DeviceRateLimited):
+        # Machine-readable hint beside the status, so a client can wait exactly that long.
+        return Answer(code, str(exc), (("retry-after-ms", str(max(1, round(exc.retry_after_s * 1000)))),))
+    return Answer(code, str(exc))
 
 
 class CallRecorder:
@@ -127,7 +158,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method_path.startswith(self.prefix):
             return handler
         method = method_path[len(self.prefix):]
-        deserializer = _safe_deserializer(handler.request_deserializer, f"{method}Request")
+        deserializer = safe_deserializer(handler.request_deserializer, f"{method}Request")
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
@@ -147,8 +178,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                if isinstance(request, _Malformed):
-                    raise InvalidInput("request", f"not a valid {request.type_name} message")
+                if isinstance(request, Malformed):
+                    raise request.error()
                 return await behaviour(request, context)
             except BaseException as exc:
                 code, message = self._status(method, exc, context)
@@ -165,8 +196,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                if isinstance(request, _Malformed):
-                    raise InvalidInput("request", f"not a valid {request.type_name} message")
+                if isinstance(request, Malformed):
+                    raise request.error()
                 async for response in behaviour(request, context):
                     yield response
             except BaseException as exc:
@@ -189,12 +220,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED), None
         if isinstance(exc, grpc.aio.AbortError):
             return context.code() or grpc.StatusCode.UNKNOWN, None  # already answered
-        code = status_of(exc)
-        if code is None:
-            incident = uuid.uuid4().hex[:12]
-            log.error("%s failed (incident %s)", method, incident, exc_info=exc)
-            return grpc.StatusCode.INTERNAL, f"internal error (incident {incident})"
-        if isinstance(exc, DeviceRateLimited):
-            # Machine-readable hint beside the status, so a client can wait exactly that long.
-            context.set_trailing_metadata((("retry-after-ms", str(max(1, round(exc.retry_after_s * 1000)))),))
-        return code, str(exc)
+        answer = answer_for(method, exc)
+        if answer.trailing_metadata:
+            context.set_trailing_metadata(answer.trailing_metadata)
+        return answer.code, answer.message
