@@ -56,7 +56,11 @@ class Overloaded(RateLimited):
     """The generation queue is full: the server as a whole is over capacity."""
 
 
-class ShuttingDown(ParamCastError):
+class Unavailable(ParamCastError):
+    """The service cannot answer this call now (a part of it is restarting or draining); safe to retry."""
+
+
+class ShuttingDown(Unavailable):
     """The server is draining and accepts no new work."""
 
 
@@ -70,7 +74,7 @@ _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
 # Errors that mean the server itself is broken (e.g. a package file that no longer verifies):
 # the caller learns nothing useful from their text, so they are treated like any unexpected error.
