@@ -10,12 +10,14 @@
 
 One client holds one channel for its whole life (connections, TLS sessions and HTTP/2 streams
 are reused), and any number of devices may share it: `device_id` and `token` can be given per
-call. Each call has a deadline. Transient failures (UNAVAILABLE: the server restarting, a
-connection reset) are retried by gRPC itself with exponential backoff and jitter, configured in
-the channel's service config (`service_config()`), so every gRPC stack that reads the same JSON
-behaves alike. A download that breaks mid-stream resumes from the bytes already verified and
-written, with its own backoff. Errors reach the caller as ParamCast's typed errors (`common.errors`)
-plus `CloudUnavailable` for "try again later"; the gRPC status code is on `.code`.
+call; `application` names the Ray Serve application to reach when the server is a Ray cluster
+running several (cloud/service/ray_proxy.py). Each call has a deadline. Transient failures
+(UNAVAILABLE: the server restarting, a connection reset) are retried by gRPC itself with
+exponential backoff and jitter, configured in the channel's service config (`service_config()`),
+so every gRPC stack that reads the same JSON behaves alike. A download that breaks mid-stream
+resumes from the bytes already verified and written, with its own backoff. Errors reach the
+caller as ParamCast's typed errors (`common.errors`) plus `CloudUnavailable` for "try again
+later"; the gRPC status code is on `.code`.
 """
 
 from __future__ import annotations
@@ -138,8 +140,11 @@ def _credentials(tls: bool, root_certificates: bytes | None):
     return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
 
-def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("authorization", f"Bearer {token}"),) if token else None
+def _metadata(token: str | None, application: str | None = None) -> tuple[tuple[str, str], ...] | None:
+    entries = [("authorization", f"Bearer {token}")] if token else []
+    if application:  # Ray Serve's proxy: which of the cluster's applications the call is for
+        entries.append(("application", application))
+    return tuple(entries) or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +333,8 @@ class _Base:
     def __init__(self, target: str, *, device_id: str | None = None, token: str | None = None,
                  timeout_s: float = 5.0, download_timeout_s: float = 300.0, retry: RetryPolicy = RetryPolicy(),
                  reconnect_backoff_s: tuple[float, float] = (0.2, 10.0), gzip: bool = False, tls: bool = False,
-                 root_certificates: bytes | None = None, max_resumes: int = 5):
-        self.target, self.device_id, self.token = target, device_id, token
+                 root_certificates: bytes | None = None, max_resumes: int = 5, application: str | None = None):
+        self.target, self.device_id, self.token, self.application = target, device_id, token, application
         self.timeout_s, self.download_timeout_s, self.max_resumes = timeout_s, download_timeout_s, max_resumes
         self._options = channel_options(retry, reconnect_backoff_s)
         self._credentials = _credentials(tls, root_certificates)
@@ -356,7 +361,7 @@ class ParamClient(_Base):
         started = time.perf_counter()
         try:
             response = self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
-                                          metadata=_metadata(token or self.token))
+                                          metadata=_metadata(token or self.token, self.application))
         except grpc.RpcError as exc:
             raise cloud_error(exc) from None
         return _fetched(response, model_id, base_version, started)
@@ -369,7 +374,7 @@ class ParamClient(_Base):
         while True:
             try:
                 stream = self.stub.GetModel(download.request(chunk_size), timeout=self.download_timeout_s,
-                                            metadata=_metadata(token or self.token))
+                                            metadata=_metadata(token or self.token, self.application))
                 for msg in stream:
                     if download.accept(msg):
                         stream.cancel()
@@ -395,7 +400,8 @@ class ParamClient(_Base):
 
         try:
             reply = health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s,
+                metadata=_metadata(None, self.application))
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -429,7 +435,7 @@ class AsyncParamClient(_Base):
         started = time.perf_counter()
         try:
             response = await self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
-                                                metadata=_metadata(token or self.token))
+                                                metadata=_metadata(token or self.token, self.application))
         except grpc.RpcError as exc:
             raise cloud_error(exc) from None
         return _fetched(response, model_id, base_version, started)
@@ -441,7 +447,7 @@ class AsyncParamClient(_Base):
         while True:
             try:
                 stream = self.stub.GetModel(download.request(chunk_size), timeout=self.download_timeout_s,
-                                            metadata=_metadata(token or self.token))
+                                            metadata=_metadata(token or self.token, self.application))
                 async for msg in stream:
                     if download.accept(msg):
                         stream.cancel()
@@ -466,7 +472,8 @@ class AsyncParamClient(_Base):
 
         try:
             reply = await health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s,
+                metadata=_metadata(None, self.application))
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING

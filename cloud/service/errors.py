@@ -115,6 +115,9 @@ def safe_deserializer(deserialize: Callable[[bytes], object] | None, type_name: 
     return parse
 
 
+INCIDENT_PREFIX = "internal error (incident "  # every INTERNAL answer ParamCast writes starts so
+
+
 @dataclass(frozen=True)
 class Answer:
     """What a call that raised is answered with."""
@@ -134,7 +137,7 @@ def answer_for(method: str, exc: BaseException) -> Answer:
     if code is None:
         incident = uuid.uuid4().hex[:12]
         log.error("%s failed (incident %s)", method, incident, exc_info=exc)
-        return Answer(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+        return Answer(grpc.StatusCode.INTERNAL, f"{INCIDENT_PREFIX}{incident})")
     if isinstance(exc, DeviceRateLimited):
         # Machine-readable hint beside the status, so a client can wait exactly that long.
         return Answer(code, str(exc), (("retry-after-ms", str(max(1, round(exc.retry_after_s * 1000)))),))
