@@ -6,13 +6,17 @@
     ...
     disconnect()                                        # a local cluster this process started stops too
 
-A local cluster binds its node to 127.0.0.1 when `loopback` (the default), runs no dashboard, and
-takes the object store size Ray picks unless `object_store_bytes` says otherwise. Needs the `ray`
-extra (`pip install ".[ray]"`).
+A local cluster runs no dashboard and takes the object store size Ray picks unless
+`object_store_bytes` says otherwise. With `loopback` (the default) its node, GCS and workers use
+127.0.0.1: Ray otherwise replaces a loopback node address with the host's reachable one, except
+in the one-host mode it uses on macOS and Windows, which `loopback` turns on. (Serve's gRPC proxy
+still listens on every interface: cloud/service/ray_proxy.py.) Needs the `ray` extra
+(`pip install ".[ray]"`).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 
 from paramcast.common.errors import InvalidInput
@@ -38,9 +42,15 @@ def connect(address: str | None = None, num_cpus: int | None = None, loopback: b
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
+    if loopback:
+        os.environ[_ONE_HOST_ENV] = "0"  # for the processes the cluster starts
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported, here already
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_bytes,
-             _node_ip_address="127.0.0.1" if loopback else None, log_to_driver=False)
+             log_to_driver=False)
     return True
+
+
+_ONE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a one-host cluster on 127.0.0.1
 
 
 def disconnect() -> None:

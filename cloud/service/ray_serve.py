@@ -135,8 +135,9 @@ class ParamReplica:
         self.core = ServiceCore(load_models(list(config.models), self.torch_device), auth=auth, limits=config.limits)
         self.rates = _SharedRates(rate_limits) if rate_limits is not None else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paramcast-generate")
-        self._batch.set_max_batch_size(config.limits.max_batch)
-        self._batch.set_batch_wait_timeout_s(config.limits.max_delay_ms / 1000)
+        batch: Any = self._batch  # @serve.batch adds these setters to the method it wraps
+        batch.set_max_batch_size(config.limits.max_batch)
+        batch.set_batch_wait_timeout_s(config.limits.max_delay_ms / 1000)
         log.info("replica ready: %d model versions on %s", len(self.core.registry), self.torch_device)
 
     async def Generate(self, request: Any, grpc_context: Any) -> pb.GenerateResponse:
@@ -173,6 +174,7 @@ class ParamReplica:
                 groups.setdefault(q.key, []).append(i)
         loop = asyncio.get_running_loop()
         for key, rows in groups.items():
+            out: list[Any]
             try:
                 out = await loop.run_in_executor(self._executor, self.core.compute, key, [queued[i].item for i in rows])
             except Exception as exc:  # the whole pass failed: every call in it gets the error
@@ -289,13 +291,13 @@ def build_app(config: ServiceConfig, scaling: Scaling = Scaling()):
                                          "target_ongoing_requests": limits.max_batch}
     else:
         options["num_replicas"] = scaling.replicas
-    replica = serve.deployment(ParamReplica, name="ParamService").options(**options)
+    replica = serve.deployment(name="ParamService", **options)(ParamReplica)
     rate_limits = None
     if config.rate > 0:
         RateLimiter(config.rate, config.burst)  # the same checks of rate and burst as `paramcast serve`
-        rate_limits = serve.deployment(RateLimits, name="RateLimits").options(
-            num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}).bind(config.rate,
-                                                                                             config.burst)
+        limiter = serve.deployment(name="RateLimits", num_replicas=1, max_ongoing_requests=1000,
+                                   ray_actor_options={"num_cpus": 0})(RateLimits)
+        rate_limits = limiter.bind(config.rate, config.burst)
     return replica.bind(config, rate_limits)
 
 
@@ -318,7 +320,13 @@ def deploy(config: ServiceConfig, scaling: Scaling = Scaling(), name: str = APP_
 
 
 def undeploy(name: str = APP_NAME) -> None:
+    """Remove one application (its replicas drain first); Serve keeps running for the others."""
     serve.delete(name)
+
+
+def shutdown() -> None:
+    """Stop Serve on the cluster: every application, the proxies, the controller."""
+    serve.shutdown()
 
 
 def wait_serving(target: str, application: str | None = None, timeout_s: float = 120.0) -> None:
