@@ -1,0 +1,40 @@
+"""`--engine ray` settings: checked before any cluster is touched, with errors that name the flag."""
+
+from __future__ import annotations
+
+import pytest
+
+from paramcast.cli import main
+
+
+def test_ray_only_flags_and_what_the_ray_proxy_lacks_are_refused_by_name(capsys, tmp_path):
+    assert main(["serve", "--model", str(tmp_path), "--replicas", "2"]) == 2
+    assert "--replicas: only applies with --engine ray" in capsys.readouterr().err
+    pytest.importorskip("ray", reason="needs the ray extra")
+    for extra, flag in ((["--gzip"], "--gzip"), (["--metrics-port", "0"], "--metrics-port"),
+                        (["--tls-cert", "c.pem", "--tls-key", "k.pem"], "--tls-cert")):
+        assert main(["serve", "--engine", "ray", "--model", str(tmp_path), *extra]) == 2
+        assert f"{flag}: Ray Serve's gRPC proxy does not offer it" in capsys.readouterr().err
+    assert main(["serve", "--engine", "ray", "--model", str(tmp_path), "--autoscale", "4"]) == 2
+    assert "expected MIN:MAX" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--engine", "ray", "--model", str(tmp_path), "--replicas", "2", "--autoscale", "1:2"])
+
+
+def test_scaling_and_serve_config_args():
+    pytest.importorskip("ray", reason="needs the ray extra")
+    from paramcast.cloud.service.ray_serve import Scaling, app_builder, parse_autoscale
+    from paramcast.common.errors import InvalidInput
+
+    assert parse_autoscale("1:4") == (1, 4)
+    for bad in (Scaling(replicas=0), Scaling(autoscale=(3, 2)), Scaling(autoscale=(0, 0)),
+                Scaling(gpus_per_replica=-1)):
+        with pytest.raises(InvalidInput):
+            bad.check()
+    with pytest.raises(InvalidInput, match="models"):
+        app_builder({"replicas": 2})
+    with pytest.raises(InvalidInput, match="unknown keys \\['replica'\\]"):
+        app_builder({"models": ["/m"], "replica": 2})
+    with pytest.raises(InvalidInput, match="rate_burst"):
+        app_builder({"models": ["/m"], "rate_limit": 5, "rate_burst": 0.5})  # the plain server's own check
+    app_builder({"models": "/m", "autoscale": "1:3", "max_batch": 32, "rate_limit": 5, "gpus_per_replica": 1})
