@@ -35,7 +35,7 @@ from pathlib import Path
 
 import grpc
 
-from paramcast.common.bundle import ENCODINGS, DeltaBundle
+from paramcast.common.bundle import ENCODINGS, DeltaBundle, check_bundle_for
 from paramcast.common.errors import (
     IntegrityError,
     InvalidInput,
@@ -47,7 +47,7 @@ from paramcast.common.errors import (
     VersionMismatch,
 )
 from paramcast.common.package import DevicePackage, unpack_package
-from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, check_bundle_for, encoding_to_proto
+from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, encoding_to_proto
 from paramcast.device.store import write_atomic
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc

@@ -32,6 +32,7 @@ from paramcast.cloud.service.errors import (
     status_of,
 )
 from paramcast.cloud.service.registry import ModelRegistry
+from paramcast.common.bundle import EncodedBundle
 from paramcast.common.errors import (
     IntegrityError,
     InvalidInput,
@@ -42,7 +43,7 @@ from paramcast.common.errors import (
     VersionMismatch,
 )
 from paramcast.common.package import DevicePackage, pack_package, unpack_package
-from paramcast.common.serde import bundle_from_proto
+from paramcast.common.serde import bundle_from_proto, encoded_to_proto
 from paramcast.v1 import param_service_pb2 as pb
 
 WINDOW = 10
@@ -93,10 +94,13 @@ def call(ckpt: Checkpoint, **kw) -> GenerateCall:
 
 
 async def _generate(core: ServiceCore, *calls: GenerateCall, metadata=None, deadline=None):
+    """The wire messages of the core's answers, converted as the servicer converts them."""
     try:
-        return await asyncio.gather(*(core.generate(c, metadata, deadline) for c in calls))
+        encoded = await asyncio.gather(*(core.generate(c, metadata, deadline) for c in calls))
     finally:
         await core.close()
+    assert all(isinstance(e, EncodedBundle) for e in encoded)  # the core returns domain types
+    return [encoded_to_proto(e) for e in encoded]
 
 
 # ---------------------------------------------------------------------------------------------
