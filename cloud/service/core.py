@@ -11,7 +11,7 @@ callers), authorize the device id, take a rate-limit token, validate every field
 model and version, and only then queue for the micro-batched generator, whose stacked output is
 encoded for the whole batch in one pass (`BundleBatch.encoded`). The core speaks domain types
 only; protobuf stays in the servicer and `common.serde`. Each failure is a typed
-error (`common.errors`, `cloud.service.errors`) naming the field at fault; the gRPC layer maps
+error (`common.errors`) naming the field at fault; the gRPC layer maps
 them to status codes in one place.
 """
 
@@ -27,10 +27,9 @@ import numpy as np
 from paramcast.cloud.bundles import check_window, generate_batch
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.batcher import BatchObserver, MicroBatcher
-from paramcast.cloud.service.errors import OutOfRange
 from paramcast.cloud.service.registry import ModelRegistry, ServedModel
 from paramcast.common.bundle import ENCODINGS, EncodedBundle
-from paramcast.common.errors import InvalidInput
+from paramcast.common.errors import InvalidInput, OutOfRange
 
 MAX_ID_CHARS = 128
 

@@ -1,7 +1,7 @@
 """paramcast.v1.ParamService over grpc.aio: convert messages, delegate to ServiceCore, convert back.
 
 Errors are not handled here: the typed errors the core raises reach `ErrorInterceptor`
-(cloud/service/errors.py), which maps them to status codes for every method alike.
+(cloud/service/interceptor.py), which maps them to status codes for every method alike.
 """
 
 from __future__ import annotations

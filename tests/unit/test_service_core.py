@@ -23,27 +23,25 @@ from paramcast.cloud.generator import Generator, GeneratorConfig
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.batcher import MicroBatcher
 from paramcast.cloud.service.core import GenerateCall, Limits, ServiceCore
-from paramcast.cloud.service.errors import (
-    DeadlineExpired,
-    DeviceRateLimited,
-    OutOfRange,
-    Overloaded,
-    ShuttingDown,
-    status_of,
-)
 from paramcast.cloud.service.registry import ModelRegistry
 from paramcast.common.bundle import EncodedBundle
 from paramcast.common.errors import (
+    DeadlineExpired,
+    DeviceRateLimited,
     IntegrityError,
     InvalidInput,
     ModelNotFound,
+    OutOfRange,
+    Overloaded,
     PermissionDenied,
     RateLimited,
+    ShuttingDown,
     Unauthenticated,
     VersionMismatch,
 )
 from paramcast.common.package import DevicePackage, pack_package, unpack_package
 from paramcast.common.serde import bundle_from_proto, encoded_to_proto
+from paramcast.common.status import status_of
 from paramcast.v1 import param_service_pb2 as pb
 
 WINDOW = 10
