@@ -1,6 +1,6 @@
 """Typed errors and gRPC status codes: the one table, read both ways.
 
-The server's interceptor (`cloud/service/errors.py`) answers each typed error with the status
+The server's interceptor (`cloud/service/interceptor.py`) answers each typed error with the status
 code the .proto documents (`status_of`); the device client turns each status it receives back
 into a typed error (`error_from_status`). Both read `_TABLE`, so the two sides cannot drift.
 Statuses that mean "no answer, try again later" (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) become
