@@ -10,7 +10,7 @@ that application's replicas, which answers through a copy of the call context. C
   no server interceptors   The proxy takes none, so `add_param_service` (the function to name in
                            grpc_servicer_functions) wraps the proxy's own entry point of every
                            method it registers (`_guard`), where the plain server has its
-                           ErrorInterceptor:
+                           ErrorInterceptor (cloud/service/interceptor.py):
     - request bytes that do not parse: INVALID_ARGUMENT (the proxy alone would answer UNKNOWN
       with the parser's exception text);
     - requests larger than PARAMCAST_MAX_REQUEST_BYTES (read from the proxy's environment,
@@ -54,7 +54,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from paramcast.cloud.service.errors import INCIDENT_PREFIX, Malformed, answer_for, safe_deserializer
+from paramcast.cloud.service.interceptor import INCIDENT_PREFIX, Malformed, answer_for, safe_deserializer
 from paramcast.common.errors import InvalidInput, ParamCastError, RateLimited
 from paramcast.common.serde import SERVICE_NAME
 from paramcast.v1 import param_service_pb2 as pb

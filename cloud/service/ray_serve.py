@@ -44,12 +44,12 @@ from ray.serve.config import HTTPOptions, gRPCOptions
 from paramcast.cloud.ray_cluster import free_port
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.core import Limits, ServiceCore
-from paramcast.cloud.service.errors import DeadlineExpired, DeviceRateLimited, Unavailable, answer_for
+from paramcast.cloud.service.interceptor import answer_for
 from paramcast.cloud.service.ray_proxy import deadline_from, refused
 from paramcast.cloud.service.server import load_models
 from paramcast.cloud.service.servicer import chunk_message, generate_call, metadata_of
-from paramcast.common.errors import InvalidInput
-from paramcast.common.serde import SERVICE_NAME
+from paramcast.common.errors import DeadlineExpired, DeviceRateLimited, InvalidInput, Unavailable
+from paramcast.common.serde import SERVICE_NAME, encoded_to_proto
 from paramcast.v1 import param_service_pb2 as pb
 
 log = logging.getLogger("paramcast.service")
@@ -155,14 +155,14 @@ class ParamReplica:
             outcome = await self._batch(_Queued((served.key, keep_ratio), (window, call.encoding), deadline))
             if isinstance(outcome, Exception):
                 raise outcome
-            return pb.GenerateResponse(bundle=outcome)
+            return pb.GenerateResponse(bundle=encoded_to_proto(outcome))
         except Exception as exc:
             _answer(grpc_context, "Generate", exc)
             return pb.GenerateResponse()
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)  # set from the config in __init__
     async def _batch(self, queued: list[_Queued]) -> list[Any]:
-        """One result per call: the encoded DeltaBundle, or the error that call gets. Calls whose
+        """One result per call: the encoded bundle, or the error that call gets. Calls whose
         deadline passed while they waited are dropped before any generation work."""
         now = time.monotonic()
         results: list[Any] = [None] * len(queued)

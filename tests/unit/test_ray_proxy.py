@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from paramcast.cloud.service import ray_proxy
-from paramcast.cloud.service.errors import INCIDENT_PREFIX, Malformed
+from paramcast.cloud.service.interceptor import INCIDENT_PREFIX, Malformed
 from paramcast.common.serde import SERVICE_NAME
 from paramcast.v1 import param_service_pb2 as pb
 
