@@ -45,6 +45,22 @@ class NetworkStats:
     busy_seconds: float = 0.0  # wall time with calls in flight
     max_in_flight: int = 0
 
+    @classmethod
+    def merged(cls, parts: list[NetworkStats]) -> NetworkStats:
+        """The stats of several groups of devices (shards) as one fleet's: counts and wall time
+        with calls in flight add up, the largest number in flight at once is the largest of any."""
+        out = cls()
+        for p in parts:
+            out.calls += p.calls
+            out.failures += p.failures
+            for name, n in p.errors.items():
+                out.errors[name] = out.errors.get(name, 0) + n
+            out.latencies.extend(p.latencies)
+            out.bytes += p.bytes
+            out.busy_seconds += p.busy_seconds
+            out.max_in_flight = max(out.max_in_flight, p.max_in_flight)
+        return out
+
     def summary(self) -> dict:
         lat = np.array(self.latencies) * 1000.0
         return {
@@ -67,7 +83,7 @@ class NetworkSource:
 
     def __init__(self, target: str, tl: Timelines, model_id: str, base_version: str,
                  slot_shapes: dict[str, tuple[int, int]], rank: int, window: int, encoding: str = "int8",
-                 device_prefix: str = "sim", timeout_s: float = 30.0):
+                 device_prefix: str = "sim", timeout_s: float = 30.0, application: str | None = None):
         from paramcast.device.client import AsyncParamClient
 
         self.target, self.tl, self.model_id, self.base_version = target, tl, model_id, base_version
@@ -83,7 +99,8 @@ class NetworkSource:
         self._thread.start()
 
         async def make_clients():
-            return [AsyncParamClient(target, device_id=d, timeout_s=timeout_s) for d in self.device_ids]
+            return [AsyncParamClient(target, device_id=d, timeout_s=timeout_s, application=application)
+                    for d in self.device_ids]
 
         self.clients = self._run(make_clients())
 
