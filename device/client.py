@@ -1,4 +1,4 @@
-"""The device's side of paramcast.v1: Generate a bundle, download the package. Sync and asyncio.
+"""The device's side of paramcast.v1: Generate a bundle, download the package. asyncio, and blocking.
 
     with ParamClient("cloud:50051", device_id="device-17", token="s3cret") as client:
         package = client.download_package("sasrec-ml-100k", "state/")   # resumable, verified, unpacked
@@ -8,17 +8,19 @@
     async with AsyncParamClient("cloud:50051") as client:               # grpc.aio: many devices, one loop
         fetched = await client.generate(window, model_id, base_version, device_id="d1", token="...")
 
-One client holds one channel for its whole life (connections, TLS sessions and HTTP/2 streams
-are reused), and any number of devices may share it: `device_id` and `token` can be given per
-call. Each call has a deadline. Transient failures (UNAVAILABLE: the server restarting, a
-connection reset) are retried by gRPC itself with exponential backoff and jitter, configured in
-the channel's service config (`service_config()`), so every gRPC stack that reads the same JSON
-behaves alike. A download that breaks mid-stream resumes from the bytes already verified and
-written, with its own backoff. Errors reach the caller as ParamCast's typed errors (`common.errors`,
-through the status table in `common/status.py`), `CloudUnavailable` meaning "try again later"; the
-gRPC status code is on `.code`. A device the server rate-limited gets `DeviceRateLimited` with the
-server's `retry-after-ms` hint as `retry_after_s`, and until that time has passed the client
-refuses the device's Generate calls itself, without sending them.
+`AsyncParamClient` is the client; `ParamClient` is the same client for blocking callers, run on an
+event loop of its own in a background thread. One client holds one channel for its whole life
+(connections, TLS sessions and HTTP/2 streams are reused), and any number of devices may share it:
+`device_id` and `token` can be given per call. Each call has a deadline. Transient failures
+(UNAVAILABLE: the server restarting, a connection reset) are retried by gRPC itself with
+exponential backoff and jitter, configured in the channel's service config (`service_config()`),
+so every gRPC stack that reads the same JSON behaves alike. A download that breaks mid-stream
+resumes from the bytes already verified and written, with its own backoff. Errors reach the
+caller as ParamCast's typed errors (`common.errors`, through the status table in
+`common/status.py`), `CloudUnavailable` meaning "try again later"; the gRPC status code is on
+`.code`. A device the server rate-limited gets `DeviceRateLimited` with the server's
+`retry-after-ms` hint as `retry_after_s`, and until that time has passed the client refuses the
+device's Generate calls itself, without sending them.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -47,6 +50,7 @@ from paramcast.common.errors import (
     ModelNotFound,
     ParamCastError,
 )
+from paramcast.common.loop import LoopThread
 from paramcast.common.package import DevicePackage, unpack_package
 from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, encoding_to_proto
 from paramcast.common.status import error_from_status
@@ -55,6 +59,8 @@ from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("paramcast.device")
+
+T = TypeVar("T")
 
 Progress = Callable[[int, int], None]  # (bytes held, total bytes)
 
@@ -122,7 +128,7 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Generate: request and response handling shared by both clients
+# Generate: the request and the verified response
 # ---------------------------------------------------------------------------------------------
 
 
@@ -157,7 +163,7 @@ def _fetched(response: pb.GenerateResponse, model_id: str, base_version: str, st
 
 
 # ---------------------------------------------------------------------------------------------
-# GetModel: a resumable download, shared by both clients
+# GetModel: a resumable download
 # ---------------------------------------------------------------------------------------------
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -299,21 +305,43 @@ def _can_resume(err: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Clients
+# The client
 # ---------------------------------------------------------------------------------------------
 
 
-class _Base:
+class AsyncParamClient:
+    """The device's client on grpc.aio: create it inside the event loop that will use it."""
+
     def __init__(self, target: str, *, device_id: str | None = None, token: str | None = None,
                  timeout_s: float = 5.0, download_timeout_s: float = 300.0, retry: RetryPolicy = RetryPolicy(),
                  reconnect_backoff_s: tuple[float, float] = (0.2, 10.0), gzip: bool = False, tls: bool = False,
                  root_certificates: bytes | None = None, max_resumes: int = 5):
         self.target, self.device_id, self.token = target, device_id, token
         self.timeout_s, self.download_timeout_s, self.max_resumes = timeout_s, download_timeout_s, max_resumes
-        self._options = channel_options(retry, reconnect_backoff_s)
-        self._credentials = _credentials(tls, root_certificates)
-        self._compression = grpc.Compression.Gzip if gzip else None
+        options = channel_options(retry, reconnect_backoff_s)
+        credentials = _credentials(tls, root_certificates)
+        compression = grpc.Compression.Gzip if gzip else None
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options, compression)
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials, options, compression)
+        self.stub = pb_grpc.ParamServiceStub(self.channel)
         self._not_before: dict[str, float] = {}  # device id -> time.monotonic() the server said to wait for
+
+    async def generate(self, window: Sequence[int], model_id: str, base_version: str, *, encoding: str = "int8",
+                       keep_ratio: float = 0.0, device_id: str | None = None, token: str | None = None,
+                       timeout_s: float | None = None) -> Fetched:
+        """A verified bundle for (model_id, base_version) from this behaviour window."""
+        request = _generate_request(window, model_id, base_version, device_id or self.device_id, encoding,
+                                    keep_ratio)
+        self._admit(request.device_id)
+        started = time.perf_counter()
+        try:
+            response = await self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
+                                                metadata=_metadata(token or self.token))
+        except grpc.RpcError as exc:
+            raise self._refused(request.device_id, exc) from None
+        return _fetched(response, model_id, base_version, started)
 
     def _admit(self, device_id: str) -> None:
         """Refuse a call locally while the server's retry-after hint for this device still runs."""
@@ -329,109 +357,9 @@ class _Base:
             self._not_before[device_id] = time.monotonic() + err.retry_after_s
         return err
 
-
-class ParamClient(_Base):
-    """Blocking client over one grpc channel (thread-safe: gRPC channels are)."""
-
-    def __init__(self, target: str, **kwargs):
-        super().__init__(target, **kwargs)
-        if self._credentials is None:
-            self.channel = grpc.insecure_channel(target, self._options, self._compression)
-        else:
-            self.channel = grpc.secure_channel(target, self._credentials, self._options, self._compression)
-        self.stub = pb_grpc.ParamServiceStub(self.channel)
-
-    def generate(self, window: Sequence[int], model_id: str, base_version: str, *, encoding: str = "int8",
-                 keep_ratio: float = 0.0, device_id: str | None = None, token: str | None = None,
-                 timeout_s: float | None = None) -> Fetched:
-        """A verified bundle for (model_id, base_version) from this behaviour window."""
-        request = _generate_request(window, model_id, base_version, device_id or self.device_id, encoding,
-                                    keep_ratio)
-        self._admit(request.device_id)
-        started = time.perf_counter()
-        try:
-            response = self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
-                                          metadata=_metadata(token or self.token))
-        except grpc.RpcError as exc:
-            raise self._refused(request.device_id, exc) from None
-        return _fetched(response, model_id, base_version, started)
-
-    def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
-                         token: str | None = None, progress: Progress | None = None) -> DevicePackage:
-        """Fetch (or resume fetching) the package into ROOT/packages/, verify and unpack it."""
-        download = _Download(root, model_id, version)
-        failures = 0
-        while True:
-            try:
-                stream = self.stub.GetModel(download.request(chunk_size), timeout=self.download_timeout_s,
-                                            metadata=_metadata(token or self.token))
-                for msg in stream:
-                    if download.accept(msg):
-                        stream.cancel()
-                        return download.held  # type: ignore[return-value]
-                    if progress is not None:
-                        progress(download.offset, download.meta["total_size"])  # type: ignore[index]
-                if download.complete:
-                    return download.finish()
-                raise CloudUnavailable("the package stream ended before the last byte")
-            except grpc.RpcError as exc:
-                err = _download_error(exc, download)
-            except (CloudUnavailable, IntegrityError) as exc:
-                err = exc
-            failures += 1
-            if not _can_resume(err) or failures > self.max_resumes:
-                raise err
-            log.warning("download of %s interrupted at byte %d (%s); resuming", model_id, download.offset, err)
-            time.sleep(_backoff(failures - 1))
-
-    def check_health(self, timeout_s: float = 2.0) -> bool:
-        """True when the server reports ParamService as SERVING."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        try:
-            reply = health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> ParamClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class AsyncParamClient(_Base):
-    """The same client on grpc.aio: create it inside the event loop that will use it."""
-
-    def __init__(self, target: str, **kwargs):
-        super().__init__(target, **kwargs)
-        if self._credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, self._options, self._compression)
-        else:
-            self.channel = grpc.aio.secure_channel(target, self._credentials, self._options, self._compression)
-        self.stub = pb_grpc.ParamServiceStub(self.channel)
-
-    async def generate(self, window: Sequence[int], model_id: str, base_version: str, *, encoding: str = "int8",
-                       keep_ratio: float = 0.0, device_id: str | None = None, token: str | None = None,
-                       timeout_s: float | None = None) -> Fetched:
-        request = _generate_request(window, model_id, base_version, device_id or self.device_id, encoding,
-                                    keep_ratio)
-        self._admit(request.device_id)
-        started = time.perf_counter()
-        try:
-            response = await self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
-                                                metadata=_metadata(token or self.token))
-        except grpc.RpcError as exc:
-            raise self._refused(request.device_id, exc) from None
-        return _fetched(response, model_id, base_version, started)
-
     async def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
                                token: str | None = None, progress: Progress | None = None) -> DevicePackage:
+        """Fetch (or resume fetching) the package into ROOT/packages/, verify and unpack it."""
         download = _Download(root, model_id, version)
         failures = 0
         while True:
@@ -458,7 +386,8 @@ class AsyncParamClient(_Base):
             await asyncio.sleep(_backoff(failures - 1))
 
     async def check_health(self, timeout_s: float = 2.0) -> bool:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        """True when the server reports ParamService as SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc  # grpcio-health-checking: not in the device extra
 
         try:
             reply = await health_pb2_grpc.HealthStub(self.channel).Check(
@@ -475,6 +404,48 @@ class AsyncParamClient(_Base):
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+class ParamClient:
+    """The same client for blocking callers: an AsyncParamClient (`.aio`) on an event loop of its
+    own in a background thread. Thread-safe: calls from any number of threads share the channel."""
+
+    def __init__(self, target: str, **kwargs):
+        self._loop = LoopThread("paramcast-client")
+
+        async def make() -> AsyncParamClient:
+            return AsyncParamClient(target, **kwargs)
+
+        self.aio = self._loop.run(make())
+
+    def call(self, fn: Callable[[AsyncParamClient], Awaitable[T]]) -> T:
+        """Run `fn(self.aio)` on the client's loop and wait for it (how the agent's blocking methods
+        share one implementation with their asynchronous twins)."""
+        async def run() -> T:
+            return await fn(self.aio)
+
+        return self._loop.run(run())
+
+    def generate(self, *args, **kwargs) -> Fetched:
+        """`AsyncParamClient.generate`, blocking."""
+        return self.call(lambda c: c.generate(*args, **kwargs))
+
+    def download_package(self, *args, **kwargs) -> DevicePackage:
+        """`AsyncParamClient.download_package`, blocking (`progress` runs on the client's thread)."""
+        return self.call(lambda c: c.download_package(*args, **kwargs))
+
+    def check_health(self, timeout_s: float = 2.0) -> bool:
+        return self.call(lambda c: c.check_health(timeout_s))
+
+    def close(self) -> None:
+        self.call(AsyncParamClient.close)
+        self._loop.stop()
+
+    def __enter__(self) -> ParamClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _download_error(exc: grpc.RpcError, download: _Download) -> ParamCastError:

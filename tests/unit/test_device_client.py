@@ -101,11 +101,11 @@ def test_a_rate_limited_device_waits_out_the_servers_hint_without_calling(monkey
     client = ParamClient("127.0.0.1:1", device_id="d")
     calls = []
 
-    def refuse(request, **_):
+    async def refuse(request, **_):
         calls.append(request.device_id)
         raise FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", [("retry-after-ms", "60000")])
 
-    monkeypatch.setattr(client.stub, "Generate", refuse)
+    monkeypatch.setattr(client.aio.stub, "Generate", refuse)
     try:
         with pytest.raises(DeviceRateLimited) as first:
             client.generate([1], "m", "v")

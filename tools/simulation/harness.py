@@ -414,7 +414,8 @@ def run_simulation(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig
         if keep_mapper is not None and sim.mapper is not None:
             keep_mapper.append(sim.mapper)
         return report
-    from paramcast.simulation.network import NetworkSource, ServeProcess
+    from paramcast.serve_process import ServeProcess
+    from paramcast.simulation.network import NetworkSource
 
     if ckpt.generator is None:
         raise InvalidInput("model", "network mode needs a model with a generator")
@@ -423,7 +424,9 @@ def run_simulation(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig
         if model_dir is None:
             raise InvalidInput("server", "network mode needs a server address or a model directory to serve")
         t0 = time.perf_counter()
-        proc = ServeProcess([model_dir], threads=serve_threads)
+        # A fleet's burst must queue, not be refused: a deep queue and generator batches of up to 256.
+        proc = ServeProcess(["--model", str(model_dir), "--threads", str(serve_threads), "--max-batch", "256",
+                             "--max-delay-ms", "2.0", "--max-queue", "100000"])
         server = proc.target
         log.info("started paramcast serve on %s (%.1fs)", server, time.perf_counter() - t0)
     try:
