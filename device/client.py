@@ -41,7 +41,7 @@ from typing import TypeVar
 
 import grpc
 
-from paramcast.common.bundle import ENCODINGS, DeltaBundle, check_bundle_for
+from paramcast.common.bundle import DeltaBundle, check_bundle_for
 from paramcast.common.errors import (
     CloudUnavailable,
     DeviceRateLimited,
@@ -146,8 +146,6 @@ def _generate_request(window, model_id: str, base_version: str, device_id: str |
                       keep_ratio: float) -> pb.GenerateRequest:
     if not device_id:
         raise InvalidInput("device_id", "is required (give it to the client or to the call)")
-    if encoding not in ENCODINGS:
-        raise InvalidInput("encoding", f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
     return pb.GenerateRequest(
         model_id=model_id, base_version=base_version, device_id=device_id,
         window=[int(i) for i in window], encoding=encoding_to_proto(encoding), keep_ratio=float(keep_ratio),
