@@ -40,6 +40,7 @@ What every loader guarantees:
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import http.client
 import json
@@ -50,7 +51,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -169,44 +170,31 @@ def _main_file(path: Path, fmt: str, filename: str) -> Path:
 
 # ----------------------------------------------------------------------------- per-format readers
 
-def _read_ml_100k(path: Path) -> InteractionLog:
-    data = _main_file(path, "ml-100k", "u.data")
-    cols = _read_table(data, "\t", 4, {"user_id": 0, "item_id": 1, "timestamp": 3},
-                       layout="user_id item_id rating timestamp")
-    built = _Built.from_columns(cols["user_id"], cols["item_id"], cols["timestamp"], [data])
-    side = data.parent / "u.item"
-    if side.is_file():
-        built.features["genres"] = _ml_100k_genres(side, built.item_raw)
-        built.sources.append(side)
-    return built.to_log()
+@dataclass(frozen=True)
+class _MovieLens:
+    """One MovieLens release's layout: its ratings file and the side file its genres come from."""
 
+    ratings: str  # the ratings file, `user item rating timestamp` per line
+    sep: str
+    layout: str  # the fields as the release names them, for error messages
+    has_header: bool  # ml-latest's ratings.csv starts with a header naming the fields
+    movies: str  # the side file
+    genres: Callable[[Path, np.ndarray], np.ndarray]  # (side file, item raw ids) -> (n_items + 1, G)
 
-def _read_ml_1m(path: Path) -> InteractionLog:
-    data = _main_file(path, "ml-1m", "ratings.dat")
-    cols = _read_table(data, "::", 4, {"user_id": 0, "item_id": 1, "timestamp": 3},
-                       layout="UserID::MovieID::Rating::Timestamp")
-    built = _Built.from_columns(cols["user_id"], cols["item_id"], cols["timestamp"], [data])
-    side = data.parent / "movies.dat"
-    if side.is_file():
-        built.features["genres"] = _genres_multi_hot(side, _ml_1m_movies(side), built.item_raw)
-        built.sources.append(side)
-    return built.to_log()
-
-
-def _read_ml_latest(path: Path) -> InteractionLog:
-    data = _main_file(path, "ml-latest", "ratings.csv")
-    header = _header(data, ",")
-    expected = ["userId", "movieId", "rating", "timestamp"]
-    if header != expected:
-        raise DataFormatError(data, 1, f"header must be {','.join(expected)}, found {','.join(header)}")
-    cols = _read_table(data, ",", 4, {"user_id": 0, "item_id": 1, "timestamp": 3}, header=True,
-                       layout="userId,movieId,rating,timestamp")
-    built = _Built.from_columns(cols["user_id"], cols["item_id"], cols["timestamp"], [data])
-    side = data.parent / "movies.csv"
-    if side.is_file():
-        built.features["genres"] = _genres_multi_hot(side, _ml_latest_movies(side), built.item_raw)
-        built.sources.append(side)
-    return built.to_log()
+    def read(self, fmt: str, path: Path) -> InteractionLog:
+        data = _main_file(path, fmt, self.ratings)
+        if self.has_header:
+            header, expected = _header(data, self.sep), self.layout.split(self.sep)
+            if header != expected:
+                raise DataFormatError(data, 1, f"header must be {self.layout}, found {self.sep.join(header)}")
+        cols = _read_table(data, self.sep, 4, {"user_id": 0, "item_id": 1, "timestamp": 3},
+                           header=self.has_header, layout=self.layout)
+        built = _Built.from_columns(cols["user_id"], cols["item_id"], cols["timestamp"], [data])
+        side = data.parent / self.movies
+        if side.is_file():
+            built.features["genres"] = self.genres(side, built.item_raw)
+            built.sources.append(side)
+        return built.to_log()
 
 
 def _read_pairs(path: Path) -> InteractionLog:
@@ -266,8 +254,18 @@ def _single_txt(path: Path, fmt: str) -> Path:
     return candidates[0]
 
 
-_READERS = {"ml-100k": _read_ml_100k, "ml-1m": _read_ml_1m, "ml-latest": _read_ml_latest,
-            "pairs": _read_pairs, "sequences": _read_sequences, "rechorus": _read_rechorus}
+_MOVIELENS = {
+    "ml-100k": _MovieLens("u.data", "\t", "user_id item_id rating timestamp", False, "u.item",
+                          lambda side, items: _ml_100k_genres(side, items)),
+    "ml-1m": _MovieLens("ratings.dat", "::", "UserID::MovieID::Rating::Timestamp", False, "movies.dat",
+                        lambda side, items: _genres_multi_hot(side, _ml_1m_movies(side), items)),
+    "ml-latest": _MovieLens("ratings.csv", ",", "userId,movieId,rating,timestamp", True, "movies.csv",
+                            lambda side, items: _genres_multi_hot(side, _ml_latest_movies(side), items)),
+}
+_READERS: dict[str, Callable[[Path], InteractionLog]] = {
+    **{fmt: functools.partial(spec.read, fmt) for fmt, spec in _MOVIELENS.items()},
+    "pairs": _read_pairs, "sequences": _read_sequences, "rechorus": _read_rechorus,
+}
 
 
 # ----------------------------------------------------------------------------- assembling the log

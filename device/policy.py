@@ -660,17 +660,16 @@ class IdealGate(Gate):
         return {**super().describe(), "samples": self.samples, "mapper": self.mapper.meta}
 
 
+ITEM_TABLE = "item_emb.weight"  # the device model's item embeddings, under their PyTorch name in the graph
+
+
 def item_embeddings(package) -> np.ndarray:
     """The (n_items + 1, d) item embedding table of a device package's graph (what scores dot with)."""
-    import onnx  # the device extra ships onnx for slimming; only the ideal gate needs it here
-    from onnx import numpy_helper
-
-    proto = onnx.load_from_string(package.model_bytes)
+    table = package.weights(ITEM_TABLE)[ITEM_TABLE]
     want = (package.n_items + 1, package.hidden)
-    for t in proto.graph.initializer:
-        if t.name.endswith("item_emb.weight") and tuple(t.dims) == want:
-            return numpy_helper.to_array(t).astype(np.float32)
-    raise InvalidInput("package", f"no item embedding initializer of shape {want} in {package.path}")
+    if table.shape != want:
+        raise InvalidInput("package", f"item embeddings of shape {table.shape}, expected {want}, in {package.path}")
+    return table.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
