@@ -48,7 +48,8 @@ from paramcast.common.errors import (
 )
 from paramcast.common.package import DevicePackage
 from paramcast.common.serde import decode_bundle
-from paramcast.device.client import AsyncParamClient, Fetched, ParamClient, package_dir
+from paramcast.device.client import AsyncParamClient, Fetched, ParamClient
+from paramcast.device.download import package_dir
 from paramcast.device.runtime import DeviceRuntime
 from paramcast.device.store import BundleStore, write_atomic
 
