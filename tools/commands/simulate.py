@@ -86,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
         start=args.start, encoding=args.encoding, seed=args.seed, progress=not args.no_progress,
         **({"shard_devices": args.shard_devices} if args.shard_devices else {}),
     )
-    mapper: list = []
     engine = None
     if args.engine == "ray":
         from paramcast.cloud import ray_cluster
@@ -95,18 +94,19 @@ def run(args: argparse.Namespace) -> int:
         ray_cluster.connect(args.ray_address, num_cpus=None if args.ray_address else args.workers)
         engine = RayEngine(ckpt, args.workers, cfg.encoding, threads=args.threads or 1)
     try:
-        report = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model,
-                                keep_mapper=mapper, engine=engine)
+        result = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model,
+                                engine=engine)
     finally:
         if engine is not None:
             ray_cluster.disconnect()
+    report = result.report
     report["command"] = "paramcast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:
         suffix = ("-network" if args.mode == "network" else "") + args.suffix
         path = write_json(report, f"{args.out}/simulation-{data.name}{suffix}.json")
         report["files"] = [str(path)] + [str(f) for f in plot(report, args.out, suffix)]
-        if mapper:  # the IDEAL gate's fitted mapper, for devices that run the gate with these thresholds
-            report["files"].append(str(mapper[0].save(f"{args.out}/ideal-mapper-{data.name}{suffix}.npz")))
+        if result.mapper is not None:  # the IDEAL gate's fitted mapper, for devices that run the gate
+            report["files"].append(str(result.mapper.save(f"{args.out}/ideal-mapper-{data.name}{suffix}.npz")))
         write_json(report, path)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
