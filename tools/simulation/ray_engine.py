@@ -6,12 +6,17 @@
 Each actor is a ShardWorker (shards.py) holding the shards s with s % workers == its index: their
 caches are computed there and their replays run there, so neither the model work nor the step
 loop passes through the driver, which sends each replay's policy and gets back per-step outcomes
-(a few bytes per device-step). Calibration, the IDEAL mapper's fit and the report stay in the
-driver. For a seed and a shard size the report equals the in-process engine's; parallelism
-comes from the number of shards (`--shard-devices`), at most one worker per shard.
+(a few bytes per device-step). The constructor returns once every actor is up, so the actors'
+start-up (`startup_seconds`) is not counted in the simulation's throughput. Calibration, the
+IDEAL mapper's fit and the report stay in the driver. For a seed and a shard size the report
+equals the in-process engine's; parallelism comes from the number of shards (`--shard-devices`),
+at most one worker per shard, and pays a Ray round trip per replay, so shards should hold enough
+devices for a replay to outweigh it.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -33,7 +38,10 @@ class RayEngine:
         self._ray = ray
         actor = ray.remote(num_cpus=cpus_per_worker)(ShardWorker)
         ckpt_ref = ray.put(ckpt)  # shipped once, shared by every actor on a node
+        t0 = time.perf_counter()
         self.actors = [actor.remote(ckpt_ref, encoding, threads) for _ in range(workers)]
+        ray.get([a.ready.remote() for a in self.actors])  # start-up is not part of any replay
+        self.startup_seconds = time.perf_counter() - t0
         self.workers = workers
         self._shards: dict[str, int] = {}
 

@@ -118,6 +118,10 @@ class ShardWorker:
         self.scorer = Scorer(ckpt.device_model)
         self._sets: dict[str, dict[int, _Prepared]] = {}
 
+    def ready(self) -> bool:
+        """Answers once the worker is up (a Ray actor has started and imported torch)."""
+        return True
+
     def prepare(self, what: str, shards: dict[int, Timelines], bundles: bool = True) -> dict[int, int]:
         """Compute the caches of `shards` (id -> timelines) of set `what` -> id -> bundle bytes."""
         held = self._sets.setdefault(what, {})
