@@ -271,12 +271,9 @@ class _SharedRates:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_app(config: ServiceConfig, scaling: Scaling = Scaling()):
-    """The Serve application: ParamService replicas, plus RateLimits when a rate is set."""
+def replica_options(limits: Limits, scaling: Scaling) -> dict[str, Any]:
+    """The Serve deployment options of the ParamService replicas."""
     scaling.check()
-    if not config.models:
-        raise InvalidInput("models", "a server needs at least one model")
-    limits = config.limits
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": scaling.cpus_per_replica, "num_gpus": scaling.gpus_per_replica},
         # Serve needs room for a full batch per replica; twice that lets the next batch gather
@@ -291,7 +288,14 @@ def build_app(config: ServiceConfig, scaling: Scaling = Scaling()):
                                          "target_ongoing_requests": limits.max_batch}
     else:
         options["num_replicas"] = scaling.replicas
-    replica = serve.deployment(name="ParamService", **options)(ParamReplica)
+    return options
+
+
+def build_app(config: ServiceConfig, scaling: Scaling = Scaling()):
+    """The Serve application: ParamService replicas, plus RateLimits when a rate is set."""
+    if not config.models:
+        raise InvalidInput("models", "a server needs at least one model")
+    replica = serve.deployment(name="ParamService", **replica_options(config.limits, scaling))(ParamReplica)
     rate_limits = None
     if config.rate > 0:
         RateLimiter(config.rate, config.burst)  # the same checks of rate and burst as `paramcast serve`

@@ -38,3 +38,20 @@ def test_scaling_and_serve_config_args():
     with pytest.raises(InvalidInput, match="rate_burst"):
         app_builder({"models": ["/m"], "rate_limit": 5, "rate_burst": 0.5})  # the plain server's own check
     app_builder({"models": "/m", "autoscale": "1:3", "max_batch": 32, "rate_limit": 5, "gpus_per_replica": 1})
+
+
+def test_replica_options_follow_the_flags():
+    pytest.importorskip("ray", reason="needs the ray extra")
+    from paramcast.cloud.service.core import Limits
+    from paramcast.cloud.service.ray_serve import Scaling, replica_options
+
+    fixed = replica_options(Limits(max_batch=32, max_queue=100),
+                            Scaling(replicas=3, cpus_per_replica=2, gpus_per_replica=1, grace_s=5))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}  # a GPU per replica: generation on CUDA
+    assert fixed["max_ongoing_requests"] >= 32  # Serve batches only what a replica may hold at once
+    assert (fixed["max_queued_requests"], fixed["graceful_shutdown_timeout_s"]) == (100, 5)
+    auto = replica_options(Limits(max_batch=32), Scaling(autoscale=(0, 4)))
+    assert "num_replicas" not in auto
+    assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
+                                          "target_ongoing_requests": 32}
