@@ -7,16 +7,19 @@ taken on the same machine minutes apart:
 
 1. Generate throughput at concurrency 64 (the service benchmark's closed loop: grpc.aio callers,
    each sending its next request when its answer arrives): `paramcast serve` with one torch thread
-   (`plain_bundles_per_s`), then the Ray Serve application with 1 and 2 replicas of one CPU and one
-   thread each on a local cluster (`ray_bundles_per_s`). Same model, same requests, same batching.
+   (`plain_bundles_per_s`), and the Ray Serve application with 1 and 2 replicas of one CPU and one
+   thread each on a local cluster (`ray_bundles_per_s`). Same model, same requests, same batching;
+   the three are measured in turn for `--rounds` rounds and each figure is its median round.
 2. A replica killed mid-run: 32 device clients (the device client and its default retry policy)
    call the 2-replica application while one replica is killed with `ray.kill`;
    `replica_kill_failed_calls` counts the calls that failed after the client's retries. The same
    kill with gRPC retries switched off shows how many calls the replica took with it
    (`replica_kill_failed_calls_without_retries`).
-3. The simulation on MovieLens 100K devices cut into shards: in-process, then on 1 and 2 Ray
-   workers (one thread each); `ray_sim_identical` says whether both Ray reports equal the
-   in-process one (timings aside), `ray_sim_device_steps_per_s` is each run's device-steps per second.
+3. The simulation on MovieLens 100K devices cut into shards: in-process, and on 1 and 2 Ray
+   workers (one thread each), in turn for `--rounds` rounds; `ray_sim_identical` says whether
+   every Ray report equals the in-process one (timings aside), `ray_sim_device_steps_per_s` is the
+   median device-steps per second. The same devices replayed in-process as one fleet show what
+   cutting them into shards costs.
 4. Training (both stages, `paramcast train`'s default architecture, a fixed number of epochs) with
    `torchrun --nproc-per-node 1` and `2`, one thread per process: `ddp_epoch_seconds` is the mean
    static-stage epoch (validation included), `ddp_quality_delta` the paired test NDCG@10
@@ -54,30 +57,39 @@ OUT = REPO / "benchmarks" / "results" / "scale-out.json"
 # ---------------------------------------------------------------------------------------------
 
 
-def plain_throughput(model: Path, requests: list[bytes], args) -> dict:
-    server = ServeProcess(["--model", str(model), "--port", "0", "--threads", "1", "--max-batch",
-                           str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms), "--max-queue", "100000"],
-                          timeout_s=300.0)
-    try:
-        return asyncio.run(closed_loop(server.port, requests, args.concurrency, args.seconds, args.warmup))
-    finally:
-        server.stop()
+def _median_row(rows: list[dict]) -> dict:
+    """The round with the median throughput, and every round's throughput beside it."""
+    ranked = sorted(rows, key=lambda r: r["throughput_per_s"])
+    return {**ranked[len(ranked) // 2], "rounds_per_s": [r["throughput_per_s"] for r in rows]}
 
 
-def ray_throughput(model: Path, requests: list[bytes], args, port: int) -> dict[int, dict]:
+def service_throughput(model: Path, requests: list[bytes], args, port: int) -> tuple[dict, dict[str, dict]]:
+    """Rounds of (plain server, 1 Ray replica, 2 Ray replicas), taken in turn so the three see the
+    same background load -> (plain, {replicas: row}), each the median round."""
     from paramcast.cloud.service import ray_serve
     from paramcast.cloud.service.core import Limits
 
     config = ray_serve.ServiceConfig(models=(str(model),), threads=1,
                                      limits=Limits(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                                                    max_queue=100000))
-    out = {}
-    for replicas in (1, 2):
-        ray_serve.deploy(config, ray_serve.Scaling(replicas=replicas, cpus_per_replica=1.0, grace_s=2), port=port)
-        out[replicas] = asyncio.run(closed_loop(port, requests, args.concurrency, args.seconds, args.warmup))
-        print(f"ray {replicas} replica(s): {out[replicas]['throughput_per_s']:.0f}/s "
-              f"p50 {out[replicas]['p50_ms']:.1f} ms", flush=True)
-    return out
+    plain_server = ServeProcess(["--model", str(model), "--port", "0", "--threads", "1", "--max-batch",
+                                 str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms), "--max-queue",
+                                 "100000"], timeout_s=300.0)
+    rows: dict[str, list[dict]] = {"plain": [], "1": [], "2": []}
+    try:
+        for _ in range(args.rounds):
+            rows["plain"].append(asyncio.run(closed_loop(plain_server.port, requests, args.concurrency, args.seconds,
+                                                         args.warmup)))
+            print(f"plain: {rows['plain'][-1]['throughput_per_s']:.0f}/s", flush=True)
+            for replicas in ("1", "2"):
+                ray_serve.deploy(config, ray_serve.Scaling(replicas=int(replicas), cpus_per_replica=1.0, grace_s=2),
+                                 port=port)
+                rows[replicas].append(asyncio.run(closed_loop(port, requests, args.concurrency, args.seconds,
+                                                              args.warmup)))
+                print(f"ray {replicas} replica(s): {rows[replicas][-1]['throughput_per_s']:.0f}/s", flush=True)
+    finally:
+        plain_server.stop()
+    return _median_row(rows["plain"]), {k: _median_row(rows[k]) for k in ("1", "2")}  # 2 replicas stay deployed
 
 
 def _replicas() -> list[str]:
@@ -168,6 +180,11 @@ def replica_kill(model_info: dict, windows: list[list[int]], port: int, retries:
 
 
 def simulations(model: Path, data_dir: Path, args) -> dict:
+    """Rounds of (in-process, 1 Ray worker, 2 Ray workers) on the same shards, in turn; the
+    in-process run of the same devices as one fleet (the default shard size) is the reference
+    for what sharding itself costs."""
+    import dataclasses
+
     import torch
 
     from paramcast.cloud.checkpoint import load_checkpoint
@@ -175,7 +192,7 @@ def simulations(model: Path, data_dir: Path, args) -> dict:
     from paramcast.simulation.harness import SimulationConfig, simulate
     from paramcast.simulation.ray_engine import RayEngine
     from paramcast.simulation.report import without_timings
-    from paramcast.simulation.shards import LocalEngine
+    from paramcast.simulation.shards import DEFAULT_SHARD_DEVICES, Engine, LocalEngine
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(model)
@@ -183,23 +200,35 @@ def simulations(model: Path, data_dir: Path, args) -> dict:
     cfg = SimulationConfig(policies=["never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal"],
                            budgets=[0.1], devices="all", users=args.sim_users, max_steps=args.sim_steps,
                            shard_devices=args.shard_devices, progress=False)
-    runs = {"inprocess": simulate(ckpt, data, cfg, engine=LocalEngine(ckpt, cfg.encoding, threads=1))}
-    startup = {}
-    for workers in ("1", "2"):
-        engine = RayEngine(ckpt, int(workers), cfg.encoding, threads=1)
-        startup[workers] = engine.startup_seconds
-        runs[workers] = simulate(ckpt, data, cfg, engine=engine)
-        print(f"simulation on {workers} Ray worker(s): {runs[workers]['device_steps_per_s']:,.0f} device-steps/s "
-              f"(in-process {runs['inprocess']['device_steps_per_s']:,.0f})", flush=True)
-    reference = json.dumps(without_timings(runs["inprocess"]), sort_keys=True)
+    one_fleet = dataclasses.replace(cfg, shard_devices=DEFAULT_SHARD_DEVICES)
+    rates: dict[str, list[float]] = {"inprocess": [], "1": [], "2": [], "inprocess_one_shard": []}
+    startup: dict[str, list[float]] = {"1": [], "2": []}
+    reports: dict[str, list[dict]] = {"inprocess": [], "1": [], "2": []}
+    for _ in range(args.rounds):
+        for which in ("inprocess", "1", "2", "inprocess_one_shard"):
+            engine: Engine
+            if which.startswith("inprocess"):
+                engine = LocalEngine(ckpt, cfg.encoding, threads=1)
+            else:
+                ray_engine = RayEngine(ckpt, int(which), cfg.encoding, threads=1)
+                startup[which].append(ray_engine.startup_seconds)
+                engine = ray_engine
+            report = simulate(ckpt, data, one_fleet if which == "inprocess_one_shard" else cfg, engine=engine)
+            rates[which].append(report["device_steps_per_s"])
+            if which in reports:
+                reports[which].append(without_timings(report))
+            print(f"simulation {which}: {report['device_steps_per_s']:,.0f} device-steps/s", flush=True)
+    reference = json.dumps(reports["inprocess"][0], sort_keys=True)
+    same = all(json.dumps(r, sort_keys=True) == reference for runs in reports.values() for r in runs)
     return {
-        "identical": all(json.dumps(without_timings(runs[w]), sort_keys=True) == reference for w in ("1", "2")),
-        "device_steps_per_s": {w: runs[w]["device_steps_per_s"] for w in ("1", "2")},
+        "identical": same,
+        "device_steps_per_s": {w: float(np.median(rates[w])) for w in ("1", "2")},
+        "inprocess_device_steps_per_s": float(np.median(rates["inprocess"])),
+        "inprocess_one_shard_device_steps_per_s": float(np.median(rates["inprocess_one_shard"])),
+        "rounds_device_steps_per_s": rates,
         "worker_startup_seconds": startup,
-        "inprocess_device_steps_per_s": runs["inprocess"]["device_steps_per_s"],
-        "seconds": {str(k): r["throughput"]["seconds_total"] for k, r in runs.items()},
-        "devices": runs["inprocess"]["devices"],
-        "config": {k: v for k, v in runs["inprocess"]["config"].items() if k != "progress"},
+        "devices": reports["inprocess"][0]["devices"],
+        "config": {k: v for k, v in reports["inprocess"][0]["config"].items() if k != "progress"},
     }
 
 
@@ -257,13 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "ml-100k")
     p.add_argument("--model", type=Path, help="checkpoint dir (default: a quick one with the default architecture)")
     p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per throughput point")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per throughput point")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--sim-users", type=int, default=300, help="test (and validation) devices")
     p.add_argument("--sim-steps", type=int, default=80, help="steps replayed per device")
     p.add_argument("--shard-devices", type=int, default=75)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="throughput rounds, taken in turn; each figure is the median round")
     p.add_argument("--ddp-epochs", type=int, default=20)
     p.add_argument("--ddp-gen-epochs", type=int, default=4)
     p.add_argument("--out", type=Path, default=OUT)
@@ -279,15 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         requests, _, info = make_requests(model, args.data, 2048)
         windows = _windows(requests)
 
-        plain = plain_throughput(model, requests, args)
-        print(f"plain: {plain['throughput_per_s']:.0f}/s p50 {plain['p50_ms']:.1f} ms", flush=True)
-
         ray_cluster.connect(num_cpus=2, object_store_bytes=200 * 1024 * 1024)
         try:
             from paramcast.cloud.service import ray_serve
 
             port = ray_serve.start()
-            ray_rows = ray_throughput(model, requests, args, port)  # leaves 2 replicas deployed
+            plain, ray_rows = service_throughput(model, requests, args, port)
             killed = replica_kill(info, windows, port, retries=True)
             print(f"kill with retries: {killed['failed']} failed of {killed['ok'] + killed['failed']}", flush=True)
             unretried = replica_kill(info, windows, port, retries=False)
@@ -301,16 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "scale-out",
         "plain_bundles_per_s": plain["throughput_per_s"],
-        "ray_bundles_per_s": {str(k): r["throughput_per_s"] for k, r in ray_rows.items()},
+        "ray_bundles_per_s": {k: r["throughput_per_s"] for k, r in ray_rows.items()},
         "replica_kill_failed_calls": killed["failed"],
         "replica_kill_failed_calls_without_retries": unretried["failed"],
         "ray_sim_identical": sim["identical"],
         "ray_sim_device_steps_per_s": sim["device_steps_per_s"],
         "ddp_epoch_seconds": training["epoch_seconds"],
         "ddp_quality_delta": training["quality_delta"],
-        "service": {"plain": plain, "ray": {str(k): r for k, r in ray_rows.items()},
+        "service": {"plain": plain, "ray": ray_rows,
                     "replica_kill": {"with_retries": killed, "without_retries": unretried},
                     "settings": {"concurrency": args.concurrency, "seconds": args.seconds, "warmup": args.warmup,
+                                 "rounds": args.rounds,
                                  "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
                                  "replica": "1 CPU, 1 torch thread", "plain_server": "--threads 1"},
                     "model": info},
@@ -322,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "seconds": time.perf_counter() - t_start,
-        "command": "python tools/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python tools/bench_scale.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -151,6 +151,7 @@ def scale_section(doc: dict) -> str:
     out = ["## Scale-out (Ray Serve, the simulation on Ray, DDP training)", "", f"Command: `{doc['command']}`", "",
            f"Machine: {doc['machine']['cpus']} cores, load average {doc['machine']['load_average_before'][0]:.1f} "
            f"before the run. {doc['bound']}", "",
+           f"Each throughput is the median of {svc['settings']['rounds']} rounds taken in turn.", "",
            f"| Generate at concurrency {svc['settings']['concurrency']} | bundles/s | p50 ms | p99 ms |",
            "|---|---|---|---|",
            f"| `paramcast serve` ({svc['settings']['plain_server']}) | {plain:.0f} | {svc['plain']['p50_ms']:.1f} | "
@@ -172,7 +173,9 @@ def scale_section(doc: dict) -> str:
             f"{sim['devices']['shards']['test']} + {sim['devices']['shards']['validation']} shards of "
             f"{sim['config']['shard_devices']}): `ray_sim_identical` **{doc['ray_sim_identical']}**; "
             f"`ray_sim_device_steps_per_s` 1 worker {doc['ray_sim_device_steps_per_s']['1']:,.0f}, 2 workers "
-            f"{doc['ray_sim_device_steps_per_s']['2']:,.0f} (in-process {sim['inprocess_device_steps_per_s']:,.0f}).",
+            f"{doc['ray_sim_device_steps_per_s']['2']:,.0f}; in-process {sim['inprocess_device_steps_per_s']:,.0f} "
+            f"on the same shards and {sim['inprocess_one_shard_device_steps_per_s']:,.0f} with the devices as "
+            "one fleet.",
             f"- `ddp_epoch_seconds` (static stage, validation included): 1 process "
             f"{doc['ddp_epoch_seconds']['1']:.1f} s, 2 processes {doc['ddp_epoch_seconds']['2']:.1f} s. "
             f"`ddp_quality_delta` ({q['metric']}, 2 processes minus 1, {q['users']} users): {q['value']:+.4f} "
