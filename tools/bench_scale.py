@@ -99,18 +99,14 @@ def _replicas() -> list[str]:
                   if a["name"].startswith("SERVE_REPLICA::paramcast#ParamService#"))
 
 
-def _wait_replicas(n: int, gone: str | None, timeout_s: float = 180.0) -> float:
+def _replaced(n: int, gone: str) -> bool:
+    """True once `n` replicas run again and `gone` is not among them."""
     from ray import serve
 
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        state = serve.status().applications["paramcast"].deployments["ParamService"]
-        names = _replicas()
-        running = sum(count for name, count in state.replica_states.items() if name == "RUNNING")
-        if len(names) == n and gone not in names and running == n:
-            return time.monotonic() - t0
-        time.sleep(0.25)
-    raise RuntimeError(f"replicas did not come back: {_replicas()}")
+    state = serve.status().applications["paramcast"].deployments["ParamService"]
+    names = _replicas()
+    running = sum(count for name, count in state.replica_states.items() if name == "RUNNING")
+    return len(names) == n and gone not in names and running == n
 
 
 def replica_kill(model_info: dict, windows: list[list[int]], port: int, retries: bool, seconds: float = 12.0,
@@ -161,7 +157,13 @@ def replica_kill(model_info: dict, windows: list[list[int]], port: int, retries:
         async def kill() -> None:
             await asyncio.sleep(kill_at)
             stats["in_flight_at_kill"] = in_flight
+            killed_at = time.monotonic()
             ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+            while not await asyncio.to_thread(_replaced, 2, before[0]):  # polled while the load goes on
+                if time.monotonic() - killed_at > 180:
+                    raise RuntimeError(f"replica not replaced: {_replicas()}")
+                await asyncio.sleep(0.25)
+            stats["replaced_after_s"] = time.monotonic() - killed_at
 
         await asyncio.gather(kill(), *(device(i) for i in range(32)))
         if client is not None:
@@ -170,7 +172,6 @@ def replica_kill(model_info: dict, windows: list[list[int]], port: int, retries:
             await channel.close()
 
     asyncio.run(main())
-    stats["replaced_after_s"] = _wait_replicas(2, before[0])
     return stats
 
 

@@ -167,8 +167,8 @@ def scale_section(doc: dict) -> str:
             f"- `replica_kill_failed_calls`: **{doc['replica_kill_failed_calls']}** of "
             f"{with_retries['ok'] + with_retries['failed']:,} device calls (32 device clients with their default "
             f"retry policy, {with_retries['in_flight_at_kill']} in flight when one of 2 replicas was killed; Serve "
-            f"had replaced it {with_retries['replaced_after_s']:.1f} s after the load ended). With gRPC retries off, "
-            f"the same kill failed {doc['replica_kill_failed_calls_without_retries']} calls.",
+            f"had a new replica running {with_retries['replaced_after_s']:.1f} s after the kill). With gRPC retries "
+            f"off, the same kill failed {doc['replica_kill_failed_calls_without_retries']} calls.",
             f"- Simulation ({sim['devices']['test']} test and {sim['devices']['validation']} validation devices in "
             f"{sim['devices']['shards']['test']} + {sim['devices']['shards']['validation']} shards of "
             f"{sim['config']['shard_devices']}): `ray_sim_identical` **{doc['ray_sim_identical']}**; "
