@@ -14,8 +14,6 @@ import pytest
 
 from paramcast.cloud.distributed import Context
 
-pytestmark = pytest.mark.integration
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -85,7 +83,6 @@ def test_helpers_agree_across_two_processes(tmp_path):
     assert r0["moved"] and r0["weight"] == r1["weight"]  # gradients were averaged, not kept per rank
 
 
-@pytest.mark.slow
 def test_torchrun_trains_both_stages_with_two_processes(shared_data, tmp_path):
     out = tmp_path / "model"
     done = _torchrun(["-m", "paramcast.cli", "train", "--data", str(shared_data / "ml-100k"), "--out", str(out),

@@ -24,8 +24,6 @@ from paramcast.device.client import AsyncParamClient, ParamClient
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.integration
-
 OPEN, GUARDED = "paramcast", "paramcast-guarded"  # two applications on one cluster: calls name theirs
 TOKENS = {f"dev-{i}": f"token-{i}" for i in range(1, 16)}
 RATE, BURST = 0.2, 3.0  # per device: three calls at once, then one every five seconds
@@ -248,7 +246,6 @@ def test_a_killed_replica_costs_no_failed_call_and_serve_brings_it_back(ray_apps
             client.generate(window, served.model_id, served.version)
 
 
-@pytest.mark.slow
 def test_serve_command_with_the_ray_engine(serve_process, trained_model, registry, windows, monkeypatch):
     """`paramcast serve --engine ray` starts its own local cluster, serves, and stops it on SIGTERM."""
     pytest.importorskip("ray", reason="needs the ray extra")

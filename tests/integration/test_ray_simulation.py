@@ -16,8 +16,6 @@ from paramcast.simulation.harness import SimulationConfig, simulate
 from paramcast.simulation.report import without_timings
 from paramcast.simulation.shards import LocalEngine
 
-pytestmark = pytest.mark.integration
-
 POLICIES = ["never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal"]
 
 
@@ -38,7 +36,6 @@ def test_ray_workers_give_the_in_process_report(ray_cluster, trained_model, shar
                                                                                  sort_keys=True)
 
 
-@pytest.mark.slow
 def test_simulate_command_with_the_ray_engine(trained_model, shared_data, tmp_path, capsys):
     """`paramcast simulate --engine ray` (a child process, so it starts a cluster of its own and
     stops it) writes the report `paramcast simulate` writes in-process."""

@@ -18,6 +18,9 @@ TLS, gzip or metrics port of ParamCast's own (cloud/service/ray_proxy.py says wh
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 
 from paramcast.serve_process import METRICS_LINE, READY_LINE
 
@@ -69,10 +72,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-    import signal
-
     import torch
 
     from paramcast.cloud.service.auth import RateLimiter, TokenAuth

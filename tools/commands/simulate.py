@@ -19,6 +19,9 @@ report is the in-process one.
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,10 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import shlex
-    import sys
-
     import torch
 
     from paramcast.cloud.checkpoint import load_checkpoint

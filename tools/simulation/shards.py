@@ -74,7 +74,15 @@ def plan(tl: Timelines, shard_devices: int) -> ShardPlan:
     rows = [np.arange(s, tl.n_devices, k, dtype=np.int64) for s in range(k)]
     steps = [np.concatenate([np.arange(tl.start[r], tl.start[r] + tl.length[r]) for r in rs]).astype(np.int64)
              if len(rs) else np.empty(0, np.int64) for rs in rows]
-    return ShardPlan(tl, rows, steps, [tl.subset(rs) for rs in rows])
+    return ShardPlan(tl, rows, steps, [_timelines_of(tl, rs, st) for rs, st in zip(rows, steps, strict=True)])
+
+
+def _timelines_of(tl: Timelines, rows: np.ndarray, steps: np.ndarray) -> Timelines:
+    """The timelines of some device rows (in order, still longest first) and their flat steps."""
+    length = tl.length[rows]
+    start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64) if len(rows) else length
+    return Timelines(tl.data, tl.users[rows], tl.warmup, start, length, tl.t[steps],
+                     np.repeat(np.arange(len(rows)), length), tl.candidates[steps])
 
 
 @dataclass
