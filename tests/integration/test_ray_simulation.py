@@ -36,6 +36,28 @@ def test_ray_workers_give_the_in_process_report(ray_cluster, trained_model, shar
                                                                                  sort_keys=True)
 
 
+def test_network_mode_on_ray_workers_sends_every_request_over_the_wire(ray_cluster, trained_model, shared_data):
+    """Each worker's devices are gRPC clients of the server; decisions and quality match the
+    in-process engine's network run (the server batches differently, which may move a float's
+    last bit)."""
+    from paramcast.simulation.harness import run_simulation
+    from paramcast.simulation.ray_engine import RayEngine
+
+    ckpt = load_checkpoint(trained_model)
+    data = load_interactions(shared_data / "ml-100k")
+    cfg = SimulationConfig(policies=["never", "always", "random-p:0.2"], users=12, max_steps=10, devices="all",
+                           shard_devices=4, progress=False)
+    local = run_simulation(ckpt, data, cfg, mode="network", model_dir=str(trained_model)).report
+    remote = run_simulation(ckpt, data, cfg, mode="network", model_dir=str(trained_model),
+                            engine=RayEngine(ckpt, 2, cfg.encoding, threads=1, cpus_per_worker=0.5)).report
+    assert remote["mode"] == "network" and remote["devices"]["shards"]["test"] == 3
+    for a, b in zip(local["policies"], remote["policies"], strict=True):
+        assert b["request_rate"] == a["request_rate"]
+        assert b["ndcg@10"]["value"] == pytest.approx(a["ndcg@10"]["value"], abs=2e-3)
+        assert b["network"]["calls"] == a["network"]["calls"] > 0 and b["network"]["failures"] == 0
+        assert b["bytes_per_device"] == pytest.approx(a["bytes_per_device"])
+
+
 def test_simulate_command_with_the_ray_engine(trained_model, shared_data, tmp_path, capsys):
     """`paramcast simulate --engine ray` (a child process, so it starts a cluster of its own and
     stops it) writes the report `paramcast simulate` writes in-process."""
