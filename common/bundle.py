@@ -25,6 +25,7 @@ one numpy pass with exactly the bytes `quantize` / `pack_mask` give for each alo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 import time
@@ -46,7 +47,7 @@ DTYPE_CODES = {"fp32": 1, "fp16": 2, "int8": 3}
 ITEM_SIZE = {"fp32": 4, "fp16": 2, "int8": 1}
 _NUMPY_DTYPE: dict[str, np.dtype] = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1")}
 
-CHECKSUM_MAGIC = b"PCB1"  # format tag at the start of the canonical payload
+CHECKSUM_MAGIC = b"PCB2"  # format tag at the start of the canonical payload (2: device_id joined it)
 INT8_FLUSH = 2.0**-100  # int8 rows with max|row| below this encode as zeros (see module docstring)
 
 
@@ -257,11 +258,13 @@ def payload_checksum(
     expires_at_ms: int,
     slots: Sequence[tuple[str, EncodedTensor, EncodedTensor]],
     masks: Sequence[tuple[str, int, bytes]],
+    device_id: str = "",
 ) -> bytes:
     """SHA-256 (32 bytes) of the canonical payload, in wire order.
 
     Layout (integers little-endian; defined once more in the .proto at DeltaBundle.checksum):
-        "PCB1" str(bundle_id) str(model_id) str(base_version) i64(created_at_ms) i64(expires_at_ms)
+        "PCB2" str(bundle_id) str(model_id) str(base_version) str(device_id)
+        i64(created_at_ms) i64(expires_at_ms)
         u32(len(slots)) then per slot: str(slot) tensor(a) tensor(b)
         u32(len(masks)) then per mask: str(group) u32(n_units) blob(bits)
     with str = u32 length + UTF-8, blob = u64 length + bytes, tensor = u32 dtype code, u32 rank,
@@ -270,7 +273,7 @@ def payload_checksum(
     """
     h = hashlib.sha256()
     h.update(CHECKSUM_MAGIC)
-    h.update(_str(bundle_id) + _str(model_id) + _str(base_version))
+    h.update(_str(bundle_id) + _str(model_id) + _str(base_version) + _str(device_id))
     h.update(struct.pack("<qq", created_at_ms, expires_at_ms))
     h.update(struct.pack("<I", len(slots)))
     for name, a, b in slots:
@@ -320,6 +323,8 @@ class DeltaBundle:
     factors: slot -> (A (d, r) float32, B (r, k) float32), delta W = A @ B
     masks:   unit group -> bool (n_units,), True = keep the unit
     expires_at_ms = 0 means it never expires.
+    device_id: the device it was generated for ("" = not bound to one: made in-process for
+    evaluation or simulation; a device agent refuses such a bundle).
     """
 
     model_id: str
@@ -329,6 +334,7 @@ class DeltaBundle:
     bundle_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at_ms: int = field(default_factory=_now_ms)
     expires_at_ms: int = 0
+    device_id: str = ""
 
     def __post_init__(self) -> None:
         # Normalise once here so every consumer can rely on float32 factors and bool masks.
@@ -364,6 +370,7 @@ class DeltaBundle:
             bundle_id=self.bundle_id,
             created_at_ms=self.created_at_ms,
             expires_at_ms=self.expires_at_ms,
+            device_id=self.device_id,
         )
 
 
@@ -375,7 +382,8 @@ class BundleBatch:
 
     factors: slot -> (A (n, d, r) float32, B (n, r, k) float32)
     masks:   unit group -> bool (n, n_units)
-    bundle_ids, created_at_ms, expires_at_ms: one entry per bundle, as in DeltaBundle.
+    bundle_ids, created_at_ms, expires_at_ms, device_ids: one entry per bundle, as in DeltaBundle
+    (device_ids None = none bound; `bound_to` sets them).
     Bundle i of the batch is `unstack()[i]`.
     """
 
@@ -386,12 +394,15 @@ class BundleBatch:
     bundle_ids: list[str]
     created_at_ms: list[int]
     expires_at_ms: list[int]
+    device_ids: list[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.bundle_ids)
         if len(self.created_at_ms) != n or len(self.expires_at_ms) != n:
             raise InvalidInput("bundle_ids", f"{n} ids but {len(self.created_at_ms)} creation and "
                                              f"{len(self.expires_at_ms)} expiry times")
+        if self.device_ids is not None and len(self.device_ids) != n:
+            raise InvalidInput("device_ids", f"{len(self.device_ids)} device ids for a batch of {n} bundles")
         self.factors, self.masks = _normalised(self.factors, self.masks, batch=n)
 
     @classmethod
@@ -428,6 +439,7 @@ class BundleBatch:
             bundle_ids=[b.bundle_id for b in bundles],
             created_at_ms=[b.created_at_ms for b in bundles],
             expires_at_ms=[b.expires_at_ms for b in bundles],
+            device_ids=[b.device_id for b in bundles] if any(b.device_id for b in bundles) else None,
         )
 
     def __len__(self) -> int:
@@ -444,7 +456,15 @@ class BundleBatch:
             bundle_ids=[self.bundle_ids[i] for i in idx],
             created_at_ms=[self.created_at_ms[i] for i in idx],
             expires_at_ms=[self.expires_at_ms[i] for i in idx],
+            device_ids=None if self.device_ids is None else [self.device_ids[i] for i in idx],
         )
+
+    def bound_to(self, device_ids: Sequence[str]) -> BundleBatch:
+        """The same bundles, bundle i generated for device `device_ids[i]` (what the service sends)."""
+        return dataclasses.replace(self, device_ids=list(device_ids))
+
+    def device_id(self, i: int) -> str:
+        return "" if self.device_ids is None else self.device_ids[i]
 
     def unstack(self) -> list[DeltaBundle]:
         """One DeltaBundle per device; its arrays are views into this batch's."""
@@ -457,6 +477,7 @@ class BundleBatch:
                 bundle_id=self.bundle_ids[i],
                 created_at_ms=self.created_at_ms[i],
                 expires_at_ms=self.expires_at_ms[i],
+                device_id=self.device_id(i),
             )
             for i in range(len(self))
         ]

@@ -56,3 +56,7 @@ class PermissionDenied(ParamCastError):
 
 class RateLimited(ParamCastError):
     """The device exceeded its request rate."""
+
+
+class DeviceMismatch(IntegrityError):
+    """A bundle generated for another device (or for none): a device applies only its own."""

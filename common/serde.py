@@ -34,7 +34,7 @@ from paramcast.common.bundle import (
     quantize_stack,
     unpack_mask,
 )
-from paramcast.common.errors import IntegrityError, InvalidInput, VersionMismatch
+from paramcast.common.errors import DeviceMismatch, IntegrityError, InvalidInput, VersionMismatch
 from paramcast.v1 import param_service_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParamService"].full_name  # "paramcast.v1.ParamService"
@@ -105,13 +105,16 @@ def _assemble(
     expires_at_ms: int,
     slots: list[tuple[str, EncodedTensor, EncodedTensor]],
     masks: list[tuple[str, int, bytes]],
+    device_id: str,
 ) -> pb.DeltaBundle:
     """The wire message of one bundle whose slots and masks are already encoded, sorted by name."""
-    checksum = payload_checksum(bundle_id, model_id, base_version, created_at_ms, expires_at_ms, slots, masks)
+    checksum = payload_checksum(bundle_id, model_id, base_version, created_at_ms, expires_at_ms, slots, masks,
+                                device_id)
     return pb.DeltaBundle(
         bundle_id=bundle_id,
         model_id=model_id,
         base_version=base_version,
+        device_id=device_id,
         slots=[{"slot": n, "a": _tensor_fields(a), "b": _tensor_fields(b)} for n, a, b in slots],
         masks=[{"group": g, "n_units": n, "bits": bits} for g, n, bits in masks],
         created_at_ms=created_at_ms,
@@ -133,7 +136,7 @@ def bundle_to_proto(bundle: DeltaBundle, encoding: str = DEFAULT_ENCODING) -> pb
     ]
     masks = [(group, int(m.size), pack_mask(m)) for group, m in sorted(bundle.masks.items())]
     return _assemble(bundle.bundle_id, bundle.model_id, bundle.base_version, bundle.created_at_ms,
-                     bundle.expires_at_ms, slots, masks)
+                     bundle.expires_at_ms, slots, masks, bundle.device_id)
 
 
 def batch_to_proto(batch: BundleBatch, encoding: str | Sequence[str] = DEFAULT_ENCODING) -> list[pb.DeltaBundle]:
@@ -162,7 +165,7 @@ def batch_to_proto(batch: BundleBatch, encoding: str | Sequence[str] = DEFAULT_E
             slots = [(slot, a[j], b[j]) for slot, (a, b) in encoded.items()]
             masks = [(g, n_units, bits[j]) for g, (n_units, bits) in packed.items()]
             out[i] = _assemble(group.bundle_ids[j], group.model_id, group.base_version, group.created_at_ms[j],
-                               group.expires_at_ms[j], slots, masks)
+                               group.expires_at_ms[j], slots, masks, group.device_id(j))
     return cast(list[pb.DeltaBundle], out)
 
 
@@ -279,7 +282,8 @@ def bundle_from_proto(msg: pb.DeltaBundle) -> DeltaBundle:
     if len(msg.checksum) != 32:
         raise IntegrityError(f"checksum: expected 32 bytes of SHA-256, got {len(msg.checksum)}")
     expected = payload_checksum(
-        msg.bundle_id, msg.model_id, msg.base_version, msg.created_at_ms, msg.expires_at_ms, slots, masks
+        msg.bundle_id, msg.model_id, msg.base_version, msg.created_at_ms, msg.expires_at_ms, slots, masks,
+        msg.device_id,
     )
     if not hmac.compare_digest(expected, msg.checksum):
         raise IntegrityError("checksum: does not match the payload (bundle corrupted in transit or at rest)")
@@ -296,6 +300,7 @@ def bundle_from_proto(msg: pb.DeltaBundle) -> DeltaBundle:
         bundle_id=msg.bundle_id,
         created_at_ms=msg.created_at_ms,
         expires_at_ms=msg.expires_at_ms,
+        device_id=msg.device_id,
     )
 
 
@@ -309,8 +314,9 @@ def decode_bundle(data: bytes) -> DeltaBundle:
     return bundle_from_proto(msg)
 
 
-def check_bundle_for(bundle: DeltaBundle, model_id: str, base_version: str) -> None:
-    """Raise VersionMismatch unless `bundle` was generated for the model and base version held."""
+def check_bundle_for(bundle: DeltaBundle, model_id: str, base_version: str, device_id: str | None = None) -> None:
+    """Raise VersionMismatch unless `bundle` was generated for the model and base version held, and,
+    when `device_id` is given, DeviceMismatch unless it was generated for that device."""
     if bundle.model_id != model_id:
         raise VersionMismatch(
             f"bundle {bundle.bundle_id} is for model {bundle.model_id!r}, but the device runs {model_id!r}"
@@ -319,4 +325,9 @@ def check_bundle_for(bundle: DeltaBundle, model_id: str, base_version: str) -> N
         raise VersionMismatch(
             f"bundle {bundle.bundle_id} was generated for base version {bundle.base_version!r}, "
             f"but the device holds {base_version!r}"
+        )
+    if device_id is not None and bundle.device_id != device_id:
+        generated_for = repr(bundle.device_id) if bundle.device_id else "no device"
+        raise DeviceMismatch(
+            f"bundle {bundle.bundle_id} was generated for {generated_for[:140]}, not for this device {device_id!r}"
         )

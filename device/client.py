@@ -170,11 +170,12 @@ def _generate_request(window, model_id: str, base_version: str, device_id: str |
     )
 
 
-def _fetched(response: pb.GenerateResponse, model_id: str, base_version: str, started: float) -> Fetched:
+def _fetched(response: pb.GenerateResponse, request: pb.GenerateRequest, started: float) -> Fetched:
     """Verify a response before anyone can apply it: checksum (IntegrityError), then that it is
-    for the model and base version asked for (VersionMismatch)."""
+    for the model and base version asked for (VersionMismatch) and for the device that asked
+    (DeviceMismatch)."""
     bundle = bundle_from_proto(response.bundle)
-    check_bundle_for(bundle, model_id, base_version)
+    check_bundle_for(bundle, request.model_id, request.base_version, request.device_id)
     return Fetched(bundle, response.bundle.SerializeToString(), response.ByteSize(), time.perf_counter() - started)
 
 
@@ -360,7 +361,7 @@ class ParamClient(_Base):
                                           metadata=_metadata(token or self.token))
         except grpc.RpcError as exc:
             raise cloud_error(exc) from None
-        return _fetched(response, model_id, base_version, started)
+        return _fetched(response, request, started)
 
     def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
                          token: str | None = None, progress: Progress | None = None) -> DevicePackage:
@@ -433,7 +434,7 @@ class AsyncParamClient(_Base):
                                                 metadata=_metadata(token or self.token))
         except grpc.RpcError as exc:
             raise cloud_error(exc) from None
-        return _fetched(response, model_id, base_version, started)
+        return _fetched(response, request, started)
 
     async def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
                                token: str | None = None, progress: Progress | None = None) -> DevicePackage:

@@ -135,18 +135,19 @@ class ServiceCore:
         (DeadlineExpired) without reaching the generator.
         """
         served, window, keep_ratio = self.admit(call, metadata)
-        return await self.batcher.submit((served.key, keep_ratio), (window, call.encoding), deadline)
+        return await self.batcher.submit((served.key, keep_ratio), (window, call.encoding, call.device_id), deadline)
 
     def _compute(self, key: tuple[tuple[str, str], float | None],
-                 items: list[tuple[np.ndarray, str]]) -> list[pb.DeltaBundle]:
+                 items: list[tuple[np.ndarray, str, str]]) -> list[pb.DeltaBundle]:
         """Runs in the batcher's worker thread: one generator pass for a batch of one model version,
-        then one encoding pass over the stacked output. Requests in a batch may ask for different
-        encodings (the encoding is not part of the batch key, so it never splits a generator pass)."""
+        then one encoding pass over the stacked output, each bundle bound to the device that asked.
+        Requests in a batch may ask for different encodings (the encoding is not part of the batch
+        key, so it never splits a generator pass)."""
         (model_id, version), keep_ratio = key
         served = self.registry.get(model_id, version)
-        batch = generate_batch(served.bundle, [window for window, _ in items], keep_ratio,
+        batch = generate_batch(served.bundle, [window for window, _, _ in items], keep_ratio,
                                device=self.registry.device, ttl_ms=self.limits.ttl_ms)
-        return batch_to_proto(batch, [encoding for _, encoding in items])
+        return batch_to_proto(batch.bound_to([device for _, _, device in items]), [enc for _, enc, _ in items])
 
     # -- GetModel -------------------------------------------------------------------------------
     def get_model(self, model_id: str, version: str = "", offset: int = 0, chunk_size: int = 0,
