@@ -12,7 +12,8 @@ The package is the contract between the cloud and every device (read by `device/
   with) and `behaviour` (B, d) (the backbone's last state, before the adapted head).
 - `manifest.json` describes that graph (ids, sizes, input/output names and shapes, slots and their
   maximum rank), names for each unit group the initializers and axes that slimming slices (and
-  the factor inputs whose width follows the group), and records the sha256 of every other file.
+  the factor inputs whose width follows the group), records the size and sha256 of every other
+  file, and its own digest (`manifest_sha256`, see `device.package.manifest_digest`).
 
 Weights keep their PyTorch names and layouts inside the graph (`blocks.0.ffn_in.weight` is stored
 (f, d) and transposed by a node), so the slicing plan in the manifest is the model's own slicing
@@ -40,6 +41,7 @@ from torch import nn
 from paramcast.cloud.checkpoint import ModelBundle
 from paramcast.cloud.model import DeviceModel
 from paramcast.common.errors import InvalidInput
+from paramcast.device.package import MANIFEST_DIGEST_KEY, manifest_digest
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +169,7 @@ def export_package(
         },
         "files": {MODEL_FILE: {"sha256": hashlib.sha256(model_bytes).hexdigest(), "bytes": len(model_bytes)}},
     }
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     _write_atomic(out / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
     log.info("exported %s (base %s) to %s: %d bytes", bundle.model_id, bundle.base_version, out,
              len(model_bytes))

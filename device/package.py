@@ -1,8 +1,10 @@
 """A device package on disk: `manifest.json` + the files it lists, verified before anything runs.
 
 `cloud/export.py` writes the package; this module reads it with numpy and the standard library
-only. Loading checks the format, then the sha256 of every file the manifest lists, and keeps the
-verified bytes so the session is built from exactly what was checked.
+only. Loading checks the manifest's own digest (`manifest_sha256`, so an edit to any value in it
+is noticed), its format and every value the runtime relies on, then the size and sha256 of every
+file it lists, and keeps the verified bytes so the session is built from exactly what was checked.
+The runtime then checks the manifest against the graph itself (device/runtime.py).
 """
 
 from __future__ import annotations
@@ -14,11 +16,26 @@ from functools import cached_property
 from pathlib import Path
 
 from paramcast.common.errors import IntegrityError, ModelNotFound
+from paramcast.device.files import is_plain_name, read_regular
 
 FORMAT = "paramcast.device-package"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
+MANIFEST_DIGEST_KEY = "manifest_sha256"
+MAX_MANIFEST_BYTES = 1024 * 1024  # real manifests are a few KiB
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The hex sha256 a manifest records of itself: over its canonical JSON without the
+    `manifest_sha256` entry (keys sorted, no whitespace, ASCII escapes: Python's
+    `json.dumps(m, sort_keys=True, separators=(",", ":"))`)."""
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")).hexdigest()
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -67,11 +84,15 @@ class DevicePackage:
         """
         path = Path(path)
         manifest_path = path / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise ModelNotFound(f"no device package at {path} (expected {manifest_path}); create one with "
-                                "`paramcast export`")
         try:
-            manifest = json.loads(manifest_path.read_bytes())
+            raw = read_regular(manifest_path, MAX_MANIFEST_BYTES)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ModelNotFound(f"no device package at {path} (expected {manifest_path}); create one with "
+                                "`paramcast export`") from None
+        except OSError as exc:
+            raise IntegrityError(f"{manifest_path}: cannot be read ({exc})") from None
+        try:
+            manifest = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise IntegrityError(f"{manifest_path}: not valid JSON ({exc})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -81,29 +102,63 @@ class DevicePackage:
                 f"{manifest_path}: format version {manifest.get('format_version')!r}, this runtime reads "
                 f"{FORMAT_VERSION}"
             )
+        recorded = manifest.get(MANIFEST_DIGEST_KEY)
+        if not isinstance(recorded, str):
+            raise IntegrityError(f"{manifest_path}: no {MANIFEST_DIGEST_KEY}; export the package again with "
+                                 "`paramcast export`")
+        if recorded != manifest_digest(manifest):
+            raise IntegrityError(f"{manifest_path}: {MANIFEST_DIGEST_KEY} does not match its contents (the "
+                                 "manifest was changed after export)")
         files = manifest.get("files")
         if not isinstance(files, dict) or MODEL_FILE not in files:
             raise IntegrityError(f"{manifest_path}: the file list does not name {MODEL_FILE}")
         contents = {}
         for name, entry in files.items():
-            file = path / name
             # Names come from the manifest: refuse anything that would read outside the package.
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise IntegrityError(f"{manifest_path}: file name {name!r} points outside the package")
-            if not file.is_file():
-                raise IntegrityError(f"{file}: listed in the manifest but missing")
-            data = file.read_bytes()
+            if not is_plain_name(name) or name == MANIFEST_FILE:
+                raise IntegrityError(f"{manifest_path}: file name {str(name)[:80]!r} is not a plain file name")
+            if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or entry["bytes"] < 0:
+                raise IntegrityError(f"{manifest_path}: files[{name!r}] needs its size in bytes")
+            file = path / name
+            try:
+                data = read_regular(file, entry["bytes"])  # never more than the manifest declares
+            except FileNotFoundError:
+                raise IntegrityError(f"{file}: listed in the manifest but missing") from None
+            except OSError as exc:
+                raise IntegrityError(f"{file}: cannot be read ({exc})") from None
+            if len(data) != entry["bytes"]:
+                raise IntegrityError(f"{file}: {len(data)} bytes, the manifest says {entry['bytes']}")
             digest = hashlib.sha256(data).hexdigest()
-            if not isinstance(entry, dict) or digest != entry.get("sha256"):
+            if digest != entry.get("sha256"):
                 raise IntegrityError(f"{file}: sha256 {digest} does not match the manifest")
             contents[name] = data
         package = cls(path, manifest, contents[MODEL_FILE])
         try:
             # Parse everything once here so a malformed manifest fails at load, not mid-request.
             _ = (package.slots, package.unit_groups, package.max_len, package.n_items, package.hidden)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"{manifest_path}: malformed manifest ({exc!r})") from None
+        package._check_values(manifest_path)
         return package
+
+    def _check_values(self, manifest_path: Path) -> None:
+        """The numbers the runtime sizes arrays by: positive, and ranks no larger than the slot allows."""
+        for field in ("max_len", "n_items", "hidden"):
+            if not _positive_int(self.manifest[field]):
+                raise IntegrityError(f"{manifest_path}: {field} must be a positive integer, got "
+                                     f"{self.manifest[field]!r}")
+        for name, slot in self.slots.items():
+            raw = self.manifest["slots"][name]
+            for field in ("d_in", "d_out", "max_rank"):
+                if not _positive_int(raw[field]):
+                    raise IntegrityError(f"{manifest_path}: slots[{name!r}].{field} must be a positive integer, "
+                                         f"got {raw[field]!r}")
+            if slot.max_rank > min(slot.d_in, slot.d_out):
+                raise IntegrityError(f"{manifest_path}: slots[{name!r}].max_rank {slot.max_rank} exceeds "
+                                     f"min(d_in, d_out) = {min(slot.d_in, slot.d_out)}")
+        for name in self.unit_groups:
+            if not _positive_int(self.manifest["unit_groups"][name]["n_units"]):
+                raise IntegrityError(f"{manifest_path}: unit_groups[{name!r}].n_units must be a positive integer")
 
     # -- what the manifest says --------------------------------------------------------------
     @property

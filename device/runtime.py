@@ -36,7 +36,7 @@ import numpy as np
 import onnxruntime as ort
 
 from paramcast.common.bundle import DeltaBundle
-from paramcast.common.errors import InvalidInput
+from paramcast.common.errors import IntegrityError, InvalidInput
 from paramcast.common.serde import check_bundle_for
 from paramcast.device.package import DevicePackage, UnitGroup
 
@@ -133,6 +133,33 @@ def slice_model(package: DevicePackage, keep: Keep) -> bytes:
     return proto.SerializeToString()
 
 
+def check_graph(package: DevicePackage, session: ort.InferenceSession) -> None:
+    """Raise IntegrityError unless the graph has the shapes the manifest promises: the history
+    length, the hidden width of its outputs, and each slot's factor inputs with their d_in and
+    d_out. (A manifest that disagrees with its graph would otherwise load and then fail inside
+    ONNX Runtime on every call.)"""
+    where = f"{package.path / 'manifest.json'}"
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    factors = {i.name: i.shape for i in session.get_overridable_initializers()}
+
+    def expect(kind: str, table: dict, name: str, axis: int, value: int, field: str) -> None:
+        shape = table.get(name)
+        if shape is None:
+            raise IntegrityError(f"{where}: the graph has no {kind} {name!r}")
+        got = shape[axis] if len(shape) > axis else None
+        if isinstance(got, int) and got != value:
+            raise IntegrityError(f"{where}: {field} is {value}, but the graph's {kind} {name!r} has {got} "
+                                 f"along axis {axis}")
+
+    expect("input", inputs, "history", 1, package.max_len, "max_len")
+    for name in ("user_state", "behaviour"):
+        expect("output", outputs, name, 1, package.hidden, "hidden")
+    for slot in package.slots.values():
+        expect("factor input", factors, slot.a_input, 1, slot.d_in, f"slots[{slot.name!r}].d_in")
+        expect("factor input", factors, slot.b_input, 2, slot.d_out, f"slots[{slot.name!r}].d_out")
+
+
 class DeviceRuntime:
     """ONNX Runtime inference over a verified device package, with hot-swapped delta bundles."""
 
@@ -143,6 +170,7 @@ class DeviceRuntime:
         self._slots = package.slots
         self._groups = package.unit_groups
         self._sessions = _Sessions(package, session_options(threads, optimization), max_slimmed_sessions)
+        check_graph(package, self._sessions.base)
         self._keep: Keep | None = None  # this runtime's own slimming, set by slimmed()
         self._state = _Active(self._sessions.base, self._sessions.base_nbytes)
 

@@ -22,7 +22,7 @@ from paramcast.cloud.model import left_pad, slice_adapters
 from paramcast.common.bundle import ENCODINGS, DeltaBundle
 from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, VersionMismatch
 from paramcast.common.serde import decode_bundle, encode_bundle
-from paramcast.device.package import DevicePackage
+from paramcast.device.package import DevicePackage, manifest_digest
 from paramcast.device.runtime import DeviceRuntime
 
 ATOL = 1e-4
@@ -287,12 +287,59 @@ def test_missing_file_and_bad_manifest_are_reported(tmp_path):
         DevicePackage.load(pkg)
 
 
+def edit_manifest(pkg, edit, reseal: bool = False) -> None:
+    """Change the package's manifest on disk; `reseal` also recomputes its digest (a deliberate
+    edit by someone who knows the format, to reach the checks behind the digest)."""
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    edit(manifest)
+    if reseal:
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_manifest_cannot_point_outside_the_package(tmp_path):
     pkg = copy_package(tmp_path / "pkg")
-    manifest = json.loads((pkg / "manifest.json").read_text())
-    manifest["files"]["../secret"] = {"sha256": "0" * 64, "bytes": 1}
-    (pkg / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IntegrityError, match="outside the package"):
+    edit_manifest(pkg, lambda m: m["files"].update({"../secret": {"sha256": "0" * 64, "bytes": 1}}), reseal=True)
+    with pytest.raises(IntegrityError, match="'../secret' is not a plain file name"):
+        DevicePackage.load(pkg)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(max_len=m["max_len"] + 10),  # loaded fine, then every score() failed in ONNX Runtime
+    lambda m: m["slots"]["head.up"].update(max_rank=m["slots"]["head.up"]["max_rank"] + 4),  # went unnoticed
+    lambda m: m.update(hidden=m["hidden"] * 2),  # went unnoticed
+    lambda m: m.pop("manifest_sha256"),
+], ids=["max_len", "max_rank", "hidden", "no digest"])
+def test_an_edited_manifest_is_refused_at_load(tmp_path, edit):
+    pkg = copy_package(tmp_path / "pkg")
+    edit_manifest(pkg, edit)
+    with pytest.raises(IntegrityError, match="manifest.json: (manifest_sha256 does not match|no manifest_sha256)"):
+        DevicePackage.load(pkg)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m.update(max_len=m["max_len"] + 10), "max_len is 30, but the graph's input 'history' has 20"),
+    (lambda m: m.update(hidden=m["hidden"] * 2), "hidden is 32, but the graph's output 'user_state' has 16"),
+    (lambda m: m["slots"]["head.up"].update(d_in=7, max_rank=4), r"slots\['head.up'\].d_in is 7"),
+])
+def test_a_resealed_manifest_that_disagrees_with_its_graph_is_refused_by_the_runtime(tmp_path, edit, message):
+    pkg = copy_package(tmp_path / "pkg")
+    edit_manifest(pkg, edit, reseal=True)
+    package = DevicePackage.load(pkg)  # the digest matches: only the graph can tell
+    with pytest.raises(IntegrityError, match=message):
+        DeviceRuntime(package)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["slots"]["head.up"].update(max_rank=0), "max_rank must be a positive integer"),
+    (lambda m: m["slots"]["head.up"].update(max_rank=10**6), "max_rank 1000000 exceeds min"),
+    (lambda m: m.update(n_items=-1), "n_items must be a positive integer"),
+    (lambda m: m["files"]["model.onnx"].update(bytes=10), "more than the 10 bytes"),
+])
+def test_manifest_values_are_validated(tmp_path, edit, message):
+    pkg = copy_package(tmp_path / "pkg")
+    edit_manifest(pkg, edit, reseal=True)
+    with pytest.raises(IntegrityError, match=message):
         DevicePackage.load(pkg)
 
 
