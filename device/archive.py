@@ -15,7 +15,9 @@ tar rather than zip because ustar is a fixed 512-byte-header stream that a devic
 can write to disk as it arrives and unpack in one forward pass, and every platform ships a reader.
 
 Unpacking is defensive: bytes from the network are checked member by member (type, name, size)
-and the result is verified with `DevicePackage.load` (the sha256 of every file) before it is used.
+before any of a member's bytes are written -- the manifest must come first, and every later member
+must be a file the manifest lists, of exactly the size it declares -- and the result is verified
+with `DevicePackage.load` (the manifest's digest, the sha256 of every file) before it is used.
 """
 
 from __future__ import annotations
@@ -23,19 +25,17 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
 
 from paramcast.common.errors import IntegrityError
-from paramcast.device.package import MANIFEST_FILE, DevicePackage
+from paramcast.device.files import is_plain_name
+from paramcast.device.package import MANIFEST_FILE, MAX_MANIFEST_BYTES, DevicePackage
 
-# Member names a package may contain: plain file names, nothing that could climb out of the target.
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_MEMBERS = 64
-MAX_ARCHIVE_BYTES = 4 * 2**30  # a generous ceiling; real packages are megabytes
+MAX_ARCHIVE_BYTES = 2**30  # the default ceiling a device accepts; real packages are megabytes
 
 
 def package_files(package_dir: str | Path) -> list[str]:
@@ -63,19 +63,22 @@ def pack_package(package_dir: str | Path) -> bytes:
     return buf.getvalue()
 
 
-def unpack_package(archive: str | Path, dest: str | Path) -> DevicePackage:
-    """Unpack an archive file into the new directory `dest` (atomically) and return the verified package.
+def unpack_package(archive: str | Path, dest: str | Path, max_bytes: int = MAX_ARCHIVE_BYTES) -> DevicePackage:
+    """Unpack an archive file (at most `max_bytes`) into the new directory `dest` (atomically) and
+    return the verified package.
 
-    Raises IntegrityError when the archive is malformed, holds anything but plain top-level files,
+    Raises IntegrityError when the archive is malformed or too large, holds anything but plain
+    top-level files, holds a file the manifest does not list or of another size than it declares,
     or the unpacked package fails verification; `dest` is then left untouched.
     """
     dest = Path(dest)
-    if dest.exists():
+    if os.path.lexists(dest):
         raise IntegrityError(f"{dest}: already exists; unpack into a new directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    # Named like every device temporary (device/files.py), so an unpack killed mid-way is swept.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent))
     try:
-        _extract(Path(archive), tmp)
+        _extract(Path(archive), tmp, max_bytes)
         DevicePackage.load(tmp)  # sha256 of every listed file, before anything else sees it
         os.replace(tmp, dest)  # same filesystem: the package appears complete or not at all
     except BaseException:
@@ -84,10 +87,25 @@ def unpack_package(archive: str | Path, dest: str | Path) -> DevicePackage:
     return DevicePackage.load(dest)
 
 
-def _extract(archive: Path, out: Path) -> None:
-    if archive.stat().st_size > MAX_ARCHIVE_BYTES:
-        raise IntegrityError(f"{archive}: larger than {MAX_ARCHIVE_BYTES} bytes")
+def _declared_sizes(manifest: bytes, archive: Path) -> dict[str, int]:
+    """name -> size in bytes of every file the manifest lists (checked in full after unpacking)."""
+    try:
+        files = json.loads(manifest)["files"]
+        sizes = {str(name): entry["bytes"] for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{archive}: its {MANIFEST_FILE} has no readable file list ({exc!r})") from None
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size < 0:
+            raise IntegrityError(f"{archive}: {MANIFEST_FILE} declares {size!r} bytes for {name[:80]!r}")
+    return sizes
+
+
+def _extract(archive: Path, out: Path, max_bytes: int) -> None:
+    size = archive.stat().st_size
+    if size > max_bytes:
+        raise IntegrityError(f"{archive}: {size} bytes, larger than the {max_bytes} this device accepts")
     seen: set[str] = set()
+    declared: dict[str, int] | None = None  # from the manifest, the first member
     try:
         with tarfile.open(archive, mode="r:") as tar:  # "r:" = uncompressed only, as the format says
             for member in tar:
@@ -95,10 +113,21 @@ def _extract(archive: Path, out: Path) -> None:
                     raise IntegrityError(f"{archive}: more than {MAX_MEMBERS} members")
                 if not member.isreg():
                     raise IntegrityError(f"{archive}: member {member.name[:80]!r} is not a regular file")
-                if not _SAFE_NAME.match(member.name):
+                if not is_plain_name(member.name):
                     raise IntegrityError(f"{archive}: member name {member.name[:80]!r} is not a plain file name")
                 if member.name in seen:
                     raise IntegrityError(f"{archive}: member {member.name!r} appears twice")
+                first = declared is None
+                if first and member.name != MANIFEST_FILE:
+                    raise IntegrityError(f"{archive}: the first member is {member.name[:80]!r}, not {MANIFEST_FILE}")
+                if declared is not None and member.name not in declared:
+                    raise IntegrityError(f"{archive}: member {member.name!r} is not listed in the manifest")
+                if first and member.size > MAX_MANIFEST_BYTES:
+                    raise IntegrityError(f"{archive}: {MANIFEST_FILE} holds {member.size} bytes, more than "
+                                         f"{MAX_MANIFEST_BYTES}")
+                if declared is not None and member.size != declared[member.name]:
+                    raise IntegrityError(f"{archive}: member {member.name!r} holds {member.size} bytes; the "
+                                         f"manifest declares {declared[member.name]}")
                 seen.add(member.name)
                 src = tar.extractfile(member)
                 assert src is not None  # regular files always have a payload
@@ -106,7 +135,9 @@ def _extract(archive: Path, out: Path) -> None:
                     shutil.copyfileobj(src, f)
                     f.flush()
                     os.fsync(f.fileno())
+                if first:
+                    declared = _declared_sizes((out / MANIFEST_FILE).read_bytes(), archive)
     except tarfile.TarError as exc:
         raise IntegrityError(f"{archive}: not a valid package archive ({exc})") from None
-    if MANIFEST_FILE not in seen:
+    if declared is None:
         raise IntegrityError(f"{archive}: no {MANIFEST_FILE} in the archive")

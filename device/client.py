@@ -14,8 +14,17 @@ call. Each call has a deadline. Transient failures (UNAVAILABLE: the server rest
 connection reset) are retried by gRPC itself with exponential backoff and jitter, configured in
 the channel's service config (`service_config()`), so every gRPC stack that reads the same JSON
 behaves alike. A download that breaks mid-stream resumes from the bytes already verified and
-written, with its own backoff. Errors reach the caller as ParamCast's typed errors (`common.errors`)
-plus `CloudUnavailable` for "try again later"; the gRPC status code is on `.code`.
+written, with its own backoff; one the server throttles (RESOURCE_EXHAUSTED with `retry-after-ms`:
+the device's download byte rate) waits as long as the server says and resumes, within the
+download's overall deadline. Errors reach the caller as ParamCast's typed errors (`common.errors`)
+plus `CloudUnavailable` for "try again later"; the gRPC status code is on `.code`, and a server's
+retry hint (seconds) on `.retry_after_s`.
+
+A download never takes more than it was promised or than the device allows: a package larger than
+`max_package_bytes` (or than the free disk space) is refused before a byte is written, unpacking
+writes each file no larger than the manifest declares (device/archive.py), and a complete archive
+that fails to unpack is discarded, so the next attempt fetches it again instead of failing on the
+same bytes for ever.
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,7 +56,8 @@ from paramcast.common.errors import (
     VersionMismatch,
 )
 from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, check_bundle_for, encoding_to_proto
-from paramcast.device.archive import unpack_package
+from paramcast.device.archive import MAX_ARCHIVE_BYTES, unpack_package
+from paramcast.device.files import check_name, is_plain_name, read_regular, remove, sweep_temporaries
 from paramcast.device.package import DevicePackage
 from paramcast.device.store import write_atomic
 from paramcast.v1 import param_service_pb2 as pb
@@ -66,6 +76,10 @@ class RemoteError(ParamCastError):
     """The server answered with a status ParamCast does not map to a more specific error."""
 
 
+class PackageTooLarge(ParamCastError):
+    """The server offers a package larger than this device accepts (or has room for)."""
+
+
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 _ERRORS: dict[grpc.StatusCode, Callable[[str], ParamCastError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: lambda m: InvalidInput("request", m),
@@ -79,7 +93,8 @@ _ERRORS: dict[grpc.StatusCode, Callable[[str], ParamCastError]] = {
 
 
 def cloud_error(exc: grpc.RpcError) -> ParamCastError:
-    """The typed error for a failed call; `.code` keeps the gRPC status code."""
+    """The typed error for a failed call; `.code` keeps the gRPC status code and `.retry_after_s`
+    the server's `retry-after-ms` hint in seconds (None without one)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or code.name
     if code in _TRANSIENT:
@@ -87,7 +102,22 @@ def cloud_error(exc: grpc.RpcError) -> ParamCastError:
     else:
         err = _ERRORS.get(code, lambda m: RemoteError(f"{code.name}: {m}"))(details)
     err.code = code  # type: ignore[attr-defined]
+    err.retry_after_s = _retry_after_s(exc)  # type: ignore[attr-defined]
     return err
+
+
+def _retry_after_s(exc: grpc.RpcError) -> float | None:
+    try:
+        trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    except Exception:  # a call object without metadata yet
+        return None
+    for key, value in trailing or ():
+        if key == "retry-after-ms":
+            try:
+                return max(0.0, float(value)) / 1000
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +163,15 @@ def channel_options(retry: RetryPolicy = RetryPolicy(), reconnect_backoff_s: tup
     ]
 
 
-def _credentials(tls: bool, root_certificates: bytes | None):
-    if not tls and root_certificates is None:
+def _credentials(tls: bool, root_certificates: bytes | None, client_certificate: bytes | None = None,
+                 client_key: bytes | None = None):
+    """TLS channel credentials (None = plaintext); a client certificate and key make it mutual TLS."""
+    if (client_certificate is None) != (client_key is None):
+        raise InvalidInput("client_certificate", "give the client certificate and its key together")
+    if not tls and root_certificates is None and client_certificate is None:
         return None
-    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates, private_key=client_key,
+                                        certificate_chain=client_certificate)
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -183,16 +218,16 @@ def _fetched(response: pb.GenerateResponse, request: pb.GenerateRequest, started
 # GetModel: a resumable download, shared by both clients
 # ---------------------------------------------------------------------------------------------
 
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PACKAGES_DIR = "packages"
 DOWNLOADS_DIR = "downloads"
+MAX_META_BYTES = 64 * 1024  # the .part.json beside a partial download is a few hundred bytes
 
 
 def package_dir(root: str | Path, model_id: str, version: str) -> Path:
     """Where a device keeps an unpacked package: ROOT/packages/MODEL_ID-VERSION."""
     for name, value in (("model_id", model_id), ("version", version)):
-        if not _SAFE.match(value):
-            raise IntegrityError(f"{name} {value[:80]!r} cannot name a directory")
+        if not is_plain_name(value):
+            raise IntegrityError(f"{name} {str(value)[:80]!r} cannot name a directory")
     return Path(root) / PACKAGES_DIR / f"{model_id}-{version}"
 
 
@@ -205,12 +240,15 @@ class _Download:
     process, and never splices two different archives together.
     """
 
-    def __init__(self, root: str | Path, model_id: str, version: str):
-        if not _SAFE.match(model_id):
-            raise InvalidInput("model_id", f"{model_id[:80]!r} cannot name a file")
-        self.root, self.model_id, self.requested = Path(root), model_id, version
+    def __init__(self, root: str | Path, model_id: str, version: str, max_bytes: int = MAX_ARCHIVE_BYTES):
+        self.root, self.model_id, self.requested = Path(root), check_name("model_id", model_id), version
+        self.max_bytes = max_bytes
         folder = self.root / DOWNLOADS_DIR
+        if folder.exists() and not folder.is_dir():
+            remove(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        for swept in (folder, self.root / PACKAGES_DIR):  # temporaries of writers and unpackers killed mid-way
+            sweep_temporaries(swept)
         self.part = folder / f"{model_id}.part"
         self.meta_file = folder / f"{model_id}.part.json"
         self.meta: dict | None = None
@@ -220,22 +258,25 @@ class _Download:
 
     def _resume(self) -> None:
         try:
-            meta = json.loads(self.meta_file.read_text())
-            size = self.part.stat().st_size
-        except (OSError, ValueError):
+            meta = json.loads(read_regular(self.meta_file, MAX_META_BYTES))
+            info = os.lstat(self.part)
+        except (OSError, ValueError):  # nothing held, or something odd held: start over
             self.reset()
             return
-        if (not isinstance(meta, dict) or (self.requested and meta.get("version") != self.requested)
-                or not isinstance(meta.get("total_size"), int) or size > meta["total_size"]):
+        if (not stat.S_ISREG(info.st_mode) or not isinstance(meta, dict)
+                or (self.requested and meta.get("version") != self.requested)
+                or not isinstance(meta.get("total_size"), int) or info.st_size > meta["total_size"]
+                or meta["total_size"] > self.max_bytes):
             self.reset()
             return
+        size = info.st_size
         self.meta, self.offset = meta, size
         log.info("resuming the download of %s %s at byte %d of %d", self.model_id, meta["version"], size,
                  meta["total_size"])
 
     def reset(self) -> None:
-        self.part.unlink(missing_ok=True)
-        self.meta_file.unlink(missing_ok=True)
+        remove(self.part)
+        remove(self.meta_file)
         self.meta, self.offset = None, 0
 
     def request(self, chunk_size: int) -> pb.GetModelRequest:
@@ -261,6 +302,7 @@ class _Download:
             self.held = self._held(msg.version)
             if self.held is not None:
                 return True
+            self._check_room(msg.total_size)
             self.meta = identity
             write_atomic(self.meta_file, json.dumps(identity).encode())
         elif identity != self.meta:
@@ -274,23 +316,33 @@ class _Download:
         self.offset += len(msg.data)
         return False
 
+    def _check_room(self, total_size: int) -> None:
+        """Refuse, before writing anything, a package above the device's limit or its free space."""
+        if total_size > self.max_bytes:
+            raise PackageTooLarge(f"the server offers a {total_size}-byte package of {self.model_id}; this device "
+                                  f"accepts at most {self.max_bytes} bytes (max_package_bytes)")
+        free = shutil.disk_usage(self.part.parent).free
+        if total_size > free:
+            raise PackageTooLarge(f"the {total_size}-byte package of {self.model_id} does not fit in the "
+                                  f"{free} bytes free under {self.part.parent}")
+
     def _held(self, version: str) -> DevicePackage | None:
         """The package of `version` if it is already unpacked here and still verifies."""
         dest = package_dir(self.root, self.model_id, version)
-        if not dest.exists():
+        if not os.path.lexists(dest):
             return None
         try:
             return DevicePackage.load(dest)
         except (IntegrityError, ModelNotFound) as exc:
             log.warning("the held copy of %s %s is damaged (%s); downloading it again", self.model_id, version, exc)
-            shutil.rmtree(dest, ignore_errors=True)
+            remove(dest)
             return None
 
     def finish(self) -> DevicePackage:
         """Check the whole archive's sha256, unpack it atomically, verify it; -> the package."""
         assert self.meta is not None and self.complete
         digest = hashlib.sha256()
-        with open(self.part, "rb") as f:
+        with open(self.part, "rb") as f:  # (a regular file: _resume and reset saw to it)
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
             os.fsync(f.fileno())
@@ -299,10 +351,13 @@ class _Download:
             raise IntegrityError("downloaded package: archive sha256 does not match; the download starts over")
         version = self.meta["version"]
         dest = package_dir(self.root, self.model_id, version)
-        if dest.exists():  # already unpacked by an earlier download of the same version
-            package = DevicePackage.load(dest)
-        else:
-            package = unpack_package(self.part, dest)
+        package = self._held(version)  # already unpacked by an earlier download of the same version
+        if package is None:
+            try:
+                package = unpack_package(self.part, dest, max_bytes=self.max_bytes)
+            except IntegrityError:
+                self.reset()  # complete and as the server sent it, yet not a package: fetch it afresh
+                raise
         self.reset()
         if (package.model_id, package.base_version) != (self.model_id, version):
             shutil.rmtree(dest, ignore_errors=True)
@@ -321,6 +376,28 @@ def _can_resume(err: BaseException) -> bool:
     return isinstance(err, (CloudUnavailable, IntegrityError))
 
 
+def _next_attempt(err: ParamCastError, failures: int, max_resumes: int, deadline: float) -> tuple[float, int]:
+    """After a download attempt failed with `err`: (seconds to wait, failures so far), or raise `err`.
+
+    A throttled stream (RESOURCE_EXHAUSTED with a retry hint) waits as long as the server said and
+    is not a failure; a broken one backs off, at most `max_resumes` times; neither waits past the
+    download's `deadline` (a time.monotonic() value)."""
+    hint = getattr(err, "retry_after_s", None)
+    if isinstance(err, RateLimited) and hint is not None:
+        delay = hint
+    elif _can_resume(err) and failures < max_resumes:
+        delay, failures = _backoff(failures), failures + 1
+    else:
+        raise err
+    if time.monotonic() + delay > deadline:
+        raise err
+    return delay, failures
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.1, deadline - time.monotonic())
+
+
 # ---------------------------------------------------------------------------------------------
 # Clients
 # ---------------------------------------------------------------------------------------------
@@ -330,11 +407,14 @@ class _Base:
     def __init__(self, target: str, *, device_id: str | None = None, token: str | None = None,
                  timeout_s: float = 5.0, download_timeout_s: float = 300.0, retry: RetryPolicy = RetryPolicy(),
                  reconnect_backoff_s: tuple[float, float] = (0.2, 10.0), gzip: bool = False, tls: bool = False,
-                 root_certificates: bytes | None = None, max_resumes: int = 5):
+                 root_certificates: bytes | None = None, client_certificate: bytes | None = None,
+                 client_key: bytes | None = None, max_resumes: int = 5, max_package_bytes: int = MAX_ARCHIVE_BYTES):
         self.target, self.device_id, self.token = target, device_id, token
+        # download_timeout_s bounds a whole download: every resume and every throttled wait.
         self.timeout_s, self.download_timeout_s, self.max_resumes = timeout_s, download_timeout_s, max_resumes
+        self.max_package_bytes = max_package_bytes
         self._options = channel_options(retry, reconnect_backoff_s)
-        self._credentials = _credentials(tls, root_certificates)
+        self._credentials = _credentials(tls, root_certificates, client_certificate, client_key)
         self._compression = grpc.Compression.Gzip if gzip else None
 
 
@@ -366,11 +446,11 @@ class ParamClient(_Base):
     def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
                          token: str | None = None, progress: Progress | None = None) -> DevicePackage:
         """Fetch (or resume fetching) the package into ROOT/packages/, verify and unpack it."""
-        download = _Download(root, model_id, version)
-        failures = 0
+        download = _Download(root, model_id, version, self.max_package_bytes)
+        failures, deadline = 0, time.monotonic() + self.download_timeout_s
         while True:
             try:
-                stream = self.stub.GetModel(download.request(chunk_size), timeout=self.download_timeout_s,
+                stream = self.stub.GetModel(download.request(chunk_size), timeout=_remaining(deadline),
                                             metadata=_metadata(token or self.token))
                 for msg in stream:
                     if download.accept(msg):
@@ -385,11 +465,11 @@ class ParamClient(_Base):
                 err = _download_error(exc, download)
             except (CloudUnavailable, IntegrityError) as exc:
                 err = exc
-            failures += 1
-            if not _can_resume(err) or failures > self.max_resumes:
-                raise err
-            log.warning("download of %s interrupted at byte %d (%s); resuming", model_id, download.offset, err)
-            time.sleep(_backoff(failures - 1))
+            delay, failures = _next_attempt(err, failures, self.max_resumes, deadline)
+            log.log(logging.INFO if isinstance(err, RateLimited) else logging.WARNING,
+                    "download of %s interrupted at byte %d (%s); resuming in %.2f s", model_id, download.offset,
+                    err, delay)
+            time.sleep(delay)
 
     def check_health(self, timeout_s: float = 2.0) -> bool:
         """True when the server reports ParamService as SERVING."""
@@ -438,11 +518,11 @@ class AsyncParamClient(_Base):
 
     async def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
                                token: str | None = None, progress: Progress | None = None) -> DevicePackage:
-        download = _Download(root, model_id, version)
-        failures = 0
+        download = _Download(root, model_id, version, self.max_package_bytes)
+        failures, deadline = 0, time.monotonic() + self.download_timeout_s
         while True:
             try:
-                stream = self.stub.GetModel(download.request(chunk_size), timeout=self.download_timeout_s,
+                stream = self.stub.GetModel(download.request(chunk_size), timeout=_remaining(deadline),
                                             metadata=_metadata(token or self.token))
                 async for msg in stream:
                     if download.accept(msg):
@@ -457,11 +537,11 @@ class AsyncParamClient(_Base):
                 err = _download_error(exc, download)
             except (CloudUnavailable, IntegrityError) as exc:
                 err = exc
-            failures += 1
-            if not _can_resume(err) or failures > self.max_resumes:
-                raise err
-            log.warning("download of %s interrupted at byte %d (%s); resuming", model_id, download.offset, err)
-            await asyncio.sleep(_backoff(failures - 1))
+            delay, failures = _next_attempt(err, failures, self.max_resumes, deadline)
+            log.log(logging.INFO if isinstance(err, RateLimited) else logging.WARNING,
+                    "download of %s interrupted at byte %d (%s); resuming in %.2f s", model_id, download.offset,
+                    err, delay)
+            await asyncio.sleep(delay)
 
     async def check_health(self, timeout_s: float = 2.0) -> bool:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
