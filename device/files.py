@@ -154,7 +154,7 @@ def sweep_temporaries(folder: str | Path, now: float | None = None) -> list[str]
     takes); -> the names removed. A missing folder has none."""
     folder = Path(folder)
     now = time.time() if now is None else now
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):

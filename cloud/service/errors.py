@@ -9,15 +9,22 @@ the same id, never to the client.
 The interceptor also owns the two things every call needs once: request bytes that do not parse
 are answered INVALID_ARGUMENT (gRPC's default would be UNKNOWN with the parser's exception text),
 and each call's outcome is counted in the metrics by status code.
+
+Streams are written by the interceptor itself (`context.write`), so a client that goes away in
+the middle of one -- a device abandoning a GetModel download it will resume later, the case the
+contract is designed for -- is recognised where the write fails, logged at INFO as a cancelled
+stream and counted as CANCELLED, instead of reaching gRPC's own handler as an error with a
+traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 
@@ -161,17 +168,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return call
 
     def _wrap_stream(self, method: str, behaviour):
-        async def call(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        async def call(request, context: grpc.aio.ServicerContext) -> None:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            sent = 0
             try:
                 if isinstance(request, _Malformed):
                     raise InvalidInput("request", f"not a valid {request.type_name} message")
-                async for response in behaviour(request, context):
-                    yield response
+                async with contextlib.aclosing(behaviour(request, context)) as responses:
+                    async for response in responses:
+                        try:
+                            await context.write(response)
+                        except Exception as exc:  # a write fails only when the stream is gone: the client left
+                            code = grpc.StatusCode.CANCELLED
+                            log.info("%s stream cancelled by the client after %d messages (%s)", method, sent,
+                                     type(exc).__name__)
+                            return
+                        sent += 1
             except BaseException as exc:
                 code, message = self._status(method, exc, context)
                 if message is None:
+                    if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        log.info("%s stream ended by the client after %d messages (%s)", method, sent, code.name)
                     raise
                 await context.abort(code, message)
             finally:
