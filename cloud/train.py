@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.generator import KEEP_RATIOS, Generator, GeneratorConfig, window_batch
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
 from paramcast.common.evaluation import LeaveOneOut
@@ -111,7 +111,7 @@ class Trainer:
     def __init__(self, data: InteractionLog, model_cfg: DeviceModelConfig, gen_cfg: dict, cfg: TrainConfig,
                  evaluator):
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
-        self.device = resolve_device(cfg.device)
+        self.torch_device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -190,7 +190,7 @@ class Trainer:
         return best
 
     def train_static(self) -> DeviceModel:
-        cfg, dev = self.cfg, self.device
+        cfg, dev = self.cfg, self.torch_device
         model = DeviceModel(self.model_cfg).to(dev)
 
         def step(batch) -> torch.Tensor:
@@ -202,7 +202,7 @@ class Trainer:
 
         self._fit("static", model, list(model.parameters()), cfg.lr, self._static_batches,
                   -(-len(self.static_seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience,
-                  lambda: self._valid_ndcg(ModelBundle("train", model), ["static"]), model.train)
+                  lambda: self._valid_ndcg(Checkpoint("train", model), ["static"]), model.train)
         return model.eval()
 
     def _random_masks(self, model: DeviceModel, batch: int) -> dict[str, torch.Tensor]:
@@ -212,7 +212,7 @@ class Trainer:
         for group, n in model.unit_groups().items():
             scores = torch.rand(batch, n, generator=self.torch_gen)
             top = scores.topk(max(1, round(ratio * n)), dim=-1).indices
-            masks[group] = torch.zeros(batch, n).scatter_(-1, top, 1.0).to(self.device)
+            masks[group] = torch.zeros(batch, n).scatter_(-1, top, 1.0).to(self.torch_device)
         return masks
 
     # -- stage 2 ----------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ class Trainer:
             yield window_batch(windows, window), left_pad(inputs, L, trim=True), left_pad(targets, L, trim=True)
 
     def train_generator(self, model: DeviceModel) -> Generator:
-        cfg, dev = self.cfg, self.device
+        cfg, dev = self.cfg, self.torch_device
         gcfg = GeneratorConfig(n_items=self.data.n_items, slot_shapes=model.slot_shapes(),
                                unit_groups=model.unit_groups(), item_dim=model.cfg.hidden, **self.gen_overrides)
         gen = Generator(gcfg).to(dev)
@@ -266,19 +266,19 @@ class Trainer:
         train_modes(False)
         self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window),
                   -(-len(self.train_seqs) // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
-                  lambda: self._valid_ndcg(ModelBundle("train", model, gen), selection), train_modes)
+                  lambda: self._valid_ndcg(Checkpoint("train", model, gen), selection), train_modes)
         model.requires_grad_(True)
         return gen.eval()
 
-    def _valid_ndcg(self, bundle: ModelBundle, variants: list[str]) -> float:
+    def _valid_ndcg(self, ckpt: Checkpoint, variants: list[str]) -> float:
         """Mean validation NDCG@10 over `variants` (each averaged over the validation users)."""
-        per_variant = self.evaluator(bundle, self.data, self.valid_users, "valid", variants)
+        per_variant = self.evaluator(ckpt, self.data, self.valid_users, "valid", variants)
         return float(np.mean([np.mean(per_variant[v]["ndcg@10"]) for v in variants]))
 
 
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
-          gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "generator")) -> ModelBundle:
-    """Run the stages and return the model bundle (the caller saves it)."""
+          gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "generator")) -> Checkpoint:
+    """Run the stages and return the checkpoint (the caller saves it)."""
     from paramcast.cloud.evaluate import per_user_metrics
 
     t0 = time.perf_counter()
@@ -298,6 +298,6 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
         "cpu_count": os.cpu_count(),
     }
     model_id = f"sasrec-{data.name}"
-    return ModelBundle(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta)
+    return Checkpoint(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta)
 
 

@@ -22,7 +22,7 @@ retry hint (seconds) on `.retry_after_s`.
 
 A download never takes more than it was promised or than the device allows: a package larger than
 `max_package_bytes` (or than the free disk space) is refused before a byte is written, unpacking
-writes each file no larger than the manifest declares (device/archive.py), and a complete archive
+writes each file no larger than the manifest declares (common/package.py), and a complete archive
 that fails to unpack is discarded, so the next attempt fetches it again instead of failing on the
 same bytes for ever.
 """
@@ -55,10 +55,9 @@ from paramcast.common.errors import (
     Unauthenticated,
     VersionMismatch,
 )
+from paramcast.common.files import check_name, is_plain_name, read_regular, remove, sweep_temporaries
+from paramcast.common.package import MAX_ARCHIVE_BYTES, DevicePackage, unpack_package
 from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, check_bundle_for, encoding_to_proto
-from paramcast.device.archive import MAX_ARCHIVE_BYTES, unpack_package
-from paramcast.device.files import check_name, is_plain_name, read_regular, remove, sweep_temporaries
-from paramcast.device.package import DevicePackage
 from paramcast.device.store import write_atomic
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from paramcast.common.bundle import DeltaBundle
 from paramcast.common.errors import IntegrityError, VersionMismatch
+from paramcast.common.files import check_name, move_aside, read_regular, remove, sweep_temporaries, temporary_path
 from paramcast.common.serde import check_bundle_for, decode_bundle
-from paramcast.device.files import check_name, move_aside, read_regular, remove, sweep_temporaries, temporary_path
 
 log = logging.getLogger("paramcast.device")
 

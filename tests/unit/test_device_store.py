@@ -13,18 +13,18 @@ import time
 from pathlib import Path
 
 import pytest
-from device_fixtures import random_bundle, tiny_bundle
+from device_fixtures import random_bundle, tiny_checkpoint
 
 from paramcast.common.errors import DeviceMismatch, IntegrityError, InvalidInput, VersionMismatch
+from paramcast.common.files import read_regular, sweep_temporaries
 from paramcast.common.serde import decode_bundle, encode_bundle
-from paramcast.device.files import read_regular, sweep_temporaries
 from paramcast.device.store import MAX_BUNDLE_BYTES, BundleStore, ExpiredBundle, write_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def store_for(root: Path, device_id: str | None = None) -> BundleStore:
-    b = tiny_bundle()
+    b = tiny_checkpoint()
     return BundleStore(root, b.model_id, b.base_version, device_id=device_id)
 
 
@@ -114,7 +114,7 @@ def test_a_failed_replace_leaves_the_old_bundle(tmp_path, monkeypatch):
 
 def test_killing_a_writer_at_random_moments_never_leaves_a_torn_file(tmp_path):
     """A process saving bundles in a loop is SIGKILLed over and over; what is on disk always verifies."""
-    b = tiny_bundle()
+    b = tiny_checkpoint()
     bundles = tmp_path / "bundles"
     for i in range(4):
         (tmp_path / f"b{i}.bin").write_bytes(encode_bundle(random_bundle(seed=i), "fp32"))
@@ -215,7 +215,7 @@ def _dead_pid() -> int:
 
 
 def test_temporaries_of_dead_writers_are_swept_when_a_store_opens(tmp_path):
-    name = f"{tiny_bundle().model_id}.bundle"
+    name = f"{tiny_checkpoint().model_id}.bundle"
     dead = tmp_path / f"{name}.{_dead_pid()}.tmp"  # the naming of a writer killed before its rename
     dead.write_bytes(b"half a bundle")
     unpacking = tmp_path / f".pkg.{_dead_pid()}.k3j_x.tmp"  # a package unpack interrupted
@@ -237,5 +237,5 @@ def test_temporaries_of_dead_writers_are_swept_when_a_store_opens(tmp_path):
 def test_a_model_id_that_is_not_a_plain_name_cannot_place_files(tmp_path, model_id):
     root = tmp_path / "state" / "bundles"
     with pytest.raises(InvalidInput, match="model_id"):
-        BundleStore(root, model_id, tiny_bundle().base_version)
+        BundleStore(root, model_id, tiny_checkpoint().base_version)
     assert not any(tmp_path.rglob("*.bundle"))

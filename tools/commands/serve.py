@@ -21,7 +21,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the ParamCast gRPC service", description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, metavar="DIR",
-                   help="model bundle directory (repeat to serve several versions; the last of a model id is "
+                   help="checkpoint directory (repeat to serve several versions; the last of a model id is "
                         "the latest). DIR/package is used as its device package when it matches")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to bind; 0 = any free port (default)")
@@ -93,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
     download_rates = RateLimiter(args.download_rate, download_burst, unit="bytes")
     tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     metrics_token = _read_token(args.metrics_token) if args.metrics_token else None
-    device = resolve_device(args.device)
-    registry = load_models(args.model, device)
+    torch_device = resolve_device(args.device)
+    registry = load_models(args.model, torch_device)
 
     async def main() -> None:
         server, port = await start_server(registry, args.host, args.port, limits=limits, auth=auth, rates=rates,
                                           tls=tls, metrics_port=args.metrics_port, gzip=args.gzip,
-                                          max_request_bytes=args.max_request_bytes, device=device,
+                                          max_request_bytes=args.max_request_bytes, torch_device=torch_device,
                                           download_rates=download_rates, metrics_host=args.metrics_host,
                                           metrics_token=metrics_token, reflection_enabled=not args.no_reflection,
                                           insecure=args.insecure)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         models = ", ".join(f"{m.model_id} {m.version}" for m in registry.models())
         transport = "plaintext" if tls is None else "mutual TLS" if tls.client_ca else "TLS"
-        log.info("serving %s; generator on %s; %s; %s", models, device, transport,
+        log.info("serving %s; generator on %s; %s; %s", models, torch_device, transport,
                  f"metrics on port {server.metrics_port}" if server.metrics_port is not None else "no metrics port")
         if server.metrics_port is not None:
             print(f"paramcast serve metrics on {args.metrics_host}:{server.metrics_port}", flush=True)

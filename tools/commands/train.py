@@ -1,4 +1,4 @@
-"""`paramcast train`: the static device model, then the generator (DUET's two stages), into a model bundle."""
+"""`paramcast train`: the static device model, then the generator (DUET's two stages), into a checkpoint."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from paramcast.common.data import FORMATS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train the device model and its generator into a model bundle",
+    p = subparsers.add_parser("train", help="train the device model and its generator into a checkpoint",
                               description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="dataset folder or interaction file")
     p.add_argument("--format", choices=FORMATS, help="skip format detection")
-    p.add_argument("--out", required=True, metavar="DIR", help="model bundle directory to write")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     p.add_argument("--stages", default="static,generator", help="comma list of: static, generator")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from paramcast.cloud.checkpoint import save_bundle
+    from paramcast.cloud.checkpoint import save_checkpoint
     from paramcast.cloud.model import DeviceModelConfig
     from paramcast.cloud.train import TrainConfig, train
     from paramcast.common.data import load_interactions
@@ -83,16 +83,16 @@ def run(args: argparse.Namespace) -> int:
     gen_cfg = {"window": args.window, "rank": args.rank, "width": args.gen_width, "n_layers": args.gen_layers,
                "dropout": args.gen_dropout}
     t0 = time.perf_counter()
-    bundle = train(data, args.out, model_cfg, cfg, gen_cfg, stages)
-    bundle.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    bundle.meta["wall_seconds"] = time.perf_counter() - t0
-    out = save_bundle(bundle, args.out)
-    summary = {"model_id": bundle.model_id, "base_version": bundle.base_version, "out": str(out),
-               "seconds": round(bundle.meta["wall_seconds"], 1), "peak_rss_mib": round(bundle.meta["peak_rss_mib"]),
-               "device_parameters": bundle.device.n_parameters()}
-    if bundle.generator is not None:
-        summary.update(generator_parameters=bundle.generator.n_parameters(),
-                       generated_parameters_per_device=bundle.generator.generated_parameters_per_device(),
-                       generator_flops_per_bundle=bundle.generator.flops_per_bundle())
+    ckpt = train(data, args.out, model_cfg, cfg, gen_cfg, stages)
+    ckpt.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    ckpt.meta["wall_seconds"] = time.perf_counter() - t0
+    out = save_checkpoint(ckpt, args.out)
+    summary = {"model_id": ckpt.model_id, "base_version": ckpt.base_version, "out": str(out),
+               "seconds": round(ckpt.meta["wall_seconds"], 1), "peak_rss_mib": round(ckpt.meta["peak_rss_mib"]),
+               "device_parameters": ckpt.device_model.n_parameters()}
+    if ckpt.generator is not None:
+        summary.update(generator_parameters=ckpt.generator.n_parameters(),
+                       generated_parameters_per_device=ckpt.generator.generated_parameters_per_device(),
+                       generator_flops_per_bundle=ckpt.generator.flops_per_bundle())
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,10 +1,11 @@
-"""The files a device keeps under its state directory, handled so that nothing found there can hang,
-crash or escape the directory.
+"""Files read from and written to a device's disk, handled so that nothing found there can hang,
+crash or escape its directory: the device's state (device/agent.py, device/store.py, the download
+in device/client.py) and the package reader (common/package.py) go through these helpers.
 
-A device's state (device/agent.py) is written only by ParamCast, but what is on disk after a crash,
+A device's state is written only by ParamCast, but what is on disk after a crash,
 a full disk, a botched restore or a hostile local user can be anything: a directory or a FIFO where
 a file belongs, a link, a file far larger than any real one, the temporary of a writer that was
-killed. Every read and write of device state goes through these helpers:
+killed. The helpers:
 
 - `check_name` / `is_plain_name`: ids that become file names (model ids, versions) are plain names,
   never paths (`../../x` cannot name a file outside the state directory).
