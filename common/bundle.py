@@ -196,7 +196,8 @@ def dequantize(t: EncodedTensor) -> np.ndarray:
     if len(t.row_scales) != 4 * rows:
         raise InvalidInput("row_scales", f"{len(t.row_scales)} bytes, expected {4 * rows}")
     scales = np.frombuffer(t.row_scales, dtype="<f4").astype(np.float32)  # (rows,)
-    return values.astype(np.float32) * scales.reshape((rows,) + (1,) * (len(t.shape) - 1))
+    with np.errstate(over="ignore"):  # q * scale beyond float32 is inf, which decoders then refuse
+        return values.astype(np.float32) * scales.reshape((rows,) + (1,) * (len(t.shape) - 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ from paramcast.common.errors import IntegrityError, InvalidInput
 from paramcast.common.package import DevicePackage, UnitGroup
 from paramcast.common.serde import check_bundle_for
 
+# Generated factors are of order 1; finite values far beyond that (a hostile or broken sender) would
+# overflow float32 on their way to a score, so apply() refuses them.
+MAX_FACTOR_ABS = 1e4
+
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -238,8 +242,8 @@ class DeviceRuntime:
     def apply(self, bundle: DeltaBundle) -> None:
         """Activate a DeltaBundle: its factors as the adapter inputs, its masks (if any) as the
         slimming. Raises VersionMismatch for another model or base version and InvalidInput for
-        unknown slots or groups, wrong shapes, ranks above the package's maximum or non-finite
-        values; on error the active state is unchanged."""
+        unknown slots or groups, wrong shapes, ranks above the package's maximum, non-finite
+        values or values beyond MAX_FACTOR_ABS; on error the active state is unchanged."""
         check_bundle_for(bundle, self.package.model_id, self.package.base_version)
         feeds = self._factor_feeds(bundle.factors)
         keep = self._keep_from_masks(bundle.masks, "masks") if bundle.masks else self._keep
@@ -279,6 +283,10 @@ class DeviceRuntime:
                 raise InvalidInput(where, f"rank {a.shape[1]} exceeds the package's maximum {slot.max_rank}")
             if not (np.isfinite(a).all() and np.isfinite(b).all()):
                 raise InvalidInput(where, "contains NaN or infinite values")
+            largest = max(float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)))
+            if largest > MAX_FACTOR_ABS:
+                raise InvalidInput(where, f"a factor value of magnitude {largest:.3g} exceeds {MAX_FACTOR_ABS:g}; "
+                                          "scores computed with it could overflow")
             feeds[slot.a_input] = a[None]  # (1, d_in, r): broadcast over the batch
             feeds[slot.b_input] = b[None]  # (1, r, d_out)
         return feeds

@@ -149,6 +149,8 @@ def _bad_bundles():
         pytest.param({"head.up": (up_b.T, up_a.T)}, {}, "factors['head.up']", id="transposed"),
         pytest.param({"head.up": full_rank}, {}, "factors['head.up']", id="rank-above-max"),
         pytest.param({"head.up": (nan, up_b)}, {}, "factors['head.up']", id="nan"),
+        # finite, but large enough to overflow float32 on the way to a score (a fuzzed bundle found it)
+        pytest.param({"head.up": (up_a * 1e30, up_b)}, {}, "factors['head.up']", id="overflowing"),
         pytest.param({}, {"tail": np.ones(4, bool)}, "masks['tail']", id="unknown-group"),
         pytest.param({}, {"head": np.ones(TINY.head_units + 1, bool)}, "masks['head']", id="mask-length"),
     ]
