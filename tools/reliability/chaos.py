@@ -89,6 +89,7 @@ class ChaosReport:
             "refresh_outcomes": dict(sorted(self.refreshes.items())),
             "calls_failed_after_retries": self.calls_failed_after_retries,
             "calls_failed_while_server_up": self.calls_failed_while_server_up,
+            "reconnect_grace_s": RECONNECT_GRACE_S,
             "bundles_lost": self.bundles_lost,
             "stray_temporaries": len(self.stray_temporaries),
             "temporaries_swept": self.temporaries_swept,
@@ -349,7 +350,7 @@ def run_chaos(config: ChaosConfig) -> ChaosReport:
         log(f"server killed mid-download and restarted (pid {server.pid})")
 
         # Device 0 killed itself mid-download: start it again, it must resume.
-        if devices[0].wait_for(lambda e: e.get("dying"), 90):
+        if devices[0].wait_for(lambda e: bool(e.get("dying")), 90):
             devices[0].proc.wait(timeout=30)  # type: ignore[union-attr]
             report.faults_injected["device_killed_mid_download"] += 1
             devices[0].start()
@@ -397,8 +398,10 @@ def run_chaos(config: ChaosConfig) -> ChaosReport:
         for device in devices:
             if device.died():
                 _restart_after_own_death(device, report)
-            if not device.wait_for(lambda e, t=last_restart: e["event"] == "refresh" and e["outcome"] == "applied"
-                                   and e["t"] > t + RECONNECT_GRACE_S, 60):
+            def applied_since_restart(e: dict) -> bool:
+                return e["event"] == "refresh" and e["outcome"] == "applied" and e["t"] > last_restart
+
+            if not device.wait_for(applied_since_restart, 60):
                 report.problems.append(f"{device.device_id} applied no bundle after the last restart")
     finally:
         for device in devices:
