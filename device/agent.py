@@ -35,12 +35,19 @@ from pathlib import Path
 
 import numpy as np
 
-from paramcast.common.bundle import DeltaBundle
-from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, ParamCastError, VersionMismatch
+from paramcast.common.bundle import DeltaBundle, check_bundle_for
+from paramcast.common.errors import (
+    CloudUnavailable,
+    IntegrityError,
+    InvalidInput,
+    ModelNotFound,
+    ParamCastError,
+    VersionMismatch,
+)
 from paramcast.common.files import read_regular, sweep_temporaries
 from paramcast.common.package import DevicePackage
-from paramcast.common.serde import check_bundle_for
-from paramcast.device.client import AsyncParamClient, CloudUnavailable, Fetched, ParamClient, package_dir
+from paramcast.common.serde import decode_bundle
+from paramcast.device.client import AsyncParamClient, Fetched, ParamClient, package_dir
 from paramcast.device.runtime import DeviceRuntime
 from paramcast.device.store import BundleStore, write_atomic
 
@@ -117,7 +124,8 @@ class DeviceAgent:
         if package.model_id != self.model_id:
             raise IntegrityError(f"package {package.path} is for model {package.model_id}, not {self.model_id}")
         runtime = DeviceRuntime(package, threads=self.threads)
-        store = BundleStore(self.root / "bundles", package.model_id, package.base_version, device_id=self.device_id)
+        store = BundleStore(self.root / "bundles", package.model_id, package.base_version, decode_bundle,
+                            device_id=self.device_id)
         bundle = store.load()  # refuses (and says why) a bundle for another base version or device
         if bundle is not None:
             try:
@@ -211,7 +219,7 @@ class DeviceAgent:
         elif isinstance(exc, VersionMismatch):
             # From the server (FAILED_PRECONDITION: base no longer served) or from the local check
             # (the answer names another model or base version than asked for).
-            outcome = STALE_BASE if hasattr(exc, "code") else REJECTED
+            outcome = STALE_BASE if exc.code is not None else REJECTED
         else:
             outcome = REFUSED
         log.log(logging.INFO if outcome == UNREACHABLE else logging.WARNING, "device %s refresh %s: %s",

@@ -16,9 +16,11 @@ the channel's service config (`service_config()`), so every gRPC stack that read
 behaves alike. A download that breaks mid-stream resumes from the bytes already verified and
 written, with its own backoff; one the server throttles (RESOURCE_EXHAUSTED with `retry-after-ms`:
 the device's download byte rate) waits as long as the server says and resumes, within the
-download's overall deadline. Errors reach the caller as ParamCast's typed errors (`common.errors`)
-plus `CloudUnavailable` for "try again later"; the gRPC status code is on `.code`, and a server's
-retry hint (seconds) on `.retry_after_s`.
+download's overall deadline. Errors reach the caller as ParamCast's typed errors (`common.errors`,
+through the status table in `common/status.py`), `CloudUnavailable` meaning "try again later"; the
+gRPC status code is on `.code`. A device the server rate-limited gets `DeviceRateLimited` with the
+server's `retry-after-ms` hint as `retry_after_s`, and until that time has passed the client
+refuses the device's Generate calls itself, without sending them.
 
 A download never takes more than it was promised or than the device allows: a package larger than
 `max_package_bytes` (or than the free disk space) is refused before a byte is written, unpacking
@@ -44,20 +46,21 @@ from pathlib import Path
 
 import grpc
 
-from paramcast.common.bundle import ENCODINGS, DeltaBundle
+from paramcast.common.bundle import ENCODINGS, DeltaBundle, check_bundle_for
 from paramcast.common.errors import (
+    CloudUnavailable,
+    DeviceRateLimited,
     IntegrityError,
     InvalidInput,
     ModelNotFound,
+    PackageTooLarge,
     ParamCastError,
-    PermissionDenied,
     RateLimited,
-    Unauthenticated,
-    VersionMismatch,
 )
 from paramcast.common.files import check_name, is_plain_name, read_regular, remove, sweep_temporaries
 from paramcast.common.package import MAX_ARCHIVE_BYTES, DevicePackage, unpack_package
-from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, check_bundle_for, encoding_to_proto
+from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, encoding_to_proto
+from paramcast.common.status import error_from_status
 from paramcast.device.store import write_atomic
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
@@ -67,56 +70,13 @@ log = logging.getLogger("paramcast.device")
 Progress = Callable[[int, int], None]  # (bytes held, total bytes)
 
 
-class CloudUnavailable(ParamCastError):
-    """The cloud could not be reached or did not answer in time; try again later."""
-
-
-class RemoteError(ParamCastError):
-    """The server answered with a status ParamCast does not map to a more specific error."""
-
-
-class PackageTooLarge(ParamCastError):
-    """The server offers a package larger than this device accepts (or has room for)."""
-
-
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-_ERRORS: dict[grpc.StatusCode, Callable[[str], ParamCastError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: lambda m: InvalidInput("request", m),
-    grpc.StatusCode.OUT_OF_RANGE: lambda m: InvalidInput("offset", m),
-    grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: VersionMismatch,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
-}
-
-
 def cloud_error(exc: grpc.RpcError) -> ParamCastError:
-    """The typed error for a failed call; `.code` keeps the gRPC status code and `.retry_after_s`
-    the server's `retry-after-ms` hint in seconds (None without one)."""
+    """The typed error for a failed call (`common/status.py`'s table); `.code` keeps the status
+    code, and a rate-limited device's error carries the server's `retry-after-ms` as `retry_after_s`."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if hasattr(exc, "details") else None) or code.name
-    if code in _TRANSIENT:
-        err: ParamCastError = CloudUnavailable(f"{code.name}: {details}")
-    else:
-        err = _ERRORS.get(code, lambda m: RemoteError(f"{code.name}: {m}"))(details)
-    err.code = code  # type: ignore[attr-defined]
-    err.retry_after_s = _retry_after_s(exc)  # type: ignore[attr-defined]
-    return err
-
-
-def _retry_after_s(exc: grpc.RpcError) -> float | None:
-    try:
-        trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    except Exception:  # a call object without metadata yet
-        return None
-    for key, value in trailing or ():
-        if key == "retry-after-ms":
-            try:
-                return max(0.0, float(value)) / 1000
-            except (TypeError, ValueError):
-                return None
-    return None
+    details = exc.details() if hasattr(exc, "details") else None
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return error_from_status(code, details, trailers or ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,9 +341,8 @@ def _next_attempt(err: ParamCastError, failures: int, max_resumes: int, deadline
     A throttled stream (RESOURCE_EXHAUSTED with a retry hint) waits as long as the server said and
     is not a failure; a broken one backs off, at most `max_resumes` times; neither waits past the
     download's `deadline` (a time.monotonic() value)."""
-    hint = getattr(err, "retry_after_s", None)
-    if isinstance(err, RateLimited) and hint is not None:
-        delay = hint
+    if isinstance(err, DeviceRateLimited):
+        delay = err.retry_after_s
     elif _can_resume(err) and failures < max_resumes:
         delay, failures = _backoff(failures), failures + 1
     else:
@@ -415,6 +374,21 @@ class _Base:
         self._options = channel_options(retry, reconnect_backoff_s)
         self._credentials = _credentials(tls, root_certificates, client_certificate, client_key)
         self._compression = grpc.Compression.Gzip if gzip else None
+        self._not_before: dict[str, float] = {}  # device id -> time.monotonic() the server said to wait for
+
+    def _admit(self, device_id: str) -> None:
+        """Refuse a call locally while the server's retry-after hint for this device still runs."""
+        wait = self._not_before.get(device_id, 0.0) - time.monotonic()
+        if wait > 0:
+            raise DeviceRateLimited(f"device {device_id!r} was rate-limited; the server asked it to wait "
+                                    f"{wait * 1000:.0f} ms more", retry_after_s=wait)
+        self._not_before.pop(device_id, None)
+
+    def _refused(self, device_id: str, exc: grpc.RpcError) -> ParamCastError:
+        err = cloud_error(exc)
+        if isinstance(err, DeviceRateLimited):
+            self._not_before[device_id] = time.monotonic() + err.retry_after_s
+        return err
 
 
 class ParamClient(_Base):
@@ -434,12 +408,13 @@ class ParamClient(_Base):
         """A verified bundle for (model_id, base_version) from this behaviour window."""
         request = _generate_request(window, model_id, base_version, device_id or self.device_id, encoding,
                                     keep_ratio)
+        self._admit(request.device_id)
         started = time.perf_counter()
         try:
             response = self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
                                           metadata=_metadata(token or self.token))
         except grpc.RpcError as exc:
-            raise cloud_error(exc) from None
+            raise self._refused(request.device_id, exc) from None
         return _fetched(response, request, started)
 
     def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
@@ -507,12 +482,13 @@ class AsyncParamClient(_Base):
                        timeout_s: float | None = None) -> Fetched:
         request = _generate_request(window, model_id, base_version, device_id or self.device_id, encoding,
                                     keep_ratio)
+        self._admit(request.device_id)
         started = time.perf_counter()
         try:
             response = await self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
                                                 metadata=_metadata(token or self.token))
         except grpc.RpcError as exc:
-            raise cloud_error(exc) from None
+            raise self._refused(request.device_id, exc) from None
         return _fetched(response, request, started)
 
     async def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,

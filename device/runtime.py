@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from paramcast.common.bundle import DeltaBundle
+from paramcast.common.bundle import DeltaBundle, check_bundle_for
 from paramcast.common.errors import IntegrityError, InvalidInput
 from paramcast.common.package import DevicePackage, UnitGroup
-from paramcast.common.serde import check_bundle_for
 
 # Generated factors are of order 1; finite values far beyond that (a hostile or broken sender) would
 # overflow float32 on their way to a score, so apply() refuses them.

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def store_for(root: Path, device_id: str | None = None) -> BundleStore:
     b = tiny_checkpoint()
-    return BundleStore(root, b.model_id, b.base_version, device_id=device_id)
+    return BundleStore(root, b.model_id, b.base_version, decode_bundle, device_id=device_id)
 
 
 def bundle_for(device_id: str, seed: int = 1) -> bytes:
@@ -120,8 +120,9 @@ def test_killing_a_writer_at_random_moments_never_leaves_a_torn_file(tmp_path):
         (tmp_path / f"b{i}.bin").write_bytes(encode_bundle(random_bundle(seed=i), "fp32"))
     script = textwrap.dedent(f"""
         import itertools, sys
+        from paramcast.common.serde import decode_bundle
         from paramcast.device.store import BundleStore
-        store = BundleStore({str(bundles)!r}, {b.model_id!r}, {b.base_version!r})
+        store = BundleStore({str(bundles)!r}, {b.model_id!r}, {b.base_version!r}, decode_bundle)
         blobs = [open({str(tmp_path)!r} + f"/b{{i}}.bin", "rb").read() for i in range(4)]
         print("ready", flush=True)
         for blob in itertools.cycle(blobs):
@@ -138,7 +139,7 @@ def test_killing_a_writer_at_random_moments_never_leaves_a_torn_file(tmp_path):
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
-        store = BundleStore(bundles, b.model_id, b.base_version)
+        store = BundleStore(bundles, b.model_id, b.base_version, decode_bundle)
         loaded = store.load()
         assert loaded is not None, store.rejected
         assert loaded.bundle_id in valid_ids
@@ -237,5 +238,5 @@ def test_temporaries_of_dead_writers_are_swept_when_a_store_opens(tmp_path):
 def test_a_model_id_that_is_not_a_plain_name_cannot_place_files(tmp_path, model_id):
     root = tmp_path / "state" / "bundles"
     with pytest.raises(InvalidInput, match="model_id"):
-        BundleStore(root, model_id, tiny_checkpoint().base_version)
+        BundleStore(root, model_id, tiny_checkpoint().base_version, decode_bundle)
     assert not any(tmp_path.rglob("*.bundle"))

@@ -259,7 +259,7 @@ def fuzz_bundles(package: DevicePackage, n_mutants: int, seed: int = 0, device_i
         t0 = time.perf_counter()
         stage = "decode+verify"
         try:
-            bundle = verify_bundle(mutant, package.model_id, package.base_version, device_id=device_id)
+            bundle = verify_bundle(mutant, package.model_id, package.base_version, decode_bundle, device_id=device_id)
             if not resealed and not _same(bundle, original):
                 report.accepted_corrupt.append(f"mutant {i} ({recipe}) decoded to a different bundle")
             stage = "apply"
