@@ -37,11 +37,20 @@ def bundle_for(device_id: str, seed: int = 1) -> bytes:
 def finishes(fn, timeout_s: float = 5.0):
     """fn()'s result, failing the test (instead of hanging it) when fn blocks longer than timeout_s."""
     out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("value", fn()), daemon=True)
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(timeout_s)
     assert not thread.is_alive(), f"blocked for more than {timeout_s} s"
-    return out.get("value")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def test_save_then_load_round_trips(tmp_path):
