@@ -146,6 +146,12 @@ class Device:
         if self.proc is not None:
             self.proc.wait(timeout=30)
 
+    def dump_stacks(self) -> None:
+        """Have the process write its threads' stacks to its log (device_worker registers SIGUSR1)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+
     def died(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
 
@@ -356,7 +362,9 @@ def run_chaos(config: ChaosConfig) -> ChaosReport:
             devices[0].start()
         for device in devices:
             if not device.wait_for(lambda e: e["event"] == "opened", 120):
-                report.problems.append(f"{device.device_id} never finished starting")
+                device.dump_stacks()
+                report.problems.append(f"{device.device_id} never finished starting (its log: "
+                                       f"{device.journal.with_suffix('.log')})")
 
         # Refreshing, with devices killed at random moments and the server killed again.
         phases = max(config.device_kills, config.server_restarts - 1)

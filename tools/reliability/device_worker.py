@@ -4,8 +4,10 @@ bundles in a loop, writing what happens to a journal the controller reads. Impor
     python -m paramcast.reliability.device_worker --root DIR --target HOST:PORT --model-id M \
         --device-id dev-0 --token T --journal FILE [--die-at-byte N] [--die-at-save K]
 
-Journal: one JSON object per line, flushed as it is written (a SIGKILL loses nothing the process
-wrote before it): `start`, `download` (first and last offset seen), `opened` (what the agent
+The device's own log (the client's retries and resumes, the store's refusals) goes to the
+journal's path with `.log` in place of `.jsonl`; SIGUSR1 writes every thread's stack there (for a
+device that seems stuck). Journal: one JSON object per line, flushed as it is written (a SIGKILL
+loses nothing the process wrote before it): `start`, `download` (first and last offset seen), `opened` (what the agent
 serves after start-up, what its store refused, temporaries found before start-up), `refresh`
 (outcome and bundle id), `open_failed`. Every line carries `t` (time.time()) and `life` (how many
 times this device has started).
@@ -19,7 +21,9 @@ Faults the process injects into itself, so that they land exactly where they mat
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import logging
 import os
 import signal
 import sys
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     from paramcast.device.client import ParamClient, RetryPolicy
 
     journal = Journal(args.journal, args.life)
+    log_file = open(args.journal.with_suffix(".log"), "a", buffering=1)
+    logging.basicConfig(stream=log_file, level=logging.INFO,
+                        format=f"%(asctime)s life {args.life} %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, file=log_file, all_threads=True)
     journal.write("start", pid=os.getpid())
     if args.die_at_save is not None:
         _install_write_fault(args.die_at_save)
