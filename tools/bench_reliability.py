@@ -52,13 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuzz-mutants", type=int, default=100_000)
     p.add_argument("--fuzz-seconds", type=float, default=120.0, help="stop the fuzz early after this long")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, help="keep the run's state here: every device's directory, journal and "
+                                                 "log (default: a temporary directory, removed)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "reliability.json")
     args = p.parse_args(argv)
 
     started = time.perf_counter()
     command = "OMP_NUM_THREADS=1 python tools/bench_reliability.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
     with tempfile.TemporaryDirectory(prefix="paramcast-reliability-") as tmp:
-        workdir = Path(tmp)
+        workdir = args.workdir or Path(tmp)
         model = args.model or quick_model(workdir, args.data)
         package = DevicePackage.load(model / "package")
         print(f"model {package.model_id} {package.base_version}", flush=True)
