@@ -31,21 +31,25 @@ the policy's primary parameter, e.g. `every-k:10`, `random-p:0.1`, `drift:rate=0
                 knows into a Gaussian over the change a fresh bundle would make to the user state;
                 `samples` draws from it re-score the candidates, and the gate is the expected
                 disagreement (total variation between the candidate distributions) with the
-                current scores. The mapper is fitted on validation devices (`fit_gaussian_mapper`).
+                current scores (`device/ideal.py`; the mapper is fitted offline on validation
+                devices, `paramcast.simulation.calibration`).
 
 Every gate takes `threshold=T` (request when its score exceeds T) or `rate=R` (the threshold is
 calibrated on validation devices so the fleet requests on R of its steps; a bare value means
 `rate`), and optionally `pace=X`: each device earns X * R requests per step (banking at most
 `burst`, default 1) and the gate picks when to spend them. Every policy takes `min_interval=M`:
 at least M steps between two requests of a device.
+
+Where the pieces live: this module holds what a device runs at every step (the baselines and the
+gates); `device/ideal.py` the IDEAL gate and its mapper; `device/policy_spec.py` the `NAME[:params]`
+specs and building a policy from one; `paramcast.simulation.calibration` the offline fitting of
+the mapper and of gate thresholds on validation devices.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -423,15 +427,6 @@ class WindowGate(Gate):
         return {**super().describe(), "size": self.size}
 
 
-def observed_loss(scores: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    """(n,) ranking loss of the observed column: 1 - NDCG of its rank among the candidates (0 when
-    ranked first, towards 1 when ranked last; ties count against it). NaN where observed is -1."""
-    took = scores[np.arange(len(observed)), observed]  # (n,); -1 picks a real column, masked below
-    rank = (scores >= took[:, None]).sum(axis=1) - 1  # candidates scored at least as high, itself excluded
-    loss = 1.0 - 1.0 / np.log2(rank + 2.0)
-    return np.where(observed >= 0, loss, np.nan)
-
-
 class LossGate(Gate):
     """Running mean of the device model's loss on what its users took, since the held bundle arrived.
 
@@ -492,316 +487,3 @@ class LossGate(Gate):
 
     def describe(self) -> dict:
         return {**super().describe(), "decay": self.decay}
-
-
-# ---------------------------------------------------------------------------------------------
-# The IDEAL-style gate
-# ---------------------------------------------------------------------------------------------
-
-
-def mapper_features(behaviour: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """What the distribution mapper reads: mean features x (n, 2d + 1) and variance features z (n, 2).
-
-    Mean: the behaviour change since the held bundle, the behaviour itself, a constant. Variance:
-    the log squared size of that change, a constant.
-    """
-    diff = behaviour - ref  # (n, d)
-    ones = np.ones((len(behaviour), 1), dtype=np.float32)
-    x = np.concatenate([diff, behaviour, ones], axis=1)  # (n, 2d + 1)
-    z = np.stack([np.log((diff * diff).sum(1) + _EPS), np.ones(len(behaviour))], axis=1)  # (n, 2)
-    return x.astype(np.float32), z.astype(np.float32)
-
-
-_EPS = 1e-6  # keeps log |change|^2 finite right after a bundle (change = 0)
-# E[log chi^2_1]: the mean of log(r^2) for r ~ N(0, 1); fitting log-variance to log squared
-# residuals is biased down by this much.
-_LOG_CHI2_MEAN = -1.2703628454614782
-
-
-@dataclass
-class GaussianMapper:
-    """Behaviour -> N(mean, diag(exp(log_var))) over the change a fresh bundle makes to the user state.
-
-    mean = x @ w_mean, log_var = z @ w_log_var with x, z from `mapper_features`.
-    """
-
-    w_mean: np.ndarray  # (2d + 1, d)
-    w_log_var: np.ndarray  # (2, d)
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def hidden(self) -> int:
-        return self.w_mean.shape[1]
-
-    def __call__(self, x: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return x @ self.w_mean, z @ self.w_log_var  # (n, d) each
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        np.savez(path, w_mean=self.w_mean, w_log_var=self.w_log_var)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> GaussianMapper:
-        with np.load(path) as f:
-            return cls(f["w_mean"].astype(np.float32), f["w_log_var"].astype(np.float32))
-
-
-def fit_gaussian_mapper(behaviour: np.ndarray, ref: np.ndarray, delta: np.ndarray,
-                        ridge: float = 1.0) -> GaussianMapper:
-    """Fit the mapper on examples from validation devices, in closed form.
-
-    behaviour, ref (n, d): behaviour now and at the held bundle; delta (n, d): how much a bundle
-    generated now would change the user state (fresh - held). The mean is a ridge regression;
-    the log-variance regresses log squared residuals on the variance features (heteroscedastic
-    least squares), corrected for the log-chi-square bias.
-    """
-    x, z = mapper_features(behaviour, ref)
-    x64, z64, y = x.astype(np.float64), z.astype(np.float64), delta.astype(np.float64)
-    gram = x64.T @ x64 + ridge * np.eye(x64.shape[1])
-    w_mean = np.linalg.solve(gram, x64.T @ y)  # (2d + 1, d)
-    resid = y - x64 @ w_mean
-    target = np.log(resid * resid + 1e-10) - _LOG_CHI2_MEAN  # (n, d)
-    w_log_var = np.linalg.lstsq(z64, target, rcond=None)[0]  # (2, d)
-    explained = 1.0 - float((resid**2).sum() / max(((y - y.mean(0)) ** 2).sum(), 1e-12))
-    return GaussianMapper(w_mean.astype(np.float32), w_log_var.astype(np.float32),
-                          {"examples": len(y), "r2_mean": explained, "ridge": ridge})
-
-
-class IdealGate(Gate):
-    """Expected disagreement between the current scores and scores under sampled fresh user states.
-
-    The mapper turns (behaviour now, behaviour at the held bundle) into a Gaussian over the change
-    a fresh bundle would make to the user state; `samples` draws re-score the last candidates
-    (user state + change, dotted with their embeddings), and the score is the mean total
-    variation distance between the softmax over candidates now and under each draw: the share of
-    the recommendation mass that would move if the device asked now. Needs the item embedding
-    table the scores are dot products with (`item_embeddings(package)` reads it from a package).
-
-    For speed the mapper is applied in a factored form: with x = [b - ref, b, 1],
-    mean = b @ (W_diff + W_b) - (ref @ W_diff - w_1), where the bracket is fixed while a bundle is
-    held and computed when it arrives; and with z = [log(|b - ref|^2 + eps), 1],
-    sd = exp(log_var / 2) = exp(w_1 / 2) * (|b - ref|^2 + eps) ** (w_0 / 2).
-    """
-
-    name = "ideal"
-    params = {**Gate.params, "samples": int}
-
-    def __init__(self, mapper: GaussianMapper, item_emb: np.ndarray, threshold: float | None = None,
-                 rate: float | None = None, min_interval: int = 1, pace: float = 0.0, burst: float = 1.0,
-                 samples: int = 8):
-        super().__init__(threshold, rate, min_interval, pace, burst)
-        if samples < 1:
-            raise InvalidInput("samples", f"must be >= 1, got {samples}")
-        d = item_emb.shape[1]
-        if mapper.w_mean.shape != (2 * d + 1, d) or mapper.w_log_var.shape != (2, d):
-            raise InvalidInput("mapper", f"expects hidden size {mapper.hidden}, items have {d}")
-        self.mapper, self.samples = mapper, samples
-        self.item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)  # (n_items + 1, d)
-        w = mapper.w_mean.astype(np.float32)
-        self.w_diff, self.w_b = w[:d], w[:d] + w[d:2 * d]  # (d, d) each
-        self.w_const = w[2 * d]  # (d,)
-        self.sd_exp = (0.5 * mapper.w_log_var[0]).astype(np.float32)  # (d,)
-        self.sd_scale = np.exp(0.5 * mapper.w_log_var[1]).astype(np.float32)  # (d,)
-        self.ref = np.zeros((0, d), np.float32)  # (N, d) behaviour at the held bundle
-        self.ref_term = np.zeros((0, d), np.float32)  # (N, d) ref @ W_diff - w_1
-        self.draws = np.zeros((0, samples, d), np.float32)  # (N, S, d) standard normals
-
-    def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None,
-              seen: np.ndarray | None = None) -> None:
-        super().start(n_devices, seed, behaviour, seen)
-        d = self.item_emb.shape[1]
-        self.ref = np.zeros((n_devices, d), np.float32)
-        self.ref_term = np.zeros((n_devices, d), np.float32)
-        self.draws = self.rng.standard_normal((n_devices, self.samples, d), dtype=np.float32)
-        if behaviour is not None:
-            self._set_ref(np.arange(n_devices), behaviour)
-
-    def _set_ref(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
-        ref = np.asarray(behaviour, dtype=np.float32)
-        self.ref[devices] = ref
-        self.ref_term[devices] = ref @ self.w_diff - self.w_const
-
-    def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
-        super().applied(devices, behaviour)
-        self._set_ref(devices, behaviour)
-        # Fresh draws per bundle: within one bundle's life the gate compares like with like
-        # (common random numbers), and no normals are drawn on the per-step path.
-        self.draws[devices] = self.rng.standard_normal((len(devices), *self.draws.shape[1:]), dtype=np.float32)
-
-    def score(self, view: StepView, age: np.ndarray) -> np.ndarray:
-        dev, b, s = view.devices, view.behaviour, view.scores
-        diff = b - self.ref[dev]  # (n, d)
-        mean = b @ self.w_b - self.ref_term[dev]  # (n, d)
-        sd = self.sd_scale * (np.einsum("nd,nd->n", diff, diff)[:, None] + _EPS) ** self.sd_exp  # (n, d)
-        change = mean[:, None, :] + sd[:, None, :] * self.draws[dev]  # (n, S, d)
-        emb = self.item_emb.take(view.candidates, axis=0)  # (n, C, d)
-        moved = change @ emb.transpose(0, 2, 1)  # (n, S, C): score change of each candidate per draw
-        p = np.exp(s - s.max(axis=1, keepdims=True))
-        p = (p / p.sum(axis=1, keepdims=True))[:, None, :]  # (n, 1, C) softmax now
-        q = p * np.exp(np.minimum(moved, 60.0))  # softmax(s + moved) up to its sum; the cap keeps float32 finite
-        q /= q.sum(axis=2, keepdims=True)  # (n, S, C)
-        return 0.5 * np.abs(q - p).sum(axis=2).mean(axis=1)  # (n,) mean total variation
-
-    def score_one(self, view: StepView, device: int, age: int) -> float:
-        b, s = view.behaviour[0], view.scores[0]
-        diff = b - self.ref[device]  # (d,)
-        mean = b @ self.w_b - self.ref_term[device]  # (d,)
-        sd = self.sd_scale * (float(diff @ diff) + _EPS) ** self.sd_exp  # (d,)
-        emb = self.item_emb.take(view.candidates[0], axis=0)  # (C, d)
-        moved = (mean + sd * self.draws[device]) @ emb.T  # (S, C)
-        p = np.exp(s - s.max())
-        p /= p.sum()  # (C,)
-        q = p * np.exp(np.minimum(moved, 60.0))
-        q /= q.sum(axis=1, keepdims=True)  # (S, C)
-        return 0.5 * float(np.abs(q - p).sum()) / self.samples
-
-    def describe(self) -> dict:
-        return {**super().describe(), "samples": self.samples, "mapper": self.mapper.meta}
-
-
-def item_embeddings(package) -> np.ndarray:
-    """The (n_items + 1, d) item embedding table of a device package's graph (what scores dot with)."""
-    import onnx  # the device extra ships onnx for slimming; only the ideal gate needs it here
-    from onnx import numpy_helper
-
-    proto = onnx.load_from_string(package.model_bytes)
-    want = (package.n_items + 1, package.hidden)
-    for t in proto.graph.initializer:
-        if t.name.endswith("item_emb.weight") and tuple(t.dims) == want:
-            return numpy_helper.to_array(t).astype(np.float32)
-    raise InvalidInput("package", f"no item embedding initializer of shape {want} in {package.path}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Specs and calibration
-# ---------------------------------------------------------------------------------------------
-
-POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (Never, Always, EveryK, RandomP, DriftGate, WindowGate, LossGate, IdealGate)
-}
-GATES = tuple(name for name, cls in POLICIES.items() if issubclass(cls, Gate))
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """A parsed `NAME[:params]`: the policy's name and typed parameters."""
-
-    name: str
-    params: dict
-    text: str
-
-    @property
-    def is_gate(self) -> bool:
-        return self.name in GATES
-
-    @property
-    def rate_free(self) -> bool:
-        """True when the spec fixes nothing that sets its request rate, so a budget applies to it."""
-        if self.name in ("never", "always"):
-            return False
-        return not ({"k", "p", "rate", "threshold"} & set(self.params))
-
-    def at_budget(self, budget: float) -> PolicySpec:
-        """This spec with its rate set to `budget` (k = 1/budget for every-k, p = budget for random-p)."""
-        if not self.rate_free:
-            return self
-        if not 0.0 < budget <= 1.0:
-            raise InvalidInput("budget", f"must be in (0, 1], got {budget}")
-        key, value = {"every-k": ("k", max(1, round(1.0 / budget))), "random-p": ("p", budget)}.get(
-            self.name, ("rate", budget))
-        params = {**self.params, key: value}
-        return PolicySpec(self.name, params, format_spec(self.name, params))
-
-
-def format_spec(name: str, params: dict) -> str:
-    if not params:
-        return name
-    return f"{name}:" + ",".join(f"{k}={_fmt(v)}" for k, v in params.items())
-
-
-def _fmt(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def parse_policy(text: str) -> PolicySpec:
-    """`NAME[:params]` -> PolicySpec; raises InvalidInput naming what is wrong."""
-    name, _, rest = text.strip().partition(":")
-    if name not in POLICIES:
-        raise InvalidInput("policy", f"unknown policy {name!r} in {text!r}; choose one of {', '.join(POLICIES)}")
-    cls = POLICIES[name]
-    params: dict = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq:
-            if cls.primary is None or params:
-                raise InvalidInput("policy", f"{text!r}: {name} takes no bare value; use key=value "
-                                             f"with keys {sorted(cls.params)}")
-            key, value = cls.primary, part
-        key = key.strip()
-        if key not in cls.params:
-            raise InvalidInput("policy", f"{text!r}: {name} has no parameter {key!r}; it takes {sorted(cls.params)}")
-        kind = cls.params[key]
-        try:
-            params[key] = kind(value.strip())
-        except ValueError:
-            raise InvalidInput("policy", f"{text!r}: {key} must be {kind.__name__}, got {value!r}") from None
-    return PolicySpec(name, params, text.strip())
-
-
-def build_policy(spec: PolicySpec, mapper: GaussianMapper | None = None,
-                 item_emb: np.ndarray | None = None, window: int | None = None) -> Policy:
-    """Instantiate a spec. The ideal gate needs the fitted mapper and the item embedding table; the
-    window gate takes the generator's window length as its default `size`."""
-    cls = POLICIES[spec.name]
-    params = dict(spec.params)
-    if spec.name == "window" and "size" not in params and window:
-        params["size"] = window
-    if spec.name == "every-k" and "k" not in params:
-        raise InvalidInput("policy", f"{spec.text!r}: every-k needs k (every-k:10) or a --budget")
-    if spec.name == "random-p" and "p" not in params:
-        raise InvalidInput("policy", f"{spec.text!r}: random-p needs p (random-p:0.1) or a --budget")
-    if spec.name == "ideal":
-        if mapper is None or item_emb is None:
-            raise InvalidInput("policy", "ideal needs a fitted distribution mapper and the item embeddings")
-        return IdealGate(mapper, item_emb, **params)
-    return cls(**params)
-
-
-def calibrate_threshold(rate_at: Callable[[float], float], target: float, scores: np.ndarray,
-                        tolerance: float | None = None, max_iter: int = 30) -> tuple[float, float]:
-    """Threshold at which `rate_at(threshold)` (the request rate a replay reaches) meets `target`.
-
-    `scores` are gate scores seen on the same devices (e.g. in a replay that never requests) and
-    bracket the search; bisection runs over their quantiles, because the rate is monotone in the
-    threshold but gate scores are far from uniformly spread. Returns (threshold, rate reached):
-    the lowest-threshold point whose rate does not exceed the target unless none is within
-    tolerance (default: 3% of the target, at least 0.001), in which case the closest one.
-    """
-    if tolerance is None:
-        tolerance = max(0.001, 0.03 * target)
-    finite = np.sort(scores[np.isfinite(scores)])
-    if len(finite) == 0:
-        raise InvalidInput("scores", "no finite gate scores to calibrate on")
-
-    def at(q: float) -> float:
-        return float(np.quantile(finite, q))
-
-    lo, hi = 0.0, 1.0  # quantile bracket: rate_at(at(lo)) >= target >= rate_at(at(hi)) hopefully
-    best: tuple[float, float] | None = None
-    for _ in range(max_iter):
-        mid = 0.5 * (lo + hi)
-        threshold = at(mid)
-        rate = rate_at(threshold)
-        if best is None or abs(rate - target) < abs(best[1] - target):
-            best = (threshold, rate)
-        if abs(rate - target) <= tolerance:
-            return threshold, rate
-        if rate > target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1.0 / (4 * len(finite)):
-            break
-    assert best is not None
-    return best

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from paramcast.common.bundle import DeltaBundle, check_bundle_for
 from paramcast.common.errors import IntegrityError, VersionMismatch
-from paramcast.common.files import check_name, move_aside, read_regular, remove, sweep_temporaries, temporary_path
+from paramcast.common.files import check_name, move_aside, read_regular, sweep_temporaries, temporary_path
 
 log = logging.getLogger("paramcast.device")
 
@@ -94,9 +94,6 @@ class BundleStore:
         self.rejected = reason
         log.warning("discarding the stored bundle %s: %s", self.path, reason)
         move_aside(self.path)
-
-    def clear(self) -> None:
-        remove(self.path)
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

@@ -35,7 +35,8 @@ from paramcast.common.errors import (
 )
 from paramcast.common.package import DevicePackage, pack_package, unpack_package
 from paramcast.common.status import status_of, trailers_of
-from paramcast.device.client import ParamClient, RetryPolicy, _Download, _next_attempt, cloud_error, service_config
+from paramcast.device.client import ParamClient, RetryPolicy, cloud_error, service_config
+from paramcast.device.download import Download, next_attempt
 from paramcast.v1 import param_service_pb2 as pb
 
 
@@ -107,11 +108,11 @@ def test_a_rate_limited_device_waits_out_the_servers_hint_without_calling(monkey
     client = ParamClient("127.0.0.1:1", device_id="d")
     calls = []
 
-    def refuse(request, **_):
+    async def refuse(request, **_):
         calls.append(request.device_id)
         raise FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", [("retry-after-ms", "60000")])
 
-    monkeypatch.setattr(client.stub, "Generate", refuse)
+    monkeypatch.setattr(client.aio.stub, "Generate", refuse)
     try:
         with pytest.raises(DeviceRateLimited) as first:
             client.generate([1], "m", "v")
@@ -144,7 +145,7 @@ def test_download_writes_only_verified_contiguous_chunks_and_resumes(tmp_path):
     archive = pack_package(tiny_package())
     model_id, version = package_id()
     stream = list(chunks(archive, 8192))
-    first = _Download(tmp_path, model_id, "")
+    first = Download(tmp_path, model_id, "")
     for msg in stream[:3]:
         assert first.accept(msg) is False
 
@@ -159,24 +160,23 @@ def test_download_writes_only_verified_contiguous_chunks_and_resumes(tmp_path):
     with pytest.raises(IntegrityError, match="archive changed"):
         first.accept(other)
 
-    resumed = _Download(tmp_path, model_id, "")  # a later call (or process) picks up the partial file
+    resumed = Download(tmp_path, model_id, "")  # a later call (or process) picks up the partial file
     assert resumed.offset == 3 * 8192
-    request = resumed.request(0)
-    assert (request.version, request.offset) == (version, 3 * 8192)  # pinned to the version it started
+    assert (resumed.version, resumed.offset) == (version, 3 * 8192)  # pinned to the version it started
     for msg in stream[3:]:
         resumed.accept(msg)
     package = resumed.finish()
     assert package.model_bytes == (tiny_package() / "model.onnx").read_bytes()
     assert not resumed.part.exists() and not resumed.meta_file.exists()
     # Asking again for the version now held stops after the first chunk.
-    again = _Download(tmp_path, model_id, "")
+    again = Download(tmp_path, model_id, "")
     assert again.accept(next(chunks(archive, 8192))) is True and again.held.base_version == version
 
 
 def test_a_package_that_is_not_what_the_server_named_is_refused(tmp_path):
     archive = pack_package(tiny_package())
     model_id, _ = package_id()
-    download = _Download(tmp_path, model_id, "")
+    download = Download(tmp_path, model_id, "")
     for msg in chunks(archive, 65536, version="0000000000000000"):
         download.accept(msg)
     with pytest.raises(IntegrityError, match="is tiny"):
@@ -186,7 +186,7 @@ def test_a_package_that_is_not_what_the_server_named_is_refused(tmp_path):
 
 def test_a_corrupt_whole_archive_is_discarded(tmp_path):
     archive = pack_package(tiny_package())
-    download = _Download(tmp_path, package_id()[0], "")
+    download = Download(tmp_path, package_id()[0], "")
     sha = hashlib.sha256(b"something else").digest()
     for msg in chunks(archive, 65536):
         msg.archive_sha256 = sha
@@ -199,28 +199,27 @@ def test_a_corrupt_whole_archive_is_discarded(tmp_path):
 def test_device_side_runs_without_torch(tmp_path):
     """client, store, agent, archive and policies import with torch (and the cloud side) blocked."""
     modules = "paramcast.device.agent, paramcast.device.client, paramcast.device.store, paramcast.common.package, " \
-              "paramcast.device.policy"
+              "paramcast.device.policy, paramcast.device.ideal, paramcast.device.policy_spec"
     proc = run_without_torch(tmp_path, ["-c", f"import json, sys, {modules}; print(json.dumps({LOADED}))"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
-
 
 
 def test_a_throttled_download_waits_as_told_and_a_broken_one_backs_off_within_its_deadline():
     throttled = cloud_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "bytes/s", [("retry-after-ms", "250")]))
     assert isinstance(throttled, DeviceRateLimited) and throttled.retry_after_s == 0.25
     far = time.monotonic() + 60
-    assert _next_attempt(throttled, failures=2, max_resumes=3, deadline=far) == (0.25, 2)  # not a failure
+    assert next_attempt(throttled, failures=2, max_resumes=3, deadline=far) == (0.25, 2)  # not a failure
     broken = cloud_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE))
-    delay, failures = _next_attempt(broken, failures=2, max_resumes=3, deadline=far)
+    delay, failures = next_attempt(broken, failures=2, max_resumes=3, deadline=far)
     assert failures == 3 and 0 <= delay <= 0.8
     with pytest.raises(CloudUnavailable):
-        _next_attempt(broken, failures=3, max_resumes=3, deadline=far)  # out of resumes
+        next_attempt(broken, failures=3, max_resumes=3, deadline=far)  # out of resumes
     with pytest.raises(RateLimited):
-        _next_attempt(throttled, failures=0, max_resumes=3, deadline=time.monotonic() + 0.1)  # past the deadline
+        next_attempt(throttled, failures=0, max_resumes=3, deadline=time.monotonic() + 0.1)  # past the deadline
     refused = cloud_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"))  # no hint: a real refusal
     with pytest.raises(RateLimited):
-        _next_attempt(refused, failures=0, max_resumes=3, deadline=far)
+        next_attempt(refused, failures=0, max_resumes=3, deadline=far)
 
 
 def test_a_package_larger_than_the_device_accepts_is_refused_before_a_byte_is_written(tmp_path):
@@ -228,11 +227,11 @@ def test_a_package_larger_than_the_device_accepts_is_refused_before_a_byte_is_wr
     model_id, _ = package_id()
     first = next(chunks(archive, 8192))
     first.total_size = 5 * 2**40  # a hostile server advertising 5 TiB
-    download = _Download(tmp_path, model_id, "")
+    download = Download(tmp_path, model_id, "")
     with pytest.raises(PackageTooLarge, match="5497558138880-byte package"):
         download.accept(first)
     assert not download.part.exists() and not download.meta_file.exists()
-    small = _Download(tmp_path, model_id, "", max_bytes=len(archive) - 1)  # the device's own, lower limit
+    small = Download(tmp_path, model_id, "", max_bytes=len(archive) - 1)  # the device's own, lower limit
     with pytest.raises(PackageTooLarge, match=f"at most {len(archive) - 1} bytes"):
         small.accept(next(chunks(archive, 8192)))
 
@@ -272,14 +271,14 @@ def test_a_complete_archive_that_fails_to_unpack_is_discarded_so_the_next_call_r
     pkg = tiny_package()
     bad = archive_of([("manifest.json", (pkg / "manifest.json").read_bytes()), ("model.onnx", b"not a model")])
     model_id, _ = package_id()
-    download = _Download(tmp_path, model_id, "")
+    download = Download(tmp_path, model_id, "")
     for msg in chunks(bad, 4096):  # every chunk and the whole-archive sha256 verify: the server sent these bytes
         download.accept(msg)
     assert download.complete
     with pytest.raises(IntegrityError, match="model.onnx"):
         download.finish()
     assert not download.part.exists() and not download.meta_file.exists()
-    assert _Download(tmp_path, model_id, "").offset == 0  # the next attempt starts over
+    assert Download(tmp_path, model_id, "").offset == 0  # the next attempt starts over
 
 
 def test_odd_files_in_the_download_folders_are_recovered_from(tmp_path):
@@ -293,7 +292,7 @@ def test_odd_files_in_the_download_folders_are_recovered_from(tmp_path):
     held.write_bytes(b"a file where the unpacked package belongs")
 
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.setdefault("download", _Download(tmp_path, model_id, "")),
+    thread = threading.Thread(target=lambda: result.setdefault("download", Download(tmp_path, model_id, "")),
                               daemon=True)
     thread.start()
     thread.join(10)

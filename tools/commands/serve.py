@@ -16,6 +16,11 @@ whenever it serves plaintext beyond loopback.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
+
+from paramcast.serve_process import METRICS_LINE, READY_LINE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,10 +70,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-    import signal
-
     import torch
 
     from paramcast.cloud.service.auth import RateLimiter, TokenAuth
@@ -112,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("serving %s; generator on %s; %s; %s", models, torch_device, transport,
                  f"metrics on port {server.metrics_port}" if server.metrics_port is not None else "no metrics port")
         if server.metrics_port is not None:
-            print(f"paramcast serve metrics on {args.metrics_host}:{server.metrics_port}", flush=True)
-        print(f"paramcast serve ready on {args.host}:{port}", flush=True)
+            print(f"{METRICS_LINE}{args.metrics_host}:{server.metrics_port}", flush=True)
+        print(f"{READY_LINE}{args.host}:{port}", flush=True)
         await stop.wait()
         log.info("shutting down: draining in-flight calls for up to %.1f s", args.grace)
         await server.stop(args.grace)

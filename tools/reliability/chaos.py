@@ -42,7 +42,7 @@ import grpc
 from paramcast.common.package import MANIFEST_FILE, DevicePackage
 from paramcast.device.agent import DeviceAgent
 from paramcast.reliability.device_worker import temporaries
-from paramcast.simulation.network import ServeProcess
+from paramcast.serve_process import ServeProcess
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
@@ -102,14 +102,6 @@ class ChaosReport:
             "seconds": round(self.seconds, 1),
             "problems": self.problems,
         }
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of a process (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 class Device:
@@ -179,46 +171,44 @@ class Server:
     """`paramcast serve` that can be killed and restarted on the same port; records when it was down."""
 
     def __init__(self, model_dir: Path, tokens: Path, download_rate: int):
-        self.args = ["--tokens", str(tokens), "--download-rate", str(download_rate), "--download-burst",
-                     str(64 * 1024), "--max-delay-ms", "2"]
-        self.model_dir = model_dir
-        self.port = 0
+        self.args = ["--model", str(model_dir), "--host", "127.0.0.1", "--threads", "1", "--tokens", str(tokens),
+                     "--download-rate", str(download_rate), "--download-burst", str(64 * 1024), "--max-delay-ms", "2"]
+        self.port = 0  # the first start lets the OS pick; restarts take the same port again
         self.down: list[tuple[float, float]] = []  # (killed at, ready again at), time.time()
-        self.proc: ServeProcess | None = None
         self.logs: list[str] = []  # output of the servers that ran before the current one
-        self.start()
+        self.proc = self._start()
 
-    def start(self) -> None:
-        extra = [*self.args, "--port", str(self.port)] if self.port else self.args  # (the last --port wins)
-        self.proc = ServeProcess([self.model_dir], threads=1, extra=extra)
-        self.port = int(self.proc.target.rsplit(":", 1)[1])
+    def _start(self) -> ServeProcess:
+        proc = ServeProcess([*self.args, "--port", str(self.port)])
+        self.port = proc.port
+        return proc
 
     def kill_and_restart(self, pause_s: float = 1.0) -> None:
-        assert self.proc is not None
         killed = time.time()
-        self.proc.proc.kill()
-        self.proc.proc.wait()
+        self.proc.kill()
         time.sleep(pause_s)  # (also lets the output reader reach the end of the killed server's output)
-        self.logs += self.proc.output
-        self.start()
+        self.logs.append(self.proc.output)
+        self.proc = self._start()
         self.down.append((killed, time.time()))
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
         return self.proc.proc.pid
+
+    def rss_kib(self) -> int:
+        return self.proc.rss_bytes() // 1024
 
     def was_down(self, t: float) -> bool:
         return any(start <= t <= end + RECONNECT_GRACE_S for start, end in self.down)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            time.sleep(0.2)
-            self.logs += self.proc.output
+        self.proc.stop()
+        time.sleep(0.2)
+        self.logs.append(self.proc.output)
 
     def errors(self) -> list[str]:
-        return [line for line in self.logs if " ERROR " in line or "Traceback" in line or line.startswith("ERROR")]
+        lines = "\n".join(self.logs).splitlines()
+        return [line for line in lines if " ERROR " in line or "Traceback" in line or line.startswith("ERROR")]
 
 
 def bad_input_load(target: str, model_id: str, base_version: str, token: str, n: int, seed: int = 0) -> Counter:
@@ -392,10 +382,10 @@ def run_chaos(config: ChaosConfig) -> ChaosReport:
         warmup = max(100, config.bad_requests // 5)
         report.bad_input_codes.update(bad_input_load(target, package.model_id, package.base_version,
                                                      tokens["dev-0"], warmup, config.seed))
-        before = rss_kib(server.pid)
+        before = server.rss_kib()
         report.bad_input_codes.update(bad_input_load(target, package.model_id, package.base_version,
                                                      tokens["dev-0"], config.bad_requests, config.seed + 1))
-        after = rss_kib(server.pid)
+        after = server.rss_kib()
         report.rss_kib = {"before": before, "after": after}
         report.rss_growth_bad_input = (after - before) / before
         report.faults_injected["bad_requests"] += warmup + config.bad_requests
