@@ -42,12 +42,12 @@ from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from paramcast.cloud.ray_cluster import free_port
-from paramcast.cloud.service.auth import RateLimiter, TokenAuth
+from paramcast.cloud.service.auth import RateLimiter, TokenAuth, rate_key
 from paramcast.cloud.service.core import Limits, ServiceCore
 from paramcast.cloud.service.interceptor import answer_for
 from paramcast.cloud.service.ray_proxy import deadline_from, refused
 from paramcast.cloud.service.server import load_models
-from paramcast.cloud.service.servicer import chunk_message, generate_call, metadata_of
+from paramcast.cloud.service.servicer import chunk_message, generate_call, metadata_of, peer_address
 from paramcast.common.errors import DeadlineExpired, DeviceRateLimited, InvalidInput, Unavailable
 from paramcast.common.serde import SERVICE_NAME, encoded_to_proto
 from paramcast.v1 import param_service_pb2 as pb
@@ -112,7 +112,7 @@ class _Queued:
     """One admitted Generate call waiting for its batch."""
 
     key: tuple[tuple[str, str], float | None]  # (model id, version), keep ratio: what one generator pass shares
-    item: tuple[Any, str]  # (window, encoding)
+    item: tuple[Any, str, str]  # (window, encoding, device id): what ServiceCore.compute takes
     deadline: float | None  # time.monotonic() on this replica
 
 
@@ -148,11 +148,12 @@ class ParamReplica:
             metadata = metadata_of(grpc_context)
             deadline = deadline_from(metadata, time.monotonic())
             call = generate_call(request)
-            device_id = self.core.identify(call, metadata)
-            if self.rates is not None:
-                await self.rates.take(device_id)
+            principal, device_id = self.core.identify(call, metadata)
+            if self.rates is not None:  # the key the plain server uses: the device, or the peer without tokens
+                await self.rates.take(rate_key(principal, device_id, peer_address(grpc_context.peer())))
             served, window, keep_ratio = self.core.validate(call)
-            outcome = await self._batch(_Queued((served.key, keep_ratio), (window, call.encoding), deadline))
+            outcome = await self._batch(_Queued((served.key, keep_ratio), (window, call.encoding, device_id),
+                                                deadline))
             if isinstance(outcome, Exception):
                 raise outcome
             return pb.GenerateResponse(bundle=encoded_to_proto(outcome))
@@ -189,7 +190,7 @@ class ParamReplica:
             if error is not None:
                 raise error
             chunks = self.core.get_model(request.model_id, request.version, request.offset, request.chunk_size,
-                                         metadata_of(grpc_context))
+                                         metadata_of(grpc_context), peer_address(grpc_context.peer()))
         except Exception as exc:
             _answer(grpc_context, "GetModel", exc)
             raise _Answered(grpc_context.details()) from None  # a stream ends with its status by raising
@@ -219,12 +220,12 @@ class RateLimits:
     def __init__(self, rate: float, burst: float | None):
         self.limiter = RateLimiter(rate, burst)
 
-    def take(self, device_ids: list[str]) -> list[tuple[float, str]]:
-        """One token per device id, in order -> (0, "") when taken, else (seconds to wait, message)."""
+    def take(self, keys: list[str]) -> list[tuple[float, str]]:
+        """One token per key (`rate_key`), in order -> (0, "") when taken, else (seconds to wait, message)."""
         out = []
-        for device_id in device_ids:
+        for key in keys:
             try:
-                self.limiter.check(device_id)
+                self.limiter.check(key)
             except DeviceRateLimited as exc:
                 out.append((exc.retry_after_s, str(exc)))
             else:
@@ -241,9 +242,9 @@ class _SharedRates:
         self._pending: list[tuple[str, asyncio.Future]] = []
         self._sender: asyncio.Task | None = None
 
-    async def take(self, device_id: str) -> None:
+    async def take(self, key: str) -> None:
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((device_id, future))
+        self._pending.append((key, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send())
         wait, message = await future
@@ -254,7 +255,7 @@ class _SharedRates:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                answers = await self.handle.take.remote([device_id for device_id, _ in batch])
+                answers = await self.handle.take.remote([key for key, _ in batch])
             except Exception as exc:
                 log.warning("rate limits unreachable: %s", exc)
                 for _, future in batch:
@@ -305,12 +306,13 @@ def build_app(config: ServiceConfig, scaling: Scaling = Scaling()):
     return replica.bind(config, rate_limits)
 
 
-def start(port: int = 0, http_host: str = "127.0.0.1") -> int:
+def start(port: int = 0, http_host: str = "127.0.0.1", reflection: bool = True) -> int:
     """Start Serve on the connected cluster with ParamService on its gRPC proxy -> the proxy's port
     (`port` 0: one the OS reports free). Serve's HTTP proxy, which ParamCast does not use, listens
     on `http_host` at a free port."""
     port = port or free_port()
-    serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[ADD_SERVICE]),
+    serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[ADD_SERVICE],
+                                         enable_reflection=reflection),
                 http_options=HTTPOptions(host=http_host, port=free_port(http_host)))
     return port
 
