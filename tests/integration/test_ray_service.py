@@ -252,7 +252,7 @@ def test_serve_command_with_the_ray_engine(serve_process, trained_model, registr
     served = registry.models()[0]
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the child's cluster is on loopback, like the session's
     proc = serve_process("--engine", "ray", "--model", str(trained_model), "--replicas", "2", "--ray-cpus", "2",
-                         "--cpus-per-replica", "0.5", "--threads", "1", "--grace", "2")
+                         "--cpus-per-replica", "0.5", "--threads", "1", "--grace", "2", "--insecure")
     with ParamClient(f"127.0.0.1:{proc.port}", device_id="d") as client, ServerThread(registry) as plain, \
             ParamClient(f"127.0.0.1:{plain.port}", device_id="d") as direct:
         assert client.check_health()  # one application on the cluster: no application key needed

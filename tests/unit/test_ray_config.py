@@ -15,8 +15,13 @@ def test_ray_only_flags_and_what_the_ray_proxy_lacks_are_refused_by_name(capsys,
                         (["--tls-cert", "c.pem", "--tls-key", "k.pem"], "--tls-cert")):
         assert main(["serve", "--engine", "ray", "--model", str(tmp_path), *extra]) == 2
         assert f"{flag}: Ray Serve's gRPC proxy does not offer it" in capsys.readouterr().err
-    assert main(["serve", "--engine", "ray", "--model", str(tmp_path), "--autoscale", "4"]) == 2
+    assert main(["serve", "--engine", "ray", "--model", str(tmp_path), "--insecure", "--autoscale", "4"]) == 2
     assert "expected MIN:MAX" in capsys.readouterr().err
+    # The proxy listens on every interface: credentials, or an explicit --insecure.
+    assert main(["serve", "--engine", "ray", "--model", str(tmp_path)]) == 2
+    assert "--tokens: Ray Serve's gRPC proxy listens on every interface" in capsys.readouterr().err
+    assert main(["serve", "--engine", "ray", "--model", str(tmp_path), "--insecure", "--download-rate", "1e6"]) == 2
+    assert "--download-rate: download budgets are not shared across Ray replicas" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "--engine", "ray", "--model", str(tmp_path), "--replicas", "2", "--autoscale", "1:2"])
 
