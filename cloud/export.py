@@ -4,10 +4,11 @@ The package is the contract between the cloud and every device (its format: `com
 
 - `model.onnx` scores candidates for a batch of users. Inputs: `history` (B, max_len) int64, item
   ids left-padded with 0; `candidates` (B, C) int64; and per adapter slot `<slot>.A` (B|1, d_in, r)
-  and `<slot>.B` (B|1, r, d_out) float32. The factor inputs carry default initializers of rank 0
-  (shape (1, d_in, 0) and (1, 0, d_out)), the pattern of ONNX Runtime's own LoRA test model: a
-  run that does not feed them computes the base model (x @ A @ B is then a zero (B, 1, d_out)), a
-  run that feeds them computes W0 + A B, and swapping an adapter never rebuilds the session.
+  and `<slot>.B` (B|1, r, d_out) float32. The factor inputs are plain inputs, never backed by an
+  initializer (ONNX Runtime Web and Mobile refuse to feed initializer-backed inputs): every run
+  feeds every slot, the base model with rank 0 (shapes (1, d_in, 0) and (1, 0, d_out), so
+  x @ A @ B is a zero (B, 1, d_out)), an adapted model with the bundle's factors (W0 + A B);
+  swapping an adapter never rebuilds the session.
   Outputs: `scores` (B, C), `user_state` (B, d) (the head's output the scores are dot products
   with) and `behaviour` (B, d) (the backbone's last state, before the adapted head).
 - `manifest.json` describes that graph (ids, sizes, input/output names and shapes, slots and their
@@ -31,10 +32,8 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from paramcast.cloud.checkpoint import Checkpoint
@@ -258,7 +257,7 @@ def _fold_constants(ir_model, weights: set[str]) -> onnx.ModelProto:
 
 def _finish_graph(proto: onnx.ModelProto, model: DeviceModel, slots: dict[str, tuple[int, int]],
                   ) -> onnx.ModelProto:
-    """Weight names without the wrapper prefix, factor inputs as (B|1, ., .) with rank-0 defaults."""
+    """Weight names without the wrapper prefix, factor inputs declared (B|1, ., .) with no initializer."""
     g = proto.graph
     prefix = "model."
     renames = {t.name: t.name[len(prefix):] for t in g.initializer if t.name.startswith(prefix)}
@@ -281,10 +280,10 @@ def _finish_graph(proto: onnx.ModelProto, model: DeviceModel, slots: dict[str, t
         a_name, b_name = factor_inputs(slot)
         rank = slot.replace(".", "_") + "_rank"
         declared = (
-            (a_name, ("adapter_batch", d_in, rank), (1, d_in, 0)),  # A (B|1, d_in, r), default rank 0
-            (b_name, ("adapter_batch", rank, d_out), (1, 0, d_out)),  # B (B|1, r, d_out)
+            (a_name, ("adapter_batch", d_in, rank)),  # A (B|1, d_in, r); the base model feeds r = 0
+            (b_name, ("adapter_batch", rank, d_out)),  # B (B|1, r, d_out)
         )
-        for name, dims, default in declared:
+        for name, dims in declared:
             shape = inputs[name].type.tensor_type.shape
             for dim, value in zip(shape.dim, dims, strict=True):
                 dim.Clear()
@@ -292,7 +291,9 @@ def _finish_graph(proto: onnx.ModelProto, model: DeviceModel, slots: dict[str, t
                     dim.dim_param = value
                 else:
                     dim.dim_value = value
-            g.initializer.append(numpy_helper.from_array(np.zeros(default, np.float32), name))
+    shared = {i.name for i in g.input} & {t.name for t in g.initializer}
+    if shared:  # the exporter never does this today; a device runtime must be able to feed every input
+        raise RuntimeError(f"graph inputs backed by initializers: {sorted(shared)}")
 
     # Intermediate shapes recorded by the exporter name widths that slimming changes; ONNX Runtime
     # infers them again when it loads the (possibly sliced) graph.
