@@ -11,6 +11,8 @@ The package is the contract between the cloud and every device (its format: `com
   swapping an adapter never rebuilds the session.
   Outputs: `scores` (B, C), `user_state` (B, d) (the head's output the scores are dot products
   with) and `behaviour` (B, d) (the backbone's last state, before the adapted head).
+- `items.json` (when the checkpoint records its training data's item ids): the item vocabulary,
+  a JSON array whose entry i is the catalogue id of model item i (`common.package.ItemVocabulary`).
 - `manifest.json` describes that graph (ids, sizes, input/output names and shapes, slots and their
   maximum rank), names for each unit group the initializers and axes that slimming slices (and
   the factor inputs whose width follows the group), and records the sha256 of every other file.
@@ -39,7 +41,14 @@ from torch import nn
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import DeviceModel
 from paramcast.common.errors import InvalidInput
-from paramcast.common.package import FORMAT, FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE
+from paramcast.common.package import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    VOCABULARY_FILE,
+    ItemVocabulary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +117,16 @@ def slimming_plan(model: DeviceModel) -> dict[str, dict]:
 
 
 def export_package(
-    ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, max_rank: int | None = None
+    ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, max_rank: int | None = None,
+    item_ids: list[str] | None = None,
 ) -> Path:
     """Write the device package of `ckpt.device_model` to directory `out` and return it.
 
     `max_rank` bounds the rank of factors a device accepts per slot; by default the generator's
     rank (its config's `rank`) when the checkpoint has one, else full rank min(d_in, d_out).
+    `item_ids` is the item vocabulary (entry i: the catalogue id of model item i, entry 0 ""); by
+    default the one training recorded in `ckpt.meta["item_raw_ids"]`. Without one the package has
+    no vocabulary and devices speak model item ids only.
     """
     if opset < MIN_OPSET:
         raise InvalidInput("opset", f"{opset} is below {MIN_OPSET}, the lowest the device runtime supports")
@@ -130,6 +143,18 @@ def export_package(
     model_bytes = proto.SerializeToString()
     _write_atomic(out / MODEL_FILE, model_bytes)
     cfg = model.cfg
+    files = {MODEL_FILE: model_bytes}
+    item_ids = item_ids if item_ids is not None else ckpt.meta.get("item_raw_ids")
+    extra: dict = {}
+    if item_ids is not None:
+        vocabulary = ItemVocabulary([str(i) for i in item_ids])
+        if len(vocabulary) != cfg.n_items:
+            raise InvalidInput("item_ids", f"{len(vocabulary)} items, the model has {cfg.n_items}")
+        files[VOCABULARY_FILE] = vocabulary.to_json()
+        _write_atomic(out / VOCABULARY_FILE, files[VOCABULARY_FILE])
+        extra["vocabulary"] = {"file": VOCABULARY_FILE, "size": len(vocabulary)}
+    else:
+        (out / VOCABULARY_FILE).unlink(missing_ok=True)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -161,7 +186,9 @@ def export_package(
         "unit_groups": {
             group: {"n_units": n, **slimming_plan(model)[group]} for group, n in model.unit_groups().items()
         },
-        "files": {MODEL_FILE: {"sha256": hashlib.sha256(model_bytes).hexdigest(), "bytes": len(model_bytes)}},
+        **extra,
+        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                  for name, data in sorted(files.items())},
     }
     _write_atomic(out / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
     log.info("exported %s (base %s) to %s: %d bytes", ckpt.model_id, ckpt.base_version, out,
