@@ -138,14 +138,31 @@ class Fetched:
 
 def _generate_request(window, model_id: str, base_version: str, device_id: str | None, encoding: str,
                       keep_ratio: float) -> pb.GenerateRequest:
+    """A window of strings is sent as catalogue ids (`catalogue_window`), one of ints as model ids."""
     if not device_id:
         raise InvalidInput("device_id", "is required (give it to the client or to the call)")
     if encoding not in ENCODINGS:
         raise InvalidInput("encoding", f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+    items = list(window)
+    catalogue = bool(items) and all(isinstance(i, str) for i in items)
     return pb.GenerateRequest(
         model_id=model_id, base_version=base_version, device_id=device_id,
-        window=[int(i) for i in window], encoding=encoding_to_proto(encoding), keep_ratio=float(keep_ratio),
+        window=[] if catalogue else [int(i) for i in items], catalogue_window=items if catalogue else [],
+        encoding=encoding_to_proto(encoding), keep_ratio=float(keep_ratio),
     )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served model id (ListModels): the base versions Generate accepts, oldest first, and the latest."""
+
+    model_id: str
+    base_versions: tuple[str, ...]
+    latest_version: str
+
+
+def _model_infos(response: pb.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(m.model_id, tuple(m.base_versions), m.latest_version) for m in response.models]
 
 
 def _fetched(response: pb.GenerateResponse, model_id: str, base_version: str, started: float) -> Fetched:
@@ -356,6 +373,15 @@ class ParamClient(_Base):
             raise self._refused(request.device_id, exc) from None
         return _fetched(response, model_id, base_version, started)
 
+    def list_models(self, token: str | None = None, timeout_s: float | None = None) -> list[ModelInfo]:
+        """The model ids the server serves, with their base versions."""
+        try:
+            response = self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s or self.timeout_s,
+                                            metadata=_metadata(token or self.token))
+        except grpc.RpcError as exc:
+            raise cloud_error(exc) from None
+        return _model_infos(response)
+
     def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
                          token: str | None = None, progress: Progress | None = None) -> DevicePackage:
         """Fetch (or resume fetching) the package into ROOT/packages/, verify and unpack it."""
@@ -429,6 +455,14 @@ class AsyncParamClient(_Base):
         except grpc.RpcError as exc:
             raise self._refused(request.device_id, exc) from None
         return _fetched(response, model_id, base_version, started)
+
+    async def list_models(self, token: str | None = None, timeout_s: float | None = None) -> list[ModelInfo]:
+        try:
+            response = await self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s or self.timeout_s,
+                                                  metadata=_metadata(token or self.token))
+        except grpc.RpcError as exc:
+            raise cloud_error(exc) from None
+        return _model_infos(response)
 
     async def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
                                token: str | None = None, progress: Progress | None = None) -> DevicePackage:

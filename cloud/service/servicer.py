@@ -38,6 +38,7 @@ class ParamServicer(pb_grpc.ParamServiceServicer):
             window=request.window,
             encoding=encoding_from_proto(request.encoding),
             keep_ratio=request.keep_ratio,
+            catalogue_window=request.catalogue_window,
         )
         encoded = await self.core.generate(call, _metadata(context), _deadline(context))  # encoded in its batch
         response = pb.GenerateResponse(bundle=encoded_to_proto(encoded))
@@ -54,3 +55,11 @@ class ParamServicer(pb_grpc.ParamServiceServicer):
             )
             self.metrics.sent("GetModel", response.ByteSize())
             yield response
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,
+                         ) -> pb.ListModelsResponse:
+        listing = self.core.list_models(_metadata(context))
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(model_id=m.model_id, base_versions=m.base_versions, latest_version=m.latest_version)
+            for m in listing
+        ])
