@@ -7,7 +7,7 @@ vocabulary `items.json`, the request policy `policy.json` and its fitted state),
 `cloud/export.py`. Loading checks the manifest against its JSON Schema (`manifest.schema.json`,
 shipped beside this module), then the sha256 of every file the manifest lists, and keeps the
 verified bytes so the session is built from exactly what was checked. This module needs numpy
-and the standard library only.
+and the standard library only; reading the graph's weights also needs `onnx`.
 
 On the wire (`ParamService.GetModel`) a package travels as a single uncompressed POSIX ustar
 archive:
@@ -40,6 +40,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -236,6 +237,26 @@ class DevicePackage:
         if entry is None:
             return None
         return ItemVocabulary.from_json(self.files[entry["file"]], str(self.path / entry["file"]))
+
+    # -- the graph's weights ----------------------------------------------------------------
+    def graph(self) -> tuple[Any, dict[str, Any]]:
+        """The ONNX graph (an onnx.ModelProto parsed from the verified bytes) and its initializers
+        by name: the one reader of the graph's weights, for slimming and for the gates that need
+        the item table. Needs the `onnx` package (in the device extra); scoring does not."""
+        import onnx  # only editing or reading the graph's weights needs it, not ONNX Runtime scoring
+
+        proto = onnx.load_from_string(self.model_bytes)
+        return proto, {t.name: t for t in proto.graph.initializer}
+
+    def weights(self, *names: str) -> dict[str, np.ndarray]:
+        """Initializers of the graph, by name, as numpy arrays (IntegrityError naming a missing one)."""
+        from onnx import numpy_helper
+
+        _, tensors = self.graph()
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise IntegrityError(f"{self.path}: the graph has no initializer {missing[0]!r}")
+        return {n: numpy_helper.to_array(tensors[n]) for n in names}
 
     def size_bytes(self) -> int:
         """Bytes on disk: the manifest and every file it lists."""
