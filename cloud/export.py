@@ -45,7 +45,9 @@ from paramcast.common.package import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    MAPPER_FILE,
     MODEL_FILE,
+    POLICY_FILE,
     VOCABULARY_FILE,
     ItemVocabulary,
 )
@@ -118,7 +120,8 @@ def slimming_plan(model: DeviceModel) -> dict[str, dict]:
 
 def export_package(
     ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, max_rank: int | None = None,
-    item_ids: list[str] | None = None,
+    item_ids: list[str] | None = None, policy: str | None = None, mapper: str | Path | None = None,
+    policy_fitted: dict | None = None,
 ) -> Path:
     """Write the device package of `ckpt.device_model` to directory `out` and return it.
 
@@ -126,7 +129,10 @@ def export_package(
     rank (its config's `rank`) when the checkpoint has one, else full rank min(d_in, d_out).
     `item_ids` is the item vocabulary (entry i: the catalogue id of model item i, entry 0 ""); by
     default the one training recorded in `ckpt.meta["item_raw_ids"]`. Without one the package has
-    no vocabulary and devices speak model item ids only.
+    no vocabulary and devices speak model item ids only. `policy` is the request policy the device
+    loop runs (a spec with its threshold calibrated, e.g. from `paramcast simulate`), written to
+    `policy.json` with the generator's window length and `policy_fitted` (how it was calibrated);
+    `mapper` an IDEAL mapper .npz shipped beside it.
     """
     if opset < MIN_OPSET:
         raise InvalidInput("opset", f"{opset} is below {MIN_OPSET}, the lowest the device runtime supports")
@@ -155,6 +161,19 @@ def export_package(
         extra["vocabulary"] = {"file": VOCABULARY_FILE, "size": len(vocabulary)}
     else:
         (out / VOCABULARY_FILE).unlink(missing_ok=True)
+    if policy is not None:
+        window = getattr(getattr(ckpt.generator, "cfg", None), "window", None)
+        files[POLICY_FILE] = (json.dumps({"spec": policy, "window": window, "fitted": policy_fitted or {}},
+                                         indent=2) + "\n").encode()
+        extra["policy"] = {"file": POLICY_FILE}
+        if mapper is not None:
+            files[MAPPER_FILE] = Path(mapper).read_bytes()
+            extra["policy"]["mapper"] = MAPPER_FILE
+    for name in (POLICY_FILE, MAPPER_FILE):
+        if name in files:
+            _write_atomic(out / name, files[name])
+        else:
+            (out / name).unlink(missing_ok=True)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -52,6 +52,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 VOCABULARY_FILE = "items.json"
+POLICY_FILE = "policy.json"  # the request policy the device loop runs (device/loop.py)
+MAPPER_FILE = "policy_mapper.npz"  # the ideal gate's fitted mapper
 
 
 class ItemVocabulary:

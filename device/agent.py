@@ -103,6 +103,11 @@ class DeviceAgent:
             return self
         return await self._download(self._needed(client))
 
+    def open_package(self, package: DevicePackage) -> DeviceAgent:
+        """Run a package the device was given (verified already), with its stored bundle if it fits."""
+        self._use(package)
+        return self
+
     def _use_held(self) -> bool:
         package = self._local_package()
         if package is not None:

@@ -192,6 +192,17 @@ class DeviceRuntime:
         scores = state.session.run(["scores"], feeds)[0]  # (B, C)
         return scores[0] if single else scores
 
+    def outputs(self, history, candidates) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One user's scoring run with every output the gates read: (scores (C,), user_state (d,),
+        behaviour (d,)), at the cost of one `score` call."""
+        state = self._state
+        hist, cands, single = self._inputs(history, candidates)
+        if not single:
+            raise InvalidInput("history", "outputs() takes one user's history")
+        scores, user, behaviour = state.session.run(["scores", "user_state", "behaviour"],
+                                                    {"history": hist, "candidates": cands, **state.feeds})
+        return scores[0], user[0], behaviour[0]
+
     def behaviour_embedding(self, history) -> np.ndarray:
         """The base backbone's last hidden state: (d,) for one history, (B, d) for a batch.
 
