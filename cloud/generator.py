@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from paramcast.cloud.model import Adapters, Masks
+from paramcast.cloud.model import Adapters, Masks, left_pad
 
 KEEP_RATIOS = (0.25, 0.5, 0.75)  # subnet sizes trained for and reported
 
@@ -150,8 +150,6 @@ class Generator(nn.Module):
 
 def window_batch(histories: list, window: int) -> torch.Tensor:
     """Last `window` items of each history, left-padded -> (B, window) int64."""
-    from paramcast.cloud.model import left_pad
-
     return left_pad(histories, window)
 
 
