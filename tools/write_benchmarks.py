@@ -152,6 +152,23 @@ def simulation_section(doc: dict, name: str) -> str:
     return "\n".join(out) + "\n" + note(f"simulation-{name}")
 
 
+def policy_cost_section(doc: dict) -> str:
+    base = doc["scoring_call_us"]["p50"]
+    out = [f"### What a policy costs on the device ({doc['dataset']})", "", f"Command: `{doc.get('command', '')}`", "",
+           f"One scoring call (1 user x {doc['candidates']} candidates, bundle applied, hidden {doc['hidden']}): "
+           f"p50 {base:.1f} us. The bar: every gate costs at most 10% of it (`gate_cost_vs_score`).", "",
+           "| policy | decision p50 us | p99 us | share of a scoring call | batched, per device us |",
+           "|---|---|---|---|---|"]
+    for name, p in doc["policies"].items():
+        out.append(f"| `{name}` | {p['decision_us']['p50']:.1f} | {p['decision_us']['p99']:.1f} | "
+                   f"{p.get('gate_cost_vs_score', p['fraction_of_scoring_call']):.1%} | "
+                   f"{p['batched_per_device_us']:.2f} |")
+    bar = doc["bar"]
+    out += ["", f"Every gate at or under 10%: **{'yes' if bar['gate_under_10_percent_of_scoring'] else 'no'}** "
+            f"(most costly: `{bar['worst_gate']}`)."]
+    return "\n".join(out) + "\n" + note(f"policy-cost-{doc['dataset']}")
+
+
 def render() -> str:
     parts = ["# ParamCast benchmarks", "",
              "Every figure below is read from `benchmarks/results/*.json` by `python tools/write_benchmarks.py`; "
@@ -169,6 +186,7 @@ def render() -> str:
     if sim:
         parts += ["## Request policies and simulation", ""]
         parts += [simulation_section(json.loads(p.read_text()), p.stem.removeprefix("simulation-")) for p in sim]
+    parts += [policy_cost_section(json.loads(p.read_text())) for p in sorted(RESULTS.glob("policy-cost-*.json"))]
     if (d := load("device-latency.json")) is not None:
         parts.append(device_section(d))
     if (s := load("service-load.json")) is not None:
