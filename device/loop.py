@@ -16,17 +16,18 @@ rate, and pacing (`pace=`) caps what each device spends.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from paramcast.common.errors import InvalidInput
-from paramcast.common.package import MAPPER_FILE
+from paramcast.common.package import MAPPER_FILE, DevicePackage
 from paramcast.device.agent import DeviceAgent, Refresh
 from paramcast.device.client import AsyncParamClient, ParamClient
 from paramcast.device.ideal import GaussianMapper, item_embeddings
-from paramcast.device.policy import Policy, StepView
+from paramcast.device.policy import Gate, Policy, StepView
 from paramcast.device.policy_spec import build_policy, parse_policy
 
 
@@ -38,10 +39,14 @@ class Step:
     refresh: Refresh | None = None
 
 
-def policy_from_package(agent: DeviceAgent, spec: str | None = None) -> Policy:
+def load_policy(package: DevicePackage, spec: str | None = None) -> Policy:
     """The package's shipped policy (`policy.json`, its mapper for the ideal gate), or `spec` instead
-    (which may still use the package's mapper and window length)."""
-    package = agent._package()
+    (which may still use the package's mapper and window length).
+
+    A shipped gate given as a rate (`drift:rate=0.1`, pacing included) takes the threshold its
+    calibration fitted (`fitted.threshold`), so the device requests at that rate without
+    calibrating anything itself.
+    """
     entry = package.manifest.get("policy")
     shipped = json.loads(package.files[entry["file"]]) if entry else {}
     text = spec or shipped.get("spec")
@@ -53,12 +58,19 @@ def policy_from_package(agent: DeviceAgent, spec: str | None = None) -> Policy:
         if not entry or "mapper" not in entry:
             raise InvalidInput("policy", "the ideal gate needs the fitted mapper the package ships "
                                          f"({MAPPER_FILE}); this package has none")
-        import io
-
         with np.load(io.BytesIO(package.files[entry["mapper"]])) as f:
             mapper = GaussianMapper(f["w_mean"].astype(np.float32), f["w_log_var"].astype(np.float32))
         emb = item_embeddings(package)
-    return build_policy(parsed, mapper, emb, window=shipped.get("window"))
+    policy = build_policy(parsed, mapper, emb, window=shipped.get("window"))
+    fitted = shipped.get("fitted", {}).get("threshold")
+    if isinstance(policy, Gate) and policy.threshold is None and text == shipped.get("spec") and fitted is not None:
+        policy.threshold = float(fitted)
+    return policy
+
+
+def policy_from_package(agent: DeviceAgent, spec: str | None = None) -> Policy:
+    """`load_policy` for the package an agent has open."""
+    return load_policy(agent._package(), spec)
 
 
 class DeviceLoop:

@@ -107,3 +107,38 @@ def test_device_run_replays_a_user_without_torch(tmp_path, server, trained_model
     assert summary["requests"] == summary["applied"] == 1 + (len(user) - 1) // 5
     assert summary["response_bytes"] > 0 and 0.0 <= summary["ndcg@10"] <= summary["hr@10"] <= 1.0
     assert "step 29/29" in proc.stderr  # the progress line
+
+
+def test_simulate_and_export_ship_the_calibrated_policy_a_device_runs(tmp_path, trained_model, shared_data, capsys):
+    from paramcast.cli import main
+    from paramcast.device.ideal import GaussianMapper, IdealGate
+    from paramcast.device.loop import load_policy
+
+    # simulate calibrates the gate to a rate on validation devices and ships it, mapper included.
+    code = main(["simulate", "--model", str(trained_model), "--data", str(shared_data / "ml-100k"), "--policy",
+                 "never", "ideal:rate=0.2", "--users", "12", "--max-steps", "15", "--no-progress", "--json",
+                 "--out", str(tmp_path), "--package-out", str(tmp_path / "pkg"), "--ship", "ideal:rate=0.2"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    row = next(r for r in report["policies"] if r["name"] == "ideal:rate=0.2")
+    shipped = DevicePackage.load(tmp_path / "pkg")
+    assert shipped.manifest["policy"] == {"file": "policy.json", "mapper": "policy_mapper.npz"}
+    policy = load_policy(shipped)
+    assert isinstance(policy, IdealGate) and policy.target_rate == 0.2
+    assert policy.threshold == row["validation"]["threshold"]  # calibrated here, not on the device
+    mapper_file = tmp_path / "ideal-mapper-ml-100k.npz"
+    assert np.array_equal(policy.mapper.w_mean, GaussianMapper.load(mapper_file).w_mean)
+
+    # export ships a policy given with its threshold, and the mapper simulate wrote.
+    assert main(["export", "--model", str(trained_model), "--out", str(tmp_path / "pkg2"),
+                 "--policy", "ideal:threshold=0.02", "--mapper", str(mapper_file)]) == 0
+    policy = load_policy(DevicePackage.load(tmp_path / "pkg2"))
+    assert isinstance(policy, IdealGate) and policy.threshold == 0.02
+
+    # What a device would refuse is refused before anything is written.
+    for args, fragment in ((["--policy", "drift:rate=0.1"], "needs threshold"),
+                           (["--policy", "ideal:threshold=0.1"], "fitted mapper"),
+                           (["--mapper", str(mapper_file)], "ships with a policy")):
+        assert main(["export", "--model", str(trained_model), "--out", str(tmp_path / "bad"), *args]) == 2
+        assert fragment in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

@@ -52,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", default=None, help="write simulation-<dataset>.json and PNG plots here")
     p.add_argument("--suffix", default="", help="appended to the output file names (e.g. -all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--package-out", metavar="PKG", default=None,
+                   help="write a device package shipping one replayed policy, its threshold as calibrated here "
+                        "(and the IDEAL mapper it used): what `paramcast device run --package PKG` runs")
+    p.add_argument("--ship", metavar="NAME", default=None,
+                   help="with --package-out: the policy to ship, by its name in the table (default: the only one)")
     p.set_defaults(func=run)
 
 
@@ -82,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         if result.mapper is not None:  # the IDEAL gate's fitted mapper, for devices that run the gate
             report["files"].append(str(result.mapper.save(f"{args.out}/ideal-mapper-{data.name}{suffix}.npz")))
         write_json(report, path)
+    if args.package_out:
+        package = ship_policy(ckpt, report, result.mapper, args.package_out, args.ship)
+        report.setdefault("files", []).append(str(package))
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -90,3 +98,23 @@ def run(args: argparse.Namespace) -> int:
         for f in report.get("files", []):
             print(f"wrote {f}")
     return 0
+
+
+def ship_policy(ckpt, report: dict, mapper, out: str, name: str | None):
+    """Export `ckpt`'s device package with the replayed policy `name`, calibrated as it was replayed."""
+    import tempfile
+
+    from paramcast.cloud.export import export_package
+    from paramcast.common.errors import InvalidInput
+
+    rows = {row["name"]: row for row in report["policies"]}
+    if name is None and len(rows) != 1:
+        raise InvalidInput("--ship", f"{len(rows)} policies were replayed; name the one to ship: {', '.join(rows)}")
+    row = rows.get(name) if name is not None else next(iter(rows.values()))
+    if row is None:
+        raise InvalidInput("--ship", f"no replayed policy is called {name!r}; replayed: {', '.join(rows)}")
+    fitted = {"threshold": row["policy_config"].get("threshold"), "dataset": report.get("dataset"),
+              "command": report.get("command"), **({"validation": row["validation"]} if "validation" in row else {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        mapper_file = mapper.save(f"{tmp}/mapper.npz") if row["policy"] == "ideal" else None
+        return export_package(ckpt, out, policy=row["name"], mapper=mapper_file, policy_fitted=fitted)
