@@ -243,6 +243,14 @@ class DeviceRuntime:
         session, nbytes = self._sessions.get(self._keep)
         self._state = _Active(session, nbytes, self._slice_feeds(self._base_feeds, self._keep), keep=self._keep)
 
+    def sibling(self) -> DeviceRuntime:
+        """Another device's runtime over the same package, sharing this one's sessions (factors are
+        fed per call, so one graph serves many devices) and starting on the base model."""
+        view = object.__new__(DeviceRuntime)
+        view.__dict__.update(self.__dict__)
+        view.revert()
+        return view
+
     def slimmed(self, keep: Mapping[str, np.ndarray]) -> DeviceRuntime:
         """A runtime over the physically smaller graph that keeps, per unit group, the units whose
         `keep` entry is True (groups left out keep all). It shares this runtime's sessions; bundles

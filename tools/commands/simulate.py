@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="inprocess: bundles from the generator in this process; network: every device a gRPC client")
     p.add_argument("--server", metavar="HOST:PORT", default=None,
                    help="network mode: use this running server instead of starting `paramcast serve` on loopback")
+    p.add_argument("--device-scoring", choices=("agents", "torch"), default="agents",
+                   help="network mode: every test device a device agent on ONNX Runtime (default), or the "
+                        "devices' scoring batched in torch with only the requests on the wire")
     p.add_argument("--users", type=int, default=None, metavar="N", help="at most N test (and N validation) devices")
     p.add_argument("--devices", choices=("cold", "all"), default="cold",
                    help="user pool: cold = users held out of training (default), all = every user (in-sample)")
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         devices=args.devices, valid_fraction=args.valid_fraction, users=args.users, max_steps=args.max_steps,
         start=args.start, encoding=args.encoding, seed=args.seed, progress=not args.no_progress,
     )
-    result = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model)
+    result = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model,
+                            device_scoring=args.device_scoring)
     report = result.report
     report["command"] = "paramcast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:
