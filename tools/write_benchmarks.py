@@ -148,7 +148,15 @@ def simulation_section(doc: dict, name: str) -> str:
     for p in doc["policies"]:
         out.append(f"| `{p['name']}` | {p['request_rate']:.3f} | {cell(p['ndcg@10'])} | {cell(p['hr@10'])} | "
                    f"{cell(p['auc'])} | {p['bytes_per_device']:.0f} |")
-    out += ["", f"In-process throughput: {doc['device_steps_per_s']:,.0f} device-steps/s."]
+    net = doc.get("network")
+    if net and net.get("device_scoring") == "agents":
+        calls = max(p["network"]["max_concurrent_calls"] for p in doc["policies"] if "network" in p)
+        out += ["", f"Network mode: {net['devices']} device agents (ONNX Runtime, policy, bundle store, gRPC "
+                f"client each) on one event loop against `paramcast serve`, up to {calls} calls in flight at once: "
+                f"{net['device_steps_per_s']:,.0f} device-steps/s over {net['device_steps']:,} test device-steps "
+                f"(requests included); {doc['device_steps_per_s']:,.0f} device-steps/s over the whole run."]
+    else:
+        out += ["", f"In-process throughput: {doc['device_steps_per_s']:,.0f} device-steps/s."]
     return "\n".join(out) + "\n" + note(f"simulation-{name}")
 
 

@@ -7,7 +7,8 @@ One device per real user (by default the users the model held out of training), 
 order after a warm-up prefix: each step the device ranks the true next item among 100 sampled
 negatives with the parameters it holds, observes the item, and its policy may request a bundle
 generated from the window up to now. Gate thresholds are calibrated on validation devices only.
-`--mode network` sends every request from a real gRPC client per device to `paramcast serve`
+`--mode network` makes every test device a device agent - ONNX Runtime on the exported package,
+its own bundle store and gRPC client, many on one event loop - that requests from `paramcast serve`
 (started on loopback unless `--server` names one). Prints the policy table (or the JSON with
 `--json`); `--out DIR` writes simulation-<dataset>.json and the plots there.
 """
