@@ -33,6 +33,9 @@ def test_device_agents_make_the_requests_of_the_inprocess_replay_under_every_gat
         assert a["name"] == b["name"]
         assert b["request_rate"] == a["request_rate"], a["name"]
         assert b["requests_per_device"] == a["requests_per_device"], a["name"]
+        here, there = local["over_time"][a["name"]], remote["over_time"][a["name"]]  # step by step
+        assert there["request_rate"] == here["request_rate"], a["name"]
+        assert there["ndcg@10"] == pytest.approx(here["ndcg@10"], abs=1e-4), a["name"]
         for m in ("ndcg@10", "hr@10", "auc"):
             assert b[m]["value"] == pytest.approx(a[m]["value"], abs=1e-4), (a["name"], m)
         # Every request went out from an agent, was verified and applied: enrolment, then each request.
