@@ -15,7 +15,8 @@ The package is the contract between the cloud and every device (its format: `com
   a JSON array whose entry i is the catalogue id of model item i (`common.package.ItemVocabulary`).
 - `manifest.json` describes that graph (ids, sizes, input/output names and shapes, slots and their
   maximum rank), names for each unit group the initializers and axes that slimming slices (and
-  the factor inputs whose width follows the group), and records the sha256 of every other file.
+  the factor inputs whose width follows the group), records the size and sha256 of every other
+  file, and its own digest (`manifest_sha256`, see `device.package.manifest_digest`).
 
 Weights keep their PyTorch names and layouts inside the graph (`blocks.0.ffn_in.weight` is stored
 (f, d) and transposed by a node), so the slicing plan in the manifest is the model's own slicing
@@ -44,12 +45,14 @@ from paramcast.common.errors import InvalidInput
 from paramcast.common.package import (
     FORMAT,
     FORMAT_VERSION,
+    MANIFEST_DIGEST_KEY,
     MANIFEST_FILE,
     MAPPER_FILE,
     MODEL_FILE,
     POLICY_FILE,
     VOCABULARY_FILE,
     ItemVocabulary,
+    manifest_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -209,6 +212,7 @@ def export_package(
         "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
                   for name, data in sorted(files.items())},
     }
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     _write_atomic(out / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
     log.info("exported %s (base %s) to %s: %d bytes", ckpt.model_id, ckpt.base_version, out,
              len(model_bytes))

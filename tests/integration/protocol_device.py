@@ -47,7 +47,7 @@ def _tensor_bytes(t) -> bytes:
 
 def checksum(msg) -> bytes:
     """Section 3.3."""
-    out = [b"PCB1", _str(msg.bundle_id), _str(msg.model_id), _str(msg.base_version),
+    out = [b"PCB2", _str(msg.bundle_id), _str(msg.model_id), _str(msg.base_version), _str(msg.device_id),
            struct.pack("<qq", msg.created_at_ms, msg.expires_at_ms), struct.pack("<I", len(msg.slots))]
     for s in msg.slots:
         out += [_str(s.slot), _tensor_bytes(s.a), _tensor_bytes(s.b)]

@@ -10,14 +10,22 @@ from device_fixtures import ML_100K_ITEMS, copy_package, tiny_checkpoint
 
 from paramcast.cloud.export import export_package
 from paramcast.common.errors import IntegrityError
-from paramcast.common.package import VOCABULARY_FILE, DevicePackage, ItemVocabulary
+from paramcast.common.package import (
+    MANIFEST_DIGEST_KEY,
+    VOCABULARY_FILE,
+    DevicePackage,
+    ItemVocabulary,
+    manifest_digest,
+)
 from paramcast.common.schema import MANIFEST_SCHEMA, SchemaError, load_schema, validate
 
 
 def _edit_manifest(pkg, edit) -> None:
+    """Edit the manifest and seal it again (its digest checked first would refuse any edit)."""
     path = pkg / "manifest.json"
     manifest = json.loads(path.read_text())
     edit(manifest)
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     path.write_text(json.dumps(manifest))
 
 
@@ -76,7 +84,7 @@ def test_a_vocabulary_of_the_wrong_size_or_tampered_is_refused(tmp_path):
         export_package(tiny_checkpoint(), tmp_path / "short", item_ids=ids[:-1])
     pkg = export_package(tiny_checkpoint(), tmp_path / "pkg", item_ids=ids)
     (pkg / VOCABULARY_FILE).write_text(json.dumps(ids[:-1]))
-    with pytest.raises(IntegrityError, match="sha256"):
+    with pytest.raises(IntegrityError, match=f"{VOCABULARY_FILE}: .*(bytes|sha256)"):  # its size or digest
         DevicePackage.load(pkg)
     with pytest.raises(IntegrityError, match="unique"):
         ItemVocabulary(["", "a", "a"])
