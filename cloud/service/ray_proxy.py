@@ -101,6 +101,7 @@ def _reader(message_cls, limit: int) -> Callable[[bytes], Any]:
 METHODS: dict[tuple[str, str], tuple[Any, Any, bool]] = {
     (SERVICE_NAME, "Generate"): (pb.GenerateRequest, pb.GenerateResponse, False),
     (SERVICE_NAME, "GetModel"): (pb.GetModelRequest, pb.GetModelResponse, True),
+    (SERVICE_NAME, "ListModels"): (pb.ListModelsRequest, pb.ListModelsResponse, False),
     (HEALTH_SERVICE, "Check"): (health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse, False),
 }
 

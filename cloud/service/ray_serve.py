@@ -47,7 +47,7 @@ from paramcast.cloud.service.core import Limits, ServiceCore
 from paramcast.cloud.service.interceptor import answer_for
 from paramcast.cloud.service.ray_proxy import deadline_from, refused
 from paramcast.cloud.service.server import load_models
-from paramcast.cloud.service.servicer import chunk_message, generate_call, metadata_of, peer_address
+from paramcast.cloud.service.servicer import chunk_message, generate_call, metadata_of, models_message, peer_address
 from paramcast.common.errors import DeadlineExpired, DeviceRateLimited, InvalidInput, Unavailable
 from paramcast.common.serde import SERVICE_NAME, encoded_to_proto
 from paramcast.v1 import param_service_pb2 as pb
@@ -196,6 +196,16 @@ class ParamReplica:
             raise _Answered(grpc_context.details()) from None  # a stream ends with its status by raising
         for chunk in chunks:
             yield chunk_message(chunk)
+
+    async def ListModels(self, request: Any, grpc_context: Any) -> pb.ListModelsResponse:
+        try:
+            error = refused(request)
+            if error is not None:
+                raise error
+            return models_message(self.core.list_models(metadata_of(grpc_context)))
+        except Exception as exc:
+            _answer(grpc_context, "ListModels", exc)
+            return pb.ListModelsResponse()
 
     async def Check(self, request: Any, grpc_context: Any) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1.Health/Check through the proxy: a replica answering is a serving service."""

@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from paramcast.cloud.service.core import GenerateCall, PackageChunk, ServiceCore
+from paramcast.cloud.service.core import GenerateCall, ModelListing, PackageChunk, ServiceCore
 from paramcast.cloud.service.metrics import ServiceMetrics
 from paramcast.common.serde import encoded_to_proto, encoding_from_proto
 from paramcast.v1 import param_service_pb2 as pb
@@ -30,7 +30,15 @@ def generate_call(request: pb.GenerateRequest) -> GenerateCall:
         window=request.window,
         encoding=encoding_from_proto(request.encoding),
         keep_ratio=request.keep_ratio,
+        catalogue_window=request.catalogue_window,
     )
+
+
+def models_message(listing: list[ModelListing]) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(models=[
+        pb.ModelInfo(model_id=m.model_id, base_versions=m.base_versions, latest_version=m.latest_version)
+        for m in listing
+    ])
 
 
 def chunk_message(c: PackageChunk) -> pb.GetModelResponse:
@@ -74,3 +82,7 @@ class ParamServicer(pb_grpc.ParamServiceServicer):
             response = chunk_message(c)
             self.metrics.sent("GetModel", response.ByteSize())
             yield response
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,
+                         ) -> pb.ListModelsResponse:
+        return models_message(self.core.list_models(metadata_of(context)))

@@ -133,6 +133,9 @@ def _probe(target: str, app: tuple, model_id: str, version: str) -> dict:
             stub.GetModel, pb.GetModelRequest(model_id=model_id, offset=10**12), metadata=_auth(11) + app, timeout=10)
         out["GetModel unknown model"] = _outcome(stub.GetModel, pb.GetModelRequest(model_id="nope"),
                                                  metadata=_auth(11) + app, timeout=10)
+        out["ListModels without credentials"] = _outcome(stub.ListModels, pb.ListModelsRequest(), metadata=app,
+                                                         timeout=10)
+        out["ListModels"] = str(stub.ListModels(pb.ListModelsRequest(), metadata=_auth(14) + app, timeout=10))
         huge = pb.GenerateRequest(**{**ok, "device_id": "dev-12", "window": [1000] * 40_000}).SerializeToString()
         out["oversized"] = _outcome(raw, huge, metadata=_auth(12) + app, timeout=10)
         # One device over its rate, whichever replica each call reaches.
@@ -153,6 +156,7 @@ def test_status_codes_credentials_and_rate_limits_match_the_plain_server(ray_app
     ray = _probe(f"127.0.0.1:{ray_apps}", (("application", GUARDED),), served.model_id, served.version)
     assert direct["no credentials"][0] == "UNAUTHENTICATED" and direct["fine"] == ("OK", "")
     assert direct["GetModel offset past the end"][0] == "OUT_OF_RANGE"
+    assert direct["ListModels without credentials"][0] == "UNAUTHENTICATED" and served.version in direct["ListModels"]
     for name, answer in direct.items():
         if name == "oversized":  # gRPC itself words this one on the plain server
             assert ray[name][0] == answer[0] == "RESOURCE_EXHAUSTED"

@@ -85,7 +85,7 @@ def _proxy(answer):
         return stream if streaming_type == "unary_stream" else unary
 
     server = ProxyServer(route)
-    ray_proxy.add_param_service(SimpleNamespace(Generate=None, GetModel=None, Check=None), server)
+    ray_proxy.add_param_service(SimpleNamespace(Generate=None, GetModel=None, ListModels=None, Check=None), server)
     return server, seen, route
 
 
@@ -93,7 +93,7 @@ def test_registers_param_service_and_health_check_and_restores_the_factory():
     server, _, route = _proxy(lambda context: None)
     assert server.service_handler_factory is route  # only the handlers added here are wrapped
     assert set(server.handlers) == {f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/GetModel",
-                                    "/grpc.health.v1.Health/Check"}
+                                    f"/{SERVICE_NAME}/ListModels", "/grpc.health.v1.Health/Check"}
     assert server.registered == [SERVICE_NAME, "grpc.health.v1.Health"]
     read = server.handlers[f"/{SERVICE_NAME}/Generate"].request_deserializer
     assert isinstance(read(b"\x0a\xff\xff\xff\xff"), Malformed)

@@ -19,8 +19,10 @@ default, on Ray actors with `RayEngine` (ray_engine.py); the report does not dep
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from paramcast.simulation.timelines import Timelines, build_timelines, split_dev
 
 log = logging.getLogger(__name__)
 
+DEVICE_SCORING = ("agents", "torch")  # network mode: device agents on ONNX Runtime, or batched torch scoring
 DEFAULT_POLICIES = ("never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal",
                     "window:pace=1.5,burst=3")
 
@@ -420,14 +423,17 @@ class SimulationResult:
 
 def run_simulation(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig, mode: str = "inprocess",
                    server: str | None = None, model_dir: str | None = None, serve_threads: int = 1,
-                   engine: Engine | None = None) -> SimulationResult:
+                   device_scoring: str = "agents", engine: Engine | None = None) -> SimulationResult:
     """`simulate` in either mode, on `engine` (default: this process), which is closed at the end.
     Network mode replays the test devices as gRPC clients of `server`, or of a `paramcast serve
     --model model_dir` started on loopback for the run (calibration on validation devices stays
-    offline: it is tuning, not device traffic). The result holds the report and the fitted IDEAL
-    mapper, if that gate ran."""
+    offline: it is tuning, not device traffic); with `device_scoring="agents"` every test device
+    is a device agent scoring on ONNX Runtime, with "torch" the devices' scoring stays batched in
+    torch. The result holds the report and the fitted IDEAL mapper, if that gate ran."""
     if mode not in ("inprocess", "network"):
         raise InvalidInput("mode", f"must be 'inprocess' or 'network', got {mode!r}")
+    if device_scoring not in DEVICE_SCORING:
+        raise InvalidInput("device_scoring", f"must be one of {DEVICE_SCORING}, got {device_scoring!r}")
     if mode == "network" and ckpt.generator is None:
         raise InvalidInput("model", "network mode needs a model with a generator")
     if mode == "network" and server is None and model_dir is None:
@@ -440,23 +446,44 @@ def run_simulation(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig
         raise
     proc = None
     try:
-        if mode == "network":
-            from paramcast.serve_process import ServeProcess
+        with tempfile.TemporaryDirectory(prefix="paramcast-sim-") as tmp:
+            if mode == "network":
+                from paramcast.serve_process import ServeProcess
 
-            if server is None:
-                t0 = time.perf_counter()
-                # A fleet's burst must queue, not be refused: a deep queue and generator batches of up to 256.
-                proc = ServeProcess(["--model", str(model_dir), "--threads", str(serve_threads), "--max-batch",
-                                     "256", "--max-delay-ms", "2.0", "--max-queue", "100000"])
-                server = proc.target
-                log.info("started paramcast serve on %s (%.1fs)", server, time.perf_counter() - t0)
-            sim.network = Network(server, ckpt.model_id, ckpt.base_version, cfg.encoding)
-        report = sim.run()
+                if server is None:
+                    t0 = time.perf_counter()
+                    # A fleet's burst must queue, not be refused: a deep queue and generator batches of up to 256.
+                    proc = ServeProcess(["--model", str(model_dir), "--threads", str(serve_threads), "--max-batch",
+                                         "256", "--max-delay-ms", "2.0", "--max-queue", "100000"])
+                    server = proc.target
+                    log.info("started paramcast serve on %s (%.1fs)", server, time.perf_counter() - t0)
+                package = device_package(ckpt, model_dir, f"{tmp}/package") if device_scoring == "agents" else None
+                sim.network = Network(server, ckpt.model_id, ckpt.base_version, cfg.encoding, scoring=device_scoring,
+                                      package_dir=str(package.path) if package is not None else None)
+            try:
+                report = sim.run()
+            finally:
+                sim.engine.close()  # the devices' clients and agents, before their folders go
     finally:
-        sim.engine.close()
         if proc is not None:
             proc.stop()
     if mode == "network":
-        report["network"] = {"server": server, "started_server": proc is not None,
-                             "devices": sim.test.tl.n_devices, "clients": sim.test.tl.n_devices}
+        test_steps = sim.test.tl.n_steps * len(report["policies"])
+        test_seconds = sum(p["seconds"] for p in report["policies"])
+        report["network"] = {"server": server, "started_server": proc is not None, "device_scoring": device_scoring,
+                             "devices": sim.test.tl.n_devices, "clients": sim.test.tl.n_devices,
+                             "device_steps": test_steps,
+                             "device_steps_per_s": test_steps / test_seconds if test_seconds else None}
     return SimulationResult(report, sim.mapper)
+
+
+def device_package(ckpt: Checkpoint, model_dir: str | None, out: str):
+    """The device package the agents run: `model_dir/package` when it is this checkpoint's, else exported."""
+    from paramcast.cloud.export import export_package
+    from paramcast.common.package import DevicePackage
+
+    if model_dir is not None and (Path(model_dir) / "package" / "manifest.json").is_file():
+        package = DevicePackage.load(Path(model_dir) / "package")
+        if package.model_id == ckpt.model_id and package.base_version == ckpt.base_version:
+            return package
+    return DevicePackage.load(export_package(ckpt, out))

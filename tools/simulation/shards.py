@@ -17,6 +17,7 @@ simulation.
 from __future__ import annotations
 
 import copy
+import tempfile
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -100,12 +101,14 @@ class Piece:
 
 @dataclass
 class Network:
-    """Where test devices get their bundles in network mode."""
+    """Where test devices get their bundles in network mode, and who scores for them."""
 
     target: str  # host:port of a ParamService
     model_id: str
     base_version: str
     encoding: str = "int8"
+    scoring: str = "agents"  # "agents": device agents on ONNX Runtime; "torch": batched scoring, requests on the wire
+    package_dir: str | None = None  # the device package the agents run (the same path on every worker)
     application: str | None = None  # Ray Serve application, when the server runs several
 
 
@@ -125,6 +128,7 @@ class ShardWorker:
         self.ckpt, self.encoding = ckpt, encoding
         self.scorer = Scorer(ckpt.device_model)
         self._sets: dict[str, dict[int, _Prepared]] = {}
+        self._agents: tempfile.TemporaryDirectory | None = None  # the device agents' stores, network mode
 
     def ready(self) -> bool:
         """Answers once the worker is up (a Ray actor has started and imported torch)."""
@@ -145,7 +149,7 @@ class ShardWorker:
         out = {}
         for sid in shard_ids:
             prep = self._sets[what][sid]
-            source = self._network_source(prep, network) if network is not None else None
+            source = self._network_source(prep, network, f"{what}-{sid}") if network is not None else None
             run = replay(copy.deepcopy(policy), prep.tl, prep.cache, self.scorer,
                          source or CacheSource(prep.cache, prep.tl.n_devices), start, shard_seed(seed, sid), name)
             piece = Piece(run.metrics, run.requested, run.received, run.gate)
@@ -156,14 +160,25 @@ class ShardWorker:
             out[sid] = piece
         return out
 
-    def _network_source(self, prep: _Prepared, network: Network) -> Source:
+    def _network_source(self, prep: _Prepared, network: Network, name: str) -> Source:
         if prep.source is None:
-            from paramcast.simulation.network import NetworkSource
+            from paramcast.simulation.network import AgentSource, NetworkSource
 
             g = self.ckpt.generator.cfg  # type: ignore[union-attr]
-            prep.source = NetworkSource(network.target, prep.tl, network.model_id, network.base_version,
-                                        g.slot_shapes, g.rank, g.window, network.encoding,
-                                        application=network.application)
+            if network.scoring == "agents":
+                from paramcast.common.package import DevicePackage
+
+                if network.package_dir is None:
+                    raise InvalidInput("package", "device agents need the device package")
+                if self._agents is None:
+                    self._agents = tempfile.TemporaryDirectory(prefix="paramcast-agents-")
+                prep.source = AgentSource(network.target, prep.tl, DevicePackage.load(network.package_dir), g.window,
+                                          network.encoding, root=f"{self._agents.name}/{name}",
+                                          application=network.application)
+            else:
+                prep.source = NetworkSource(network.target, prep.tl, network.model_id, network.base_version,
+                                            g.slot_shapes, g.rank, g.window, network.encoding,
+                                            application=network.application)
         return prep.source
 
     def close(self) -> None:
@@ -172,6 +187,9 @@ class ShardWorker:
                 if prep.source is not None:
                     prep.source.close()  # type: ignore[attr-defined]
                     prep.source = None
+        if self._agents is not None:
+            self._agents.cleanup()
+            self._agents = None
 
 
 def _mapper_examples(prep: _Prepared, scorer: Scorer, run: Run, steps: np.ndarray,
