@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.generator import Generator, GeneratorConfig
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig
 from paramcast.common.errors import ModelNotFound
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the cloud model, and a generator built on its encoder
 
 
 def weights_version(model: torch.nn.Module) -> str:
@@ -41,6 +42,7 @@ class ModelBundle:
     device: DeviceModel
     generator: Generator | None = None
     meta: dict = field(default_factory=dict)  # data, split, training history, metrics
+    cloud_model: CloudModel | None = None  # the teacher the generator distils; serves the `cloud` variant
 
     @functools.cached_property
     def base_version(self) -> str:
@@ -61,11 +63,15 @@ def save_bundle(bundle: ModelBundle, out: str | Path) -> Path:
         "generator_config": gen.cfg.to_dict() if gen is not None else None,
         "generator_state": {k: v.detach().cpu() for k, v in gen.state_dict().items()} if gen else None,
         "meta_json": json.dumps(bundle.meta),
+        "cloud_config": bundle.cloud_model.cfg.to_dict() if bundle.cloud_model is not None else None,
+        "cloud_state": ({k: v.detach().cpu() for k, v in bundle.cloud_model.state_dict().items()}
+                        if bundle.cloud_model is not None else None),
     }
     tmp = out / "bundle.pt.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, out / "bundle.pt")  # a crash mid-save leaves the previous bundle intact
-    info = {k: payload[k] for k in ("format", "model_id", "base_version", "device_config", "generator_config")}
+    info = {k: payload[k] for k in ("format", "model_id", "base_version", "device_config", "generator_config",
+                                    "cloud_config")}
     info["meta"] = bundle.meta
     (out / "bundle.json").write_text(json.dumps(info, indent=2))
     return out
@@ -87,7 +93,12 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> M
         generator = Generator(GeneratorConfig(**payload["generator_config"]))
         generator.load_state_dict(payload["generator_state"])
         generator.eval()
-    bundle = ModelBundle(payload["model_id"], device, generator, json.loads(payload["meta_json"]))
+    cloud = None
+    if payload["cloud_config"] is not None:
+        cloud = CloudModel(CloudModelConfig(**payload["cloud_config"]))
+        cloud.load_state_dict(payload["cloud_state"])
+        cloud.eval()
+    bundle = ModelBundle(payload["model_id"], device, generator, json.loads(payload["meta_json"]), cloud)
     if bundle.base_version != payload["base_version"]:
         raise ModelNotFound(f"{file}: weights do not match the recorded base version (corrupt file?)")
     return bundle

@@ -2,6 +2,7 @@
 
 A variant names which parameters score each case:
 - `static`           the device model alone;
+- `cloud`            the cloud model on the whole history: every interaction served by the cloud;
 - `generated`        a delta generated from the window ending at the evaluation point;
 - `slimmed@<keep>`   the generated delta plus the generated subnet at keep ratio <keep>;
 - `stale@<k>`        the delta generated k interactions before the evaluation point;
@@ -25,6 +26,7 @@ from paramcast.common.bundle import dequantize, quantize
 from paramcast.common.evaluation import (
     LeaveOneOut,
     full_ranking_scores,
+    gap_closed,
     metrics_from_scores,
     paired_difference,
     sample_negatives,
@@ -32,8 +34,8 @@ from paramcast.common.evaluation import (
 )
 from paramcast.common.interactions import InteractionLog
 
-DEFAULT_VARIANTS = ("static", "generated", "slimmed@0.25", "slimmed@0.5", "slimmed@0.75",
-                    "stale@5", "stale@20", "stale@50", "int8")
+DEFAULT_VARIANTS = ("static", "generated", "cloud", "slimmed@0.25", "slimmed@0.5", "slimmed@0.75",
+                    "stale@1", "stale@5", "stale@20", "int8")
 _NEGATIVES: dict[tuple, np.ndarray] = {}
 
 
@@ -53,9 +55,9 @@ def _parse(variant: str) -> tuple[str, float | int | str | None]:
         return "stale", int(variant.split("@", 1)[1])
     if variant in ("int8", "fp16", "fp32"):
         return "encoded", variant
-    if variant in ("static", "generated"):
+    if variant in ("static", "generated", "cloud"):
         return variant, None
-    raise ValueError(f"unknown variant {variant!r}; known: static, generated, slimmed@K, stale@K, int8, fp16")
+    raise ValueError(f"unknown variant {variant!r}; known: static, generated, cloud, slimmed@K, stale@K, int8, fp16")
 
 
 def _encoded(adapters, encoding: str):
@@ -77,6 +79,11 @@ def score_cases(bundle: ModelBundle, histories: Sequence[np.ndarray], candidates
     model = bundle.device.eval()
     L = model.cfg.max_len
     out = np.empty(candidates.shape, dtype=np.float32)
+    if kind == "cloud":
+        if bundle.cloud_model is None:
+            raise ValueError(f"model {bundle.model_id} has no cloud model; train it with the cloud stage")
+        cloud = bundle.cloud_model.eval()
+        L = cloud.cfg.max_len
     # Score in order of history length so each chunk pads only to its own longest history.
     order = np.argsort([len(h) for h in histories], kind="stable")
     for start in range(0, len(order), batch):
@@ -84,6 +91,9 @@ def score_cases(bundle: ModelBundle, histories: Sequence[np.ndarray], candidates
         hist = [histories[i] for i in rows]
         seq = left_pad(hist, L, trim=True)
         cand = torch.as_tensor(candidates[rows])
+        if kind == "cloud":
+            out[rows] = cloud.score(seq, cand).numpy()
+            continue
         adapters, masks = None, None
         if kind != "static":
             windows = [h[: len(h) - int(arg)] if kind == "stale" and arg else h for h in hist]  # type: ignore[arg-type]
@@ -132,7 +142,9 @@ def evaluate(bundle: ModelBundle, data: InteractionLog, variants: Sequence[str] 
         raise InvalidInput("data", f"has {data.n_items} items but model {bundle.model_id} was trained on "
                                    f"{bundle.device.cfg.n_items}; evaluate on the data it was trained on")
     if variants is None:
-        variants = DEFAULT_VARIANTS if bundle.generator is not None else ("static",)
+        variants = tuple(v for v in DEFAULT_VARIANTS
+                         if (v == "static") or (v == "cloud" and bundle.cloud_model is not None)
+                         or (v != "cloud" and bundle.generator is not None))
     cold_raw = set(bundle.meta.get("split", {}).get("cold_users", []))
     is_cold = np.array([u in cold_raw for u in data.user_raw_ids])
     warm, cold = np.nonzero(~is_cold)[0], np.nonzero(is_cold)[0]
@@ -142,8 +154,13 @@ def evaluate(bundle: ModelBundle, data: InteractionLog, variants: Sequence[str] 
         report[v] = summarize(m, seed=seed)
     if "generated" in warm_metrics:
         report["generated-static"] = paired_difference(warm_metrics["generated"], warm_metrics["static"], seed)
+    if "cloud" in warm_metrics:
+        report["cloud-static"] = paired_difference(warm_metrics["cloud"], warm_metrics["static"], seed)
+    if "cloud" in warm_metrics and "generated" in warm_metrics:
+        report["gap_closed"] = gap_closed(warm_metrics["generated"], warm_metrics["static"], warm_metrics["cloud"],
+                                          seed=seed)
     if len(cold):
-        cold_variants = [v for v in ("static", "generated") if v in variants]
+        cold_variants = [v for v in ("static", "generated", "cloud") if v in variants]
         cold_metrics = per_user_metrics(bundle, data, cold, stage, cold_variants, seed, full)
         for v, m in cold_metrics.items():
             report[f"cold:{v}"] = summarize(m, seed=seed)

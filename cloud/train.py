@@ -1,12 +1,17 @@
-"""Training: the static device model first, then the generator with the static weights frozen.
+"""Training: the static device model, the cloud model, then the generator that distils the cloud
+model into per-device deltas, with both models frozen.
 
-Stage 1 trains SASRec with softmax cross-entropy over the catalogue (or over shared sampled
-negatives for very large catalogues); Klenitskiy & Vasilev (RecSys 2023) showed this reaches the
-original binary-loss quality in far fewer epochs. Stage 2 is DUET's setting: the device model is
-frozen and the generator learns to emit deltas (and masks) from a window of the user's past that
-ends at a random cut; the loss is the next items after the cut, so the generator learns what a
-fresh or slightly stale delta should do. Both stages stop early on validation NDCG@10 and keep the
-best weights; runs are reproducible for a seed.
+Stage 1 trains the device model (SASRec sized for a device) with softmax cross-entropy over the
+catalogue (or over shared sampled negatives for very large catalogues); Klenitskiy & Vasilev
+(RecSys 2023) showed this reaches the original binary-loss quality in far fewer epochs. The cloud
+stage trains the cloud model (cloud/cloud_model.py: whole history, wider, deeper, side features)
+the same way on the same users. The generator stage is DUET's setting with a teacher: the device
+model is frozen and the generator, reading the cloud model's view of the history up to a random
+cut plus the device's own state there, emits a delta (and masks); the loss is cross-entropy on the
+next items after the cut plus the KL divergence from the cloud model's next-item distribution at
+those positions, so the device with its delta ranks as the cloud does, and keeps doing so for a
+while as its window moves on. Every stage stops early on validation NDCG@10 and keeps the best
+weights; runs are reproducible for a seed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from paramcast.cloud.checkpoint import ModelBundle
-from paramcast.cloud.generator import KEEP_RATIOS, Generator, GeneratorConfig, window_batch
+from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
+from paramcast.cloud.generator import KEEP_RATIOS, Generator, build_generator, window_batch
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
 from paramcast.common.evaluation import LeaveOneOut
 from paramcast.common.interactions import InteractionLog
@@ -51,6 +57,8 @@ class TrainConfig:
     gen_batch_size: int = 32
     gen_patience: int = 5
     horizon: int = 4  # next items after the cut that a generated delta is trained on
+    distill_weight: float = 1.0  # weight of KL(cloud || device + delta) beside the true next items
+    distill_temperature: float = 1.0
     # Last training items per user kept from stage 1 and used only as stage-2 targets: the generator
     # then learns on transitions the frozen device model never fitted, as it will be used online.
     gen_holdout: int = 0
@@ -127,7 +135,7 @@ class Trainer:
         self.evaluator = evaluator  # (bundle, users, stage, variants) -> {variant: per-user metrics}
         self.rng = np.random.default_rng(cfg.seed)
         self.torch_gen = torch.Generator().manual_seed(cfg.seed)
-        self.history: dict[str, list] = {"static": [], "generator": []}
+        self.history: dict[str, list] = {"static": [], "cloud": [], "generator": []}
 
     # -- stage 1 ----------------------------------------------------------------------------------
     def _batch_order(self, seqs: list[np.ndarray], bs: int) -> list[np.ndarray]:
@@ -145,10 +153,9 @@ class Trainer:
             batches.extend(part[i:i + bs] for i in range(0, len(part), bs))
         return [batches[i] for i in self.rng.permutation(len(batches))]
 
-    def _static_batches(self):
-        L = self.model_cfg.max_len
-        for idx in self._batch_order(self.static_seqs, self.cfg.batch_size):
-            x = left_pad([self.static_seqs[i] for i in idx], L + 1, trim=True)  # (B, T+1)
+    def _sequence_batches(self, seqs: list[np.ndarray], max_len: int):
+        for idx in self._batch_order(seqs, self.cfg.batch_size):
+            x = left_pad([seqs[i] for i in idx], max_len + 1, trim=True)  # (B, T+1)
             yield x[:, :-1], x[:, 1:]  # inputs, next items
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
@@ -189,21 +196,37 @@ class Trainer:
         selected.load_state_dict(best_state)
         return best
 
-    def train_static(self) -> DeviceModel:
+    def _train_next_item(self, stage: str, model: DeviceModel | CloudModel, seqs: list[np.ndarray], max_len: int,
+                         random_masks: bool, validate) -> None:
+        """Next-item training of one model on `seqs` (stage 1 and the cloud stage)."""
         cfg, dev = self.cfg, self.device
-        model = DeviceModel(self.model_cfg).to(dev)
 
         def step(batch) -> torch.Tensor:
             inp, tgt = (t.to(dev) for t in batch)
-            masks = self._random_masks(model, len(inp)) if self.rng.random() < cfg.slim_train_prob else None
+            masks = None
+            if random_masks and self.rng.random() < cfg.slim_train_prob:
+                assert isinstance(model, DeviceModel)
+                masks = self._random_masks(model, len(inp))
             states = model.user_states(inp, None, masks)  # (B, L, d)
             keep = tgt > 0
-            return _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items, self.torch_gen)
+            return _ce_loss(states[keep], tgt[keep], model.output_table(), cfg, self.data.n_items, self.torch_gen)
 
-        self._fit("static", model, list(model.parameters()), cfg.lr, self._static_batches,
-                  -(-len(self.static_seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience,
-                  lambda: self._valid_ndcg(ModelBundle("train", model), ["static"]), model.train)
+        self._fit(stage, model, list(model.parameters()), cfg.lr, lambda: self._sequence_batches(seqs, max_len),
+                  -(-len(seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience, validate, model.train)
+
+    def train_static(self) -> DeviceModel:
+        model = DeviceModel(self.model_cfg).to(self.device)
+        self._train_next_item("static", model, self.static_seqs, self.model_cfg.max_len, True,
+                              lambda: self._valid_ndcg(ModelBundle("train", model), ["static"]))
         return model.eval()
+
+    def train_cloud(self, device_model: DeviceModel, cloud_cfg: CloudModelConfig) -> CloudModel:
+        """The cloud model, on every training item (the generator's holdout is a device-side matter)."""
+        cloud = CloudModel.for_data(cloud_cfg, self.data.item_features).to(self.device)
+        self._train_next_item("cloud", cloud, self.train_seqs, cloud_cfg.max_len, False,
+                              lambda: self._valid_ndcg(ModelBundle("train", device_model, cloud_model=cloud),
+                                                       ["cloud"]))
+        return cloud.eval()
 
     def _random_masks(self, model: DeviceModel, batch: int) -> dict[str, torch.Tensor]:
         """Per-sample random subnets at one keep ratio drawn from KEEP_RATIOS."""
@@ -215,9 +238,13 @@ class Trainer:
             masks[group] = torch.zeros(batch, n).scatter_(-1, top, 1.0).to(self.device)
         return masks
 
-    # -- stage 2 ----------------------------------------------------------------------------------
-    def _generator_batches(self, window: int):
-        """(window, device inputs, targets with only post-cut positions kept) per batch."""
+    # -- generator stage ----------------------------------------------------------------------
+    def _generator_batches(self, window: int, cloud_len: int):
+        """(history window, device window, device inputs, cloud inputs, targets) per batch.
+
+        A cut c is drawn per sequence; the generator sees s[:c] (its last `window` items), the
+        device model its last `max_len`, and the loss covers the `horizon` positions after the cut,
+        where the device runs on its own window with the delta made at the cut."""
         L, S = self.model_cfg.max_len, self.cfg.horizon
         h = self.cfg.gen_holdout
         for idx in self._batch_order(self.train_seqs, self.cfg.gen_batch_size):
@@ -232,42 +259,55 @@ class Trainer:
                 t = s[1:end].copy()
                 t[: cut - 1] = 0  # targets before the cut would leak into the window
                 targets.append(t)
-            yield window_batch(windows, window), left_pad(inputs, L, trim=True), left_pad(targets, L, trim=True)
+            yield (window_batch(windows, window), left_pad(windows, L, trim=True), left_pad(inputs, L, trim=True),
+                   left_pad(inputs, cloud_len, trim=True), left_pad(targets, L, trim=True))
 
-    def train_generator(self, model: DeviceModel) -> Generator:
+    def train_generator(self, model: DeviceModel, cloud: CloudModel) -> Generator:
         cfg, dev = self.cfg, self.device
-        gcfg = GeneratorConfig(n_items=self.data.n_items, slot_shapes=model.slot_shapes(),
-                               unit_groups=model.unit_groups(), item_dim=model.cfg.hidden, **self.gen_overrides)
-        gen = Generator(gcfg).to(dev)
-        if gcfg.shared_items:
-            gen.share_item_embeddings(model.item_emb.weight)
+        gen = build_generator(model, cloud, **self.gen_overrides)
+        gcfg = gen.cfg
         params = [p for p in gen.parameters() if p.requires_grad]
         if cfg.joint:
             params += list(model.parameters())
         else:
             model.requires_grad_(False)
+        cloud.requires_grad_(False)
         # Selection: the generator makes deltas and subnets, so it is judged on both when it learns both.
         selection = ["generated"] + (["slimmed@0.5"] if cfg.slim_prob > 0 else [])
+        T = cfg.distill_temperature
 
         def step(batch) -> torch.Tensor:
-            win, inp, tgt = (t.to(dev) for t in batch)
-            out = gen(win)
+            win, dev_win, inp, cloud_inp, tgt = (t.to(dev) for t in batch)
+            with torch.no_grad():
+                device_state = model.user_states(dev_win)[:, -1]  # (B, d): the base model at the cut
+                teacher = cloud.encode(cloud_inp)[:, -inp.shape[1]:]  # (B, T, D), aligned on the right
+            out = gen(win, device_state)
             masks = None
             if self.rng.random() < cfg.slim_prob:
                 masks = out.masks(float(self.rng.choice(KEEP_RATIOS)), straight_through=True)
-            states = model.user_states(inp, out.adapters, masks)  # (B, L, d)
+            states = model.user_states(inp, out.adapters, masks)  # (B, T, d)
             keep = tgt > 0
-            return _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items, self.torch_gen)
+            # Column 0 (padding) is never a target: drop it rather than mask it, so the KL has no -inf.
+            student = (states[keep] @ model.output_table().T)[:, 1:]  # (P, n_items)
+            loss = F.cross_entropy(student, tgt[keep] - 1)
+            if cfg.distill_weight > 0:
+                with torch.no_grad():
+                    target_logp = F.log_softmax((teacher[keep] @ cloud.output_table().T)[:, 1:] / T, dim=-1)
+                kl = F.kl_div(F.log_softmax(student / T, dim=-1), target_logp, log_target=True, reduction="batchmean")
+                loss = loss + cfg.distill_weight * T * T * kl
+            return loss
 
         def train_modes(on: bool) -> None:
             gen.train(on)
             model.train(on and cfg.joint)
 
         train_modes(False)
-        self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window),
+        self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window, cloud.cfg.max_len),
                   -(-len(self.train_seqs) // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
-                  lambda: self._valid_ndcg(ModelBundle("train", model, gen), selection), train_modes)
+                  lambda: self._valid_ndcg(ModelBundle("train", model, gen, cloud_model=cloud), selection),
+                  train_modes)
         model.requires_grad_(True)
+        cloud.requires_grad_(True)
         return gen.eval()
 
     def _valid_ndcg(self, bundle: ModelBundle, variants: list[str]) -> float:
@@ -277,27 +317,49 @@ class Trainer:
 
 
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
-          gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "generator")) -> ModelBundle:
-    """Run the stages and return the model bundle (the caller saves it)."""
+          gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "cloud", "generator"),
+          cloud_cfg: CloudModelConfig | None = None, start: ModelBundle | None = None) -> ModelBundle:
+    """Run the stages and return the model bundle (the caller saves it). The generator stage needs
+    a cloud model: the one it reads and distils. `start` supplies already trained models: its device
+    model replaces the static stage (so the base version stays), its cloud model the cloud stage
+    unless that stage is asked for."""
     from paramcast.cloud.evaluate import per_user_metrics
 
+    has_cloud = "cloud" in stages or (start is not None and start.cloud_model is not None)
+    if "generator" in stages and not has_cloud:
+        raise ValueError("the generator stage distils the cloud model: add the cloud stage")
     t0 = time.perf_counter()
-    trainer = Trainer(data, model_cfg, gen_cfg or {}, cfg, per_user_metrics)
-    model = trainer.train_static()
-    t_static = time.perf_counter() - t0
-    gen = trainer.train_generator(model) if "generator" in stages else None
+    trainer = Trainer(data, model_cfg if start is None else start.device.cfg, gen_cfg or {}, cfg, per_user_metrics)
+    seconds = {}
+    if start is None:
+        model = trainer.train_static()
+        seconds["static"] = time.perf_counter() - t0
+    else:
+        model = start.device.to(trainer.device).eval()
+    cloud = start.cloud_model.to(trainer.device).eval() if start is not None and start.cloud_model else None
+    if "cloud" in stages:
+        t1 = time.perf_counter()
+        cloud = trainer.train_cloud(model, cloud_cfg or CloudModelConfig(n_items=data.n_items))
+        seconds["cloud"] = time.perf_counter() - t1
+    gen = None
+    if "generator" in stages:
+        assert cloud is not None
+        t1 = time.perf_counter()
+        gen = trainer.train_generator(model, cloud)
+        seconds["generator"] = time.perf_counter() - t1
+    seconds["total"] = time.perf_counter() - t0
     meta = {
         "data": {"name": data.name, "source": data.source, "n_items": data.n_items, "users": data.n_users,
                  "interactions": data.n_interactions},
         "split": {"cold_fraction": cfg.cold_fraction, "seed": cfg.seed,
                   "cold_users": [data.user_raw_ids[u] for u in trainer.cold]},
         "train_config": cfg.to_dict(),
-        "history": trainer.history,
-        "seconds": {"static": t_static, "total": time.perf_counter() - t0},
+        "history": trainer.history if start is None else {**start.meta.get("history", {}), **{
+            k: v for k, v in trainer.history.items() if v}},
+        "seconds": seconds,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
     model_id = f"sasrec-{data.name}"
-    return ModelBundle(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta)
-
-
+    return ModelBundle(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta,
+                       cloud.cpu() if cloud is not None else None)

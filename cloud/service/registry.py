@@ -71,6 +71,7 @@ class ModelRegistry:
         archive = _package_archive(bundle, version, package_dir)
         generator = cast(Generator, bundle.generator)  # ModelBundle types it as any nn.Module
         generator.to(self.device).eval()
+        bundle.device.to(self.device).eval()  # the generator reads the device model's state for each window
         served = ServedModel(
             model_id=bundle.model_id,
             version=version,

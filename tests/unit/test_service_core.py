@@ -18,8 +18,9 @@ import torch
 from device_fixtures import RANK, tiny_bundle, tiny_package
 
 from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.generation import generate_bundles
-from paramcast.cloud.generator import Generator, GeneratorConfig
+from paramcast.cloud.generator import build_generator
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.batcher import MicroBatcher
 from paramcast.cloud.service.core import GenerateCall, Limits, ServiceCore
@@ -53,8 +54,9 @@ def with_generator(bundle: ModelBundle, seed: int = 0) -> ModelBundle:
     """The bundle plus a random generator whose B heads are non-zero (so deltas are not trivially 0)."""
     torch.manual_seed(seed)
     model = bundle.device
-    gen = Generator(GeneratorConfig(n_items=model.cfg.n_items, slot_shapes=model.slot_shapes(),
-                                    unit_groups=model.unit_groups(), window=WINDOW, width=16, n_layers=1, rank=RANK))
+    cloud = CloudModel(CloudModelConfig(n_items=model.cfg.n_items, hidden=16, n_blocks=1, ffn_units=16,
+                                        max_len=WINDOW))
+    gen = build_generator(model, cloud, width=16, rank=RANK)
     with torch.no_grad():
         for head in gen.b_heads.values():
             head.weight.normal_(0, 0.05)

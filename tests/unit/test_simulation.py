@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from paramcast.cloud.checkpoint import ModelBundle, save_bundle
+from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.generation import generate_bundles, generate_parameters
-from paramcast.cloud.generator import Generator, GeneratorConfig
+from paramcast.cloud.generator import build_generator
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
 from paramcast.common.evaluation import metrics_from_scores
 from paramcast.common.interactions import InteractionLog
@@ -42,8 +43,8 @@ def bundle(data) -> ModelBundle:
     torch.manual_seed(0)
     model = DeviceModel(DeviceModelConfig(n_items=N_ITEMS, hidden=8, ffn_units=8, head_units=8, max_len=12,
                                           dropout=0.0)).eval()
-    gen = Generator(GeneratorConfig(n_items=N_ITEMS, slot_shapes=model.slot_shapes(), unit_groups=model.unit_groups(),
-                                    window=12, width=16, n_layers=1, rank=2, dropout=0.0)).eval()
+    cloud = CloudModel(CloudModelConfig(n_items=N_ITEMS, hidden=8, n_blocks=1, ffn_units=8, max_len=16, dropout=0.0))
+    gen = build_generator(model, cloud, width=16, rank=2, dropout=0.0).eval()
     with torch.no_grad():  # untrained B heads are zero (the static model); give deltas that change scores
         for head in gen.b_heads.values():
             head.weight.normal_(0, 0.5)

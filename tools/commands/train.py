@@ -1,4 +1,5 @@
-"""`paramcast train`: the static device model, then the generator (DUET's two stages), into a model bundle."""
+"""`paramcast train`: the static device model, the cloud model, then the generator that distils the cloud model
+into per-device deltas, into a model bundle."""
 
 from __future__ import annotations
 
@@ -16,19 +17,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset folder or interaction file")
     p.add_argument("--format", choices=FORMATS, help="skip format detection")
     p.add_argument("--out", required=True, metavar="DIR", help="model bundle directory to write")
-    p.add_argument("--stages", default="static,generator", help="comma list of: static, generator")
+    p.add_argument("--stages", default="static,cloud,generator",
+                   help="comma list of: static, cloud, generator (the generator distils the cloud model)")
+    p.add_argument("--start", metavar="DIR",
+                   help="model bundle whose trained models are kept: its device model (base version unchanged) "
+                        "and, unless --stages has cloud, its cloud model; the listed later stages are retrained")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Defaults sized for a phone: DUET's device model (hidden 32, one block) over a 50-item window.
     m = p.add_argument_group("device model")
-    m.add_argument("--hidden", type=int, default=64)
-    m.add_argument("--blocks", type=int, default=2)
+    m.add_argument("--hidden", type=int, default=32)
+    m.add_argument("--blocks", type=int, default=1)
     m.add_argument("--heads", type=int, default=1)
-    m.add_argument("--ffn-units", type=int, default=64)
-    m.add_argument("--head-units", type=int, default=128)
-    m.add_argument("--max-len", type=int, default=50)
+    m.add_argument("--ffn-units", type=int, default=32)
+    m.add_argument("--head-units", type=int, default=64)
+    m.add_argument("--max-len", type=int, default=50, help="the device's window: items its model reads")
     m.add_argument("--dropout", type=float, default=0.5)
+    c = p.add_argument_group("cloud model (the generator's encoder and teacher)")
+    c.add_argument("--cloud-hidden", type=int, default=128)
+    c.add_argument("--cloud-blocks", type=int, default=2)
+    c.add_argument("--cloud-heads", type=int, default=2)
+    c.add_argument("--cloud-ffn-units", type=int, default=256)
+    c.add_argument("--cloud-dropout", type=float, default=0.2)
+    c.add_argument("--window", type=int, default=200,
+                   help="history items the cloud model reads, and so the generator (the cloud model's max-len)")
     t = p.add_argument_group("static stage")
     t.add_argument("--epochs", type=int, default=200, help="upper bound; early stopping on validation NDCG@10")
     t.add_argument("--batch-size", type=int, default=128)
@@ -43,11 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--gen-epochs", type=int, default=30)
     g.add_argument("--gen-lr", type=float, default=1e-4)
     g.add_argument("--gen-patience", type=int, default=5)
-    g.add_argument("--window", type=int, default=50, help="behaviour window length N the generator reads")
     g.add_argument("--rank", type=int, default=4, help="rank r of generated factors")
-    g.add_argument("--gen-width", type=int, default=64)
-    g.add_argument("--gen-layers", type=int, default=1)
-    g.add_argument("--gen-dropout", type=float, default=0.3)
+    g.add_argument("--gen-width", type=int, default=256, help="width of the generator's MLP")
+    g.add_argument("--gen-dropout", type=float, default=0.1)
+    g.add_argument("--tune-encoder", action="store_true",
+                   help="fine-tune the generator's copy of the cloud encoder (default: frozen teacher)")
+    g.add_argument("--distill-weight", type=float, default=1.0,
+                   help="weight of KL(cloud model || device + delta) beside the true next items")
+    g.add_argument("--distill-temperature", type=float, default=1.0)
     g.add_argument("--gen-holdout", type=int, default=0,
                    help="last training items per user kept from stage 1 as stage-2-only targets")
     g.add_argument("--horizon", type=int, default=4, help="next items after the cut a delta is trained on")
@@ -59,16 +76,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from paramcast.cloud.checkpoint import save_bundle
+    from paramcast.cloud.checkpoint import load_bundle, save_bundle
+    from paramcast.cloud.cloud_model import CloudModelConfig
     from paramcast.cloud.model import DeviceModelConfig
     from paramcast.cloud.train import TrainConfig, train
     from paramcast.common.data import load_interactions
     from paramcast.common.errors import InvalidInput
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    unknown = set(stages) - {"static", "generator"}
-    if unknown or "static" not in stages:
-        raise InvalidInput("--stages", f"must include 'static' and may add 'generator'; got {args.stages!r}")
+    unknown = set(stages) - {"static", "cloud", "generator"}
+    if unknown or ("static" not in stages and not args.start) or ("static" in stages and args.start):
+        raise InvalidInput("--stages", "must include 'static' (or, with --start, leave it out) and may add 'cloud', "
+                                       f"then 'generator' (which distils the cloud model); got {args.stages!r}")
+    start = load_bundle(args.start) if args.start else None
+    if "generator" in stages and "cloud" not in stages and (start is None or start.cloud_model is None):
+        raise InvalidInput("--stages", "the generator distils the cloud model: add 'cloud' or --start a model "
+                                       "bundle that has one")
     data = load_interactions(args.data, format=args.format)
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
                                   ffn_units=args.ffn_units, head_units=args.head_units, max_len=args.max_len,
@@ -78,21 +101,28 @@ def run(args: argparse.Namespace) -> int:
                       threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
                       gen_epochs=args.gen_epochs, gen_lr=args.gen_lr, gen_patience=args.gen_patience,
                       horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint, gen_holdout=args.gen_holdout,
-                      slim_train_prob=args.slim_train_prob,
-                      progress=not args.no_progress)
-    gen_cfg = {"window": args.window, "rank": args.rank, "width": args.gen_width, "n_layers": args.gen_layers,
-               "dropout": args.gen_dropout}
+                      slim_train_prob=args.slim_train_prob, distill_weight=args.distill_weight,
+                      distill_temperature=args.distill_temperature, progress=not args.no_progress)
+    cloud_cfg = CloudModelConfig(n_items=data.n_items, hidden=args.cloud_hidden, n_blocks=args.cloud_blocks,
+                                 n_heads=args.cloud_heads, ffn_units=args.cloud_ffn_units, max_len=args.window,
+                                 dropout=args.cloud_dropout)
+    gen_cfg = {"rank": args.rank, "width": args.gen_width, "dropout": args.gen_dropout,
+               "tune_encoder": args.tune_encoder}
     t0 = time.perf_counter()
-    bundle = train(data, args.out, model_cfg, cfg, gen_cfg, stages)
+    bundle = train(data, args.out, model_cfg, cfg, gen_cfg, stages, cloud_cfg, start)
     bundle.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     bundle.meta["wall_seconds"] = time.perf_counter() - t0
     out = save_bundle(bundle, args.out)
     summary = {"model_id": bundle.model_id, "base_version": bundle.base_version, "out": str(out),
                "seconds": round(bundle.meta["wall_seconds"], 1), "peak_rss_mib": round(bundle.meta["peak_rss_mib"]),
                "device_parameters": bundle.device.n_parameters()}
+    if bundle.cloud_model is not None:
+        summary.update(cloud_parameters=bundle.cloud_model.n_parameters(),
+                       cloud_flops_per_request=bundle.cloud_model.flops_per_request())
     if bundle.generator is not None:
         summary.update(generator_parameters=bundle.generator.n_parameters(),
                        generated_parameters_per_device=bundle.generator.generated_parameters_per_device(),
-                       generator_flops_per_bundle=bundle.generator.flops_per_bundle())
+                       generator_flops_per_bundle=bundle.generator.flops_per_bundle(
+                           bundle.device.flops_per_user(0)))
     print(json.dumps(summary, indent=2))
     return 0
