@@ -1,4 +1,4 @@
-"""Side-by-side evaluation of a model bundle's variants under the SASRec protocol.
+"""Side-by-side evaluation of a checkpoint's variants under the SASRec protocol.
 
 A variant names which parameters score each case:
 - `static`           the device model alone;
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from paramcast.cloud.checkpoint import ModelBundle
-from paramcast.cloud.generation import generate_parameters
+from paramcast.cloud.bundles import generate_parameters
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import left_pad
 from paramcast.common.bundle import dequantize, quantize
 from paramcast.common.evaluation import (
@@ -72,17 +72,17 @@ def _encoded(adapters, encoding: str):
 
 
 @torch.no_grad()
-def score_cases(bundle: ModelBundle, histories: Sequence[np.ndarray], candidates: np.ndarray, variant: str,
+def score_cases(ckpt: Checkpoint, histories: Sequence[np.ndarray], candidates: np.ndarray, variant: str,
                 batch: int = 1024) -> np.ndarray:
     """(U, C) scores of `candidates` for each history under `variant`."""
     kind, arg = _parse(variant)
-    model = bundle.device.eval()
+    model = ckpt.device_model.eval()
     L = model.cfg.max_len
     out = np.empty(candidates.shape, dtype=np.float32)
     if kind == "cloud":
-        if bundle.cloud_model is None:
-            raise ValueError(f"model {bundle.model_id} has no cloud model; train it with the cloud stage")
-        cloud = bundle.cloud_model.eval()
+        if ckpt.cloud_model is None:
+            raise ValueError(f"model {ckpt.model_id} has no cloud model; train it with the cloud stage")
+        cloud = ckpt.cloud_model.eval()
         L = cloud.cfg.max_len
     # Score in order of history length so each chunk pads only to its own longest history.
     order = np.argsort([len(h) for h in histories], kind="stable")
@@ -98,14 +98,14 @@ def score_cases(bundle: ModelBundle, histories: Sequence[np.ndarray], candidates
         if kind != "static":
             windows = [h[: len(h) - int(arg)] if kind == "stale" and arg else h for h in hist]  # type: ignore[arg-type]
             keep = float(arg) if kind == "slimmed" else None  # type: ignore[arg-type]
-            adapters, masks = generate_parameters(bundle, windows, keep)
+            adapters, masks = generate_parameters(ckpt, windows, keep)
             if kind == "encoded":
                 adapters = _encoded(adapters, str(arg))
         out[rows] = model.score(seq, cand, adapters, masks).numpy()
     return out
 
 
-def per_user_metrics(bundle: ModelBundle, data: InteractionLog, users: np.ndarray, stage: str,
+def per_user_metrics(ckpt: Checkpoint, data: InteractionLog, users: np.ndarray, stage: str,
                      variants: Sequence[str], seed: int = 0, full: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """{variant: {metric: (U,) per-user values}} for the evaluation users among `users`.
 
@@ -118,7 +118,7 @@ def per_user_metrics(bundle: ModelBundle, data: InteractionLog, users: np.ndarra
     targets = np.array([t for _, t in cases], dtype=np.int64)
     if not full:
         cand = np.concatenate([targets[:, None], negatives_for(data, eval_users, stage, seed)], axis=1)
-        return {v: metrics_from_scores(score_cases(bundle, histories, cand, v)) for v in variants}
+        return {v: metrics_from_scores(score_cases(ckpt, histories, cand, v)) for v in variants}
     catalogue = np.arange(data.n_items + 1, dtype=np.int64)
     out: dict[str, dict[str, list]] = {v: {} for v in variants}
     for start in range(0, len(cases), 512):  # (512, n_items + 1) scores at a time bounds memory
@@ -126,30 +126,30 @@ def per_user_metrics(bundle: ModelBundle, data: InteractionLog, users: np.ndarra
         hist = histories[rows]
         cand = np.broadcast_to(catalogue, (len(hist), len(catalogue)))
         for v in variants:
-            scores = full_ranking_scores(score_cases(bundle, hist, cand, v), targets[rows],
+            scores = full_ranking_scores(score_cases(ckpt, hist, cand, v), targets[rows],
                                          [data.sequences[int(u)] for u in eval_users[rows]])
             for m, vals in metrics_from_scores(scores).items():
                 out[v].setdefault(m, []).append(vals)
     return {v: {m: np.concatenate(parts) for m, parts in ms.items()} for v, ms in out.items()}
 
 
-def evaluate(bundle: ModelBundle, data: InteractionLog, variants: Sequence[str] | None = None,
+def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | None = None,
              stage: str = "test", seed: int = 0, full: bool = False) -> dict:
     """The `paramcast evaluate --json` document: variant -> metric -> {value, ci}, plus paired diffs."""
-    if data.n_items != bundle.device.cfg.n_items:
+    if data.n_items != ckpt.device_model.cfg.n_items:
         from paramcast.common.errors import InvalidInput
 
-        raise InvalidInput("data", f"has {data.n_items} items but model {bundle.model_id} was trained on "
-                                   f"{bundle.device.cfg.n_items}; evaluate on the data it was trained on")
+        raise InvalidInput("data", f"has {data.n_items} items but model {ckpt.model_id} was trained on "
+                                   f"{ckpt.device_model.cfg.n_items}; evaluate on the data it was trained on")
     if variants is None:
         variants = tuple(v for v in DEFAULT_VARIANTS
-                         if (v == "static") or (v == "cloud" and bundle.cloud_model is not None)
-                         or (v != "cloud" and bundle.generator is not None))
-    cold_raw = set(bundle.meta.get("split", {}).get("cold_users", []))
+                         if (v == "static") or (v == "cloud" and ckpt.cloud_model is not None)
+                         or (v != "cloud" and ckpt.generator is not None))
+    cold_raw = set(ckpt.meta.get("split", {}).get("cold_users", []))
     is_cold = np.array([u in cold_raw for u in data.user_raw_ids])
     warm, cold = np.nonzero(~is_cold)[0], np.nonzero(is_cold)[0]
     report: dict = {}
-    warm_metrics = per_user_metrics(bundle, data, warm, stage, variants, seed, full)
+    warm_metrics = per_user_metrics(ckpt, data, warm, stage, variants, seed, full)
     for v, m in warm_metrics.items():
         report[v] = summarize(m, seed=seed)
     if "generated" in warm_metrics:
@@ -161,7 +161,7 @@ def evaluate(bundle: ModelBundle, data: InteractionLog, variants: Sequence[str] 
                                           seed=seed)
     if len(cold):
         cold_variants = [v for v in ("static", "generated", "cloud") if v in variants]
-        cold_metrics = per_user_metrics(bundle, data, cold, stage, cold_variants, seed, full)
+        cold_metrics = per_user_metrics(ckpt, data, cold, stage, cold_variants, seed, full)
         for v, m in cold_metrics.items():
             report[f"cold:{v}"] = summarize(m, seed=seed)
         if "generated" in cold_metrics:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.generator import KEEP_RATIOS, Generator, build_generator, window_batch
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
@@ -119,7 +119,7 @@ class Trainer:
     def __init__(self, data: InteractionLog, model_cfg: DeviceModelConfig, gen_cfg: dict, cfg: TrainConfig,
                  evaluator):
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
-        self.device = resolve_device(cfg.device)
+        self.torch_device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -132,7 +132,7 @@ class Trainer:
         if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
             rng = np.random.default_rng(cfg.seed)
             self.valid_users = np.sort(rng.choice(self.valid_users, cfg.valid_users, replace=False))
-        self.evaluator = evaluator  # (bundle, users, stage, variants) -> {variant: per-user metrics}
+        self.evaluator = evaluator  # (ckpt, users, stage, variants) -> {variant: per-user metrics}
         self.rng = np.random.default_rng(cfg.seed)
         self.torch_gen = torch.Generator().manual_seed(cfg.seed)
         self.history: dict[str, list] = {"static": [], "cloud": [], "generator": []}
@@ -199,7 +199,7 @@ class Trainer:
     def _train_next_item(self, stage: str, model: DeviceModel | CloudModel, seqs: list[np.ndarray], max_len: int,
                          random_masks: bool, validate) -> None:
         """Next-item training of one model on `seqs` (stage 1 and the cloud stage)."""
-        cfg, dev = self.cfg, self.device
+        cfg, dev = self.cfg, self.torch_device
 
         def step(batch) -> torch.Tensor:
             inp, tgt = (t.to(dev) for t in batch)
@@ -215,16 +215,16 @@ class Trainer:
                   -(-len(seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience, validate, model.train)
 
     def train_static(self) -> DeviceModel:
-        model = DeviceModel(self.model_cfg).to(self.device)
+        model = DeviceModel(self.model_cfg).to(self.torch_device)
         self._train_next_item("static", model, self.static_seqs, self.model_cfg.max_len, True,
-                              lambda: self._valid_ndcg(ModelBundle("train", model), ["static"]))
+                              lambda: self._valid_ndcg(Checkpoint("train", model), ["static"]))
         return model.eval()
 
     def train_cloud(self, device_model: DeviceModel, cloud_cfg: CloudModelConfig) -> CloudModel:
         """The cloud model, on every training item (the generator's holdout is a device-side matter)."""
-        cloud = CloudModel.for_data(cloud_cfg, self.data.item_features).to(self.device)
+        cloud = CloudModel.for_data(cloud_cfg, self.data.item_features).to(self.torch_device)
         self._train_next_item("cloud", cloud, self.train_seqs, cloud_cfg.max_len, False,
-                              lambda: self._valid_ndcg(ModelBundle("train", device_model, cloud_model=cloud),
+                              lambda: self._valid_ndcg(Checkpoint("train", device_model, cloud_model=cloud),
                                                        ["cloud"]))
         return cloud.eval()
 
@@ -235,7 +235,7 @@ class Trainer:
         for group, n in model.unit_groups().items():
             scores = torch.rand(batch, n, generator=self.torch_gen)
             top = scores.topk(max(1, round(ratio * n)), dim=-1).indices
-            masks[group] = torch.zeros(batch, n).scatter_(-1, top, 1.0).to(self.device)
+            masks[group] = torch.zeros(batch, n).scatter_(-1, top, 1.0).to(self.torch_device)
         return masks
 
     # -- generator stage ----------------------------------------------------------------------
@@ -263,7 +263,7 @@ class Trainer:
                    left_pad(inputs, cloud_len, trim=True), left_pad(targets, L, trim=True))
 
     def train_generator(self, model: DeviceModel, cloud: CloudModel) -> Generator:
-        cfg, dev = self.cfg, self.device
+        cfg, dev = self.cfg, self.torch_device
         gen = build_generator(model, cloud, **self.gen_overrides)
         gcfg = gen.cfg
         params = [p for p in gen.parameters() if p.requires_grad]
@@ -304,22 +304,22 @@ class Trainer:
         train_modes(False)
         self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window, cloud.cfg.max_len),
                   -(-len(self.train_seqs) // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
-                  lambda: self._valid_ndcg(ModelBundle("train", model, gen, cloud_model=cloud), selection),
+                  lambda: self._valid_ndcg(Checkpoint("train", model, gen, cloud_model=cloud), selection),
                   train_modes)
         model.requires_grad_(True)
         cloud.requires_grad_(True)
         return gen.eval()
 
-    def _valid_ndcg(self, bundle: ModelBundle, variants: list[str]) -> float:
+    def _valid_ndcg(self, ckpt: Checkpoint, variants: list[str]) -> float:
         """Mean validation NDCG@10 over `variants` (each averaged over the validation users)."""
-        per_variant = self.evaluator(bundle, self.data, self.valid_users, "valid", variants)
+        per_variant = self.evaluator(ckpt, self.data, self.valid_users, "valid", variants)
         return float(np.mean([np.mean(per_variant[v]["ndcg@10"]) for v in variants]))
 
 
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
           gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "cloud", "generator"),
-          cloud_cfg: CloudModelConfig | None = None, start: ModelBundle | None = None) -> ModelBundle:
-    """Run the stages and return the model bundle (the caller saves it). The generator stage needs
+          cloud_cfg: CloudModelConfig | None = None, start: Checkpoint | None = None) -> Checkpoint:
+    """Run the stages and return the checkpoint (the caller saves it). The generator stage needs
     a cloud model: the one it reads and distils. `start` supplies already trained models: its device
     model replaces the static stage (so the base version stays), its cloud model the cloud stage
     unless that stage is asked for."""
@@ -329,14 +329,14 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
     if "generator" in stages and not has_cloud:
         raise ValueError("the generator stage distils the cloud model: add the cloud stage")
     t0 = time.perf_counter()
-    trainer = Trainer(data, model_cfg if start is None else start.device.cfg, gen_cfg or {}, cfg, per_user_metrics)
+    trainer = Trainer(data, model_cfg if start is None else start.device_model.cfg, gen_cfg or {}, cfg, per_user_metrics)
     seconds = {}
     if start is None:
         model = trainer.train_static()
         seconds["static"] = time.perf_counter() - t0
     else:
-        model = start.device.to(trainer.device).eval()
-    cloud = start.cloud_model.to(trainer.device).eval() if start is not None and start.cloud_model else None
+        model = start.device_model.to(trainer.torch_device).eval()
+    cloud = start.cloud_model.to(trainer.torch_device).eval() if start is not None and start.cloud_model else None
     if "cloud" in stages:
         t1 = time.perf_counter()
         cloud = trainer.train_cloud(model, cloud_cfg or CloudModelConfig(n_items=data.n_items))
@@ -361,5 +361,5 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
         "cpu_count": os.cpu_count(),
     }
     model_id = f"sasrec-{data.name}"
-    return ModelBundle(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta,
+    return Checkpoint(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta,
                        cloud.cpu() if cloud is not None else None)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from paramcast.cloud.checkpoint import ModelBundle, load_bundle, save_bundle
+from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.evaluate import evaluate
-from paramcast.cloud.generation import generate_parameters
+from paramcast.cloud.bundles import generate_parameters
 from paramcast.cloud.generator import build_generator
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
 from paramcast.cloud.train import TrainConfig, split_users, train
@@ -28,7 +28,7 @@ def ml100k(shared_data):
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(ml100k):
+def tiny_checkpoint(ml100k):
     torch.set_num_threads(1)
     cfg = TrainConfig(epochs=2, gen_epochs=2, progress=False, threads=1, seed=5)
     return train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN,
@@ -70,7 +70,7 @@ def tiny_models(ml100k) -> tuple[DeviceModel, CloudModel]:
 
 def test_untrained_generator_reproduces_the_static_model(ml100k):
     model, cloud = tiny_models(ml100k)
-    ckpt = ModelBundle("tiny", model, build_generator(model, cloud, **TINY_GEN).eval())
+    ckpt = Checkpoint("tiny", model, build_generator(model, cloud, **TINY_GEN).eval())
     hist = [ml100k.sequences[u] for u in range(5)]
     adapters, masks = generate_parameters(ckpt, hist, 0.25)
     cand = torch.randint(1, ml100k.n_items + 1, (5, 7))
@@ -83,7 +83,7 @@ def test_untrained_generator_reproduces_the_static_model(ml100k):
 def test_generator_does_not_depend_on_user_identity(ml100k):
     """Two users with the same window get the same delta: conditioning is on the sample only."""
     model, cloud = tiny_models(ml100k)
-    ckpt = ModelBundle("tiny", model, build_generator(model, cloud, **TINY_GEN).eval())
+    ckpt = Checkpoint("tiny", model, build_generator(model, cloud, **TINY_GEN).eval())
     w = ml100k.sequences[0][:10]
     adapters, _ = generate_parameters(ckpt, [w, ml100k.sequences[1], w])
     torch.testing.assert_close(adapters["head.down"][0][0], adapters["head.down"][0][2])
@@ -97,7 +97,7 @@ def test_generator_reads_the_long_history_the_device_model_cannot(ml100k):
     with torch.no_grad():
         for head in gen.b_heads.values():
             head.weight.normal_(0, 0.05)
-    ckpt = ModelBundle("tiny", model, gen)
+    ckpt = Checkpoint("tiny", model, gen)
     seq = ml100k.sequences[0]
     a, b = seq[:30].copy(), seq[:30].copy()
     b[:5] = ml100k.sequences[1][:5]  # differs only outside the device's 20-item window
@@ -123,21 +123,21 @@ def test_cold_users_are_held_out_of_training(ml100k):
     assert not set(warm) & set(cold) and len(warm) + len(cold) == ml100k.n_users
 
 
-def test_training_is_reproducible_for_a_seed(ml100k, tiny_bundle):
+def test_training_is_reproducible_for_a_seed(ml100k, tiny_checkpoint):
     cfg = TrainConfig(epochs=2, gen_epochs=2, progress=False, threads=1, seed=5)
     again = train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN,
                   cloud_cfg=CloudModelConfig(n_items=ml100k.n_items, **TINY_CLOUD))
-    assert again.base_version == tiny_bundle.base_version
-    reference = tiny_bundle.generator.state_dict()
+    assert again.base_version == tiny_checkpoint.base_version
+    reference = tiny_checkpoint.generator.state_dict()
     for k, a in again.generator.state_dict().items():
         assert torch.equal(a, reference[k]), k
 
 
-def test_bundle_round_trip_and_report_layout(tmp_path, ml100k, tiny_bundle):
-    save_bundle(tiny_bundle, tmp_path / "b")
-    loaded = load_bundle(tmp_path / "b")
-    assert loaded.base_version == tiny_bundle.base_version and loaded.model_id == "sasrec-ml-100k"
-    info = json.loads((tmp_path / "b" / "bundle.json").read_text())
+def test_checkpoint_round_trip_and_report_layout(tmp_path, ml100k, tiny_checkpoint):
+    save_checkpoint(tiny_checkpoint, tmp_path / "b")
+    loaded = load_checkpoint(tmp_path / "b")
+    assert loaded.base_version == tiny_checkpoint.base_version and loaded.model_id == "sasrec-ml-100k"
+    info = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
     assert info["device_config"]["hidden"] == 16 and info["generator_config"]["rank"] == 2
     assert len(info["meta"]["split"]["cold_users"]) == round(0.1 * ml100k.n_users)
     report = evaluate(loaded, ml100k, ["static", "generated", "slimmed@0.5", "stale@5", "int8"])
@@ -151,17 +151,24 @@ def test_bundle_round_trip_and_report_layout(tmp_path, ml100k, tiny_bundle):
     assert warm_users + cold_users == int((ml100k.lengths() >= 3).sum())
 
 
-def test_corrupt_bundle_is_refused(tmp_path, tiny_bundle):
+def test_corrupt_checkpoint_is_refused(tmp_path, tiny_checkpoint):
     from paramcast.common.errors import ModelNotFound
 
-    with pytest.raises(ModelNotFound, match="no model bundle"):
-        load_bundle(tmp_path / "missing")
-    save_bundle(tiny_bundle, tmp_path / "b")
-    payload = torch.load(tmp_path / "b" / "bundle.pt", weights_only=True)
+    with pytest.raises(ModelNotFound, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing")
+    save_checkpoint(tiny_checkpoint, tmp_path / "b")
+    payload = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     payload["device_state"]["item_emb.weight"][3, 0] += 1.0
-    torch.save(payload, tmp_path / "b" / "bundle.pt")
+    torch.save(payload, tmp_path / "b" / "checkpoint.pt")
     with pytest.raises(ModelNotFound, match="base version"):
-        load_bundle(tmp_path / "b")
+        load_checkpoint(tmp_path / "b")
+
+
+def test_directories_written_under_the_old_file_name_still_load(tmp_path, tiny_checkpoint):
+    save_checkpoint(tiny_checkpoint, tmp_path / "b")
+    (tmp_path / "b" / "checkpoint.pt").rename(tmp_path / "b" / "bundle.pt")
+    loaded = load_checkpoint(tmp_path / "b")
+    assert (loaded.model_id, loaded.base_version) == (tiny_checkpoint.model_id, tiny_checkpoint.base_version)
 
 
 def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):

@@ -1,5 +1,5 @@
 """`paramcast train`: the static device model, the cloud model, then the generator that distils the cloud model
-into per-device deltas, into a model bundle."""
+into per-device deltas, into a checkpoint."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from paramcast.common.data import FORMATS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train the device model and its generator into a model bundle",
+    p = subparsers.add_parser("train", help="train the device model and its generator into a checkpoint",
                               description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="dataset folder or interaction file")
     p.add_argument("--format", choices=FORMATS, help="skip format detection")
-    p.add_argument("--out", required=True, metavar="DIR", help="model bundle directory to write")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     p.add_argument("--stages", default="static,cloud,generator",
                    help="comma list of: static, cloud, generator (the generator distils the cloud model)")
     p.add_argument("--start", metavar="DIR",
-                   help="model bundle whose trained models are kept: its device model (base version unchanged) "
+                   help="checkpoint whose trained models are kept: its device model (base version unchanged) "
                         "and, unless --stages has cloud, its cloud model; the listed later stages are retrained")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from paramcast.cloud.checkpoint import load_bundle, save_bundle
+    from paramcast.cloud.checkpoint import load_checkpoint, save_checkpoint
     from paramcast.cloud.cloud_model import CloudModelConfig
     from paramcast.cloud.model import DeviceModelConfig
     from paramcast.cloud.train import TrainConfig, train
@@ -88,10 +88,10 @@ def run(args: argparse.Namespace) -> int:
     if unknown or ("static" not in stages and not args.start) or ("static" in stages and args.start):
         raise InvalidInput("--stages", "must include 'static' (or, with --start, leave it out) and may add 'cloud', "
                                        f"then 'generator' (which distils the cloud model); got {args.stages!r}")
-    start = load_bundle(args.start) if args.start else None
+    start = load_checkpoint(args.start) if args.start else None
     if "generator" in stages and "cloud" not in stages and (start is None or start.cloud_model is None):
         raise InvalidInput("--stages", "the generator distils the cloud model: add 'cloud' or --start a model "
-                                       "bundle that has one")
+                                       "checkpoint that has one")
     data = load_interactions(args.data, format=args.format)
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
                                   ffn_units=args.ffn_units, head_units=args.head_units, max_len=args.max_len,
@@ -109,20 +109,20 @@ def run(args: argparse.Namespace) -> int:
     gen_cfg = {"rank": args.rank, "width": args.gen_width, "dropout": args.gen_dropout,
                "tune_encoder": args.tune_encoder}
     t0 = time.perf_counter()
-    bundle = train(data, args.out, model_cfg, cfg, gen_cfg, stages, cloud_cfg, start)
-    bundle.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    bundle.meta["wall_seconds"] = time.perf_counter() - t0
-    out = save_bundle(bundle, args.out)
-    summary = {"model_id": bundle.model_id, "base_version": bundle.base_version, "out": str(out),
-               "seconds": round(bundle.meta["wall_seconds"], 1), "peak_rss_mib": round(bundle.meta["peak_rss_mib"]),
-               "device_parameters": bundle.device.n_parameters()}
-    if bundle.cloud_model is not None:
-        summary.update(cloud_parameters=bundle.cloud_model.n_parameters(),
-                       cloud_flops_per_request=bundle.cloud_model.flops_per_request())
-    if bundle.generator is not None:
-        summary.update(generator_parameters=bundle.generator.n_parameters(),
-                       generated_parameters_per_device=bundle.generator.generated_parameters_per_device(),
-                       generator_flops_per_bundle=bundle.generator.flops_per_bundle(
-                           bundle.device.flops_per_user(0)))
+    ckpt = train(data, args.out, model_cfg, cfg, gen_cfg, stages, cloud_cfg, start)
+    ckpt.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    ckpt.meta["wall_seconds"] = time.perf_counter() - t0
+    out = save_checkpoint(ckpt, args.out)
+    summary = {"model_id": ckpt.model_id, "base_version": ckpt.base_version, "out": str(out),
+               "seconds": round(ckpt.meta["wall_seconds"], 1), "peak_rss_mib": round(ckpt.meta["peak_rss_mib"]),
+               "device_parameters": ckpt.device_model.n_parameters()}
+    if ckpt.cloud_model is not None:
+        summary.update(cloud_parameters=ckpt.cloud_model.n_parameters(),
+                       cloud_flops_per_request=ckpt.cloud_model.flops_per_request())
+    if ckpt.generator is not None:
+        summary.update(generator_parameters=ckpt.generator.n_parameters(),
+                       generated_parameters_per_device=ckpt.generator.generated_parameters_per_device(),
+                       generator_flops_per_bundle=ckpt.generator.flops_per_bundle(
+                           ckpt.device_model.flops_per_user(0)))
     print(json.dumps(summary, indent=2))
     return 0
