@@ -57,6 +57,9 @@ class TrainConfig:
     gen_batch_size: int = 32
     gen_patience: int = 5
     horizon: int = 4  # next items after the cut that a generated delta is trained on
+    cloud_batch_size: int = 0  # 0 = batch_size; the cloud model's long sequences make each batch costly
+    cloud_lr: float = 0.0  # 0 = lr
+    side_features: bool = True  # the cloud model reads the items' side features where the data has them
     distill_weight: float = 1.0  # weight of KL(cloud || device + delta) beside the true next items
     distill_temperature: float = 1.0
     # Last training items per user kept from stage 1 and used only as stage-2 targets: the generator
@@ -153,8 +156,8 @@ class Trainer:
             batches.extend(part[i:i + bs] for i in range(0, len(part), bs))
         return [batches[i] for i in self.rng.permutation(len(batches))]
 
-    def _sequence_batches(self, seqs: list[np.ndarray], max_len: int):
-        for idx in self._batch_order(seqs, self.cfg.batch_size):
+    def _sequence_batches(self, seqs: list[np.ndarray], max_len: int, batch_size: int):
+        for idx in self._batch_order(seqs, batch_size):
             x = left_pad([seqs[i] for i in idx], max_len + 1, trim=True)  # (B, T+1)
             yield x[:, :-1], x[:, 1:]  # inputs, next items
 
@@ -197,7 +200,7 @@ class Trainer:
         return best
 
     def _train_next_item(self, stage: str, model: DeviceModel | CloudModel, seqs: list[np.ndarray], max_len: int,
-                         random_masks: bool, validate) -> None:
+                         random_masks: bool, validate, batch_size: int, lr: float) -> None:
         """Next-item training of one model on `seqs` (stage 1 and the cloud stage)."""
         cfg, dev = self.cfg, self.torch_device
 
@@ -211,21 +214,24 @@ class Trainer:
             keep = tgt > 0
             return _ce_loss(states[keep], tgt[keep], model.output_table(), cfg, self.data.n_items, self.torch_gen)
 
-        self._fit(stage, model, list(model.parameters()), cfg.lr, lambda: self._sequence_batches(seqs, max_len),
-                  -(-len(seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience, validate, model.train)
+        self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
+                  -(-len(seqs) // batch_size), step, cfg.epochs, cfg.patience, validate, model.train)
 
     def train_static(self) -> DeviceModel:
         model = DeviceModel(self.model_cfg).to(self.torch_device)
         self._train_next_item("static", model, self.static_seqs, self.model_cfg.max_len, True,
-                              lambda: self._valid_ndcg(Checkpoint("train", model), ["static"]))
+                              lambda: self._valid_ndcg(Checkpoint("train", model), ["static"]),
+                              self.cfg.batch_size, self.cfg.lr)
         return model.eval()
 
     def train_cloud(self, device_model: DeviceModel, cloud_cfg: CloudModelConfig) -> CloudModel:
         """The cloud model, on every training item (the generator's holdout is a device-side matter)."""
-        cloud = CloudModel.for_data(cloud_cfg, self.data.item_features).to(self.torch_device)
+        features = self.data.item_features if self.cfg.side_features else {}
+        cloud = CloudModel.for_data(cloud_cfg, features).to(self.torch_device)
         self._train_next_item("cloud", cloud, self.train_seqs, cloud_cfg.max_len, False,
                               lambda: self._valid_ndcg(Checkpoint("train", device_model, cloud_model=cloud),
-                                                       ["cloud"]))
+                                                       ["cloud"]),
+                              self.cfg.cloud_batch_size or self.cfg.batch_size, self.cfg.cloud_lr or self.cfg.lr)
         return cloud.eval()
 
     def _random_masks(self, model: DeviceModel, batch: int) -> dict[str, torch.Tensor]:
@@ -329,7 +335,8 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
     if "generator" in stages and not has_cloud:
         raise ValueError("the generator stage distils the cloud model: add the cloud stage")
     t0 = time.perf_counter()
-    trainer = Trainer(data, model_cfg if start is None else start.device_model.cfg, gen_cfg or {}, cfg, per_user_metrics)
+    device_cfg = model_cfg if start is None else start.device_model.cfg
+    trainer = Trainer(data, device_cfg, gen_cfg or {}, cfg, per_user_metrics)
     seconds = {}
     if start is None:
         model = trainer.train_static()

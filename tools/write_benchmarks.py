@@ -42,10 +42,18 @@ def quality_section(doc: dict) -> str:
     for variant, ms in doc.items():
         if variant in ("seeds", "meta", "sizes") or not isinstance(ms, dict) or "ndcg@10" not in ms:
             continue
-        out.append(f"| `{variant}` | " + " | ".join(cell(ms[m]) for m in METRICS) + " |")
+        out.append(f"| `{variant}` | " + " | ".join(cell(ms[m]) if m in ms else "" for m in METRICS) + " |")
+    first = doc["seeds"][0]["seed"]
     if "generated-static" in doc:
         rel = doc["generated-static"]["ndcg@10"]["value"] / doc["static"]["ndcg@10"]["value"]
-        out += ["", f"Relative NDCG@10 change of `generated` over `static` (seed {min(doc['seeds'])}): {rel:+.2%}."]
+        out += ["", f"Relative NDCG@10 change of `generated` over `static` (seed {first}): {rel:+.2%}."]
+    if "gap_closed" in doc:
+        out.append(f"Share of the cloud model's lead carried to the device (`gap_closed`, NDCG@10, seed {first}): "
+                   f"{cell(doc['gap_closed']['ndcg@10'], 2)}.")
+    pooled = doc.get("cold:pooled", {}).get("generated-static")
+    if pooled:
+        out.append(f"Cold users pooled over {doc['cold:pooled']['seeds']} seeds, generated - static NDCG@10: "
+                   f"{cell(pooled['ndcg@10'])} ({pooled['ndcg@10']['users']} users).")
     if "slimmed@0.5" in doc and "generated" in doc:
         rel = doc["slimmed@0.5"]["ndcg@10"]["value"] / doc["generated"]["ndcg@10"]["value"] - 1
         out.append(f"`slimmed@0.5` against unslimmed `generated`: {rel:+.2%} NDCG@10.")
@@ -53,13 +61,15 @@ def quality_section(doc: dict) -> str:
         diff = doc["int8"]["ndcg@10"]["value"] - doc["generated"]["ndcg@10"]["value"]
         out.append(f"int8 encoding against fp32 factors: {diff:+.5f} absolute NDCG@10.")
     out += ["", "Per seed (test split; paired differences bootstrapped over users):", ""]
-    cols = [v for v in ("static", "generated", "generated-static", "slimmed@0.5", "cold:generated-static")
-            if any(v in s for s in doc["seeds"].values())]
-    out.append("| seed | train s | static s | peak RSS MiB | " + " | ".join(f"{c} NDCG@10" for c in cols) + " |")
-    out.append("|---|---|---|---|" + "---|" * len(cols))
-    for seed, s in doc["seeds"].items():
-        out.append(f"| {seed} | {s['wall_seconds']:.0f} | {s['static_seconds']:.0f} | {s['peak_rss_mib']:.0f} | "
-                   + " | ".join(cell(s[c]["ndcg@10"]) if c in s else "" for c in cols) + " |")
+    cols = [v for v in ("static", "generated", "cloud", "generated-static", "gap_closed")
+            if any(v in s for s in doc["seeds"])]
+    out.append("| seed | train s | peak RSS MiB | " + " | ".join(f"{c} NDCG@10" for c in cols) + " |")
+    out.append("|---|---|---|" + "---|" * len(cols))
+    for s in doc["seeds"]:
+        d = s["details"]
+        out.append(f"| {s['seed']} | {d['wall_seconds']:.0f} | {d['peak_rss_mib']:.0f} | "
+                   + " | ".join(cell(s[c]["ndcg@10"], 2 if c == "gap_closed" else 4) if c in s else ""
+                                for c in cols) + " |")
     sizes = doc.get("sizes", {})
     if sizes:
         out += ["", "Sizes (trained bundle of the first seed):", "",
@@ -71,8 +81,12 @@ def quality_section(doc: dict) -> str:
                            f"{s['flops_per_user_101']:,} |")
         if "generator" in sizes:
             g = sizes["generator"]
+            if "cloud" in sizes:
+                c = sizes["cloud"]
+                out += ["", f"Cloud model: {c['parameters']:,} parameters, {c['flops_per_request_101']:,} FLOPs to "
+                        "score one full history x 101 (what serving every interaction from the cloud costs)."]
             out += ["", f"Generator: {g['parameters']:,} parameters ({g['trainable_parameters']:,} trained; the rest "
-                    f"is the device model's frozen item table), {g['flops_per_bundle']:,} FLOPs per bundle, "
+                    f"is its frozen copy of the cloud encoder), {g['flops_per_bundle']:,} FLOPs per bundle, "
                     f"{g['generated_parameters_per_device']:,} generated parameters per device.", "",
                     "| encoding | bytes per bundle | bytes per generated parameter | bytes with 0.5 masks |",
                     "|---|---|---|---|"]
@@ -80,8 +94,8 @@ def quality_section(doc: dict) -> str:
                 out.append(f"| {enc} | {b:.0f} | {sizes['bytes_per_generated_parameter'][enc]:.2f} | "
                            f"{sizes['bytes_per_bundle_with_masks@0.5'][enc]:.0f} |")
     cfg = meta["train_config"]
-    out += ["", f"Device model: {meta['device_config']}. Generator: {meta['generator_config']}. "
-            f"Training: {cfg}."]
+    out += ["", f"Device model: {meta['device_config']}. Cloud model: {meta.get('cloud_config')}. "
+            f"Generator: {meta['generator_config']}. Training: {cfg}."]
     return "\n".join(out) + "\n" + note(f"quality-{name}")
 
 

@@ -93,3 +93,19 @@ def test_full_ranking_excludes_seen_items_and_padding():
     m = metrics_from_scores(rows)
     # Padding (0) and seen items 2, 4 outscore the target but are excluded; unseen item 1 is not.
     assert m["mrr"][0] == pytest.approx(1 / 2)
+
+
+def test_gap_closed_is_the_share_of_the_cloud_lead_with_a_paired_interval():
+    from paramcast.common.evaluation import gap_closed
+
+    rng = np.random.default_rng(0)
+    static = {"ndcg@10": rng.random(500)}
+    cloud = {"ndcg@10": static["ndcg@10"] + 0.2 + 0.01 * rng.standard_normal(500)}
+    generated = {"ndcg@10": static["ndcg@10"] + 0.1 + 0.01 * rng.standard_normal(500)}
+    out = gap_closed(generated, static, cloud)["ndcg@10"]
+    assert abs(out["value"] - 0.5) < 0.01
+    lo, hi = out["ci"]
+    assert lo < out["value"] < hi and hi - lo < 0.05 and out["users"] == 500
+    # No cloud lead: the ratio has no meaning and says so with a non-finite interval or value.
+    flat = gap_closed(generated, static, {"ndcg@10": static["ndcg@10"].copy()})["ndcg@10"]
+    assert not np.isfinite(flat["value"])

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from paramcast.cloud.bundles import generate_parameters
 from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.evaluate import evaluate
-from paramcast.cloud.bundles import generate_parameters
 from paramcast.cloud.generator import build_generator
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
 from paramcast.cloud.train import TrainConfig, split_users, train

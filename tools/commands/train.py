@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--cloud-heads", type=int, default=2)
     c.add_argument("--cloud-ffn-units", type=int, default=256)
     c.add_argument("--cloud-dropout", type=float, default=0.2)
+    c.add_argument("--cloud-batch-size", type=int, default=0, help="0 = --batch-size")
+    c.add_argument("--no-side-features", action="store_true", help="the cloud model ignores item side features")
+    c.add_argument("--cloud-lr", type=float, default=0.0, help="0 = --lr")
     c.add_argument("--window", type=int, default=200,
                    help="history items the cloud model reads, and so the generator (the cloud model's max-len)")
     t = p.add_argument_group("static stage")
@@ -102,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
                       gen_epochs=args.gen_epochs, gen_lr=args.gen_lr, gen_patience=args.gen_patience,
                       horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint, gen_holdout=args.gen_holdout,
                       slim_train_prob=args.slim_train_prob, distill_weight=args.distill_weight,
+                      cloud_batch_size=args.cloud_batch_size, cloud_lr=args.cloud_lr,
+                      side_features=not args.no_side_features,
                       distill_temperature=args.distill_temperature, progress=not args.no_progress)
     cloud_cfg = CloudModelConfig(n_items=data.n_items, hidden=args.cloud_hidden, n_blocks=args.cloud_blocks,
                                  n_heads=args.cloud_heads, ffn_units=args.cloud_ffn_units, max_len=args.window,
