@@ -3,6 +3,8 @@
 A variant names which parameters score each case:
 - `static`           the device model alone;
 - `cloud`            the cloud model on the whole history: every interaction served by the cloud;
+- `oracle`           a delta of the generator's shape fitted per history against the cloud model
+                     (cloud/oracle.py): what the delta format could carry with a perfect generator;
 - `generated`        a delta generated from the window ending at the evaluation point;
 - `slimmed@<keep>`   the generated delta plus the generated subnet at keep ratio <keep>;
 - `stale@<k>`        the delta generated k interactions before the evaluation point;
@@ -22,6 +24,7 @@ import torch
 from paramcast.cloud.bundles import generate_parameters
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import left_pad
+from paramcast.cloud.oracle import cloud_log_probs, fit_oracle
 from paramcast.common.bundle import dequantize, quantize
 from paramcast.common.evaluation import (
     LeaveOneOut,
@@ -55,9 +58,10 @@ def _parse(variant: str) -> tuple[str, float | int | str | None]:
         return "stale", int(variant.split("@", 1)[1])
     if variant in ("int8", "fp16", "fp32"):
         return "encoded", variant
-    if variant in ("static", "generated", "cloud"):
+    if variant in ("static", "generated", "cloud", "oracle"):
         return variant, None
-    raise ValueError(f"unknown variant {variant!r}; known: static, generated, cloud, slimmed@K, stale@K, int8, fp16")
+    raise ValueError(f"unknown variant {variant!r}; known: static, generated, cloud, oracle, slimmed@K, stale@K, "
+                     "int8, fp16")
 
 
 def _encoded(adapters, encoding: str):
@@ -79,11 +83,10 @@ def score_cases(ckpt: Checkpoint, histories: Sequence[np.ndarray], candidates: n
     model = ckpt.device_model.eval()
     L = model.cfg.max_len
     out = np.empty(candidates.shape, dtype=np.float32)
-    if kind == "cloud":
+    if kind in ("cloud", "oracle"):
         if ckpt.cloud_model is None:
             raise ValueError(f"model {ckpt.model_id} has no cloud model; train it with the cloud stage")
         cloud = ckpt.cloud_model.eval()
-        L = cloud.cfg.max_len
     # Score in order of history length so each chunk pads only to its own longest history.
     order = np.argsort([len(h) for h in histories], kind="stable")
     for start in range(0, len(order), batch):
@@ -92,7 +95,13 @@ def score_cases(ckpt: Checkpoint, histories: Sequence[np.ndarray], candidates: n
         seq = left_pad(hist, L, trim=True)
         cand = torch.as_tensor(candidates[rows])
         if kind == "cloud":
-            out[rows] = cloud.score(seq, cand).numpy()
+            out[rows] = cloud.score(left_pad(hist, cloud.cfg.max_len, trim=True), cand).numpy()
+            continue
+        if kind == "oracle":
+            rank = ckpt.generator.cfg.rank if ckpt.generator is not None else 4
+            with torch.enable_grad():
+                fitted = fit_oracle(model, seq, cloud_log_probs(cloud, hist), list(model.slot_shapes()), rank)
+            out[rows] = model.score(seq, cand, fitted).numpy()
             continue
         adapters, masks = None, None
         if kind != "static":

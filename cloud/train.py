@@ -57,6 +57,7 @@ class TrainConfig:
     gen_batch_size: int = 32
     gen_patience: int = 5
     horizon: int = 4  # next items after the cut that a generated delta is trained on
+    gen_cuts: int = 4  # cut points drawn per training sequence and epoch (each a generator sample)
     cloud_batch_size: int = 0  # 0 = batch_size; the cloud model's long sequences make each batch costly
     cloud_lr: float = 0.0  # 0 = lr
     side_features: bool = True  # the cloud model reads the items' side features where the data has them
@@ -253,10 +254,11 @@ class Trainer:
         where the device runs on its own window with the delta made at the cut."""
         L, S = self.model_cfg.max_len, self.cfg.horizon
         h = self.cfg.gen_holdout
-        for idx in self._batch_order(self.train_seqs, self.cfg.gen_batch_size):
+        repeated = [s for s in self.train_seqs for _ in range(self.cfg.gen_cuts)]
+        for idx in self._batch_order(repeated, self.cfg.gen_batch_size):
             windows, inputs, targets = [], [], []
             for i in idx:
-                s = self.train_seqs[i]
+                s = repeated[i]
                 low = max(1, len(s) - h) if h else 1  # with a holdout, only its items are targets
                 cut = int(self.rng.integers(low, len(s)))  # the window is s[:cut]
                 end = min(len(s), cut + S)
@@ -309,7 +311,7 @@ class Trainer:
 
         train_modes(False)
         self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window, cloud.cfg.max_len),
-                  -(-len(self.train_seqs) // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
+                  -(-len(self.train_seqs) * cfg.gen_cuts // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
                   lambda: self._valid_ndcg(Checkpoint("train", model, gen, cloud_model=cloud), selection),
                   train_modes)
         model.requires_grad_(True)

@@ -23,58 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from paramcast.cloud.checkpoint import load_checkpoint
 from paramcast.cloud.evaluate import negatives_for
 from paramcast.cloud.model import left_pad
+from paramcast.cloud.oracle import cloud_log_probs, fit_oracle, fit_state_offset
 from paramcast.common.bundle import dequantize, quantize
 from paramcast.common.data import load_interactions
 from paramcast.common.evaluation import LeaveOneOut, gap_closed, metrics_from_scores
 
 SLOTS = {"head.down": ["head.down"], "head.up": ["head.up"], "head": ["head.up", "head.down"]}
-
-
-def fit_oracle(model, seq: torch.Tensor, teacher_logp: torch.Tensor, slots: list[str], rank: int, steps: int,
-               lr: float, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-user factors (U users at once; each user's delta is its own) minimising KL(teacher || device)."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = model.slot_shapes()
-    U = seq.shape[0]
-    params = {}
-    for slot in slots:
-        d_in, d_out = shapes[slot]
-        a = (torch.randn(U, d_in, rank, generator=gen) / d_in**0.5).requires_grad_()  # (U, d_in, r)
-        b = torch.zeros(U, rank, d_out).requires_grad_()  # (U, r, d_out): starts at the static model
-        params[slot] = (a, b)
-    opt = torch.optim.Adam([t for pair in params.values() for t in pair], lr=lr)
-    with torch.no_grad():
-        backbone = model.encode(seq)  # the backbone is untouched by head deltas: run it once
-    table = model.output_table()
-    for _ in range(steps):
-        user = model.head(backbone, params)[:, -1]  # (U, d)
-        logp = F.log_softmax((user @ table.T)[:, 1:], dim=-1)
-        loss = F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return {slot: (a.detach(), b.detach()) for slot, (a, b) in params.items()}
-
-
-def fit_state_offset(model, seq: torch.Tensor, teacher_logp: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """Per-user (U, d) vector added to the device's user state, fitted the same way."""
-    with torch.no_grad():
-        base = model.user_states(seq)[:, -1]  # (U, d)
-    offset = torch.zeros_like(base).requires_grad_()
-    opt = torch.optim.Adam([offset], lr=lr)
-    table = model.output_table()
-    for _ in range(steps):
-        logp = F.log_softmax(((base + offset) @ table.T)[:, 1:], dim=-1)
-        loss = F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return offset.detach()
 
 
 def int8(adapters):
@@ -113,9 +71,8 @@ def main() -> None:
     targets = np.array([t for _, t in cases])
     cand = torch.as_tensor(np.concatenate([targets[:, None], negatives_for(data, users, "valid", 0)], axis=1))
     seq = left_pad(hist, model.cfg.max_len)
+    teacher_logp = cloud_log_probs(cloud, hist)  # (U, n_items)
     with torch.no_grad():
-        teacher_logp = F.log_softmax((cloud.encode(left_pad(hist, cloud.cfg.max_len, trim=True))[:, -1]
-                                      @ cloud.output_table().T)[:, 1:], dim=-1)  # (U, n_items)
         static = metrics_from_scores(model.score(seq, cand).numpy())
         cloud_m = metrics_from_scores(cloud.score(left_pad(hist, cloud.cfg.max_len, trim=True), cand).numpy())
 

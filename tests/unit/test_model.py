@@ -183,9 +183,9 @@ def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):
     assert summary["generated_parameters_per_device"] == 4 * (16 + 16) * 2
     assert summary["cloud_flops_per_request"] > 0 and summary["cloud_parameters"] > 0
     assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "ml-100k"), "--json",
-                 "--variants", "static,generated,cloud"]) == 0
+                 "--variants", "static,generated,cloud,oracle"]) == 0
     report = json.loads(capsys.readouterr().out)
-    for key in ("cloud", "cloud-static", "gap_closed"):
+    for key in ("cloud", "cloud-static", "gap_closed", "oracle"):
         assert np.isfinite(report[key]["ndcg@10"]["value"]), key
     assert 0.0 <= report["static"]["hr@10"]["value"] <= 1.0
     assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "amazon-beauty")]) == 2
