@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--cloud-heads", type=int, default=2)
     c.add_argument("--cloud-ffn-units", type=int, default=256)
     c.add_argument("--cloud-dropout", type=float, default=0.2)
-    c.add_argument("--cloud-batch-size", type=int, default=0, help="0 = --batch-size")
+    c.add_argument("--cloud-batch-size", type=int, default=32, help="0 = --batch-size")
     c.add_argument("--no-side-features", action="store_true", help="the cloud model ignores item side features")
     c.add_argument("--cloud-lr", type=float, default=0.0, help="0 = --lr")
     c.add_argument("--window", type=int, default=200,
