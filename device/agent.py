@@ -35,9 +35,17 @@ from pathlib import Path
 import numpy as np
 
 from paramcast.common.bundle import DeltaBundle
-from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, ParamCastError, VersionMismatch
+from paramcast.common.errors import (
+    CloudUnavailable,
+    IntegrityError,
+    InvalidInput,
+    ModelNotFound,
+    ParamCastError,
+    VersionMismatch,
+)
 from paramcast.common.package import DevicePackage
-from paramcast.device.client import AsyncParamClient, CloudUnavailable, Fetched, ParamClient, package_dir
+from paramcast.common.serde import decode_bundle
+from paramcast.device.client import AsyncParamClient, Fetched, ParamClient, package_dir
 from paramcast.device.runtime import DeviceRuntime
 from paramcast.device.store import BundleStore, write_atomic
 
@@ -112,7 +120,7 @@ class DeviceAgent:
         if package.model_id != self.model_id:
             raise IntegrityError(f"package {package.path} is for model {package.model_id}, not {self.model_id}")
         runtime = DeviceRuntime(package, threads=self.threads)
-        store = BundleStore(self.root / "bundles", package.model_id, package.base_version)
+        store = BundleStore(self.root / "bundles", package.model_id, package.base_version, decode_bundle)
         bundle = store.load()  # refuses (and says why) a bundle for another base version
         if bundle is not None:
             try:
@@ -205,7 +213,7 @@ class DeviceAgent:
         elif isinstance(exc, VersionMismatch):
             # From the server (FAILED_PRECONDITION: base no longer served) or from the local check
             # (the answer names another model or base version than asked for).
-            outcome = STALE_BASE if hasattr(exc, "code") else REJECTED
+            outcome = STALE_BASE if exc.code is not None else REJECTED
         else:
             outcome = REFUSED
         log.log(logging.INFO if outcome == UNREACHABLE else logging.WARNING, "device %s refresh %s: %s",

@@ -14,8 +14,11 @@ call. Each call has a deadline. Transient failures (UNAVAILABLE: the server rest
 connection reset) are retried by gRPC itself with exponential backoff and jitter, configured in
 the channel's service config (`service_config()`), so every gRPC stack that reads the same JSON
 behaves alike. A download that breaks mid-stream resumes from the bytes already verified and
-written, with its own backoff. Errors reach the caller as ParamCast's typed errors (`common.errors`)
-plus `CloudUnavailable` for "try again later"; the gRPC status code is on `.code`.
+written, with its own backoff. Errors reach the caller as ParamCast's typed errors (`common.errors`,
+through the status table in `common/status.py`), `CloudUnavailable` meaning "try again later"; the
+gRPC status code is on `.code`. A device the server rate-limited gets `DeviceRateLimited` with the
+server's `retry-after-ms` hint as `retry_after_s`, and until that time has passed the client
+refuses the device's Generate calls itself, without sending them.
 """
 
 from __future__ import annotations
@@ -35,19 +38,18 @@ from pathlib import Path
 
 import grpc
 
-from paramcast.common.bundle import ENCODINGS, DeltaBundle
+from paramcast.common.bundle import ENCODINGS, DeltaBundle, check_bundle_for
 from paramcast.common.errors import (
+    CloudUnavailable,
+    DeviceRateLimited,
     IntegrityError,
     InvalidInput,
     ModelNotFound,
     ParamCastError,
-    PermissionDenied,
-    RateLimited,
-    Unauthenticated,
-    VersionMismatch,
 )
 from paramcast.common.package import DevicePackage, unpack_package
-from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, check_bundle_for, encoding_to_proto
+from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, encoding_to_proto
+from paramcast.common.status import error_from_status
 from paramcast.device.store import write_atomic
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
@@ -57,36 +59,13 @@ log = logging.getLogger("paramcast.device")
 Progress = Callable[[int, int], None]  # (bytes held, total bytes)
 
 
-class CloudUnavailable(ParamCastError):
-    """The cloud could not be reached or did not answer in time; try again later."""
-
-
-class RemoteError(ParamCastError):
-    """The server answered with a status ParamCast does not map to a more specific error."""
-
-
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-_ERRORS: dict[grpc.StatusCode, Callable[[str], ParamCastError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: lambda m: InvalidInput("request", m),
-    grpc.StatusCode.OUT_OF_RANGE: lambda m: InvalidInput("offset", m),
-    grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: VersionMismatch,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
-}
-
-
 def cloud_error(exc: grpc.RpcError) -> ParamCastError:
-    """The typed error for a failed call; `.code` keeps the gRPC status code."""
+    """The typed error for a failed call (`common/status.py`'s table); `.code` keeps the status
+    code, and a rate-limited device's error carries the server's `retry-after-ms` as `retry_after_s`."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if hasattr(exc, "details") else None) or code.name
-    if code in _TRANSIENT:
-        err: ParamCastError = CloudUnavailable(f"{code.name}: {details}")
-    else:
-        err = _ERRORS.get(code, lambda m: RemoteError(f"{code.name}: {m}"))(details)
-    err.code = code  # type: ignore[attr-defined]
-    return err
+    details = exc.details() if hasattr(exc, "details") else None
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return error_from_status(code, details, trailers or ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +313,21 @@ class _Base:
         self._options = channel_options(retry, reconnect_backoff_s)
         self._credentials = _credentials(tls, root_certificates)
         self._compression = grpc.Compression.Gzip if gzip else None
+        self._not_before: dict[str, float] = {}  # device id -> time.monotonic() the server said to wait for
+
+    def _admit(self, device_id: str) -> None:
+        """Refuse a call locally while the server's retry-after hint for this device still runs."""
+        wait = self._not_before.get(device_id, 0.0) - time.monotonic()
+        if wait > 0:
+            raise DeviceRateLimited(f"device {device_id!r} was rate-limited; the server asked it to wait "
+                                    f"{wait * 1000:.0f} ms more", retry_after_s=wait)
+        self._not_before.pop(device_id, None)
+
+    def _refused(self, device_id: str, exc: grpc.RpcError) -> ParamCastError:
+        err = cloud_error(exc)
+        if isinstance(err, DeviceRateLimited):
+            self._not_before[device_id] = time.monotonic() + err.retry_after_s
+        return err
 
 
 class ParamClient(_Base):
@@ -353,12 +347,13 @@ class ParamClient(_Base):
         """A verified bundle for (model_id, base_version) from this behaviour window."""
         request = _generate_request(window, model_id, base_version, device_id or self.device_id, encoding,
                                     keep_ratio)
+        self._admit(request.device_id)
         started = time.perf_counter()
         try:
             response = self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
                                           metadata=_metadata(token or self.token))
         except grpc.RpcError as exc:
-            raise cloud_error(exc) from None
+            raise self._refused(request.device_id, exc) from None
         return _fetched(response, model_id, base_version, started)
 
     def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
@@ -426,12 +421,13 @@ class AsyncParamClient(_Base):
                        timeout_s: float | None = None) -> Fetched:
         request = _generate_request(window, model_id, base_version, device_id or self.device_id, encoding,
                                     keep_ratio)
+        self._admit(request.device_id)
         started = time.perf_counter()
         try:
             response = await self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
                                                 metadata=_metadata(token or self.token))
         except grpc.RpcError as exc:
-            raise cloud_error(exc) from None
+            raise self._refused(request.device_id, exc) from None
         return _fetched(response, model_id, base_version, started)
 
     async def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,

@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from paramcast.common.bundle import DeltaBundle
+from paramcast.common.bundle import DeltaBundle, check_bundle_for
 from paramcast.common.errors import InvalidInput
 from paramcast.common.package import DevicePackage, UnitGroup
-from paramcast.common.serde import check_bundle_for
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

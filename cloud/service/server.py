@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.core import Limits, ServiceCore
-from paramcast.cloud.service.errors import ErrorInterceptor
+from paramcast.cloud.service.interceptor import ErrorInterceptor
 from paramcast.cloud.service.metrics import ServiceMetrics
 from paramcast.cloud.service.registry import ModelRegistry
 from paramcast.cloud.service.servicer import ParamServicer

@@ -11,9 +11,25 @@ import pytest
 from device_fixtures import tiny_package
 from without_torch import LOADED, run_without_torch
 
-from paramcast.common.errors import IntegrityError, ModelNotFound, PermissionDenied, RateLimited, VersionMismatch
+from paramcast.common.errors import (
+    CloudUnavailable,
+    DeadlineExpired,
+    DeviceRateLimited,
+    IntegrityError,
+    InvalidInput,
+    ModelNotFound,
+    OutOfRange,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
+    RemoteError,
+    ShuttingDown,
+    Unauthenticated,
+    VersionMismatch,
+)
 from paramcast.common.package import DevicePackage, pack_package
-from paramcast.device.client import CloudUnavailable, RemoteError, RetryPolicy, _Download, cloud_error, service_config
+from paramcast.common.status import status_of, trailers_of
+from paramcast.device.client import ParamClient, RetryPolicy, _Download, cloud_error, service_config
 from paramcast.v1 import param_service_pb2 as pb
 
 
@@ -28,14 +44,17 @@ def test_service_config_retries_unavailable_with_exponential_backoff():
 
 
 class FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str = "details"):
-        self._code, self._details = code, details
+    def __init__(self, code: grpc.StatusCode, details: str = "details", trailers=()):
+        self._code, self._details, self._trailers = code, details, tuple(trailers)
 
     def code(self):
         return self._code
 
     def details(self):
         return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
 
 
 @pytest.mark.parametrize(
@@ -54,6 +73,51 @@ def test_status_codes_become_typed_errors(code, error):
     err = cloud_error(FakeRpcError(code, "the reason"))
     assert isinstance(err, error) and err.code == code and "the reason" in str(err)
 
+
+
+@pytest.mark.parametrize(("raised", "received"), [
+    (OutOfRange("offset", "9 is beyond the end"), OutOfRange),
+    (InvalidInput("window", "item id 0 is outside [1, 5]"), InvalidInput),
+    (ModelNotFound("model_id: 'x' is not served here"), ModelNotFound),
+    (VersionMismatch("base_version: not served"), VersionMismatch),
+    (Unauthenticated("unknown device token"), Unauthenticated),
+    (PermissionDenied("device_id: not these credentials"), PermissionDenied),
+    (Overloaded("the generation queue is full"), RateLimited),
+    (DeviceRateLimited("retry in 1500 ms", retry_after_s=1.5), DeviceRateLimited),
+    (DeadlineExpired("the deadline passed"), CloudUnavailable),
+    (ShuttingDown("the server is shutting down"), CloudUnavailable),
+])
+def test_one_table_maps_server_errors_to_status_codes_and_back(raised, received):
+    """What the interceptor answers (status, message, trailers) turns back into the matching error."""
+    code = status_of(raised)
+    err = cloud_error(FakeRpcError(code, str(raised), trailers_of(raised)))
+    assert type(err) is received and err.code == code and str(raised) in str(err)
+    if isinstance(raised, DeviceRateLimited):
+        assert dict(trailers_of(raised)) == {"retry-after-ms": "1500"} and err.retry_after_s == 1.5
+    assert status_of(RuntimeError("boom")) is None and status_of(IntegrityError("corrupt package")) is None
+
+
+def test_a_rate_limited_device_waits_out_the_servers_hint_without_calling(monkeypatch):
+    client = ParamClient("127.0.0.1:1", device_id="d")
+    calls = []
+
+    def refuse(request, **_):
+        calls.append(request.device_id)
+        raise FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", [("retry-after-ms", "60000")])
+
+    monkeypatch.setattr(client.stub, "Generate", refuse)
+    try:
+        with pytest.raises(DeviceRateLimited) as first:
+            client.generate([1], "m", "v")
+        assert first.value.retry_after_s == 60.0 and first.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(DeviceRateLimited, match="wait") as again:
+            client.generate([1], "m", "v")
+        assert 59 < again.value.retry_after_s <= 60 and calls == ["d"]  # refused locally: no second call
+        with pytest.raises(DeviceRateLimited):
+            client.generate([1], "m", "v", device_id="other")  # another device still asks the server
+        assert calls == ["d", "other"]
+    finally:
+        client.close()
 
 def package_id() -> tuple[str, str]:
     package = DevicePackage.load(tiny_package())
