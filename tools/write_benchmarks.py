@@ -150,6 +150,10 @@ def service_section(doc: dict) -> str:
                    f"{e.get('p50_ms', float('nan')):.2f} |")
     out += ["", f"- `batching_speedup` (concurrency 64, max batch 64 vs 1): **{doc['batching_speedup']:.2f}x**.",
             f"- `generate_vs_echo` (best concurrency): **{doc['generate_vs_echo']:.2f}**.",
+            *([f"- `service_vs_in_process` (concurrency 64 against the generator + codec alone at the service's "
+               f"mean batch of {doc['in_process']['batch']}, {doc['in_process']['bundles_per_s']:.0f} bundles/s, "
+               f"{doc['in_process']['generator_flops_per_bundle']:,} FLOPs per bundle): "
+               f"**{doc['service_vs_in_process']:.2f}**."] if "in_process" in doc else []),
             f"- Bytes per bundle: {doc['bytes_per_bundle']:.0f}.",
             f"- Soak: `soak_rss_growth` {doc['soak_rss_growth']:+.2%}, `soak_failed_calls` {doc['soak_failed_calls']}"
             + (f" over {doc['soak']['seconds']:.0f} s and {doc['soak']['calls']:,} calls." if "soak" in doc else ".")]
