@@ -191,3 +191,19 @@ def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):
     assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "amazon-beauty")]) == 2
     assert "items" in capsys.readouterr().err
     assert np.isfinite(report["generated-static"]["ndcg@10"]["value"])
+
+
+def test_generator_retrained_from_a_checkpoint_keeps_the_base_version(tmp_path, ml100k, tiny_checkpoint):
+    """`--start DIR --stages generator`: the device and cloud models are kept as they are, so devices
+    holding the package stay valid, and only the generator is trained again."""
+    save_checkpoint(tiny_checkpoint, tmp_path / "base")
+    start = load_checkpoint(tmp_path / "base")
+    cfg = TrainConfig(epochs=1, gen_epochs=1, progress=False, threads=1, seed=9)
+    again = train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN,
+                  stages=("generator",), start=start)
+    assert again.base_version == tiny_checkpoint.base_version
+    assert again.cloud_model is start.cloud_model
+    assert set(again.meta["history"]) >= {"static", "cloud", "generator"}
+    with pytest.raises(ValueError, match="cloud"):
+        train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN,
+              stages=("generator",), start=Checkpoint("x", start.device_model))
