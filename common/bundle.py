@@ -40,15 +40,26 @@ import numpy as np
 
 from paramcast.common.errors import InvalidInput, VersionMismatch
 
-ENCODINGS = ("int8", "fp16", "fp32")
 
-# Numbers of the proto enum paramcast.v1.DataType; they enter the checksum, so they are fixed here
-# (tests/unit/test_protos.py asserts they equal the generated enum).
-DTYPE_CODES = {"fp32": 1, "fp16": 2, "int8": 3}
+@dataclass(frozen=True)
+class Encoding:
+    """One way a factor tensor travels: the registry below is the only list of them."""
 
-# Bytes per stored element of each encoding.
-ITEM_SIZE = {"fp32": 4, "fp16": 2, "int8": 1}
-_NUMPY_DTYPE: dict[str, np.dtype] = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1")}
+    name: str
+    # The number of the proto enum paramcast.v1.DataType; it enters the checksum, so it is fixed here
+    # (tests/unit/test_protos.py asserts it equals the generated enum).
+    dtype_code: int
+    item_size: int  # bytes per stored element
+    stored_as: np.dtype  # how the stored elements read (little-endian)
+
+
+ENCODING: dict[str, Encoding] = {e.name: e for e in (
+    Encoding("int8", 3, 1, np.dtype("i1")),
+    Encoding("fp16", 2, 2, np.dtype("<f2")),
+    Encoding("fp32", 1, 4, np.dtype("<f4")),
+)}
+ENCODINGS = tuple(ENCODING)  # ("int8", "fp16", "fp32")
+DTYPE_CODES = {e.name: e.dtype_code for e in ENCODING.values()}
 
 CHECKSUM_MAGIC = b"PCB1"  # format tag at the start of the canonical payload
 INT8_FLUSH = 2.0**-100  # int8 rows with max|row| below this encode as zeros (see module docstring)
@@ -58,11 +69,12 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def check_encoding(encoding: str, field: str = "encoding") -> str:
-    """`encoding` itself when it is one of ENCODINGS; InvalidInput naming `field` otherwise."""
-    if encoding not in ENCODINGS:
-        raise InvalidInput(field, f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
-    return encoding
+def check_encoding(encoding: str, field: str = "encoding") -> Encoding:
+    """The registered encoding of that name; InvalidInput naming `field` for any other name."""
+    try:
+        return ENCODING[encoding]
+    except (KeyError, TypeError):  # TypeError: not a hashable name at all
+        raise InvalidInput(field, f"unknown encoding {encoding!r}; expected one of {ENCODINGS}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,12 +205,11 @@ def quantize_stack(x: np.ndarray, encoding: str) -> list[EncodedTensor]:
 def dequantize(t: EncodedTensor) -> np.ndarray:
     """Decode an EncodedTensor to a float32 array of t.shape. Raises InvalidInput if the byte
     lengths do not match the shape (serde validates first and reports IntegrityError instead)."""
-    if t.dtype not in ENCODINGS:
-        raise InvalidInput("dtype", f"unknown encoding {t.dtype!r}")
+    enc = check_encoding(t.dtype, "dtype")
     n = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
-    if len(t.data) != n * ITEM_SIZE[t.dtype]:
+    if len(t.data) != n * enc.item_size:
         raise InvalidInput("data", f"{len(t.data)} bytes do not hold {t.dtype} {t.shape}")
-    values = np.frombuffer(t.data, dtype=_NUMPY_DTYPE[t.dtype]).reshape(t.shape)
+    values = np.frombuffer(t.data, dtype=enc.stored_as).reshape(t.shape)
     if t.dtype != "int8":
         return values.astype(np.float32)
     rows = t.shape[0]
@@ -254,7 +265,7 @@ def _blob(b: bytes) -> bytes:
 
 
 def _tensor(t: EncodedTensor) -> bytes:
-    head = struct.pack("<II", DTYPE_CODES[t.dtype], len(t.shape))
+    head = struct.pack("<II", ENCODING[t.dtype].dtype_code, len(t.shape))
     dims = struct.pack(f"<{len(t.shape)}q", *t.shape)
     return head + dims + _blob(t.data) + _blob(t.row_scales)
 

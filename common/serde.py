@@ -19,12 +19,12 @@ from google.protobuf.message import DecodeError
 
 from paramcast.common.bundle import (
     DTYPE_CODES,
-    ENCODINGS,
-    ITEM_SIZE,
+    ENCODING,
     BundleBatch,
     DeltaBundle,
     EncodedBundle,
     EncodedTensor,
+    check_encoding,
     dequantize,
     payload_checksum,
     unpack_mask,
@@ -58,12 +58,7 @@ _MAX_DIM = 2**31 - 1
 
 def encoding_to_proto(encoding: str) -> pb.Encoding:
     """Encoding name ("int8", "fp16" or "fp32") -> paramcast.v1.Encoding value."""
-    try:
-        return _ENCODING_TO_PROTO[encoding]
-    except KeyError:
-        raise InvalidInput(
-            "encoding", f"unknown encoding {encoding!r}; expected one of {ENCODINGS}"
-        ) from None
+    return _ENCODING_TO_PROTO[check_encoding(encoding).name]
 
 
 def encoding_from_proto(value: int) -> str:
@@ -132,7 +127,7 @@ def _tensor_from_proto(msg: pb.Tensor, where: str) -> EncodedTensor:
         raise IntegrityError(f"{where}.shape: expected rank 2, got {list(shape)}")
     if any(n < 0 or n > _MAX_DIM for n in shape):
         raise IntegrityError(f"{where}.shape: dimensions must be in [0, {_MAX_DIM}], got {list(shape)}")
-    expected = shape[0] * shape[1] * ITEM_SIZE[dtype]  # Python ints: no overflow
+    expected = shape[0] * shape[1] * ENCODING[dtype].item_size  # Python ints: no overflow
     if len(msg.data) != expected:
         raise IntegrityError(
             f"{where}.data: {len(msg.data)} bytes, expected {expected} for {dtype} {list(shape)}"

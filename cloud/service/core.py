@@ -28,7 +28,7 @@ from paramcast.cloud.bundles import check_window, generate_batch
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.batcher import BatchObserver, MicroBatcher
 from paramcast.cloud.service.registry import ModelRegistry, ServedModel
-from paramcast.common.bundle import ENCODINGS, EncodedBundle
+from paramcast.common.bundle import EncodedBundle, check_encoding
 from paramcast.common.errors import InvalidInput, OutOfRange
 
 MAX_ID_CHARS = 128
@@ -117,8 +117,7 @@ class ServiceCore:
         self.rates.check(device_id)
         check_id("model_id", call.model_id)
         check_id("base_version", call.base_version)
-        if call.encoding not in ENCODINGS:
-            raise InvalidInput("encoding", f"unknown encoding {call.encoding!r}; expected one of {ENCODINGS}")
+        check_encoding(call.encoding)
         keep_ratio = check_keep_ratio(call.keep_ratio)
         served = self.registry.for_base(call.model_id, call.base_version)
         window = check_window(list(call.window), served.n_items, self.limits.max_window_items, "window")

@@ -400,7 +400,7 @@ def test_sigterm_drains_in_flight_calls(serve_process, trained_model, model):
     thread = threading.Thread(target=call)
     thread.start()
     time.sleep(0.5)  # the call now waits in the batcher (its batch closes after 1.5 s)
-    assert proc.terminate(timeout=30) == 0
+    assert proc.stop(timeout_s=30) == 0
     thread.join(timeout=30)
     assert "error" not in result, result.get("error")
     assert result["bundle"].base_version == model.base_version
@@ -438,7 +438,8 @@ def test_metrics_health_and_reflection(registry, model):
         with ParamClient(f"127.0.0.1:{st.port}", device_id="d") as client:
             assert client.check_health()
             client.generate([5, 6], model.model_id, model.base_version)
-            services = ProtoReflectionDescriptorDatabase(client.channel).get_services()
+            with grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+                services = ProtoReflectionDescriptorDatabase(channel).get_services()
         assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
         text = urllib.request.urlopen(f"http://127.0.0.1:{st.server.metrics_port}/metrics", timeout=5).read().decode()
     assert 'paramcast_requests_total{code="OK",method="Generate"} 1.0' in text

@@ -29,7 +29,8 @@ from paramcast.common.errors import (
 )
 from paramcast.common.package import DevicePackage, pack_package
 from paramcast.common.status import status_of, trailers_of
-from paramcast.device.client import ParamClient, RetryPolicy, _Download, cloud_error, service_config
+from paramcast.device.client import ParamClient, RetryPolicy, cloud_error, service_config
+from paramcast.device.download import Download
 from paramcast.v1 import param_service_pb2 as pb
 
 
@@ -101,11 +102,11 @@ def test_a_rate_limited_device_waits_out_the_servers_hint_without_calling(monkey
     client = ParamClient("127.0.0.1:1", device_id="d")
     calls = []
 
-    def refuse(request, **_):
+    async def refuse(request, **_):
         calls.append(request.device_id)
         raise FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", [("retry-after-ms", "60000")])
 
-    monkeypatch.setattr(client.stub, "Generate", refuse)
+    monkeypatch.setattr(client.aio.stub, "Generate", refuse)
     try:
         with pytest.raises(DeviceRateLimited) as first:
             client.generate([1], "m", "v")
@@ -138,7 +139,7 @@ def test_download_writes_only_verified_contiguous_chunks_and_resumes(tmp_path):
     archive = pack_package(tiny_package())
     model_id, version = package_id()
     stream = list(chunks(archive, 8192))
-    first = _Download(tmp_path, model_id, "")
+    first = Download(tmp_path, model_id, "")
     for msg in stream[:3]:
         assert first.accept(msg) is False
 
@@ -153,24 +154,23 @@ def test_download_writes_only_verified_contiguous_chunks_and_resumes(tmp_path):
     with pytest.raises(IntegrityError, match="archive changed"):
         first.accept(other)
 
-    resumed = _Download(tmp_path, model_id, "")  # a later call (or process) picks up the partial file
+    resumed = Download(tmp_path, model_id, "")  # a later call (or process) picks up the partial file
     assert resumed.offset == 3 * 8192
-    request = resumed.request(0)
-    assert (request.version, request.offset) == (version, 3 * 8192)  # pinned to the version it started
+    assert (resumed.version, resumed.offset) == (version, 3 * 8192)  # pinned to the version it started
     for msg in stream[3:]:
         resumed.accept(msg)
     package = resumed.finish()
     assert package.model_bytes == (tiny_package() / "model.onnx").read_bytes()
     assert not resumed.part.exists() and not resumed.meta_file.exists()
     # Asking again for the version now held stops after the first chunk.
-    again = _Download(tmp_path, model_id, "")
+    again = Download(tmp_path, model_id, "")
     assert again.accept(next(chunks(archive, 8192))) is True and again.held.base_version == version
 
 
 def test_a_package_that_is_not_what_the_server_named_is_refused(tmp_path):
     archive = pack_package(tiny_package())
     model_id, _ = package_id()
-    download = _Download(tmp_path, model_id, "")
+    download = Download(tmp_path, model_id, "")
     for msg in chunks(archive, 65536, version="0000000000000000"):
         download.accept(msg)
     with pytest.raises(IntegrityError, match="is tiny"):
@@ -180,7 +180,7 @@ def test_a_package_that_is_not_what_the_server_named_is_refused(tmp_path):
 
 def test_a_corrupt_whole_archive_is_discarded(tmp_path):
     archive = pack_package(tiny_package())
-    download = _Download(tmp_path, package_id()[0], "")
+    download = Download(tmp_path, package_id()[0], "")
     sha = hashlib.sha256(b"something else").digest()
     for msg in chunks(archive, 65536):
         msg.archive_sha256 = sha
@@ -193,7 +193,7 @@ def test_a_corrupt_whole_archive_is_discarded(tmp_path):
 def test_device_side_runs_without_torch(tmp_path):
     """client, store, agent, archive and policies import with torch (and the cloud side) blocked."""
     modules = "paramcast.device.agent, paramcast.device.client, paramcast.device.store, paramcast.common.package, " \
-              "paramcast.device.policy"
+              "paramcast.device.policy, paramcast.device.ideal, paramcast.device.policy_spec"
     proc = run_without_torch(tmp_path, ["-c", f"import json, sys, {modules}; print(json.dumps({LOADED}))"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
