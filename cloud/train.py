@@ -58,6 +58,7 @@ class TrainConfig:
     gen_patience: int = 5
     horizon: int = 4  # next items after the cut that a generated delta is trained on
     gen_cuts: int = 4  # cut points drawn per training sequence and epoch (each a generator sample)
+    gen_staleness: int = 0  # up to this many interactions between a delta's window and its use
     cloud_batch_size: int = 32  # 0 = batch_size. Long sequences make a batch costly; measured on ml-100k, 32 left
     # the popularity plateau within 6 epochs where 128 was still on it after 9, at the same cost per epoch
     cloud_lr: float = 0.0  # 0 = lr
@@ -250,10 +251,11 @@ class Trainer:
     def _generator_batches(self, window: int, cloud_len: int):
         """(history window, device window, device inputs, cloud inputs, targets) per batch.
 
-        A cut c is drawn per sequence; the generator sees s[:c] (its last `window` items), the
-        device model its last `max_len`, and the loss covers the `horizon` positions after the cut,
-        where the device runs on its own window with the delta made at the cut."""
-        L, S = self.model_cfg.max_len, self.cfg.horizon
+        A cut c is drawn per sequence and a staleness o in [0, gen_staleness]; the generator sees
+        s[:c - o] (its last `window` items) and the device model's state there, as a device asking
+        o interactions ago would have sent; the loss covers the `horizon` positions from the cut,
+        where the device runs on its own window with that delta."""
+        L, S, stale = self.model_cfg.max_len, self.cfg.horizon, self.cfg.gen_staleness
         h = self.cfg.gen_holdout
         repeated = [s for s in self.train_seqs for _ in range(self.cfg.gen_cuts)]
         for idx in self._batch_order(repeated, self.cfg.gen_batch_size):
@@ -261,9 +263,10 @@ class Trainer:
             for i in idx:
                 s = repeated[i]
                 low = max(1, len(s) - h) if h else 1  # with a holdout, only its items are targets
-                cut = int(self.rng.integers(low, len(s)))  # the window is s[:cut]
+                cut = int(self.rng.integers(low, len(s)))  # targets start after s[:cut]
                 end = min(len(s), cut + S)
-                windows.append(s[:cut])
+                age = int(self.rng.integers(0, stale + 1)) if stale else 0
+                windows.append(s[:max(1, cut - age)])
                 inputs.append(s[:end - 1])
                 t = s[1:end].copy()
                 t[: cut - 1] = 0  # targets before the cut would leak into the window

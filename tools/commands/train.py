@@ -72,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="last training items per user kept from stage 1 as stage-2-only targets")
     g.add_argument("--horizon", type=int, default=4, help="next items after the cut a delta is trained on")
     g.add_argument("--gen-cuts", type=int, default=4, help="cut points per training sequence and epoch")
+    g.add_argument("--gen-staleness", type=int, default=0,
+                   help="train deltas for use up to this many interactions after their window")
     g.add_argument("--slim-prob", type=float, default=0.5, help="share of generator batches under a random mask")
     t.add_argument("--slim-train-prob", type=float, default=0.25,
                    help="share of static batches under random unit masks (keeps subnets usable)")
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
                       slim_train_prob=args.slim_train_prob, distill_weight=args.distill_weight,
                       cloud_batch_size=args.cloud_batch_size, cloud_lr=args.cloud_lr,
                       side_features=not args.no_side_features, gen_cuts=args.gen_cuts,
+                      gen_staleness=args.gen_staleness,
                       distill_temperature=args.distill_temperature, progress=not args.no_progress)
     cloud_cfg = CloudModelConfig(n_items=data.n_items, hidden=args.cloud_hidden, n_blocks=args.cloud_blocks,
                                  n_heads=args.cloud_heads, ffn_units=args.cloud_ffn_units, max_len=args.window,
