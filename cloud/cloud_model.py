@@ -34,10 +34,10 @@ from paramcast.cloud.model import Block
 @dataclass
 class CloudModelConfig:
     n_items: int
-    hidden: int = 128
+    hidden: int = 64
     n_blocks: int = 2
     n_heads: int = 2
-    ffn_units: int = 256
+    ffn_units: int = 128
     max_len: int = 200
     dropout: float = 0.2
     # feature name -> [ids per item (table width), vocabulary size]; filled from the data
