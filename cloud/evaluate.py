@@ -26,6 +26,7 @@ from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import left_pad
 from paramcast.cloud.oracle import cloud_log_probs, fit_oracle
 from paramcast.common.bundle import dequantize, quantize
+from paramcast.common.errors import InvalidInput
 from paramcast.common.evaluation import (
     LeaveOneOut,
     full_ranking_scores,
@@ -146,8 +147,6 @@ def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | N
              stage: str = "test", seed: int = 0, full: bool = False) -> dict:
     """The `paramcast evaluate --json` document: variant -> metric -> {value, ci}, plus paired diffs."""
     if data.n_items != ckpt.device_model.cfg.n_items:
-        from paramcast.common.errors import InvalidInput
-
         raise InvalidInput("data", f"has {data.n_items} items but model {ckpt.model_id} was trained on "
                                    f"{ckpt.device_model.cfg.n_items}; evaluate on the data it was trained on")
     if variants is None:

@@ -427,15 +427,6 @@ class WindowGate(Gate):
         return {**super().describe(), "size": self.size}
 
 
-def observed_loss(scores: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    """(n,) ranking loss of the observed column: 1 - NDCG of its rank among the candidates (0 when
-    ranked first, towards 1 when ranked last; ties count against it). NaN where observed is -1."""
-    took = scores[np.arange(len(observed)), observed]  # (n,); -1 picks a real column, masked below
-    rank = (scores >= took[:, None]).sum(axis=1) - 1  # candidates scored at least as high, itself excluded
-    loss = 1.0 - 1.0 / np.log2(rank + 2.0)
-    return np.where(observed >= 0, loss, np.nan)
-
-
 class LossGate(Gate):
     """Running mean of the device model's loss on what its users took, since the held bundle arrived.
 

@@ -88,9 +88,6 @@ class BundleStore:
         except FileNotFoundError:
             pass
 
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data` so that after a crash it holds the old bytes or the new, never a mix:

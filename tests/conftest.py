@@ -1,10 +1,20 @@
-"""Fixtures shared by every test module."""
+"""Fixtures shared by every test module, and markers that follow the folder a test is in."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+FOLDER_MARKERS = ("unit", "integration")  # tests/unit -> @unit, tests/integration -> @integration
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        folder = item.path.resolve().relative_to(tests).parts[0]
+        if folder in FOLDER_MARKERS:
+            item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.fixture(scope="session")

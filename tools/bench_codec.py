@@ -14,18 +14,12 @@ seconds; the minimum over repeats is reported because the wall clock on a shared
 from __future__ import annotations
 
 import argparse
-import sys
 import timeit
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
-
-from paramcast.common.bundle import ENCODINGS, BundleBatch  # noqa: E402
-from paramcast.common.serde import batch_to_proto, bundle_to_proto  # noqa: E402
+from paramcast.common.bundle import ENCODINGS, BundleBatch
+from paramcast.common.serde import batch_to_proto, bundle_to_proto
 
 
 def generator_output(n: int, hidden: int, head_units: int, ffn_units: int, rank: int, masks: bool, seed: int = 0):

@@ -33,22 +33,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+import torch
+
+from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint
+from paramcast.cloud.export import ScoringGraph, export_package
+from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
+from paramcast.common.bundle import DeltaBundle
+from paramcast.common.package import DevicePackage
+from paramcast.common.serde import decode_bundle, encode_bundle
+from paramcast.device.runtime import DeviceRuntime, session_options
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
-
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-
-from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
-from paramcast.cloud.export import ScoringGraph, export_package  # noqa: E402
-from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad  # noqa: E402
-from paramcast.common.bundle import DeltaBundle  # noqa: E402
-from paramcast.common.package import DevicePackage  # noqa: E402
-from paramcast.common.serde import decode_bundle, encode_bundle  # noqa: E402
-from paramcast.device.runtime import DeviceRuntime, session_options  # noqa: E402
-
 N_CANDIDATES = 101
 BATCH = 64
 KEEP_RATIO = 0.5
@@ -261,8 +257,6 @@ def torch_scorer(model: DeviceModel, users, delta: DeltaBundle | None):
 
 
 def torch_scores(model: DeviceModel, users, delta: DeltaBundle | None, keep) -> np.ndarray:
-    from paramcast.cloud.model import slice_adapters
-
     history = left_pad([h for h, _ in users], model.cfg.max_len)
     candidates = torch.from_numpy(np.stack([c for _, c in users]))
     adapters = _torch_factors(delta)
@@ -342,7 +336,6 @@ def resident_memory(package: Path, threads: int, keep: dict) -> dict:
     masks = {g: m.tolist() for g, m in keep.items()}
     script = textwrap.dedent(f"""
         import json, sys
-        sys.path.insert(0, {str(REPO)!r})
         def rss_mb():
             for line in open("/proc/self/status"):
                 if line.startswith("VmRSS:"):

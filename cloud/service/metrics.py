@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from paramcast.cloud.service.batcher import BatchObserver
 from paramcast.cloud.service.interceptor import CallRecorder
@@ -71,10 +71,6 @@ class ServiceMetrics(CallRecorder, BatchObserver):
         self.bytes_out.labels(method).inc(nbytes)
         if bundle:
             self.bundle_bytes.observe(nbytes)
-
-    def exposition(self) -> bytes:
-        """The text format Prometheus scrapes (also handy in tests)."""
-        return generate_latest(self.registry)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """One sample's current value (0 when it has not been recorded yet)."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -61,8 +62,6 @@ class TlsConfig:
 
 def resolve_device(name: str) -> str:
     """auto -> cuda when torch sees a GPU, else cpu; cuda without a GPU is an error, not a silent CPU run."""
-    import torch
-
     if name not in ("auto", "cpu", "cuda"):
         raise InvalidInput("device", f"must be auto, cpu or cuda, got {name!r}")
     if name == "auto":

@@ -36,8 +36,6 @@ from paramcast.device.runtime import DeviceRuntime
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.integration
-
 TOKENS = {"dev-1": "token-1", "dev-2": "token-2"}
 FAST_RETRY = dict(retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.05, max_backoff_s=0.2),
                   reconnect_backoff_s=(0.05, 0.5))

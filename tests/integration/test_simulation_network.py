@@ -8,8 +8,6 @@ from paramcast.cloud.checkpoint import load_checkpoint
 from paramcast.common.data import load_interactions
 from paramcast.simulation.harness import SimulationConfig, run_simulation
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def data(shared_data):

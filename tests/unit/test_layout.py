@@ -65,3 +65,8 @@ def test_the_runtime_and_the_store_load_no_generated_code(tmp_path):
     proc = run_without_torch(tmp_path, ["-c", script])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+def test_tests_are_marked_by_their_folder(request):
+    assert request.node.get_closest_marker("unit") is not None
+    assert request.node.get_closest_marker("integration") is None

@@ -19,7 +19,6 @@ from paramcast.device.policy import (
     RandomP,
     StepView,
     WindowGate,
-    observed_loss,
 )
 from paramcast.device.policy_spec import build_policy, parse_policy
 from paramcast.simulation.calibration import calibrate_threshold, fit_gaussian_mapper
@@ -155,13 +154,21 @@ def test_gates_request_at_once_for_devices_holding_no_bundle():
     assert not g.decide(view(3)).any()
 
 
-def test_observed_loss_is_one_minus_ndcg_of_the_taken_items_rank():
-    scores = np.array([[2.0, 0.0, -1.0, 5.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
-    loss = observed_loss(scores, np.array([1, 0, -1]))
+def test_loss_is_one_minus_ndcg_of_the_taken_items_rank():
+    scores = np.array([[2.0, 0.0, -1.0, 5.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0], [9.0, 1.0, 0.0, 0.0]])
+    observed = np.array([1, 0, -1, 0])
+    g = LossGate(threshold=0.5, decay=0.0)  # no memory: the score is this step's loss
+    g.start(4, 0, np.ones((4, D_HIDDEN)))
+    loss = g.score(view(4, scores=scores, observed=observed), np.ones(4, np.int64))
     assert loss[0] == pytest.approx(1 - 1 / np.log2(2 + 2))  # two candidates score higher
     assert loss[1] == pytest.approx(1 - 1 / np.log2(2 + 3))  # ties count against it: rank 3
-    assert np.isnan(loss[2])
-    assert observed_loss(np.array([[9.0, 1.0]]), np.array([0]))[0] == 0.0
+    assert loss[2] == 0.0  # the taken item was not a candidate: nothing to learn from
+    assert loss[3] == 0.0  # ranked first
+    one = LossGate(threshold=0.5, decay=0.0)  # the one-device path computes the same losses
+    one.start(4, 0, np.ones((4, D_HIDDEN)))
+    for d in range(4):
+        single = view(1, scores=scores[[d]], observed=observed[[d]], devices=np.array([d]))
+        assert one.score_one(single, d, 1) == pytest.approx(loss[d])
 
 
 def test_loss_gate_tracks_recent_loss_and_restarts_with_a_bundle():

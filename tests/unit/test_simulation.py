@@ -83,9 +83,6 @@ def test_timelines_cap_steps_and_drop_short_users(data):
     tl = build_timelines(data, np.arange(data.n_users), warmup=10, n_negatives=20, max_steps=4)
     assert tl.length.max() == 4
     assert set(tl.users.tolist()) == {u for u in range(data.n_users) if data.lengths()[u] > 10}
-    sub = tl.subset(np.array([1, 2]))
-    assert sub.n_steps == tl.length[1] + tl.length[2]
-    assert np.array_equal(sub.candidates[: tl.length[1]], tl.candidates[tl.start[1]: tl.start[1] + tl.length[1]])
 
 
 def test_split_devices_is_disjoint_and_uses_cold_users(data, ckpt):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 DATASET = "ml-100k"
@@ -82,8 +83,6 @@ def find_data(explicit: str | None, fetch_to: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
     import torch
 
     from paramcast.cloud.checkpoint import checkpoint_file, load_checkpoint

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from paramcast.common.data import FORMATS
+from paramcast.common.data import FORMATS, load_interactions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.cloud.evaluate import evaluate
-    from paramcast.common.data import load_interactions
 
     ckpt = load_checkpoint(args.model)
     data = load_interactions(args.data, format=args.format)

@@ -10,6 +10,9 @@ which drain in-flight calls for up to `--grace` seconds before exiting.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 
 from paramcast.serve_process import METRICS_LINE, READY_LINE
 
@@ -46,10 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-    import signal
-
     import torch
 
     from paramcast.cloud.service.auth import RateLimiter, TokenAuth

@@ -15,6 +15,9 @@ generated from the window up to now. Gate thresholds are calibrated on validatio
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,10 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import shlex
-    import sys
-
     import torch
 
     from paramcast.cloud.checkpoint import load_checkpoint

@@ -8,7 +8,7 @@ import json
 import resource
 import time
 
-from paramcast.common.data import FORMATS
+from paramcast.common.data import FORMATS, load_interactions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
     from paramcast.cloud.cloud_model import CloudModelConfig
     from paramcast.cloud.model import DeviceModelConfig
     from paramcast.cloud.train import TrainConfig, train
-    from paramcast.common.data import load_interactions
     from paramcast.common.errors import InvalidInput
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())

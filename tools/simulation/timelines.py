@@ -59,17 +59,6 @@ class Timelines:
         """(N,) per-step values -> (D,) mean over each device's steps."""
         return np.add.reduceat(values.astype(np.float64), self.start) / self.length
 
-    def subset(self, rows: np.ndarray) -> Timelines:
-        """The timelines of some device rows (kept in the given order, which must stay longest-first)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        assert np.all(np.diff(self.length[rows]) <= 0), "device rows must stay ordered longest first"
-        steps = np.concatenate([np.arange(self.start[r], self.start[r] + self.length[r]) for r in rows]) \
-            if len(rows) else np.empty(0, np.int64)
-        length = self.length[rows]
-        start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64) if len(rows) else length
-        return Timelines(self.data, self.users[rows], self.warmup, start, length, self.t[steps],
-                         np.repeat(np.arange(len(rows)), length), self.candidates[steps])
-
 
 def build_timelines(data: InteractionLog, users: np.ndarray, warmup: int = 3, n_negatives: int = 100,
                     max_steps: int | None = None, seed: int = 0) -> Timelines:
