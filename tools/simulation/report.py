@@ -72,16 +72,18 @@ def headline(report: dict) -> list[str]:
              + ("" if significant else " - not shown (the CI includes zero)")]
     bars = report.get("bars", {})
     by_name = {p["name"]: p for p in report["policies"]}
-    if bars.get("evaluated") and bars["gate"] in by_name:
-        gate, always = by_name[bars["gate"]], by_name.get("always")
-        if "gain_kept" in bars and significant:
-            lines.append(f"the gate ({bars['gate']}, {bars['request_rate']:.1%} of steps) keeps "
-                         f"{bars['gain_kept']['value']:.0%} [{bars['gain_kept']['ci'][0]:.0%}, "
-                         f"{bars['gain_kept']['ci'][1]:.0%}] of it")
-        if always is not None and always["bytes_per_device"] > 0:
-            lines.append(f"bytes per device: {gate['bytes_per_device']:,.0f} with the gate, "
-                         f"{always['bytes_per_device']:,.0f} with always "
-                         f"({gate['bytes_per_device'] / always['bytes_per_device']:.1%})")
+    always = by_name.get("always")
+    gate = by_name.get(bars.get("gate", "")) if bars.get("evaluated") else None
+    if gate is not None and "gain_kept" in bars and significant:
+        lines.append(f"the gate ({bars['gate']}, {bars['request_rate']:.1%} of steps) keeps "
+                     f"{bars['gain_kept']['value']:.0%} [{bars['gain_kept']['ci'][0]:.0%}, "
+                     f"{bars['gain_kept']['ci'][1]:.0%}] of it")
+    if always is not None and gate is not None and always["bytes_per_device"] > 0:
+        lines.append(f"bytes per device: {gate['bytes_per_device']:,.0f} with the gate, "
+                     f"{always['bytes_per_device']:,.0f} with always "
+                     f"({gate['bytes_per_device'] / always['bytes_per_device']:.1%})")
+    elif always is not None:
+        lines.append(f"bytes per device: {always['bytes_per_device']:,.0f} with always (no gate ran at a 10% budget)")
     return lines
 
 
