@@ -1,12 +1,12 @@
 """Training: the static device model first, then the generator with the static weights frozen.
 
-Stage 1 trains SASRec with softmax cross-entropy over the catalogue (or over shared sampled
-negatives for very large catalogues); Klenitskiy & Vasilev (RecSys 2023) showed this reaches the
-original binary-loss quality in far fewer epochs. Stage 2 is DUET's setting: the device model is
-frozen and the generator learns to emit deltas (and masks) from a window of the user's past that
-ends at a random cut; the loss is the next items after the cut, so the generator learns what a
-fresh or slightly stale delta should do. Both stages stop early on validation NDCG@10 and keep the
-best weights; runs are reproducible for a seed.
+Stage 1 trains SASRec with one of the losses in cloud/losses.py (`TrainConfig.loss`; the default,
+cloud/presets.py DEFAULT_LOSS, is the one validation chose on both evaluation protocols). Stage 2
+is DUET's setting: the device model is frozen and the generator learns to emit deltas (and masks)
+from a window of the user's past that ends at a random cut; the loss is the next items after the
+cut, so the generator learns what a fresh or slightly stale delta should do. Both stages validate
+every `eval_every` epochs on a fixed validation sample, stop after `patience` epochs without a
+better validation NDCG@10 and keep the best weights; runs are reproducible for a seed.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from paramcast.cloud.checkpoint import ModelBundle
 from paramcast.cloud.generator import KEEP_RATIOS, Generator, GeneratorConfig, window_batch
+from paramcast.cloud.losses import LossConfig, sequence_loss
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
-from paramcast.common.evaluation import LeaveOneOut
+from paramcast.cloud.presets import DEFAULT_LOSS
+from paramcast.common.evaluation import FULL_PREFIX, LeaveOneOut
 from paramcast.common.interactions import InteractionLog
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,18 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 5  # evaluations without validation improvement before stopping
-    loss: str = "auto"  # "ce" (full softmax), "sampled" (shared negatives), "auto": ce up to 50k items
-    n_negatives: int = 1024
+    patience: int = 5  # epochs without validation improvement before stopping
+    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    select: str = "sampled"  # protocol whose validation NDCG@10 early stopping maximises: sampled | full
+    valid_full: bool = True  # the static stage also records full-ranking validation NDCG@10
+    loss: str = "auto"  # cloud/losses.py: bce | gbce | sampled | ce | a mixture x+y; auto = DEFAULT_LOSS
+    n_negatives: int = 0  # 0 = the loss's default (cloud/losses.py DEFAULT_NEGATIVES)
+    gbce_t: float = 0.75
+    logq: bool = False
+    mix_weight: float = 1.0
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # 0 = all cores
+    threads: int = 0  # torch CPU threads; 0 = every core this process may run on
     cold_fraction: float = 0.1  # users held out of training entirely, for cold-start evaluation
     valid_users: int = 0  # 0 = all; otherwise a fixed sample of validation users for early stopping
     # generator stage
@@ -63,6 +70,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def loss_config(self, n_items: int) -> LossConfig:
+        """The loss to train with; `auto` is DEFAULT_LOSS, except that a full softmax over more than
+        CE_MAX_ITEMS items falls back to sampled softmax with logQ correction."""
+        name = DEFAULT_LOSS if self.loss == "auto" else self.loss
+        logq = self.logq
+        if self.loss == "auto" and "ce" in name.split("+") and n_items > CE_MAX_ITEMS:
+            name, logq = name.replace("ce", "sampled"), True
+        cfg = LossConfig(name=name, n_negatives=self.n_negatives, gbce_t=self.gbce_t, logq=logq,
+                         mix_weight=self.mix_weight)
+        cfg.components()  # fails early, naming the loss, if it is unknown
+        return cfg
+
+
+CE_MAX_ITEMS = 50_000
+
+
+def resolve_threads(threads: int) -> int:
+    """Torch CPU threads, set explicitly: `threads`, or every core this process may run on."""
+    if threads <= 0:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,21 +120,6 @@ def split_users(log_: InteractionLog, cold_fraction: float, seed: int) -> tuple[
     return warm, cold
 
 
-def _ce_loss(states: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, cfg: TrainConfig,
-             n_items: int, gen: torch.Generator | None) -> torch.Tensor:
-    """Cross-entropy of (P, d) user states against (P,) target items."""
-    use_full = cfg.loss == "ce" or (cfg.loss == "auto" and n_items <= 50_000)
-    if use_full:
-        logits = states @ item_emb.T  # (P, n_items + 1)
-        logits[:, 0] = float("-inf")  # padding is never a target
-        return F.cross_entropy(logits, targets)
-    negs = torch.randint(1, n_items + 1, (cfg.n_negatives,), generator=gen).to(states.device)  # (K,)
-    pos = (states * item_emb[targets]).sum(-1, keepdim=True)  # (P, 1)
-    neg = states @ item_emb[negs].T  # (P, K)
-    neg = neg.masked_fill(negs[None, :] == targets[:, None], float("-inf"))  # a sampled positive is no negative
-    return F.cross_entropy(torch.cat([pos, neg], dim=1), torch.zeros_like(targets))
-
-
 class Trainer:
     """Holds the data views both stages use; `fit()` runs stage 1 then stage 2."""
 
@@ -112,8 +127,8 @@ class Trainer:
                  evaluator):
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
         self.device = resolve_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.threads = resolve_threads(cfg.threads)
+        self.loss_cfg = cfg.loss_config(data.n_items)
         seed_everything(cfg.seed)
         self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
         self.split = LeaveOneOut.of(data, self.warm)
@@ -127,7 +142,9 @@ class Trainer:
         self.evaluator = evaluator  # (bundle, users, stage, variants) -> {variant: per-user metrics}
         self.rng = np.random.default_rng(cfg.seed)
         self.torch_gen = torch.Generator().manual_seed(cfg.seed)
+        self.negatives_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # drawn where they are used
         self.history: dict[str, list] = {"static": [], "generator": []}
+        self.best_epoch: dict[str, int] = {}
 
     # -- stage 1 ----------------------------------------------------------------------------------
     def _batch_order(self, seqs: list[np.ndarray], bs: int) -> list[np.ndarray]:
@@ -149,19 +166,22 @@ class Trainer:
         L = self.model_cfg.max_len
         for idx in self._batch_order(self.static_seqs, self.cfg.batch_size):
             x = left_pad([self.static_seqs[i] for i in idx], L + 1, trim=True)  # (B, T+1)
-            yield x[:, :-1], x[:, 1:]  # inputs, next items
+            yield x[:, :-1], x[:, 1:], x  # inputs, next items, the row's own items (never its negatives)
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
              step, epochs: int, patience: int, validate, train_modes) -> float:
-        """The loop both stages share: Adam over `params`, one validation per epoch, early stopping.
+        """The loop both stages share: Adam over `params`, validation every `eval_every` epochs, early
+        stopping after `patience` epochs without improvement.
 
-        `step(batch)` returns the loss; `validate()` the selection score; `train_modes(on)` switches
-        the modules being trained. The best state of `selected` is restored at the end, and an
-        untrained start (epoch 0) competes too when `stage` is the generator's."""
+        `step(batch)` returns the loss; `validate()` a dict of validation scores whose "select" entry
+        is maximised; `train_modes(on)` switches the modules being trained. The best state of
+        `selected` is restored at the end, and an untrained start (epoch 0) competes too when
+        `stage` is the generator's."""
         cfg = self.cfg
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-        best = validate() if stage == "generator" else float("-inf")
-        untrained, best_state, bad = best, copy.deepcopy(selected.state_dict()), 0
+        best = validate()["select"] if stage == "generator" else float("-inf")
+        untrained, best_state, best_epoch = best, copy.deepcopy(selected.state_dict()), 0
+        every = max(1, cfg.eval_every)
         for epoch in range(1, epochs + 1):
             train_modes(True)
             t0, total = time.perf_counter(), 0.0
@@ -174,19 +194,22 @@ class Trainer:
                 total += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             train_modes(False)
-            score = validate()
-            seconds = time.perf_counter() - t0
-            self.history[stage].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": score,
-                                        "seconds": seconds})
-            log.info("%s epoch %d loss %.4f valid ndcg@10 %.4f (best %.4f, at start %.4f, %.1fs)", stage, epoch,
-                     total / n_batches, score, max(best, score), untrained, seconds)
-            if score > best:
-                best, best_state, bad = score, copy.deepcopy(selected.state_dict()), 0
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
+            record: dict = {"epoch": epoch, "loss": total / n_batches, "train_seconds": time.perf_counter() - t0}
+            if epoch % every == 0 or epoch == epochs:
+                scores = validate()
+                record.update({f"valid_{k}": v for k, v in scores.items() if k != "select"})
+                score = scores["select"]
+                log.info("%s epoch %d loss %.4f valid %s (best %.4f at epoch %d, at start %.4f, %.1fs)", stage,
+                         epoch, record["loss"], {k: round(v, 4) for k, v in scores.items()}, max(best, score),
+                         epoch if score > best else best_epoch, untrained, time.perf_counter() - t0)
+                if score > best:
+                    best, best_state, best_epoch = score, copy.deepcopy(selected.state_dict()), epoch
+            record["seconds"] = time.perf_counter() - t0
+            self.history[stage].append(record)
+            if epoch - best_epoch >= patience:
+                break
         selected.load_state_dict(best_state)
+        self.best_epoch[stage] = best_epoch
         return best
 
     def train_static(self) -> DeviceModel:
@@ -194,15 +217,16 @@ class Trainer:
         model = DeviceModel(self.model_cfg).to(dev)
 
         def step(batch) -> torch.Tensor:
-            inp, tgt = (t.to(dev) for t in batch)
+            inp, tgt, own = (t.to(dev) for t in batch)
             masks = self._random_masks(model, len(inp)) if self.rng.random() < cfg.slim_train_prob else None
             states = model.user_states(inp, None, masks)  # (B, L, d)
-            keep = tgt > 0
-            return _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items, self.torch_gen)
+            return sequence_loss(self.loss_cfg, states, model.item_emb.weight, tgt, own, self.data.n_items,
+                                 self.negatives_gen)
 
+        protocol = "both" if self.cfg.valid_full else cfg.select
         self._fit("static", model, list(model.parameters()), cfg.lr, self._static_batches,
                   -(-len(self.static_seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience,
-                  lambda: self._valid_ndcg(ModelBundle("train", model), ["static"]), model.train)
+                  lambda: self._validate(ModelBundle("train", model), ["static"], protocol), model.train)
         return model.eval()
 
     def _random_masks(self, model: DeviceModel, batch: int) -> dict[str, torch.Tensor]:
@@ -256,8 +280,8 @@ class Trainer:
             if self.rng.random() < cfg.slim_prob:
                 masks = out.masks(float(self.rng.choice(KEEP_RATIOS)), straight_through=True)
             states = model.user_states(inp, out.adapters, masks)  # (B, L, d)
-            keep = tgt > 0
-            return _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items, self.torch_gen)
+            return sequence_loss(self.loss_cfg, states, model.item_emb.weight, tgt, torch.cat([inp, tgt], 1),
+                                 self.data.n_items, self.negatives_gen)
 
         def train_modes(on: bool) -> None:
             gen.train(on)
@@ -266,14 +290,20 @@ class Trainer:
         train_modes(False)
         self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window),
                   -(-len(self.train_seqs) // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
-                  lambda: self._valid_ndcg(ModelBundle("train", model, gen), selection), train_modes)
+                  lambda: self._validate(ModelBundle("train", model, gen), selection, cfg.select), train_modes)
         model.requires_grad_(True)
         return gen.eval()
 
-    def _valid_ndcg(self, bundle: ModelBundle, variants: list[str]) -> float:
-        """Mean validation NDCG@10 over `variants` (each averaged over the validation users)."""
-        per_variant = self.evaluator(bundle, self.data, self.valid_users, "valid", variants)
-        return float(np.mean([np.mean(per_variant[v]["ndcg@10"]) for v in variants]))
+    def _validate(self, bundle: ModelBundle, variants: list[str], protocol: str) -> dict[str, float]:
+        """Validation NDCG@10 per protocol (averaged over `variants`, each over the validation users),
+        and under "select" the one early stopping maximises."""
+        per_variant = self.evaluator(bundle, self.data, self.valid_users, "valid", variants, protocol=protocol)
+        scores = {}
+        for name, metric in (("ndcg@10", "ndcg@10"), ("full:ndcg@10", FULL_PREFIX + "ndcg@10")):
+            if metric in per_variant[variants[0]]:
+                scores[name] = float(np.mean([np.mean(per_variant[v][metric]) for v in variants]))
+        scores["select"] = scores["full:ndcg@10" if self.cfg.select == "full" else "ndcg@10"]
+        return scores
 
 
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
@@ -293,8 +323,10 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
                   "cold_users": [data.user_raw_ids[u] for u in trainer.cold]},
         "train_config": cfg.to_dict(),
         "history": trainer.history,
+        "best_epoch": trainer.best_epoch,
+        "loss": trainer.loss_cfg.to_dict(),
         "seconds": {"static": t_static, "total": time.perf_counter() - t0},
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": trainer.threads,
         "cpu_count": os.cpu_count(),
     }
     model_id = f"sasrec-{data.name}"

@@ -7,7 +7,29 @@ import json
 import resource
 import time
 
+from paramcast.cloud.presets import DEFAULT_LOSS, PRESETS
 from paramcast.common.data import FORMATS
+
+
+def _loss_name(value: str) -> str:
+    from paramcast.cloud.losses import LossConfig
+
+    if value != "auto":
+        try:
+            LossConfig(name=value).components()
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+# Options a --preset may set: registered with default None so that an explicit flag is told apart
+# from an unset one; run() fills the unset ones from the preset, then from these defaults.
+DEFAULTS: dict[str, int | float] = {}
+
+
+def _option(group, flag: str, kind: type, default: int | float, help: str = "") -> None:
+    DEFAULTS[flag.lstrip("-").replace("-", "_")] = default
+    group.add_argument(flag, type=kind, default=None, help=f"{help} (default: {default})".lstrip())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,26 +41,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", default="static,generator", help="comma list of: static, generator")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = every core this process may use)")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="sasrec-reference: the public SASRec reference's settings (hidden 50, 2 blocks, 1 head, "
+                        "lr 1e-3, batch 128, every user in training, no unit dropout; max-len/dropout 200/0.2 when "
+                        "the median user sequence has >= 30 items, else 50/0.5); flags given explicitly win")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     m = p.add_argument_group("device model")
-    m.add_argument("--hidden", type=int, default=64)
-    m.add_argument("--blocks", type=int, default=2)
-    m.add_argument("--heads", type=int, default=1)
-    m.add_argument("--ffn-units", type=int, default=64)
-    m.add_argument("--head-units", type=int, default=128)
-    m.add_argument("--max-len", type=int, default=50)
-    m.add_argument("--dropout", type=float, default=0.5)
+    _option(m, "--hidden", int, 64)
+    _option(m, "--blocks", int, 2)
+    _option(m, "--heads", int, 1)
+    _option(m, "--ffn-units", int, 64)
+    _option(m, "--head-units", int, 128)
+    _option(m, "--max-len", int, 50)
+    _option(m, "--dropout", float, 0.5)
     t = p.add_argument_group("static stage")
-    t.add_argument("--epochs", type=int, default=200, help="upper bound; early stopping on validation NDCG@10")
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--patience", type=int, default=5)
-    t.add_argument("--loss", default="auto", choices=("auto", "ce", "sampled"),
-                   help="softmax CE over the catalogue, or over shared sampled negatives (auto: CE up to 50k items)")
-    t.add_argument("--negatives", type=int, default=1024, help="sampled negatives per batch for --loss sampled")
-    t.add_argument("--cold-fraction", type=float, default=0.1, help="users held out of training (cold-start eval)")
-    t.add_argument("--valid-users", type=int, default=0, help="validation users for early stopping (0 = all)")
+    _option(t, "--epochs", int, 200, help="upper bound; early stopping on validation NDCG@10")
+    _option(t, "--batch-size", int, 128)
+    _option(t, "--lr", float, 1e-3)
+    _option(t, "--patience", int, 5, help="epochs without validation improvement before stopping")
+    _option(t, "--eval-every", int, 1, help="epochs between validations")
+    t.add_argument("--select", default="sampled", choices=("sampled", "full"),
+                   help="protocol whose validation NDCG@10 early stopping maximises")
+    t.add_argument("--loss", default="auto", type=_loss_name,
+                   help=f"bce | gbce | sampled | ce | a mixture x+y (e.g. ce+bce); auto: {DEFAULT_LOSS}, the "
+                        "validated default (a full softmax over more than 50k items falls back to sampled + logQ)")
+    t.add_argument("--negatives", type=int, default=0,
+                   help="uniform negatives: per position for bce (default 1), per sequence for gbce and sampled "
+                        "(default 256)")
+    t.add_argument("--gbce-t", type=float, default=0.75, help="gBCE calibration t in [0, 1] (0: plain BCE)")
+    t.add_argument("--logq", action="store_true", help="logQ correction of sampled-softmax negatives")
+    t.add_argument("--mix-weight", type=float, default=1.0, help="weight of the second loss of a mixture x+y")
+    _option(t, "--cold-fraction", float, 0.1, help="users held out of training (cold-start eval)")
+    _option(t, "--valid-users", int, 0, help="validation users for early stopping (0 = all)")
     g = p.add_argument_group("generator stage")
     g.add_argument("--gen-epochs", type=int, default=30)
     g.add_argument("--gen-lr", type=float, default=1e-4)
@@ -52,8 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="last training items per user kept from stage 1 as stage-2-only targets")
     g.add_argument("--horizon", type=int, default=4, help="next items after the cut a delta is trained on")
     g.add_argument("--slim-prob", type=float, default=0.5, help="share of generator batches under a random mask")
-    t.add_argument("--slim-train-prob", type=float, default=0.25,
-                   help="share of static batches under random unit masks (keeps subnets usable)")
+    _option(t, "--slim-train-prob", float, 0.25,
+            help="share of static batches under random unit masks (keeps subnets usable)")
     g.add_argument("--joint", action="store_true", help="fine-tune the device model jointly in stage 2")
     p.set_defaults(func=run)
 
@@ -61,6 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from paramcast.cloud.checkpoint import save_bundle
     from paramcast.cloud.model import DeviceModelConfig
+    from paramcast.cloud.presets import sequence_regime
     from paramcast.cloud.train import TrainConfig, train
     from paramcast.common.data import load_interactions
     from paramcast.common.errors import InvalidInput
@@ -70,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or "static" not in stages:
         raise InvalidInput("--stages", f"must include 'static' and may add 'generator'; got {args.stages!r}")
     data = load_interactions(args.data, format=args.format)
+    apply_preset(args, data)
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
                                   ffn_units=args.ffn_units, head_units=args.head_units, max_len=args.max_len,
                                   dropout=args.dropout)
@@ -78,12 +115,15 @@ def run(args: argparse.Namespace) -> int:
                       threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
                       gen_epochs=args.gen_epochs, gen_lr=args.gen_lr, gen_patience=args.gen_patience,
                       horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint, gen_holdout=args.gen_holdout,
-                      slim_train_prob=args.slim_train_prob,
+                      slim_train_prob=args.slim_train_prob, eval_every=args.eval_every, select=args.select,
+                      gbce_t=args.gbce_t, logq=args.logq, mix_weight=args.mix_weight,
                       progress=not args.no_progress)
     gen_cfg = {"window": args.window, "rank": args.rank, "width": args.gen_width, "n_layers": args.gen_layers,
                "dropout": args.gen_dropout}
     t0 = time.perf_counter()
     bundle = train(data, args.out, model_cfg, cfg, gen_cfg, stages)
+    if args.preset:
+        bundle.meta["preset"] = {"name": args.preset, "rule": sequence_regime(data)}
     bundle.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     bundle.meta["wall_seconds"] = time.perf_counter() - t0
     out = save_bundle(bundle, args.out)
@@ -96,3 +136,20 @@ def run(args: argparse.Namespace) -> int:
                        generator_flops_per_bundle=bundle.generator.flops_per_bundle())
     print(json.dumps(summary, indent=2))
     return 0
+
+
+# Preset keys that name a config field differently from the flag's destination.
+_PRESET_TO_FLAG = {"n_blocks": "blocks", "n_heads": "heads"}
+
+
+def apply_preset(args: argparse.Namespace, data) -> None:
+    """Fill every preset-able option not given on the command line: from --preset, else its default."""
+    from paramcast.cloud.presets import preset
+
+    chosen: dict = {}
+    if args.preset:
+        model, training = preset(args.preset, data)
+        chosen = {_PRESET_TO_FLAG.get(k, k): v for k, v in {**model, **training}.items()}
+    for dest, default in DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, chosen.get(dest, default))
