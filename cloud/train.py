@@ -5,8 +5,8 @@ cloud/presets.py DEFAULT_LOSS, is the one validation chose on both evaluation pr
 is DUET's setting: the device model is frozen and the generator learns to emit deltas (and masks)
 from a window of the user's past that ends at a random cut; the loss is the next items after the
 cut, so the generator learns what a fresh or slightly stale delta should do. Both stages validate
-every `eval_every` epochs on a fixed validation sample, stop after `patience` epochs without a
-better validation NDCG@10 and keep the best weights; runs are reproducible for a seed.
+on a fixed validation sample (stage 1 every `eval_every` epochs), stop after `patience` epochs
+without a better validation NDCG@10 and keep the best weights; runs are reproducible for a seed.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 5  # epochs without validation improvement before stopping
-    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    eval_every: int = 1  # stage-1 epochs between validations (the last epoch is always validated)
     select: str = "sampled"  # protocol whose validation NDCG@10 early stopping maximises: sampled | full
     valid_full: bool = True  # the static stage also records full-ranking validation NDCG@10
     loss: str = "auto"  # cloud/losses.py: bce | gbce | sampled | ce | a mixture x+y; auto = DEFAULT_LOSS
@@ -169,9 +169,9 @@ class Trainer:
             yield x[:, :-1], x[:, 1:], x  # inputs, next items, the row's own items (never its negatives)
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
-             step, epochs: int, patience: int, validate, train_modes) -> float:
-        """The loop both stages share: Adam over `params`, validation every `eval_every` epochs, early
-        stopping after `patience` epochs without improvement.
+             step, epochs: int, patience: int, validate, train_modes, every: int = 1) -> float:
+        """The loop both stages share: Adam over `params`, validation every `every` epochs (and after
+        the last), early stopping after `patience` epochs without improvement.
 
         `step(batch)` returns the loss; `validate()` a dict of validation scores whose "select" entry
         is maximised; `train_modes(on)` switches the modules being trained. The best state of
@@ -181,7 +181,7 @@ class Trainer:
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
         best = validate()["select"] if stage == "generator" else float("-inf")
         untrained, best_state, best_epoch = best, copy.deepcopy(selected.state_dict()), 0
-        every = max(1, cfg.eval_every)
+        every = max(1, every)
         for epoch in range(1, epochs + 1):
             train_modes(True)
             t0, total = time.perf_counter(), 0.0
@@ -226,7 +226,8 @@ class Trainer:
         protocol = "both" if self.cfg.valid_full else cfg.select
         self._fit("static", model, list(model.parameters()), cfg.lr, self._static_batches,
                   -(-len(self.static_seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience,
-                  lambda: self._validate(ModelBundle("train", model), ["static"], protocol), model.train)
+                  lambda: self._validate(ModelBundle("train", model), ["static"], protocol), model.train,
+                  cfg.eval_every)
         return model.eval()
 
     def _random_masks(self, model: DeviceModel, batch: int) -> dict[str, torch.Tensor]:

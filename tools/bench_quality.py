@@ -37,7 +37,7 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     subprocess.run([sys.executable, "-m", "paramcast.cli", "evaluate", "--model", str(out), "--data", args.data,
-                    "--json", "--out", str(report_file)], check=True, stdout=subprocess.DEVNULL)
+                    "--protocol", "both", "--json", "--out", str(report_file)], check=True, stdout=subprocess.DEVNULL)
     meta = json.loads((out / "bundle.json").read_text())
     return {"report": json.loads(report_file.read_text()), "bundle": meta, "wall_seconds": wall}
 
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": r["bundle"]["meta"].get("peak_rss_mib"),
             "static_epochs": len(r["bundle"]["meta"]["history"]["static"]),
             "generator_epochs": len(r["bundle"]["meta"]["history"]["generator"]),
-            **{v: {m: r["report"][v][m] for m in ("hr@10", "ndcg@10", "auc")} for v in HEADLINE if v in r["report"]},
+            **{v: {m: r["report"][v][m] for m in ("hr@10", "ndcg@10", "auc", "full:hr@10", "full:ndcg@10")
+                   if m in r["report"][v]} for v in HEADLINE if v in r["report"]},
         }
         for seed, r in runs.items()
     }
