@@ -1,9 +1,10 @@
-"""Model bundles on disk: the versioned unit that training writes and export, serve and simulate read.
+"""Training checkpoints on disk: the versioned unit that training writes and export, serve and simulate read.
 
-A bundle directory holds `bundle.pt` (weights and configs, loaded with `weights_only=True`) and
-`bundle.json` (the same metadata, human-readable). The base version is content-addressed: the
-sha256 of the device model's weights, so two servers holding the same weights agree on it and a
-device can never confuse two trainings.
+A checkpoint directory holds `checkpoint.pt` (weights and configs, loaded with `weights_only=True`)
+and `checkpoint.json` (the same metadata, human-readable). Directories written before the files
+had these names (`bundle.pt`) still load. The base version is content-addressed: the sha256 of the
+device model's weights, so two servers holding the same weights agree on it and a device can never
+confuse two trainings.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from paramcast.cloud.model import DeviceModel, DeviceModelConfig
 from paramcast.common.errors import ModelNotFound
 
 FORMAT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pt"
+INFO_FILE = "checkpoint.json"
+_OLD_CHECKPOINT_FILE = "bundle.pt"  # the name earlier trainings wrote; same payload
 
 
 def weights_version(model: torch.nn.Module) -> str:
@@ -36,58 +40,68 @@ def weights_version(model: torch.nn.Module) -> str:
 
 
 @dataclass
-class ModelBundle:
+class Checkpoint:
     model_id: str
-    device: DeviceModel
+    device_model: DeviceModel
     generator: Generator | None = None
     meta: dict = field(default_factory=dict)  # data, split, training history, metrics
 
     @functools.cached_property
     def base_version(self) -> str:
-        """Hashed once: a bundle's device weights never change after training."""
-        return weights_version(self.device)
+        """Hashed once: a checkpoint's device weights never change after training."""
+        return weights_version(self.device_model)
 
 
-def save_bundle(bundle: ModelBundle, out: str | Path) -> Path:
+def checkpoint_file(path: str | Path) -> Path:
+    """The weights file of a checkpoint directory (or `path` itself when it names a file)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    current = path / CHECKPOINT_FILE
+    old = path / _OLD_CHECKPOINT_FILE
+    return old if not current.exists() and old.exists() else current
+
+
+def save_checkpoint(ckpt: Checkpoint, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    gen = bundle.generator
+    gen = ckpt.generator
     payload = {
         "format": FORMAT_VERSION,
-        "model_id": bundle.model_id,
-        "base_version": bundle.base_version,
-        "device_config": bundle.device.cfg.to_dict(),
-        "device_state": {k: v.detach().cpu() for k, v in bundle.device.state_dict().items()},
+        "model_id": ckpt.model_id,
+        "base_version": ckpt.base_version,
+        "device_config": ckpt.device_model.cfg.to_dict(),
+        "device_state": {k: v.detach().cpu() for k, v in ckpt.device_model.state_dict().items()},
         "generator_config": gen.cfg.to_dict() if gen is not None else None,
         "generator_state": {k: v.detach().cpu() for k, v in gen.state_dict().items()} if gen else None,
-        "meta_json": json.dumps(bundle.meta),
+        "meta_json": json.dumps(ckpt.meta),
     }
-    tmp = out / "bundle.pt.tmp"
+    tmp = out / f"{CHECKPOINT_FILE}.tmp"
     torch.save(payload, tmp)
-    os.replace(tmp, out / "bundle.pt")  # a crash mid-save leaves the previous bundle intact
+    os.replace(tmp, out / CHECKPOINT_FILE)  # a crash mid-save leaves the previous checkpoint intact
     info = {k: payload[k] for k in ("format", "model_id", "base_version", "device_config", "generator_config")}
-    info["meta"] = bundle.meta
-    (out / "bundle.json").write_text(json.dumps(info, indent=2))
+    info["meta"] = ckpt.meta
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     return out
 
 
-def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> ModelBundle:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     path = Path(path)
-    file = path / "bundle.pt" if path.is_dir() else path
+    file = checkpoint_file(path)
     if not file.exists():
-        raise ModelNotFound(f"no model bundle at {path} (expected {file}); train one with `paramcast train`")
+        raise ModelNotFound(f"no checkpoint at {path} (expected {file}); train one with `paramcast train`")
     payload = torch.load(file, map_location=map_location, weights_only=True)
     if payload.get("format") != FORMAT_VERSION:
-        raise ModelNotFound(f"{file}: bundle format {payload.get('format')} is not {FORMAT_VERSION}")
-    device = DeviceModel(DeviceModelConfig(**payload["device_config"]))
-    device.load_state_dict(payload["device_state"])
-    device.eval()
+        raise ModelNotFound(f"{file}: checkpoint format {payload.get('format')} is not {FORMAT_VERSION}")
+    device_model = DeviceModel(DeviceModelConfig(**payload["device_config"]))
+    device_model.load_state_dict(payload["device_state"])
+    device_model.eval()
     generator = None
     if payload["generator_config"] is not None:
         generator = Generator(GeneratorConfig(**payload["generator_config"]))
         generator.load_state_dict(payload["generator_state"])
         generator.eval()
-    bundle = ModelBundle(payload["model_id"], device, generator, json.loads(payload["meta_json"]))
-    if bundle.base_version != payload["base_version"]:
+    ckpt = Checkpoint(payload["model_id"], device_model, generator, json.loads(payload["meta_json"]))
+    if ckpt.base_version != payload["base_version"]:
         raise ModelNotFound(f"{file}: weights do not match the recorded base version (corrupt file?)")
-    return bundle
+    return ckpt

@@ -1,4 +1,4 @@
-"""Side-by-side evaluation of a model bundle's variants under the SASRec protocol.
+"""Side-by-side evaluation of a checkpoint's variants under the SASRec protocol.
 
 A variant names which parameters score each case:
 - `static`           the device model alone;
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from paramcast.cloud.checkpoint import ModelBundle
-from paramcast.cloud.generation import generate_parameters
+from paramcast.cloud.bundles import generate_parameters
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import left_pad
 from paramcast.common.bundle import dequantize, quantize
 from paramcast.common.evaluation import (
@@ -72,10 +72,10 @@ def _encoded(adapters, encoding: str):
 
 
 @torch.no_grad()
-def user_vectors(bundle: ModelBundle, histories: Sequence[np.ndarray], variant: str, batch: int = 1024) -> torch.Tensor:
+def user_vectors(ckpt: Checkpoint, histories: Sequence[np.ndarray], variant: str, batch: int = 1024) -> torch.Tensor:
     """(U, d) user state after each history under `variant`: what every protocol scores items with."""
     kind, arg = _parse(variant)
-    model = bundle.device.eval()
+    model = ckpt.device_model.eval()
     L = model.cfg.max_len
     out = torch.empty(len(histories), model.cfg.hidden)
     # Encode in order of history length so each chunk pads only to its own longest history.
@@ -87,7 +87,7 @@ def user_vectors(bundle: ModelBundle, histories: Sequence[np.ndarray], variant: 
         if kind != "static":
             windows = [h[: len(h) - int(arg)] if kind == "stale" and arg else h for h in hist]  # type: ignore[arg-type]
             keep = float(arg) if kind == "slimmed" else None  # type: ignore[arg-type]
-            adapters, masks = generate_parameters(bundle, windows, keep)
+            adapters, masks = generate_parameters(ckpt, windows, keep)
             if kind == "encoded":
                 adapters = _encoded(adapters, str(arg))
         out[torch.as_tensor(rows)] = model.user_states(left_pad(hist, L, trim=True), adapters, masks)[:, -1, :]
@@ -95,15 +95,15 @@ def user_vectors(bundle: ModelBundle, histories: Sequence[np.ndarray], variant: 
 
 
 @torch.no_grad()
-def score_cases(bundle: ModelBundle, histories: Sequence[np.ndarray], candidates: np.ndarray, variant: str,
+def score_cases(ckpt: Checkpoint, histories: Sequence[np.ndarray], candidates: np.ndarray, variant: str,
                 users: torch.Tensor | None = None) -> np.ndarray:
     """(U, C) scores of `candidates` for each history under `variant` (`users`: its vectors, if known)."""
-    users = user_vectors(bundle, histories, variant) if users is None else users  # (U, d)
-    items = bundle.device.item_emb(torch.as_tensor(candidates))  # (U, C, d)
+    users = user_vectors(ckpt, histories, variant) if users is None else users  # (U, d)
+    items = ckpt.device_model.item_emb(torch.as_tensor(candidates))  # (U, C, d)
     return torch.einsum("ucd,ud->uc", items, users).numpy()
 
 
-def per_user_metrics(bundle: ModelBundle, data: InteractionLog, users: np.ndarray, stage: str,
+def per_user_metrics(ckpt: Checkpoint, data: InteractionLog, users: np.ndarray, stage: str,
                      variants: Sequence[str], seed: int = 0,
                      protocol: str = "sampled") -> dict[str, dict[str, np.ndarray]]:
     """{variant: {metric: (U,) per-user values}} for the evaluation users among `users`.
@@ -118,15 +118,15 @@ def per_user_metrics(bundle: ModelBundle, data: InteractionLog, users: np.ndarra
     cases = [split.case(int(u), stage) for u in eval_users]
     histories = [h for h, _ in cases]
     targets = np.array([t for _, t in cases], dtype=np.int64)
-    table = bundle.device.item_emb.weight.detach()  # (n_items + 1, d)
+    table = ckpt.device_model.item_emb.weight.detach()  # (n_items + 1, d)
     chunk = max(1, 2**23 // len(table))  # (chunk, n_items + 1) float32 full-ranking scores: ~32 MiB at a time
     out: dict[str, dict[str, np.ndarray]] = {}
     for v in variants:
-        vectors = user_vectors(bundle, histories, v)  # (U, d)
+        vectors = user_vectors(ckpt, histories, v)  # (U, d)
         out[v] = {}
         if protocol in ("sampled", "both"):
             cand = np.concatenate([targets[:, None], negatives_for(data, eval_users, stage, seed)], axis=1)
-            out[v].update(metrics_from_scores(score_cases(bundle, histories, cand, v, vectors)))
+            out[v].update(metrics_from_scores(score_cases(ckpt, histories, cand, v, vectors)))
         if protocol in ("full", "both"):
             parts: dict[str, list] = {}
             for start in range(0, len(cases), chunk):
@@ -139,28 +139,28 @@ def per_user_metrics(bundle: ModelBundle, data: InteractionLog, users: np.ndarra
     return out
 
 
-def evaluate(bundle: ModelBundle, data: InteractionLog, variants: Sequence[str] | None = None,
+def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | None = None,
              stage: str = "test", seed: int = 0, protocol: str = "sampled") -> dict:
     """The `paramcast evaluate --json` document: variant -> metric -> {value, ci}, plus paired diffs."""
-    if data.n_items != bundle.device.cfg.n_items:
+    if data.n_items != ckpt.device_model.cfg.n_items:
         from paramcast.common.errors import InvalidInput
 
-        raise InvalidInput("data", f"has {data.n_items} items but model {bundle.model_id} was trained on "
-                                   f"{bundle.device.cfg.n_items}; evaluate on the data it was trained on")
+        raise InvalidInput("data", f"has {data.n_items} items but model {ckpt.model_id} was trained on "
+                                   f"{ckpt.device_model.cfg.n_items}; evaluate on the data it was trained on")
     if variants is None:
-        variants = DEFAULT_VARIANTS if bundle.generator is not None else ("static",)
-    cold_raw = set(bundle.meta.get("split", {}).get("cold_users", []))
+        variants = DEFAULT_VARIANTS if ckpt.generator is not None else ("static",)
+    cold_raw = set(ckpt.meta.get("split", {}).get("cold_users", []))
     is_cold = np.array([u in cold_raw for u in data.user_raw_ids])
     warm, cold = np.nonzero(~is_cold)[0], np.nonzero(is_cold)[0]
     report: dict = {}
-    warm_metrics = per_user_metrics(bundle, data, warm, stage, variants, seed, protocol)
+    warm_metrics = per_user_metrics(ckpt, data, warm, stage, variants, seed, protocol)
     for v, m in warm_metrics.items():
         report[v] = summarize(m, seed=seed)
     if "generated" in warm_metrics:
         report["generated-static"] = paired_difference(warm_metrics["generated"], warm_metrics["static"], seed)
     if len(cold):
         cold_variants = [v for v in ("static", "generated") if v in variants]
-        cold_metrics = per_user_metrics(bundle, data, cold, stage, cold_variants, seed, protocol)
+        cold_metrics = per_user_metrics(ckpt, data, cold, stage, cold_variants, seed, protocol)
         for v, m in cold_metrics.items():
             report[f"cold:{v}"] = summarize(m, seed=seed)
         if "generated" in cold_metrics:

@@ -1,6 +1,6 @@
 """Export the device model to a device package: `model.onnx` + `manifest.json`.
 
-The package is the contract between the cloud and every device (read by `device/package.py`):
+The package is the contract between the cloud and every device (its format: `common/package.py`):
 
 - `model.onnx` scores candidates for a batch of users. Inputs: `history` (B, max_len) int64, item
   ids left-padded with 0; `candidates` (B, C) int64; and per adapter slot `<slot>.A` (B|1, d_in, r)
@@ -37,16 +37,13 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import DeviceModel
 from paramcast.common.errors import InvalidInput
+from paramcast.common.package import FORMAT, FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
 
-FORMAT = "paramcast.device-package"
-FORMAT_VERSION = 1
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
 # The torch exporter implements opset 18 natively; lower targets go through the ONNX version
 # converter. ONNX Runtime >= 1.17 (the device extra's floor) runs opset 18 models.
 DEFAULT_OPSET = 18
@@ -112,20 +109,20 @@ def slimming_plan(model: DeviceModel) -> dict[str, dict]:
 
 
 def export_package(
-    bundle: ModelBundle, out: str | Path, opset: int = DEFAULT_OPSET, max_rank: int | None = None
+    ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, max_rank: int | None = None
 ) -> Path:
-    """Write the device package of `bundle.device` to directory `out` and return it.
+    """Write the device package of `ckpt.device_model` to directory `out` and return it.
 
     `max_rank` bounds the rank of factors a device accepts per slot; by default the generator's
-    rank (its config's `rank`) when the bundle has one, else full rank min(d_in, d_out).
+    rank (its config's `rank`) when the checkpoint has one, else full rank min(d_in, d_out).
     """
     if opset < MIN_OPSET:
         raise InvalidInput("opset", f"{opset} is below {MIN_OPSET}, the lowest the device runtime supports")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(bundle.device).to("cpu", torch.float32).eval()  # eval: dropout off
+    model = copy.deepcopy(ckpt.device_model).to("cpu", torch.float32).eval()  # eval: dropout off
     slots = model.slot_shapes()
-    ranks = _max_ranks(bundle, slots, max_rank)
+    ranks = _max_ranks(ckpt, slots, max_rank)
 
     proto = _export_graph(model, opset)
     proto = _finish_graph(proto, model, slots)
@@ -137,8 +134,8 @@ def export_package(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_id": bundle.model_id,
-        "base_version": bundle.base_version,
+        "model_id": ckpt.model_id,
+        "base_version": ckpt.base_version,
         "onnx_opset": _opset_of(proto),
         "max_len": cfg.max_len,
         "n_items": cfg.n_items,
@@ -168,7 +165,7 @@ def export_package(
         "files": {MODEL_FILE: {"sha256": hashlib.sha256(model_bytes).hexdigest(), "bytes": len(model_bytes)}},
     }
     _write_atomic(out / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
-    log.info("exported %s (base %s) to %s: %d bytes", bundle.model_id, bundle.base_version, out,
+    log.info("exported %s (base %s) to %s: %d bytes", ckpt.model_id, ckpt.base_version, out,
              len(model_bytes))
     return out
 
@@ -176,10 +173,10 @@ def export_package(
 # -- steps -------------------------------------------------------------------------------------
 
 
-def _max_ranks(bundle: ModelBundle, slots: dict[str, tuple[int, int]], max_rank: int | None,
+def _max_ranks(ckpt: Checkpoint, slots: dict[str, tuple[int, int]], max_rank: int | None,
                ) -> dict[str, int]:
     if max_rank is None:
-        max_rank = getattr(getattr(bundle.generator, "cfg", None), "rank", None)
+        max_rank = getattr(getattr(ckpt.generator, "cfg", None), "rank", None)
     if max_rank is not None and max_rank < 1:
         raise InvalidInput("max_rank", f"must be at least 1, got {max_rank}")
     full = {slot: min(shape) for slot, shape in slots.items()}

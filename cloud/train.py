@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.generator import KEEP_RATIOS, Generator, GeneratorConfig, window_batch
 from paramcast.cloud.losses import LossConfig, sequence_loss
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
@@ -126,7 +126,7 @@ class Trainer:
     def __init__(self, data: InteractionLog, model_cfg: DeviceModelConfig, gen_cfg: dict, cfg: TrainConfig,
                  evaluator):
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
-        self.device = resolve_device(cfg.device)
+        self.torch_device = resolve_device(cfg.device)
         self.threads = resolve_threads(cfg.threads)
         self.loss_cfg = cfg.loss_config(data.n_items)
         seed_everything(cfg.seed)
@@ -139,10 +139,12 @@ class Trainer:
         if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
             rng = np.random.default_rng(cfg.seed)
             self.valid_users = np.sort(rng.choice(self.valid_users, cfg.valid_users, replace=False))
-        self.evaluator = evaluator  # (bundle, users, stage, variants) -> {variant: per-user metrics}
+        # (checkpoint, data, users, stage, variants, protocol=) -> {variant: per-user metrics}
+        self.evaluator = evaluator
         self.rng = np.random.default_rng(cfg.seed)
         self.torch_gen = torch.Generator().manual_seed(cfg.seed)
-        self.negatives_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # drawn where they are used
+        # Negatives are drawn on the device that uses them.
+        self.negatives_gen = torch.Generator(device=self.torch_device).manual_seed(cfg.seed + 1)
         self.history: dict[str, list] = {"static": [], "generator": []}
         self.best_epoch: dict[str, int] = {}
 
@@ -213,7 +215,7 @@ class Trainer:
         return best
 
     def train_static(self) -> DeviceModel:
-        cfg, dev = self.cfg, self.device
+        cfg, dev = self.cfg, self.torch_device
         model = DeviceModel(self.model_cfg).to(dev)
 
         def step(batch) -> torch.Tensor:
@@ -226,7 +228,7 @@ class Trainer:
         protocol = "both" if self.cfg.valid_full else cfg.select
         self._fit("static", model, list(model.parameters()), cfg.lr, self._static_batches,
                   -(-len(self.static_seqs) // cfg.batch_size), step, cfg.epochs, cfg.patience,
-                  lambda: self._validate(ModelBundle("train", model), ["static"], protocol), model.train,
+                  lambda: self._validate(Checkpoint("train", model), ["static"], protocol), model.train,
                   cfg.eval_every)
         return model.eval()
 
@@ -237,7 +239,7 @@ class Trainer:
         for group, n in model.unit_groups().items():
             scores = torch.rand(batch, n, generator=self.torch_gen)
             top = scores.topk(max(1, round(ratio * n)), dim=-1).indices
-            masks[group] = torch.zeros(batch, n).scatter_(-1, top, 1.0).to(self.device)
+            masks[group] = torch.zeros(batch, n).scatter_(-1, top, 1.0).to(self.torch_device)
         return masks
 
     # -- stage 2 ----------------------------------------------------------------------------------
@@ -260,7 +262,7 @@ class Trainer:
             yield window_batch(windows, window), left_pad(inputs, L, trim=True), left_pad(targets, L, trim=True)
 
     def train_generator(self, model: DeviceModel) -> Generator:
-        cfg, dev = self.cfg, self.device
+        cfg, dev = self.cfg, self.torch_device
         gcfg = GeneratorConfig(n_items=self.data.n_items, slot_shapes=model.slot_shapes(),
                                unit_groups=model.unit_groups(), item_dim=model.cfg.hidden, **self.gen_overrides)
         gen = Generator(gcfg).to(dev)
@@ -291,14 +293,14 @@ class Trainer:
         train_modes(False)
         self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window),
                   -(-len(self.train_seqs) // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
-                  lambda: self._validate(ModelBundle("train", model, gen), selection, cfg.select), train_modes)
+                  lambda: self._validate(Checkpoint("train", model, gen), selection, cfg.select), train_modes)
         model.requires_grad_(True)
         return gen.eval()
 
-    def _validate(self, bundle: ModelBundle, variants: list[str], protocol: str) -> dict[str, float]:
+    def _validate(self, ckpt: Checkpoint, variants: list[str], protocol: str) -> dict[str, float]:
         """Validation NDCG@10 per protocol (averaged over `variants`, each over the validation users),
         and under "select" the one early stopping maximises."""
-        per_variant = self.evaluator(bundle, self.data, self.valid_users, "valid", variants, protocol=protocol)
+        per_variant = self.evaluator(ckpt, self.data, self.valid_users, "valid", variants, protocol=protocol)
         scores = {}
         for name, metric in (("ndcg@10", "ndcg@10"), ("full:ndcg@10", FULL_PREFIX + "ndcg@10")):
             if metric in per_variant[variants[0]]:
@@ -308,8 +310,8 @@ class Trainer:
 
 
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
-          gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "generator")) -> ModelBundle:
-    """Run the stages and return the model bundle (the caller saves it)."""
+          gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "generator")) -> Checkpoint:
+    """Run the stages and return the checkpoint (the caller saves it)."""
     from paramcast.cloud.evaluate import per_user_metrics
 
     t0 = time.perf_counter()
@@ -331,6 +333,6 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
         "cpu_count": os.cpu_count(),
     }
     model_id = f"sasrec-{data.name}"
-    return ModelBundle(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta)
+    return Checkpoint(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta)
 
 

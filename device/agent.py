@@ -7,7 +7,7 @@
 
 State on disk, under ROOT:
 
-    packages/MODEL_ID-VERSION/   the device package (see device/archive.py), verified when loaded
+    packages/MODEL_ID-VERSION/   the device package (see common/package.py), verified when loaded
     downloads/                   a package download in progress (resumable)
     bundles/MODEL_ID.bundle      the last good bundle (device/store.py: atomic writes)
     current.json                 which package version the device runs
@@ -36,8 +36,8 @@ import numpy as np
 
 from paramcast.common.bundle import DeltaBundle
 from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, ParamCastError, VersionMismatch
+from paramcast.common.package import DevicePackage
 from paramcast.device.client import AsyncParamClient, CloudUnavailable, Fetched, ParamClient, package_dir
-from paramcast.device.package import DevicePackage
 from paramcast.device.runtime import DeviceRuntime
 from paramcast.device.store import BundleStore, write_atomic
 

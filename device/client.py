@@ -46,9 +46,8 @@ from paramcast.common.errors import (
     Unauthenticated,
     VersionMismatch,
 )
+from paramcast.common.package import DevicePackage, unpack_package
 from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, check_bundle_for, encoding_to_proto
-from paramcast.device.archive import unpack_package
-from paramcast.device.package import DevicePackage
 from paramcast.device.store import write_atomic
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc

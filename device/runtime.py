@@ -37,8 +37,8 @@ import onnxruntime as ort
 
 from paramcast.common.bundle import DeltaBundle
 from paramcast.common.errors import InvalidInput
+from paramcast.common.package import DevicePackage, UnitGroup
 from paramcast.common.serde import check_bundle_for
-from paramcast.device.package import DevicePackage, UnitGroup
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

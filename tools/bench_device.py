@@ -1,7 +1,7 @@
 """Device benchmark: ONNX Runtime scoring latency, bundle apply time, package size, resident memory,
 and PyTorch eager on the same CPU in the same run.
 
-    python tools/bench_device.py --model runs/ml-100k          # a trained model bundle
+    python tools/bench_device.py --model runs/ml-100k          # a trained checkpoint
     python tools/bench_device.py                               # a randomly initialised default model
 
 Writes benchmarks/results/device-latency.json and prints a Markdown summary. Latency does not
@@ -41,12 +41,12 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from paramcast.cloud.checkpoint import ModelBundle, load_bundle  # noqa: E402
+from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from paramcast.cloud.export import ScoringGraph, export_package  # noqa: E402
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad  # noqa: E402
 from paramcast.common.bundle import DeltaBundle  # noqa: E402
+from paramcast.common.package import DevicePackage  # noqa: E402
 from paramcast.common.serde import decode_bundle, encode_bundle  # noqa: E402
-from paramcast.device.package import DevicePackage  # noqa: E402
 from paramcast.device.runtime import DeviceRuntime, session_options  # noqa: E402
 
 N_CANDIDATES = 101
@@ -56,7 +56,7 @@ KEEP_RATIO = 0.5
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="trained model bundle directory (default: random-init default model)")
+    p.add_argument("--model", help="trained checkpoint directory (default: random-init default model)")
     p.add_argument("--data", default=str(REPO / ".." / "shared" / "data" / "ml-100k"),
                    help="interaction data for real histories (random histories if absent)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "device-latency.json"))
@@ -71,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     started = time.time()
 
-    bundle = load_bundle(args.model) if args.model else default_bundle(args.data)
-    model = bundle.device.eval()
+    ckpt = load_checkpoint(args.model) if args.model else default_bundle(args.data)
+    model = ckpt.device_model.eval()
     users = sample_users(args.data, model.cfg.n_items, BATCH, rng)
     work = Path(tempfile.mkdtemp(prefix="paramcast-bench-"))
     t0 = time.perf_counter()
-    package = DevicePackage.load(export_package(bundle, work / "pkg"))
+    package = DevicePackage.load(export_package(ckpt, work / "pkg"))
     export_s = time.perf_counter() - t0
 
-    plain, masked = make_bundles(bundle, users[0][0], args.rank, rng)
+    plain, masked = make_bundles(ckpt, users[0][0], args.rank, rng)
     wire_plain, wire_masked = encode_bundle(plain, args.encoding), encode_bundle(masked, args.encoding)
     plain, masked = decode_bundle(wire_plain), decode_bundle(wire_masked)  # what a device holds
     keep = masked.masks
@@ -170,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
 # -- inputs --------------------------------------------------------------------------------------
 
 
-def default_bundle(data: str) -> ModelBundle:
+def default_bundle(data: str) -> Checkpoint:
     torch.manual_seed(0)
     n_items = _n_items(data) or 1682  # MovieLens 100K's catalogue when the data is absent
-    return ModelBundle("bench-random-init", DeviceModel(DeviceModelConfig(n_items=n_items)).eval())
+    return Checkpoint("bench-random-init", DeviceModel(DeviceModelConfig(n_items=n_items)).eval())
 
 
 def _n_items(data: str) -> int | None:
@@ -200,16 +200,16 @@ def sample_users(data: str, n_items: int, n: int, rng: np.random.Generator) -> l
             for s in sequences]
 
 
-def make_bundles(bundle: ModelBundle, window: np.ndarray, rank: int, rng: np.random.Generator):
+def make_bundles(ckpt: Checkpoint, window: np.ndarray, rank: int, rng: np.random.Generator):
     """A bundle without masks and one with masks at KEEP_RATIO: from the generator when there is
     one, else random factors of `rank` and random masks."""
-    if bundle.generator is not None:
-        from paramcast.cloud.generation import generate_bundles
+    if ckpt.generator is not None:
+        from paramcast.cloud.bundles import generate_bundles
 
-        plain = generate_bundles(bundle, [window])[0]
-        masked = generate_bundles(bundle, [window], keep_ratio=KEEP_RATIO)[0]
+        plain = generate_bundles(ckpt, [window])[0]
+        masked = generate_bundles(ckpt, [window], keep_ratio=KEEP_RATIO)[0]
         return plain, masked
-    model = bundle.device
+    model = ckpt.device_model
     factors = {slot: (rng.normal(0, 0.05, (d_in, rank)), rng.normal(0, 0.05, (rank, d_out)))
                for slot, (d_in, d_out) in model.slot_shapes().items()}
     masks = {}
@@ -217,8 +217,8 @@ def make_bundles(bundle: ModelBundle, window: np.ndarray, rank: int, rng: np.ran
         mask = np.zeros(n, dtype=bool)
         mask[rng.choice(n, round(KEEP_RATIO * n), replace=False)] = True
         masks[group] = mask
-    plain = DeltaBundle(bundle.model_id, bundle.base_version, factors)
-    return plain, DeltaBundle(bundle.model_id, bundle.base_version, factors, masks)
+    plain = DeltaBundle(ckpt.model_id, ckpt.base_version, factors)
+    return plain, DeltaBundle(ckpt.model_id, ckpt.base_version, factors, masks)
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def resident_memory(package: Path, threads: int, keep: dict) -> dict:
             for line in open("/proc/self/status"):
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
-        from paramcast.device.package import DevicePackage
+        from paramcast.common.package import DevicePackage
         from paramcast.device.runtime import DeviceRuntime
         imported = rss_mb()
         rt = DeviceRuntime(DevicePackage.load({str(package)!r}), threads={threads})

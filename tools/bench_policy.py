@@ -67,7 +67,7 @@ def make_policy(text: str, mapper: GaussianMapper, emb: np.ndarray, n: int, d: i
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="model bundle directory")
+    ap.add_argument("--model", required=True, help="checkpoint directory")
     ap.add_argument("--data", required=True, help="its dataset (real histories and candidates)")
     ap.add_argument("--package", default=None, help="device package (default: MODEL/package, else exported)")
     ap.add_argument("--mapper", default=None, help="ideal gate mapper .npz (cost does not depend on its values)")
@@ -77,19 +77,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.bundles import generate_bundles
+    from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.cloud.export import export_package
-    from paramcast.cloud.generation import generate_bundles
     from paramcast.common.data import load_interactions
-    from paramcast.device.package import DevicePackage
+    from paramcast.common.package import DevicePackage
     from paramcast.device.runtime import DeviceRuntime
 
     torch.set_num_threads(1)
-    bundle = load_bundle(args.model)
+    ckpt = load_checkpoint(args.model)
     data = load_interactions(args.data)
     pkg_dir = Path(args.package) if args.package else Path(args.model) / "package"
     if not (pkg_dir / "manifest.json").is_file():
-        pkg_dir = export_package(bundle, Path(tempfile.mkdtemp(prefix="bench-policy-")) / "package")
+        pkg_dir = export_package(ckpt, Path(tempfile.mkdtemp(prefix="bench-policy-")) / "package")
     package = DevicePackage.load(pkg_dir)
     runtime = DeviceRuntime(package, threads=1)
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     users = rng.choice(np.flatnonzero(data.lengths() >= 10), size=200, replace=True)
     histories = [data.sequences[u][: len(data.sequences[u]) - 1] for u in users]
     candidates = rng.integers(1, data.n_items + 1, size=(len(users), 101))
-    runtime.apply(generate_bundles(bundle, [histories[0]])[0].quantized("int8"))
+    runtime.apply(generate_bundles(ckpt, [histories[0]])[0].quantized("int8"))
 
     # One scoring call, as a device makes it for each recommendation.
     n_h = len(histories)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     padded = np.zeros((n_h, L), np.int64)
     for i, h in enumerate(histories):
         padded[i, L - len(h[-L:]):] = h[-L:]
-    factors = generate_bundles(bundle, [histories[0]])[0].quantized("int8").factors
+    factors = generate_bundles(ckpt, [histories[0]])[0].quantized("int8").factors
     feeds_extra = {}
     for slot in package.slots.values():
         a, b = factors[slot.name]
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
              for i, o in enumerate(outs)]
 
     report: dict = {
-        "dataset": data.name, "model": bundle.model_id, "package": str(pkg_dir),
+        "dataset": data.name, "model": ckpt.model_id, "package": str(pkg_dir),
         "hidden": d, "max_len": L, "candidates": 101,
         "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
         "scoring_call_us": stats_us(score),

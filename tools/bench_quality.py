@@ -23,13 +23,13 @@ HEADLINE = ("static", "generated", "generated-static", "slimmed@0.5", "int8", "c
 
 
 def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
-    """One seed in a fresh process, so its peak RSS is its own. A seed whose bundle and report are
+    """One seed in a fresh process, so its peak RSS is its own. A seed whose checkpoint and report are
     already in `workdir` is reused, so more seeds can be added to a finished run."""
     out = workdir / f"seed{seed}"
     report_file = out / "evaluate.json"
-    if report_file.exists() and (out / "bundle.json").exists():
-        meta = json.loads((out / "bundle.json").read_text())
-        return {"report": json.loads(report_file.read_text()), "bundle": meta,
+    if report_file.exists() and (out / "checkpoint.json").exists():
+        meta = json.loads((out / "checkpoint.json").read_text())
+        return {"report": json.loads(report_file.read_text()), "checkpoint": meta,
                 "wall_seconds": meta["meta"]["wall_seconds"]}
     cmd = [sys.executable, "-m", "paramcast.cli", "train", "--data", args.data, "--out", str(out), "--seed", str(seed),
            "--no-progress", *args.train_args]
@@ -38,25 +38,25 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
     wall = time.perf_counter() - t0
     subprocess.run([sys.executable, "-m", "paramcast.cli", "evaluate", "--model", str(out), "--data", args.data,
                     "--protocol", "both", "--json", "--out", str(report_file)], check=True, stdout=subprocess.DEVNULL)
-    meta = json.loads((out / "bundle.json").read_text())
-    return {"report": json.loads(report_file.read_text()), "bundle": meta, "wall_seconds": wall}
+    meta = json.loads((out / "checkpoint.json").read_text())
+    return {"report": json.loads(report_file.read_text()), "checkpoint": meta, "wall_seconds": wall}
 
 
 def sizes(model_dir: Path, data_path: str) -> dict:
-    """Model sizes and wire bytes of the default configuration, measured on the trained bundle."""
+    """Model sizes and wire bytes of the default configuration, measured on the trained checkpoint."""
     import numpy as np
     import torch
 
-    from paramcast.cloud.checkpoint import load_bundle
-    from paramcast.cloud.generation import generate_bundles
+    from paramcast.cloud.bundles import generate_bundles
+    from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.cloud.generator import KEEP_RATIOS
     from paramcast.common.bundle import ENCODINGS
     from paramcast.common.data import load_interactions
     from paramcast.common.serde import encode_bundle
 
-    bundle = load_bundle(model_dir)
+    ckpt = load_checkpoint(model_dir)
     data = load_interactions(data_path)
-    device, gen = bundle.device, bundle.generator
+    device, gen = ckpt.device_model, ckpt.generator
     out: dict = {"device": {"parameters": device.n_parameters(), "flops_per_user_101": device.flops_per_user()}}
     for ratio in KEEP_RATIOS:
         keep = {g: torch.arange(n) < max(1, round(ratio * n)) for g, n in device.unit_groups().items()}
@@ -66,8 +66,8 @@ def sizes(model_dir: Path, data_path: str) -> dict:
     out["device"]["non_embedding_parameters"] = device.n_parameters() - device.item_emb.weight.numel()
     if gen is not None:
         windows = [s[-gen.cfg.window:] for s in data.sequences[:256]]
-        bundles = generate_bundles(bundle, windows)
-        slim = generate_bundles(bundle, windows, keep_ratio=0.5)
+        bundles = generate_bundles(ckpt, windows)
+        slim = generate_bundles(ckpt, windows, keep_ratio=0.5)
         out["generator"] = {"parameters": gen.n_parameters(),
                             "trainable_parameters": sum(p.numel() for p in gen.parameters() if p.requires_grad),
                             "flops_per_bundle": gen.flops_per_bundle(),
@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     doc["seeds"] = {
         str(seed): {
             "wall_seconds": r["wall_seconds"],
-            "static_seconds": r["bundle"]["meta"]["seconds"]["static"],
-            "peak_rss_mib": r["bundle"]["meta"].get("peak_rss_mib"),
-            "static_epochs": len(r["bundle"]["meta"]["history"]["static"]),
-            "generator_epochs": len(r["bundle"]["meta"]["history"]["generator"]),
+            "static_seconds": r["checkpoint"]["meta"]["seconds"]["static"],
+            "peak_rss_mib": r["checkpoint"]["meta"].get("peak_rss_mib"),
+            "static_epochs": len(r["checkpoint"]["meta"]["history"]["static"]),
+            "generator_epochs": len(r["checkpoint"]["meta"]["history"]["generator"]),
             **{v: {m: r["report"][v][m] for m in ("hr@10", "ndcg@10", "auc", "full:hr@10", "full:ndcg@10")
                    if m in r["report"][v]} for v in HEADLINE if v in r["report"]},
         }
@@ -111,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     doc["meta"] = {
         "dataset": name,
         "command": "python tools/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device_config": first["bundle"]["device_config"],
-        "generator_config": first["bundle"]["generator_config"],
-        "train_config": first["bundle"]["meta"]["train_config"],
+        "device_config": first["checkpoint"]["device_config"],
+        "generator_config": first["checkpoint"]["generator_config"],
+        "train_config": first["checkpoint"]["meta"]["train_config"],
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": first["bundle"]["meta"]["cpu_count"]},
+                    "cpus": first["checkpoint"]["meta"]["cpu_count"]},
         "bench_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
     Path(args.results).mkdir(parents=True, exist_ok=True)

@@ -45,12 +45,18 @@ def figures(report: dict) -> dict:
     return out
 
 
+def checkpoint_meta(out: Path) -> Path:
+    """The checkpoint's JSON metadata (`bundle.json` in runs written before checkpoints were renamed)."""
+    old = out / "bundle.json"
+    return old if old.exists() else out / "checkpoint.json"
+
+
 def run_loss(args: argparse.Namespace, loss: str, workdir: Path) -> dict:
     """Train and evaluate one loss; a finished run in `workdir` is reused, so losses can be added."""
     out = workdir / loss.replace("+", "-")
     reports = {stage: out / f"evaluate-{stage}.json" for stage in ("valid", "test")}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    if not (out / "bundle.json").exists():
+    if not checkpoint_meta(out).exists():
         t0 = time.perf_counter()
         _cli("-v", "train", "--data", args.data, "--out", str(out), "--preset", "sasrec-reference",  # -v: epoch log
              "--stages", "static", "--loss", loss, "--seed", str(args.seed), "--threads", str(args.threads),
@@ -60,7 +66,7 @@ def run_loss(args: argparse.Namespace, loss: str, workdir: Path) -> dict:
         if not path.exists():
             _cli("evaluate", "--model", str(out), "--data", args.data, "--variants", "static", "--protocol", "both",
                  "--stage", stage, "--json", "--out", str(path), env=env)
-    meta = json.loads((out / "bundle.json").read_text())["meta"]
+    meta = json.loads(checkpoint_meta(out).read_text())["meta"]
     valid, test = (figures(json.loads(reports[s].read_text())) for s in ("valid", "test"))
     history = meta["history"]["static"]
     return {"loss": loss, "epochs": len(history), "best_epoch": meta["best_epoch"]["static"],

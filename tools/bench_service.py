@@ -248,7 +248,7 @@ def quick_model(workdir: Path, data: Path) -> Path:
     depends on the architecture, not on how well it was trained)."""
     import torch
 
-    from paramcast.cloud.checkpoint import save_bundle
+    from paramcast.cloud.checkpoint import save_checkpoint
     from paramcast.cloud.export import export_package
     from paramcast.cloud.model import DeviceModelConfig
     from paramcast.cloud.train import TrainConfig, train
@@ -257,24 +257,24 @@ def quick_model(workdir: Path, data: Path) -> Path:
     torch.set_num_threads(1)
     log = load_interactions(data)
     out = workdir / "model"
-    bundle = train(log, str(out), DeviceModelConfig(n_items=log.n_items),
+    ckpt = train(log, str(out), DeviceModelConfig(n_items=log.n_items),
                    TrainConfig(epochs=1, gen_epochs=1, progress=False, threads=1, valid_users=200))
-    save_bundle(bundle, out)
-    export_package(bundle, out / "package")
+    save_checkpoint(ckpt, out)
+    export_package(ckpt, out / "package")
     return out
 
 
 def make_requests(model: Path, data: Path, n: int, seed: int = 0) -> tuple[list[bytes], bytes, dict]:
     """n serialized GenerateRequests from real histories, and one real GenerateResponse (the echo payload)."""
-    from paramcast.cloud.checkpoint import load_bundle
-    from paramcast.cloud.generation import generate_bundles
+    from paramcast.cloud.bundles import generate_bundles
+    from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.common.data import load_interactions
     from paramcast.common.serde import bundle_to_proto, encoding_to_proto
     from paramcast.v1 import param_service_pb2 as pb
 
-    bundle = load_bundle(model)
-    assert bundle.generator is not None
-    window = bundle.generator.cfg.window
+    ckpt = load_checkpoint(model)
+    assert ckpt.generator is not None
+    window = ckpt.generator.cfg.window
     log = load_interactions(data)
     rng = np.random.default_rng(seed)
     requests, windows = [], []
@@ -284,13 +284,13 @@ def make_requests(model: Path, data: Path, n: int, seed: int = 0) -> tuple[list[
         w = seq[max(0, cut - window):cut].astype(np.int64)
         windows.append(w)
         requests.append(pb.GenerateRequest(
-            model_id=bundle.model_id, base_version=bundle.base_version, device_id=f"bench-{i % 1024}",
+            model_id=ckpt.model_id, base_version=ckpt.base_version, device_id=f"bench-{i % 1024}",
             window=w.tolist(), encoding=encoding_to_proto("int8")).SerializeToString())
-    sample = generate_bundles(bundle, windows[:1])[0]
+    sample = generate_bundles(ckpt, windows[:1])[0]
     payload = pb.GenerateResponse(bundle=bundle_to_proto(sample, "int8")).SerializeToString()
-    info = {"model_id": bundle.model_id, "base_version": bundle.base_version, "window": window,
-            "generator": bundle.generator.cfg.to_dict(), "generated_parameters_per_bundle":
-                bundle.generator.generated_parameters_per_device(),
+    info = {"model_id": ckpt.model_id, "base_version": ckpt.base_version, "window": window,
+            "generator": ckpt.generator.cfg.to_dict(), "generated_parameters_per_bundle":
+                ckpt.generator.generated_parameters_per_device(),
             "mean_request_bytes": float(np.mean([len(r) for r in requests])), "response_bytes": len(payload)}
     return requests, payload, info
 
@@ -342,7 +342,7 @@ def write_soak_only(args, soak_row: dict, info: dict, seconds: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="model bundle dir (default: train a quick one with the default "
+    p.add_argument("--model", type=Path, help="checkpoint dir (default: train a quick one with the default "
                                                "architecture on --data)")
     p.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "ml-100k")
     p.add_argument("--concurrency", default=DEFAULT_SWEEP, help="comma-separated sweep")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paramcast.cloud.generation import check_window, generate_batch
+from paramcast.cloud.bundles import check_window, generate_batch
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.batcher import BatchObserver, MicroBatcher
 from paramcast.cloud.service.errors import OutOfRange
@@ -144,8 +144,8 @@ class ServiceCore:
         encodings (the encoding is not part of the batch key, so it never splits a generator pass)."""
         (model_id, version), keep_ratio = key
         served = self.registry.get(model_id, version)
-        batch = generate_batch(served.bundle, [window for window, _ in items], keep_ratio,
-                               device=self.registry.device, ttl_ms=self.limits.ttl_ms)
+        batch = generate_batch(served.checkpoint, [window for window, _ in items], keep_ratio,
+                               torch_device=self.registry.torch_device, ttl_ms=self.limits.ttl_ms)
         return batch_to_proto(batch, [encoding for _, encoding in items])
 
     # -- GetModel -------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The models a server holds: several versions of each model id, side by side.
 
-A version is a model bundle's base version (the content hash of its device weights), so a device
+A version is a checkpoint's base version (the content hash of its device weights), so a device
 holding version V always gets deltas from the generator trained for exactly V's weights. For each
 version the registry keeps the generator (on the serving device: CPU or CUDA) and the device
-package as one archive (`device/archive.py`), ready for GetModel. The latest version of a model id
+package as one archive (`common/package.py`), ready for GetModel. The latest version of a model id
 is the one added last: `paramcast serve --model old --model new` serves both, new as the latest.
 """
 
@@ -19,20 +19,19 @@ from typing import cast
 
 import torch
 
-from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.generator import Generator
 from paramcast.common.errors import InvalidInput, ModelNotFound, VersionMismatch
-from paramcast.device.archive import pack_package
-from paramcast.device.package import DevicePackage
+from paramcast.common.package import DevicePackage, pack_package
 
 log = logging.getLogger("paramcast.service")
 
 
-class _ServedBundle(ModelBundle):
-    """A bundle whose weights no longer change: the base version is hashed once, not per batch."""
+class _ServedCheckpoint(Checkpoint):
+    """A checkpoint whose weights no longer change: the base version is hashed once, not per batch."""
 
-    def __init__(self, bundle: ModelBundle, version: str):
-        super().__init__(bundle.model_id, bundle.device, bundle.generator, bundle.meta)
+    def __init__(self, ckpt: Checkpoint, version: str):
+        super().__init__(ckpt.model_id, ckpt.device_model, ckpt.generator, ckpt.meta)
         self._version = version
 
     @property
@@ -44,7 +43,7 @@ class _ServedBundle(ModelBundle):
 class ServedModel:
     model_id: str
     version: str
-    bundle: ModelBundle
+    checkpoint: Checkpoint
     n_items: int  # valid item ids are 1..n_items
     window: int  # the generator reads the last `window` items of a request
     archive: bytes  # the device package, as GetModel streams it
@@ -56,31 +55,31 @@ class ServedModel:
 
 
 class ModelRegistry:
-    def __init__(self, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
+    def __init__(self, torch_device: str | torch.device = "cpu"):
+        self.torch_device = torch.device(torch_device)
         self._models: dict[str, dict[str, ServedModel]] = {}  # model id -> version -> model, oldest first
 
-    def add(self, bundle: ModelBundle, package_dir: str | Path | None = None) -> ServedModel:
-        """Serve `bundle`; its device package is read from `package_dir` (checked to be this model's
+    def add(self, ckpt: Checkpoint, package_dir: str | Path | None = None) -> ServedModel:
+        """Serve `ckpt`; its device package is read from `package_dir` (checked to be this model's
         package) or, when None, exported now into a temporary directory."""
-        if bundle.generator is None:
-            raise InvalidInput("model", f"model {bundle.model_id} has no generator; train it with both stages")
-        version = bundle.base_version
-        if version in self._models.get(bundle.model_id, {}):
-            raise InvalidInput("model", f"{bundle.model_id} version {version} is already served")
-        archive = _package_archive(bundle, version, package_dir)
-        generator = cast(Generator, bundle.generator)  # ModelBundle types it as any nn.Module
-        generator.to(self.device).eval()
+        if ckpt.generator is None:
+            raise InvalidInput("model", f"model {ckpt.model_id} has no generator; train it with both stages")
+        version = ckpt.base_version
+        if version in self._models.get(ckpt.model_id, {}):
+            raise InvalidInput("model", f"{ckpt.model_id} version {version} is already served")
+        archive = _package_archive(ckpt, version, package_dir)
+        generator = cast(Generator, ckpt.generator)  # Checkpoint types it as any nn.Module
+        generator.to(self.torch_device).eval()
         served = ServedModel(
-            model_id=bundle.model_id,
+            model_id=ckpt.model_id,
             version=version,
-            bundle=_ServedBundle(bundle, version),
-            n_items=bundle.device.cfg.n_items,
+            checkpoint=_ServedCheckpoint(ckpt, version),
+            n_items=ckpt.device_model.cfg.n_items,
             window=generator.cfg.window,
             archive=archive,
             archive_sha256=hashlib.sha256(archive).digest(),
         )
-        self._models.setdefault(bundle.model_id, {})[version] = served
+        self._models.setdefault(ckpt.model_id, {})[version] = served
         log.info("serving %s version %s (window %d, %d items, package %d bytes)", served.model_id, version,
                  served.window, served.n_items, len(archive))
         return served
@@ -128,19 +127,19 @@ class ModelRegistry:
         return served
 
 
-def _package_archive(bundle: ModelBundle, version: str, package_dir: str | Path | None) -> bytes:
+def _package_archive(ckpt: Checkpoint, version: str, package_dir: str | Path | None) -> bytes:
     if package_dir is not None:
         package = DevicePackage.load(package_dir)
-        if (package.model_id, package.base_version) != (bundle.model_id, version):
+        if (package.model_id, package.base_version) != (ckpt.model_id, version):
             raise InvalidInput(
                 "package", f"{package_dir} is the package of {package.model_id} {package.base_version}, "
-                           f"not of {bundle.model_id} {version}; export it again with `paramcast export`"
+                           f"not of {ckpt.model_id} {version}; export it again with `paramcast export`"
             )
         return pack_package(package.path)
     from paramcast.cloud.export import export_package  # onnx export is only needed when no package was given
 
     tmp = Path(tempfile.mkdtemp(prefix="paramcast-package-"))
     try:
-        return pack_package(export_package(bundle, tmp / "package"))
+        return pack_package(export_package(ckpt, tmp / "package"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

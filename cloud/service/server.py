@@ -32,7 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from paramcast.cloud.checkpoint import ModelBundle, load_bundle
+from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.core import Limits, ServiceCore
 from paramcast.cloud.service.errors import ErrorInterceptor
@@ -40,8 +40,8 @@ from paramcast.cloud.service.metrics import ServiceMetrics
 from paramcast.cloud.service.registry import ModelRegistry
 from paramcast.cloud.service.servicer import ParamServicer
 from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound
+from paramcast.common.package import MANIFEST_FILE, DevicePackage
 from paramcast.common.serde import SERVICE_NAME
-from paramcast.device.package import DevicePackage
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
@@ -74,32 +74,32 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_models(models: Sequence[ModelBundle | str | Path], device: str = "cpu") -> ModelRegistry:
-    """A registry of model bundles (objects or `paramcast train` directories), in order: for each
+def load_models(models: Sequence[Checkpoint | str | Path], torch_device: str = "cpu") -> ModelRegistry:
+    """A registry of checkpoints (objects or `paramcast train` directories), in order: for each
     model id, the last one given is the latest. A directory's `package/` subfolder is used as its
     device package when it matches the weights; otherwise the package is exported at start."""
-    registry = ModelRegistry(device)
+    registry = ModelRegistry(torch_device)
     for item in models:
-        if isinstance(item, ModelBundle):
+        if isinstance(item, Checkpoint):
             registry.add(item)
             continue
         path = Path(item)
-        bundle = load_bundle(path)
-        registry.add(bundle, _matching_package(path / PACKAGE_SUBDIR, bundle))
+        ckpt = load_checkpoint(path)
+        registry.add(ckpt, _matching_package(path / PACKAGE_SUBDIR, ckpt))
     return registry
 
 
-def _matching_package(path: Path, bundle: ModelBundle) -> Path | None:
-    if not (path / "manifest.json").exists():
+def _matching_package(path: Path, ckpt: Checkpoint) -> Path | None:
+    if not (path / MANIFEST_FILE).exists():
         return None
     try:
         package = DevicePackage.load(path)
     except (IntegrityError, ModelNotFound) as exc:
         log.warning("ignoring %s: %s; exporting a fresh package", path, exc)
         return None
-    if (package.model_id, package.base_version) != (bundle.model_id, bundle.base_version):
+    if (package.model_id, package.base_version) != (ckpt.model_id, ckpt.base_version):
         log.warning("ignoring %s: it is the package of %s %s, not %s %s; exporting a fresh package", path,
-                    package.model_id, package.base_version, bundle.model_id, bundle.base_version)
+                    package.model_id, package.base_version, ckpt.model_id, ckpt.base_version)
         return None
     return path
 
@@ -135,7 +135,7 @@ class ParamServer:
 
 
 async def start_server(
-    models: ModelRegistry | Sequence[ModelBundle | str | Path],
+    models: ModelRegistry | Sequence[Checkpoint | str | Path],
     host: str = "127.0.0.1",
     port: int = 0,
     *,
@@ -146,10 +146,10 @@ async def start_server(
     metrics_port: int | None = None,
     gzip: bool = False,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    device: str = "cpu",
+    torch_device: str = "cpu",
 ) -> tuple[ParamServer, int]:
     """Build, bind and start a server on the running event loop -> (server, bound port)."""
-    registry = models if isinstance(models, ModelRegistry) else load_models(models, resolve_device(device))
+    registry = models if isinstance(models, ModelRegistry) else load_models(models, resolve_device(torch_device))
     metrics = ServiceMetrics()
     core = ServiceCore(registry, auth=auth, rates=rates, limits=limits, observer=metrics)
     server = grpc.aio.server(

@@ -21,7 +21,7 @@ def trained_model(shared_data, tmp_path_factory) -> Path:
     `DIR/package` (which `paramcast serve --model DIR` picks up instead of exporting again)."""
     import torch
 
-    from paramcast.cloud.checkpoint import save_bundle
+    from paramcast.cloud.checkpoint import save_checkpoint
     from paramcast.cloud.export import export_package
     from paramcast.cloud.model import DeviceModelConfig
     from paramcast.cloud.train import TrainConfig, train
@@ -30,7 +30,7 @@ def trained_model(shared_data, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     log = load_interactions(shared_data / "ml-100k")
     out = tmp_path_factory.mktemp("model") / "ml-100k-tiny"
-    bundle = train(
+    ckpt = train(
         log, str(out),
         DeviceModelConfig(n_items=log.n_items, hidden=16, head_units=16, ffn_units=16, max_len=20),
         TrainConfig(epochs=1, gen_epochs=1, progress=False, threads=1),
@@ -41,10 +41,10 @@ def trained_model(shared_data, tmp_path_factory) -> Path:
     # deltas that really change scores.
     torch.manual_seed(0)
     with torch.no_grad():
-        for head in bundle.generator.b_heads.values():
+        for head in ckpt.generator.b_heads.values():
             head.weight.normal_(0, 0.05)
-    save_bundle(bundle, out)
-    export_package(bundle, out / "package")
+    save_checkpoint(ckpt, out)
+    export_package(ckpt, out / "package")
     return out
 
 

@@ -20,18 +20,18 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from paramcast.cloud.checkpoint import ModelBundle, load_bundle
-from paramcast.cloud.generation import generate_bundles
+from paramcast.cloud.bundles import generate_bundles
+from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.core import Limits
 from paramcast.cloud.service.errors import ErrorInterceptor
 from paramcast.cloud.service.server import ServerThread, TlsConfig, load_models
 from paramcast.common.data import load_interactions
 from paramcast.common.errors import RateLimited
+from paramcast.common.package import DevicePackage
 from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, bundle_to_proto
 from paramcast.device.agent import APPLIED, REFUSED, REJECTED, STALE_BASE, UNREACHABLE, DeviceAgent
 from paramcast.device.client import AsyncParamClient, CloudUnavailable, ParamClient, RetryPolicy
-from paramcast.device.package import DevicePackage
 from paramcast.device.runtime import DeviceRuntime
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
@@ -50,7 +50,7 @@ def registry(trained_model):
 
 @pytest.fixture(scope="module")
 def model(trained_model):
-    return load_bundle(trained_model)
+    return load_checkpoint(trained_model)
 
 
 @pytest.fixture(scope="module")
@@ -343,11 +343,11 @@ def test_a_new_base_version_is_served_beside_the_old_and_devices_upgrade(tmp_pat
 
     from paramcast.cloud.export import export_package
 
-    v1 = load_bundle(trained_model)
+    v1 = load_checkpoint(trained_model)
     with torch.no_grad():
-        v1.device.item_emb.weight[1:].mul_(1.01)
+        v1.device_model.item_emb.weight[1:].mul_(1.01)
     # A bundle's version is hashed once, from the weights it was built with: new weights, new bundle.
-    v2 = ModelBundle(v1.model_id, v1.device, v1.generator, v1.meta)
+    v2 = Checkpoint(v1.model_id, v1.device_model, v1.generator, v1.meta)
     assert v2.base_version != model.base_version
     v2_package = export_package(v2, tmp_path / "v2-package")
     history, candidates = users[0]

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from paramcast.cloud.checkpoint import ModelBundle
-from paramcast.cloud.model import DeviceModel, DeviceModelConfig
+from paramcast.cloud.checkpoint import Checkpoint
+from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
 from paramcast.common.bundle import DeltaBundle
 from paramcast.common.data import load_interactions
 
@@ -24,7 +24,7 @@ RANK = 4
 
 
 @functools.cache
-def tiny_bundle() -> ModelBundle:
+def tiny_checkpoint() -> Checkpoint:
     """Random weights, every parameter perturbed so layer norms and biases are not at their
     identity/zero init (parity must hold for the whole computation, not a trivial part of it)."""
     torch.manual_seed(7)
@@ -33,7 +33,7 @@ def tiny_bundle() -> ModelBundle:
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
         model.item_emb.weight[0].zero_()  # the padding item stays the zero vector
-    return ModelBundle("tiny-ml100k", model.eval())
+    return Checkpoint("tiny-ml100k", model.eval())
 
 
 @functools.cache
@@ -42,7 +42,7 @@ def tiny_package() -> Path:
 
     root = Path(tempfile.mkdtemp(prefix="paramcast-pkg-"))
     atexit.register(shutil.rmtree, root, True)
-    return export_package(tiny_bundle(), root / "pkg")
+    return export_package(tiny_checkpoint(), root / "pkg")
 
 
 def copy_package(dst: Path) -> Path:
@@ -70,20 +70,35 @@ def real_users(data: Path, n: int = 6, n_candidates: int = 101, seed: int = 0):
 def random_bundle(seed: int = 0, masks: dict | None = None, scale: float = 0.3) -> DeltaBundle:
     """Random rank-RANK factors for every slot of the tiny model (what a generator would emit)."""
     rng = np.random.default_rng(seed)
-    bundle = tiny_bundle()
+    ckpt = tiny_checkpoint()
     factors = {
         slot: (rng.normal(0, scale, (d_in, RANK)), rng.normal(0, scale, (RANK, d_out)))
-        for slot, (d_in, d_out) in bundle.device.slot_shapes().items()
+        for slot, (d_in, d_out) in ckpt.device_model.slot_shapes().items()
     }
-    return DeltaBundle(bundle.model_id, bundle.base_version, factors, masks or {})
+    return DeltaBundle(ckpt.model_id, ckpt.base_version, factors, masks or {})
 
 
 def random_keep(ratio: float, seed: int = 0) -> dict[str, np.ndarray]:
     """Per unit group, a bool mask keeping round(ratio * n_units) units chosen at random."""
     rng = np.random.default_rng(seed)
     keep = {}
-    for group, n in tiny_bundle().device.unit_groups().items():
+    for group, n in tiny_checkpoint().device_model.unit_groups().items():
         mask = np.zeros(n, dtype=bool)
         mask[rng.choice(n, max(1, round(ratio * n)), replace=False)] = True
         keep[group] = mask
     return keep
+
+
+def torch_scores(users, factors=None, keep=None) -> np.ndarray:
+    """What PyTorch computes for (history, candidates) pairs on the tiny model: with the adapter
+    `factors` when given, and the slimmed model and sliced factors when `keep`."""
+    model = tiny_checkpoint().device_model
+    history = left_pad([np.asarray(h) for h, _ in users], TINY.max_len)  # (B, L)
+    candidates = torch.from_numpy(np.stack([np.asarray(c, dtype=np.int64) for _, c in users]))  # (B, C)
+    adapters = {s: (torch.from_numpy(a)[None], torch.from_numpy(b)[None])  # (1, d_in, r), (1, r, d_out)
+                for s, (a, b) in (factors or {}).items()}
+    if keep:
+        keep_t = {g: torch.as_tensor(np.asarray(m)) for g, m in keep.items()}
+        model, adapters = model.slimmed(keep_t), slice_adapters(adapters, keep_t)
+    with torch.no_grad():
+        return model.score(history, candidates, adapters or None).numpy()

@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import grpc
 import pytest
 from device_fixtures import tiny_package
+from without_torch import LOADED, run_without_torch
 
 from paramcast.common.errors import IntegrityError, ModelNotFound, PermissionDenied, RateLimited, VersionMismatch
-from paramcast.device.archive import pack_package
+from paramcast.common.package import DevicePackage, pack_package
 from paramcast.device.client import CloudUnavailable, RemoteError, RetryPolicy, _Download, cloud_error, service_config
-from paramcast.device.package import DevicePackage
 from paramcast.v1 import param_service_pb2 as pb
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_service_config_retries_unavailable_with_exponential_backoff():
@@ -134,25 +127,9 @@ def test_a_corrupt_whole_archive_is_discarded(tmp_path):
 
 
 def test_device_side_runs_without_torch(tmp_path):
-    """client, store, agent and archive import with torch (and cloud/) blocked."""
-    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
-        import importlib.abc, sys
-        class _NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "cloud"):
-                    raise ModuleNotFoundError(f"No module named {name!r} (blocked for this test)", name=name)
-        sys.meta_path.insert(0, _NoTorch())
-    """))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
-    code = textwrap.dedent("""
-        import sys
-        import paramcast.device.agent, device.client, device.store, device.archive
-        try:
-            import torch
-        except ModuleNotFoundError as exc:
-            print("torch blocked:", exc)
-        print("torch loaded" if "torch" in sys.modules else "no torch")
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    """client, store, agent, archive and policies import with torch (and the cloud side) blocked."""
+    modules = "paramcast.device.agent, paramcast.device.client, paramcast.device.store, paramcast.common.package, " \
+              "paramcast.device.policy"
+    proc = run_without_torch(tmp_path, ["-c", f"import json, sys, {modules}; print(json.dumps({LOADED}))"])
     assert proc.returncode == 0, proc.stderr
-    assert "torch blocked" in proc.stdout and "no torch" in proc.stdout
+    assert json.loads(proc.stdout) == []

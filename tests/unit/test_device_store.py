@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from device_fixtures import random_bundle, tiny_bundle
+from device_fixtures import random_bundle, tiny_checkpoint
 
 from paramcast.common.errors import IntegrityError, VersionMismatch
 from paramcast.common.serde import decode_bundle, encode_bundle
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def store_for(root: Path) -> BundleStore:
-    b = tiny_bundle()
+    b = tiny_checkpoint()
     return BundleStore(root, b.model_id, b.base_version)
 
 
@@ -95,7 +95,7 @@ def test_a_failed_replace_leaves_the_old_bundle(tmp_path, monkeypatch):
 
 def test_killing_a_writer_at_random_moments_never_leaves_a_torn_file(tmp_path):
     """A process saving bundles in a loop is SIGKILLed over and over; what is on disk always verifies."""
-    b = tiny_bundle()
+    b = tiny_checkpoint()
     bundles = tmp_path / "bundles"
     for i in range(4):
         (tmp_path / f"b{i}.bin").write_bytes(encode_bundle(random_bundle(seed=i), "fp32"))

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import onnx
 import pytest
-from device_fixtures import TINY, tiny_bundle, tiny_package
+from device_fixtures import TINY, tiny_checkpoint, tiny_package
 from onnx import numpy_helper
 
 from paramcast.cli import main as cli
-from paramcast.cloud.checkpoint import save_bundle
+from paramcast.cloud.checkpoint import save_checkpoint
 from paramcast.cloud.export import export_package
 from paramcast.common.errors import InvalidInput
-from paramcast.device.package import DevicePackage
+from paramcast.common.package import DevicePackage
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,9 @@ def test_model_passes_the_full_onnx_checker(graph):
 
 
 def test_manifest_identifies_model_and_files(manifest):
-    bundle = tiny_bundle()
-    assert manifest["model_id"] == bundle.model_id
-    assert manifest["base_version"] == bundle.base_version  # the weights' sha256, as the cloud reports it
+    ckpt = tiny_checkpoint()
+    assert manifest["model_id"] == ckpt.model_id
+    assert manifest["base_version"] == ckpt.base_version  # the weights' sha256, as the cloud reports it
     sizes = (manifest["max_len"], manifest["n_items"], manifest["hidden"])
     assert sizes == (TINY.max_len, TINY.n_items, TINY.hidden)
     assert manifest["onnx_opset"] >= 17 and manifest["format_version"] == 1
@@ -81,7 +81,7 @@ def test_adapter_inputs_have_rank_zero_defaults(graph, manifest):
 
 def test_slicing_plan_names_real_weights_of_the_right_width(graph, manifest):
     shapes = {t.name: tuple(t.dims) for t in graph.graph.initializer}
-    model = tiny_bundle().device
+    model = tiny_checkpoint().device_model
     assert {g: v["n_units"] for g, v in manifest["unit_groups"].items()} == model.unit_groups()
     state = model.state_dict()
     for group in manifest["unit_groups"].values():
@@ -93,17 +93,17 @@ def test_slicing_plan_names_real_weights_of_the_right_width(graph, manifest):
 
 
 def test_export_command_writes_a_loadable_package_with_a_rank_bound(tmp_path, capsys):
-    save_bundle(tiny_bundle(), tmp_path / "model")
+    save_checkpoint(tiny_checkpoint(), tmp_path / "model")
     args = ["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "pkg"), "--max-rank", "3"]
     assert cli(args) == 0
-    assert "base version " + tiny_bundle().base_version in capsys.readouterr().out
+    assert "base version " + tiny_checkpoint().base_version in capsys.readouterr().out
     package = DevicePackage.load(tmp_path / "pkg")
     assert {s.max_rank for s in package.slots.values()} == {3}
 
 
 def test_export_refuses_old_opsets(tmp_path):
     with pytest.raises(InvalidInput, match="opset"):
-        export_package(tiny_bundle(), tmp_path / "pkg", opset=16)
+        export_package(tiny_checkpoint(), tmp_path / "pkg", opset=16)
 
 
 def test_runs_with_and_without_adapter_in_onnx_runtime_directly():

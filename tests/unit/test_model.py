@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from paramcast.cloud.checkpoint import load_bundle, save_bundle
+from paramcast.cloud.checkpoint import load_checkpoint, save_checkpoint
 from paramcast.cloud.evaluate import evaluate
 from paramcast.cloud.generator import Generator, GeneratorConfig, window_batch
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
@@ -25,7 +25,7 @@ def ml100k(shared_data):
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(ml100k):
+def tiny_checkpoint(ml100k):
     torch.set_num_threads(1)
     cfg = TrainConfig(epochs=2, gen_epochs=2, progress=False, threads=1, seed=5)
     return train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN)
@@ -87,20 +87,20 @@ def test_cold_users_are_held_out_of_training(ml100k):
     assert not set(warm) & set(cold) and len(warm) + len(cold) == ml100k.n_users
 
 
-def test_training_is_reproducible_for_a_seed(ml100k, tiny_bundle):
+def test_training_is_reproducible_for_a_seed(ml100k, tiny_checkpoint):
     cfg = TrainConfig(epochs=2, gen_epochs=2, progress=False, threads=1, seed=5)
     again = train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN)
-    assert again.base_version == tiny_bundle.base_version
-    reference = tiny_bundle.generator.state_dict()
+    assert again.base_version == tiny_checkpoint.base_version
+    reference = tiny_checkpoint.generator.state_dict()
     for k, a in again.generator.state_dict().items():
         assert torch.equal(a, reference[k]), k
 
 
-def test_bundle_round_trip_and_report_layout(tmp_path, ml100k, tiny_bundle):
-    save_bundle(tiny_bundle, tmp_path / "b")
-    loaded = load_bundle(tmp_path / "b")
-    assert loaded.base_version == tiny_bundle.base_version and loaded.model_id == "sasrec-ml-100k"
-    info = json.loads((tmp_path / "b" / "bundle.json").read_text())
+def test_checkpoint_round_trip_and_report_layout(tmp_path, ml100k, tiny_checkpoint):
+    save_checkpoint(tiny_checkpoint, tmp_path / "b")
+    loaded = load_checkpoint(tmp_path / "b")
+    assert loaded.base_version == tiny_checkpoint.base_version and loaded.model_id == "sasrec-ml-100k"
+    info = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
     assert info["device_config"]["hidden"] == 16 and info["generator_config"]["rank"] == 2
     assert len(info["meta"]["split"]["cold_users"]) == round(0.1 * ml100k.n_users)
     report = evaluate(loaded, ml100k, ["static", "generated", "slimmed@0.5", "stale@5", "int8"])
@@ -114,17 +114,24 @@ def test_bundle_round_trip_and_report_layout(tmp_path, ml100k, tiny_bundle):
     assert warm_users + cold_users == int((ml100k.lengths() >= 3).sum())
 
 
-def test_corrupt_bundle_is_refused(tmp_path, tiny_bundle):
+def test_corrupt_checkpoint_is_refused(tmp_path, tiny_checkpoint):
     from paramcast.common.errors import ModelNotFound
 
-    with pytest.raises(ModelNotFound, match="no model bundle"):
-        load_bundle(tmp_path / "missing")
-    save_bundle(tiny_bundle, tmp_path / "b")
-    payload = torch.load(tmp_path / "b" / "bundle.pt", weights_only=True)
+    with pytest.raises(ModelNotFound, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing")
+    save_checkpoint(tiny_checkpoint, tmp_path / "b")
+    payload = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     payload["device_state"]["item_emb.weight"][3, 0] += 1.0
-    torch.save(payload, tmp_path / "b" / "bundle.pt")
+    torch.save(payload, tmp_path / "b" / "checkpoint.pt")
     with pytest.raises(ModelNotFound, match="base version"):
-        load_bundle(tmp_path / "b")
+        load_checkpoint(tmp_path / "b")
+
+
+def test_directories_written_under_the_old_file_name_still_load(tmp_path, tiny_checkpoint):
+    save_checkpoint(tiny_checkpoint, tmp_path / "b")
+    (tmp_path / "b" / "checkpoint.pt").rename(tmp_path / "b" / "bundle.pt")
+    loaded = load_checkpoint(tmp_path / "b")
+    assert (loaded.model_id, loaded.base_version) == (tiny_checkpoint.model_id, tiny_checkpoint.base_version)
 
 
 def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pytest
+from without_torch import run_without_torch
 
 from paramcast.common.errors import InvalidInput
 from paramcast.device.policy import (
@@ -387,26 +390,7 @@ def test_window_gate_takes_the_generators_window_as_its_default_size():
 
 
 def test_policies_run_where_torch_is_not_installed(tmp_path):
-    """device/policy.py is device code: numpy only, importable with torch (and cloud/) absent."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-    from pathlib import Path
-
-    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
-        import importlib.abc
-        import sys
-
-        class _NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "cloud"):
-                    raise ModuleNotFoundError(f"No module named {name!r} (blocked for this test)", name=name)
-                return None
-
-        sys.meta_path.insert(0, _NoTorch())
-    """))
-    repo = Path(__file__).resolve().parents[2]
+    """device/policy.py is device code: numpy only, importable with torch (and the cloud side) absent."""
     code = textwrap.dedent("""
         import numpy as np
         from paramcast.device.policy import StepView, build_policy, parse_policy
@@ -414,8 +398,6 @@ def test_policies_run_where_torch_is_not_installed(tmp_path):
         gate.start(1, 0, np.ones((1, 4)), np.array([3]))
         print(gate.decide(StepView.single(np.ones(4), np.ones(4), np.zeros(3), [1, 2, 3], 0, seen=5))[0])
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(repo)]))
-    result = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = run_without_torch(tmp_path, ["-c", code])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"  # 2 of the 5 items in the window are new: 0.4 > 0.2

@@ -13,16 +13,17 @@ from device_fixtures import (
     random_bundle,
     random_keep,
     real_users,
-    tiny_bundle,
+    tiny_checkpoint,
     tiny_package,
+    torch_scores,
 )
 
 from paramcast.cli import main as cli
-from paramcast.cloud.model import left_pad, slice_adapters
+from paramcast.cloud.model import left_pad
 from paramcast.common.bundle import ENCODINGS, DeltaBundle
 from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, VersionMismatch
+from paramcast.common.package import DevicePackage
 from paramcast.common.serde import decode_bundle, encode_bundle
-from paramcast.device.package import DevicePackage
 from paramcast.device.runtime import DeviceRuntime
 
 ATOL = 1e-4
@@ -36,20 +37,6 @@ def runtime() -> DeviceRuntime:
 @pytest.fixture(scope="module")
 def users(shared_data):
     return real_users(shared_data)
-
-
-def torch_scores(users, factors=None, keep=None) -> np.ndarray:
-    """What PyTorch computes for these users: the slimmed model and sliced factors when `keep`."""
-    model = tiny_bundle().device
-    history = left_pad([h for h, _ in users], TINY.max_len)  # (B, L)
-    candidates = torch.from_numpy(np.stack([c for _, c in users]))  # (B, C)
-    adapters = {s: (torch.from_numpy(a)[None], torch.from_numpy(b)[None])  # (1, d_in, r), (1, r, d_out)
-                for s, (a, b) in (factors or {}).items()}
-    if keep:
-        keep_t = {g: torch.from_numpy(m) for g, m in keep.items()}
-        model, adapters = model.slimmed(keep_t), slice_adapters(adapters, keep_t)
-    with torch.no_grad():
-        return model.score(history, candidates, adapters or None).numpy()
 
 
 # -- parity with PyTorch ----------------------------------------------------------------------
@@ -169,7 +156,7 @@ def _bad_bundles():
 
 @pytest.mark.parametrize(("factors", "masks", "field"), _bad_bundles())
 def test_apply_rejects_malformed_bundles_naming_the_field(runtime, factors, masks, field):
-    b = tiny_bundle()
+    b = tiny_checkpoint()
     bundle = DeltaBundle(b.model_id, b.base_version, factors, masks)
     with pytest.raises(InvalidInput) as err:
         runtime.apply(bundle)
@@ -237,7 +224,7 @@ def test_behaviour_embedding_ignores_the_applied_bundle(runtime, users):
     np.testing.assert_array_equal(runtime.behaviour_embedding(histories), before)
     np.testing.assert_array_equal(runtime.behaviour_embedding(histories[0]), before[0])
     with torch.no_grad():
-        expected = tiny_bundle().device.encode(left_pad(histories, TINY.max_len))[:, -1, :].numpy()
+        expected = tiny_checkpoint().device_model.encode(left_pad(histories, TINY.max_len))[:, -1, :].numpy()
     np.testing.assert_allclose(before, expected, atol=ATOL)
 
 
@@ -245,7 +232,7 @@ def test_user_state_is_what_candidates_are_scored_against(runtime, users):
     history, candidates = users[2]
     runtime.apply(random_bundle(seed=11, masks=random_keep(0.75)))
     state = runtime.user_state(history)  # (d,)
-    item_emb = tiny_bundle().device.item_emb.weight.detach().numpy()
+    item_emb = tiny_checkpoint().device_model.item_emb.weight.detach().numpy()
     np.testing.assert_allclose(item_emb[candidates] @ state, runtime.score(history, candidates), atol=1e-5)
     assert runtime.user_state([history, history]).shape == (2, TINY.hidden)
 

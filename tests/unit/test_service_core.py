@@ -15,10 +15,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from device_fixtures import RANK, tiny_bundle, tiny_package
+from device_fixtures import RANK, tiny_checkpoint, tiny_package
 
-from paramcast.cloud.checkpoint import ModelBundle
-from paramcast.cloud.generation import generate_bundles
+from paramcast.cloud.bundles import generate_bundles
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.generator import Generator, GeneratorConfig
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.batcher import MicroBatcher
@@ -41,38 +41,37 @@ from paramcast.common.errors import (
     Unauthenticated,
     VersionMismatch,
 )
+from paramcast.common.package import DevicePackage, pack_package, unpack_package
 from paramcast.common.serde import bundle_from_proto
-from paramcast.device.archive import pack_package, unpack_package
-from paramcast.device.package import DevicePackage
 from paramcast.v1 import param_service_pb2 as pb
 
 WINDOW = 10
 
 
-def with_generator(bundle: ModelBundle, seed: int = 0) -> ModelBundle:
+def with_generator(ckpt: Checkpoint, seed: int = 0) -> Checkpoint:
     """The bundle plus a random generator whose B heads are non-zero (so deltas are not trivially 0)."""
     torch.manual_seed(seed)
-    model = bundle.device
+    model = ckpt.device_model
     gen = Generator(GeneratorConfig(n_items=model.cfg.n_items, slot_shapes=model.slot_shapes(),
                                     unit_groups=model.unit_groups(), window=WINDOW, width=16, n_layers=1, rank=RANK))
     with torch.no_grad():
         for head in gen.b_heads.values():
             head.weight.normal_(0, 0.05)
-    return ModelBundle(bundle.model_id, bundle.device, gen.eval())
+    return Checkpoint(ckpt.model_id, ckpt.device_model, gen.eval())
 
 
 @pytest.fixture(scope="module")
-def v1() -> ModelBundle:
-    return with_generator(tiny_bundle())
+def v1() -> Checkpoint:
+    return with_generator(tiny_checkpoint())
 
 
 @pytest.fixture(scope="module")
-def v2(v1) -> ModelBundle:
+def v2(v1) -> Checkpoint:
     """A second version of the same model id: other device weights, so another base version."""
-    device = copy.deepcopy(v1.device)
+    device = copy.deepcopy(v1.device_model)
     with torch.no_grad():
         device.item_emb.weight[1:].add_(0.01)
-    return ModelBundle(v1.model_id, device, copy.deepcopy(v1.generator))
+    return Checkpoint(v1.model_id, device, copy.deepcopy(v1.generator))
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +86,8 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def call(bundle: ModelBundle, **kw) -> GenerateCall:
-    fields = dict(model_id=bundle.model_id, base_version=bundle.base_version, device_id="dev-1", window=[3, 1, 4, 1, 5])
+def call(ckpt: Checkpoint, **kw) -> GenerateCall:
+    fields = dict(model_id=ckpt.model_id, base_version=ckpt.base_version, device_id="dev-1", window=[3, 1, 4, 1, 5])
     fields.update(kw)
     return GenerateCall(**fields)
 
@@ -107,13 +106,13 @@ async def _generate(core: ServiceCore, *calls: GenerateCall, metadata=None, dead
 
 def test_generate_matches_in_process_generation_for_each_served_version(registry, v1, v2):
     windows = [[3, 1, 4, 1, 5], list(range(1, 40)), [7]]
-    for bundle in (v1, v2):
+    for ckpt in (v1, v2):
         core = ServiceCore(registry)
-        got = [bundle_from_proto(m) for m in run(_generate(core, *(call(bundle, window=w, encoding="fp32")
+        got = [bundle_from_proto(m) for m in run(_generate(core, *(call(ckpt, window=w, encoding="fp32")
                                                                    for w in windows)))]
-        want = generate_bundles(bundle, [np.array(w[-WINDOW:]) for w in windows])
+        want = generate_bundles(ckpt, [np.array(w[-WINDOW:]) for w in windows])
         for g, w in zip(got, want, strict=True):
-            assert (g.model_id, g.base_version) == (bundle.model_id, bundle.base_version)
+            assert (g.model_id, g.base_version) == (ckpt.model_id, ckpt.base_version)
             assert set(g.factors) == set(w.factors)
             for slot in g.factors:
                 np.testing.assert_allclose(g.delta(slot), w.delta(slot), atol=1e-6)
@@ -163,7 +162,7 @@ def test_keep_ratio_gives_masks_and_zero_gives_none(registry, v1):
     slim, plain = (bundle_from_proto(m) for m in run(_generate(core, call(v1, keep_ratio=0.5),
                                                                 call(v1, keep_ratio=0.0))))
     assert plain.masks == {}
-    assert set(slim.masks) == set(v1.device.unit_groups())
+    assert set(slim.masks) == set(v1.device_model.unit_groups())
     for group, mask in slim.masks.items():
         assert mask.sum() == round(0.5 * len(mask)), group
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from paramcast.cloud.checkpoint import ModelBundle, save_bundle
-from paramcast.cloud.generation import generate_bundles, generate_parameters
+from paramcast.cloud.bundles import generate_bundles, generate_parameters
+from paramcast.cloud.checkpoint import Checkpoint, save_checkpoint
 from paramcast.cloud.generator import Generator, GeneratorConfig
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
 from paramcast.common.evaluation import metrics_from_scores
@@ -38,7 +38,7 @@ def data() -> InteractionLog:
 
 
 @pytest.fixture(scope="module")
-def bundle(data) -> ModelBundle:
+def ckpt(data) -> Checkpoint:
     torch.manual_seed(0)
     model = DeviceModel(DeviceModelConfig(n_items=N_ITEMS, hidden=8, ffn_units=8, head_units=8, max_len=12,
                                           dropout=0.0)).eval()
@@ -48,13 +48,13 @@ def bundle(data) -> ModelBundle:
         for head in gen.b_heads.values():
             head.weight.normal_(0, 0.5)
     cold = [str(u + 1) for u in range(0, 40, 2)]
-    return ModelBundle("sasrec-synthetic", model, gen, {"split": {"cold_users": cold}})
+    return Checkpoint("sasrec-synthetic", model, gen, {"split": {"cold_users": cold}})
 
 
 @pytest.fixture(scope="module")
-def prepared(data, bundle):
+def prepared(data, ckpt):
     tl = build_timelines(data, np.arange(data.n_users), warmup=3, n_negatives=20, seed=0)
-    return tl, precompute(bundle, tl, progress=False)
+    return tl, precompute(ckpt, tl, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- timelines
@@ -85,8 +85,8 @@ def test_timelines_cap_steps_and_drop_short_users(data):
     assert np.array_equal(sub.candidates[: tl.length[1]], tl.candidates[tl.start[1]: tl.start[1] + tl.length[1]])
 
 
-def test_split_devices_is_disjoint_and_uses_cold_users(data, bundle):
-    valid, test = split_devices(data, bundle.meta["split"]["cold_users"], "cold", 0.5)
+def test_split_devices_is_disjoint_and_uses_cold_users(data, ckpt):
+    valid, test = split_devices(data, ckpt.meta["split"]["cold_users"], "cold", 0.5)
     assert len(np.intersect1d(valid, test)) == 0 and len(valid) + len(test) == 20
     assert set(valid.tolist()) | set(test.tolist()) == set(range(0, 40, 2))
     v_all, t_all = split_devices(data, [], "all", 0.25)
@@ -95,22 +95,22 @@ def test_split_devices_is_disjoint_and_uses_cold_users(data, bundle):
 
 # ---------------------------------------------------------------------------------------------- cache
 
-def test_factor_table_holds_exactly_what_the_device_decodes(bundle, data):
+def test_factor_table_holds_exactly_what_the_device_decodes(ckpt, data):
     windows = [data.sequences[u][:5] for u in range(3)]
-    adapters, _ = generate_parameters(bundle, windows)
+    adapters, _ = generate_parameters(ckpt, windows)
     for encoding in ("int8", "fp16", "fp32"):
-        table = FactorTable(bundle.generator.cfg.slot_shapes, bundle.generator.cfg.rank, 4, encoding)
+        table = FactorTable(ckpt.generator.cfg.slot_shapes, ckpt.generator.cfg.rank, 4, encoding)
         table.put(np.array([1, 2, 3]), {s: (a.numpy(), b.numpy()) for s, (a, b) in adapters.items()})
-        for i, b in enumerate(generate_bundles(bundle, windows)):
+        for i, b in enumerate(generate_bundles(ckpt, windows)):
             wire = b.quantized(encoding)
             for slot, (a, bb) in table.row(i + 1).items():
                 assert np.array_equal(a, wire.factors[slot][0]) and np.array_equal(bb, wire.factors[slot][1])
         assert all(not a.any() and not b.any() for a, b in table.row(0).values())  # row 0 = base model
 
 
-def test_cached_behaviour_and_head_reproduce_the_device_model(bundle, prepared):
+def test_cached_behaviour_and_head_reproduce_the_device_model(ckpt, prepared):
     tl, cache = prepared
-    model = bundle.device
+    model = ckpt.device_model
     ks = np.array([0, 7, tl.n_steps - 1])
     hist = [tl.history(int(k)) for k in ks]
     rows = cache.fresh_row(ks, tl.n_devices)
@@ -123,12 +123,12 @@ def test_cached_behaviour_and_head_reproduce_the_device_model(bundle, prepared):
 
 # ---------------------------------------------------------------------------------------------- replays
 
-def _direct_metrics(bundle, tl, windows_of_step) -> dict:
+def _direct_metrics(ckpt, tl, windows_of_step) -> dict:
     """Score every step directly with the int8 bundle generated from windows_of_step(k)."""
-    model = bundle.device
+    model = ckpt.device_model
     hist = [tl.history(k) for k in range(tl.n_steps)]
-    bundles = generate_bundles(bundle, [windows_of_step(k) for k in range(tl.n_steps)])
-    slots = list(bundle.generator.cfg.slot_shapes)
+    bundles = generate_bundles(ckpt, [windows_of_step(k) for k in range(tl.n_steps)])
+    slots = list(ckpt.generator.cfg.slot_shapes)
     adapters = {s: (torch.from_numpy(np.stack([b.quantized("int8").factors[s][0] for b in bundles])),
                     torch.from_numpy(np.stack([b.quantized("int8").factors[s][1] for b in bundles]))) for s in slots}
     with torch.no_grad():
@@ -136,29 +136,29 @@ def _direct_metrics(bundle, tl, windows_of_step) -> dict:
     return metrics_from_scores(scores.numpy())
 
 
-def test_always_scores_each_step_with_the_bundle_of_its_own_history(bundle, prepared):
+def test_always_scores_each_step_with_the_bundle_of_its_own_history(ckpt, prepared):
     tl, cache = prepared
-    run = replay(Always(), tl, cache, Scorer(bundle.device))
-    direct = _direct_metrics(bundle, tl, lambda k: tl.history(k))
+    run = replay(Always(), tl, cache, Scorer(ckpt.device_model))
+    direct = _direct_metrics(ckpt, tl, lambda k: tl.history(k))
     for m in ("ndcg@10", "hr@10", "auc"):
         np.testing.assert_allclose(run.metrics[m], direct[m], atol=1e-6)
     assert run.requested.all() and run.request_rate == 1.0
 
 
-def test_never_keeps_the_enrolment_bundle(bundle, prepared, data):
+def test_never_keeps_the_enrolment_bundle(ckpt, prepared, data):
     tl, cache = prepared
-    run = replay(Never(), tl, cache, Scorer(bundle.device))
+    run = replay(Never(), tl, cache, Scorer(ckpt.device_model))
     seq_of = {k: data.sequences[int(tl.users[tl.device[k]])] for k in range(tl.n_steps)}
-    direct = _direct_metrics(bundle, tl, lambda k: seq_of[k][:3])
+    direct = _direct_metrics(ckpt, tl, lambda k: seq_of[k][:3])
     np.testing.assert_allclose(run.metrics["auc"], direct["auc"], atol=1e-6)
     assert not run.requested.any()
-    always = replay(Always(), tl, cache, Scorer(bundle.device))
+    always = replay(Always(), tl, cache, Scorer(ckpt.device_model))
     assert not np.array_equal(run.metrics["auc"], always.metrics["auc"])  # staleness does change scores
 
 
-def test_equivalent_policies_replay_identically(bundle, prepared):
+def test_equivalent_policies_replay_identically(ckpt, prepared):
     tl, cache = prepared
-    scorer = Scorer(bundle.device)
+    scorer = Scorer(ckpt.device_model)
     assert np.array_equal(replay(EveryK(1), tl, cache, scorer).metrics["auc"],
                           replay(Always(), tl, cache, scorer).metrics["auc"])
     assert np.array_equal(replay(RandomP(0.0), tl, cache, scorer).metrics["auc"],
@@ -168,15 +168,15 @@ def test_equivalent_policies_replay_identically(bundle, prepared):
     assert np.array_equal(a.requested, b.requested) and 0.2 < a.request_rate < 0.4
 
 
-def test_base_start_scores_with_the_static_model_until_the_first_bundle(bundle, prepared):
+def test_base_start_scores_with_the_static_model_until_the_first_bundle(ckpt, prepared):
     tl, cache = prepared
-    run = replay(Never(), tl, cache, Scorer(bundle.device), start="base")
+    run = replay(Never(), tl, cache, Scorer(ckpt.device_model), start="base")
     with torch.no_grad():
         hist = [tl.history(k) for k in range(tl.n_steps)]
-        static = bundle.device.score(left_pad(hist, bundle.device.cfg.max_len), torch.as_tensor(tl.candidates))
+        static = ckpt.device_model.score(left_pad(hist, ckpt.device_model.cfg.max_len), torch.as_tensor(tl.candidates))
     np.testing.assert_allclose(run.metrics["auc"], metrics_from_scores(static.numpy())["auc"], atol=1e-6)
     gate = DriftGate(threshold=1e9)
-    first = replay(gate, tl, cache, Scorer(bundle.device), start="base")
+    first = replay(gate, tl, cache, Scorer(ckpt.device_model), start="base")
     assert first.requested[tl.start].all()  # with nothing held, a gate asks at once
     assert not np.delete(first.requested, tl.start).any()
 
@@ -184,10 +184,10 @@ def test_base_start_scores_with_the_static_model_until_the_first_bundle(bundle, 
 # ---------------------------------------------------------------------------------------------- harness
 
 @pytest.fixture(scope="module")
-def report(bundle, data):
+def report(ckpt, data):
     cfg = SimulationConfig(policies=["never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal"],
                            budgets=[0.2], devices="all", n_negatives=20, progress=False)
-    return simulate(bundle, data, cfg)
+    return simulate(ckpt, data, cfg)
 
 
 def test_report_schema_and_bookkeeping(report):
@@ -223,8 +223,8 @@ def test_gates_are_calibrated_on_validation_devices(report):
                                                                  key=selected["validation"].get)
 
 
-def test_calibration_never_replays_test_devices(bundle, data, monkeypatch):
-    sim = Simulation(bundle, data, SimulationConfig(policies=["drift"], budgets=[0.2], devices="all",
+def test_calibration_never_replays_test_devices(ckpt, data, monkeypatch):
+    sim = Simulation(ckpt, data, SimulationConfig(policies=["drift"], budgets=[0.2], devices="all",
                                                     n_negatives=20, progress=False))
     seen = []
     original = sim.replay
@@ -250,20 +250,20 @@ def test_report_writes_table_and_plots(report, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- device agreement
 
-def test_onnx_device_scores_what_the_harness_scores(bundle, prepared, tmp_path):
+def test_onnx_device_scores_what_the_harness_scores(ckpt, prepared, tmp_path):
     from paramcast.cloud.export import export_package
-    from paramcast.device.package import DevicePackage
+    from paramcast.common.package import DevicePackage
     from paramcast.device.policy import item_embeddings
     from paramcast.device.runtime import DeviceRuntime
 
     tl, cache = prepared
-    package = DevicePackage.load(export_package(bundle, tmp_path / "pkg"))
+    package = DevicePackage.load(export_package(ckpt, tmp_path / "pkg"))
     np.testing.assert_array_equal(item_embeddings(package), cache.item_emb)
     runtime = DeviceRuntime(package, threads=1)
     k = int(tl.start[0]) + 5  # step 5 of the longest device: the request after step k - 1 used its history
-    b = generate_bundles(bundle, [tl.history(k)])[0].quantized("int8")
+    b = generate_bundles(ckpt, [tl.history(k)])[0].quantized("int8")
     runtime.apply(b)
-    _, scores = Scorer(bundle.device)(cache.behaviour[[k]], cache.table.gather(cache.fresh_row(np.array([k - 1]),
+    _, scores = Scorer(ckpt.device_model)(cache.behaviour[[k]], cache.table.gather(cache.fresh_row(np.array([k - 1]),
                                                                                               tl.n_devices)),
                                       tl.candidates[[k]])
     np.testing.assert_allclose(runtime.score(tl.history(k), tl.candidates[k]), scores[0], rtol=1e-4, atol=1e-4)
@@ -272,10 +272,10 @@ def test_onnx_device_scores_what_the_harness_scores(bundle, prepared, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-def test_simulate_command_writes_report_and_plots(bundle, data, tmp_path, capsys):
+def test_simulate_command_writes_report_and_plots(ckpt, data, tmp_path, capsys):
     from paramcast.cli import main
 
-    model_dir = save_bundle(bundle, tmp_path / "model")
+    model_dir = save_checkpoint(ckpt, tmp_path / "model")
     pairs = tmp_path / "synthetic.txt"
     pairs.write_text("".join(f"{u + 1} {i}\n" for u, seq in enumerate(data.sequences) for i in seq))
     out = tmp_path / "out"
@@ -290,15 +290,15 @@ def test_simulate_command_writes_report_and_plots(bundle, data, tmp_path, capsys
                                                     "drift:rate=0.3,min_interval=2", "ideal:rate=0.3"}
     assert (out / "simulation-synthetic-quality-vs-rate.png").is_file()
     mapper = GaussianMapper.load(out / "ideal-mapper-synthetic.npz")  # what a device would load for the gate
-    assert mapper.w_mean.shape == (2 * bundle.device.cfg.hidden + 1, bundle.device.cfg.hidden)
+    assert mapper.w_mean.shape == (2 * ckpt.device_model.cfg.hidden + 1, ckpt.device_model.cfg.hidden)
     assert str(out / "ideal-mapper-synthetic.npz") in doc["files"]
     assert parse_policy(doc["policies"][3]["name"]).params["min_interval"] == 2
 
 
-def test_simulate_command_reports_bad_policies(bundle, tmp_path, capsys, data):
+def test_simulate_command_reports_bad_policies(ckpt, tmp_path, capsys, data):
     from paramcast.cli import main
 
-    model_dir = save_bundle(bundle, tmp_path / "model")
+    model_dir = save_checkpoint(ckpt, tmp_path / "model")
     pairs = tmp_path / "synthetic.txt"
     pairs.write_text("".join(f"{u + 1} {i}\n" for u, seq in enumerate(data.sequences) for i in seq))
     assert main(["simulate", "--model", str(model_dir), "--data", str(pairs), "--policy", "drift:speed=1"]) == 2

@@ -52,9 +52,9 @@ def test_early_stopping_counts_epochs_and_keeps_the_best_weights(ml100k):
     scripted = iter([0.10, 0.30, 0.20, 0.25, 0.90])  # validations at epochs 2, 4, 6, 8 (10 never runs)
     seen: list[dict] = []
 
-    def evaluator(bundle, data, users, stage, variants, protocol):
+    def evaluator(ckpt, data, users, stage, variants, protocol):
         assert stage == "valid" and protocol == "both"
-        seen.append(copy.deepcopy(bundle.device.state_dict()))
+        seen.append(copy.deepcopy(ckpt.device_model.state_dict()))
         score = next(scripted)
         return {v: {"ndcg@10": np.full(len(users), score), "full:ndcg@10": np.full(len(users), score / 10)}
                 for v in variants}
@@ -82,7 +82,7 @@ def test_preset_cli_lets_explicit_flags_win_and_evaluate_reports_both_protocols(
                  "--stages", "static", "--epochs", "1", "--hidden", "16", "--ffn-units", "16", "--head-units", "16",
                  "--max-len", "20", "--threads", "1", "--no-progress"]) == 0
     capsys.readouterr()
-    meta = json.loads((out / "bundle.json").read_text())
+    meta = json.loads((out / "checkpoint.json").read_text())
     cfg = meta["device_config"]
     assert (cfg["hidden"], cfg["max_len"]) == (16, 20)  # explicit flags
     assert (cfg["n_blocks"], cfg["n_heads"], cfg["dropout"]) == (2, 1, 0.2)  # the preset, dense rule

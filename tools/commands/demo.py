@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.checkpoint import checkpoint_file, load_checkpoint
     from paramcast.cloud.export import export_package
     from paramcast.common.data import load_interactions
     from paramcast.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
@@ -101,24 +101,24 @@ def run(args: argparse.Namespace) -> int:
     model_dir = out / "model"
     progress = not args.no_progress
 
-    if args.retrain or not (model_dir / "bundle.pt").is_file():
+    if args.retrain or not checkpoint_file(model_dir).is_file():
         print(f"[1/3] `paramcast train` on {data.name} ({data.n_users} users, {data.n_interactions:,} interactions); "
               f"{COLD_FRACTION:.0%} of the users are held out to become the simulated devices", flush=True)
         train_command(["--data", str(data_dir), "--out", str(model_dir), "--cold-fraction", str(COLD_FRACTION),
                        "--epochs", str(args.epochs), "--gen-epochs", str(args.gen_epochs),
                        "--threads", str(args.threads)] + ([] if progress else ["--no-progress"]))
-        bundle = load_bundle(model_dir)
-        export_package(bundle, model_dir / "package")
+        ckpt = load_checkpoint(model_dir)
+        export_package(ckpt, model_dir / "package")
     else:
         print(f"[1/3] reusing the model in {model_dir} (--retrain to train again)", flush=True)
-        bundle = load_bundle(model_dir)
-    print(f"      model {bundle.model_id} {bundle.base_version} ({time.perf_counter() - t0:.0f}s so far)", flush=True)
+        ckpt = load_checkpoint(model_dir)
+    print(f"      model {ckpt.model_id} {ckpt.base_version} ({time.perf_counter() - t0:.0f}s so far)", flush=True)
 
     print("[2/3] starting `paramcast serve` on loopback and replaying the held-out users as gRPC devices",
           flush=True)
     cfg = SimulationConfig(policies=list(DEFAULT_POLICIES), budgets=args.budget, valid_fraction=1 / 3,
                            max_steps=args.max_steps, users=args.users, progress=progress)
-    report = run_simulation(bundle, data, cfg, mode="network", model_dir=str(model_dir),
+    report = run_simulation(ckpt, data, cfg, mode="network", model_dir=str(model_dir),
                             serve_threads=max(1, args.threads or 1))
 
     print("[3/3] results", flush=True)

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from paramcast.device.package import DevicePackage
+    from paramcast.common.package import DevicePackage
 
     package = DevicePackage.load(args.package)
     if args.device_command == "info":

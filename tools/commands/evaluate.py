@@ -12,7 +12,7 @@ from paramcast.common.evaluation import FULL_PREFIX, METRICS, PROTOCOLS
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="metrics of static / generated / slimmed / stale variants",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, metavar="DIR", help="model bundle directory (from paramcast train)")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (from paramcast train)")
     p.add_argument("--data", required=True, help="the dataset the model was trained on")
     p.add_argument("--format", choices=FORMATS)
     p.add_argument("--variants", help="comma list (default: all the bundle supports), e.g. static,generated,stale@5")
@@ -29,14 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.cloud.evaluate import evaluate
     from paramcast.common.data import load_interactions
 
-    bundle = load_bundle(args.model)
+    ckpt = load_checkpoint(args.model)
     data = load_interactions(args.data, format=args.format)
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    report = evaluate(bundle, data, variants, stage=args.stage, seed=args.seed, protocol=args.protocol)
+    report = evaluate(ckpt, data, variants, stage=args.stage, seed=args.seed, protocol=args.protocol)
     text = json.dumps(report, indent=2)
     if args.out:
         with open(args.out, "w") as f:

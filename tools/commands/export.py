@@ -6,9 +6,9 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="write the ONNX device package of a model bundle",
+    parser = subparsers.add_parser("export", help="write the ONNX device package of a checkpoint",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, metavar="DIR", help="model bundle (from `paramcast train`)")
+    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint (from `paramcast train`)")
     parser.add_argument("--out", required=True, metavar="PKG", help="package directory to write")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 17; default 18)")
     parser.add_argument("--max-rank", type=int, default=None,
@@ -18,12 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at module level: `paramcast device` must work without it.
-    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.cloud.export import DEFAULT_OPSET, export_package
-    from paramcast.device.package import DevicePackage
+    from paramcast.common.package import DevicePackage
 
-    bundle = load_bundle(args.model)
-    out = export_package(bundle, args.out, opset=args.opset or DEFAULT_OPSET, max_rank=args.max_rank)
+    ckpt = load_checkpoint(args.model)
+    out = export_package(ckpt, args.out, opset=args.opset or DEFAULT_OPSET, max_rank=args.max_rank)
     package = DevicePackage.load(out)  # read back what a device reads, sha256 included
     slots = ", ".join(f"{s.name} ({s.d_in}x{s.d_out}, rank <= {s.max_rank})" for s in package.slots.values())
     print(f"{out}: model {package.model_id}, base version {package.base_version}, "

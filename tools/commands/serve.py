@@ -15,7 +15,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the ParamCast gRPC service", description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, metavar="DIR",
-                   help="model bundle directory (repeat to serve several versions; the last of a model id is "
+                   help="checkpoint directory (repeat to serve several versions; the last of a model id is "
                         "the latest). DIR/package is used as its device package when it matches")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to bind; 0 = any free port (default)")
@@ -67,19 +67,19 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no --tokens file: every caller is accepted (fine on loopback, not on a network)")
     rates = RateLimiter(args.rate_limit, args.rate_burst)
     tls = TlsConfig.from_files(args.tls_cert, args.tls_key) if args.tls_cert else None
-    device = resolve_device(args.device)
-    registry = load_models(args.model, device)
+    torch_device = resolve_device(args.device)
+    registry = load_models(args.model, torch_device)
 
     async def main() -> None:
         server, port = await start_server(registry, args.host, args.port, limits=limits, auth=auth, rates=rates,
                                           tls=tls, metrics_port=args.metrics_port, gzip=args.gzip,
-                                          max_request_bytes=args.max_request_bytes, device=device)
+                                          max_request_bytes=args.max_request_bytes, torch_device=torch_device)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         models = ", ".join(f"{m.model_id} {m.version}" for m in registry.models())
-        log.info("serving %s; generator on %s; %s; %s", models, device, "TLS" if tls else "plaintext",
+        log.info("serving %s; generator on %s; %s; %s", models, torch_device, "TLS" if tls else "plaintext",
                  f"metrics on port {server.metrics_port}" if server.metrics_port is not None else "no metrics port")
         if server.metrics_port is not None:
             print(f"paramcast serve metrics on {args.host}:{server.metrics_port}", flush=True)

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simulate", help="replay real users as devices under request policies",
                               description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--model", required=True, metavar="DIR", help="model bundle (from `paramcast train`)")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint (from `paramcast train`)")
     p.add_argument("--data", required=True, metavar="PATH", help="the dataset the model was trained on")
     p.add_argument("--format", default=None, help="dataset format (default: detected)")
     p.add_argument("--policy", nargs="+", metavar="NAME[:params]", default=None,
@@ -59,14 +59,14 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from paramcast.cloud.checkpoint import load_bundle
+    from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.common.data import load_interactions
     from paramcast.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
     from paramcast.simulation.report import plot, table, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    bundle = load_bundle(args.model)
+    ckpt = load_checkpoint(args.model)
     data = load_interactions(args.data, args.format)
     cfg = SimulationConfig(
         policies=args.policy or list(DEFAULT_POLICIES), budgets=args.budget, warmup=args.warmup,
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         start=args.start, encoding=args.encoding, seed=args.seed, progress=not args.no_progress,
     )
     mapper: list = []
-    report = run_simulation(bundle, data, cfg, mode=args.mode, server=args.server, model_dir=args.model,
+    report = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model,
                             keep_mapper=mapper)
     report["command"] = "paramcast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:

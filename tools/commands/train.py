@@ -1,4 +1,4 @@
-"""`paramcast train`: the static device model, then the generator (DUET's two stages), into a model bundle."""
+"""`paramcast train`: the static device model, then the generator (DUET's two stages), into a checkpoint."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import json
 import resource
 import time
 
-from paramcast.cloud.presets import DEFAULT_LOSS, PRESETS
 from paramcast.common.data import FORMATS
+
+# Registering the command imports nothing from paramcast.cloud (the device-only install has no
+# torch): loss and preset names are checked when given, against the modules that define them.
 
 
 def _loss_name(value: str) -> str:
@@ -19,6 +21,14 @@ def _loss_name(value: str) -> str:
             LossConfig(name=value).components()
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _preset_name(value: str) -> str:
+    from paramcast.cloud.presets import PRESETS
+
+    if value not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {value!r}; known: {', '.join(PRESETS)}")
     return value
 
 
@@ -33,16 +43,16 @@ def _option(group, flag: str, kind: type, default: int | float, help: str = "") 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train the device model and its generator into a model bundle",
+    p = subparsers.add_parser("train", help="train the device model and its generator into a checkpoint",
                               description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="dataset folder or interaction file")
     p.add_argument("--format", choices=FORMATS, help="skip format detection")
-    p.add_argument("--out", required=True, metavar="DIR", help="model bundle directory to write")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     p.add_argument("--stages", default="static,generator", help="comma list of: static, generator")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = every core this process may use)")
-    p.add_argument("--preset", choices=PRESETS,
+    p.add_argument("--preset", type=_preset_name,
                    help="sasrec-reference: the public SASRec reference's settings (hidden 50, 2 blocks, 1 head, "
                         "lr 1e-3, batch 128, every user in training, no unit dropout; max-len/dropout 200/0.2 when "
                         "the median user sequence has >= 30 items, else 50/0.5); flags given explicitly win")
@@ -64,8 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--select", default="sampled", choices=("sampled", "full"),
                    help="protocol whose validation NDCG@10 early stopping maximises")
     t.add_argument("--loss", default="auto", type=_loss_name,
-                   help=f"bce | gbce | sampled | ce | a mixture x+y (e.g. ce+bce); auto: {DEFAULT_LOSS}, the "
-                        "validated default (a full softmax over more than 50k items falls back to sampled + logQ)")
+                   help="bce | gbce | sampled | ce | a mixture x+y (e.g. ce+bce); auto: the validated default, "
+                        "cloud/presets.py DEFAULT_LOSS (a full softmax over more than 50k items falls back to "
+                        "sampled + logQ)")
     t.add_argument("--negatives", type=int, default=0,
                    help="uniform negatives: per position for bce (default 1), per sequence for gbce and sampled "
                         "(default 256)")
@@ -94,7 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from paramcast.cloud.checkpoint import save_bundle
+    from paramcast.cloud.checkpoint import save_checkpoint
     from paramcast.cloud.model import DeviceModelConfig
     from paramcast.cloud.presets import sequence_regime
     from paramcast.cloud.train import TrainConfig, train
@@ -121,19 +132,19 @@ def run(args: argparse.Namespace) -> int:
     gen_cfg = {"window": args.window, "rank": args.rank, "width": args.gen_width, "n_layers": args.gen_layers,
                "dropout": args.gen_dropout}
     t0 = time.perf_counter()
-    bundle = train(data, args.out, model_cfg, cfg, gen_cfg, stages)
+    ckpt = train(data, args.out, model_cfg, cfg, gen_cfg, stages)
     if args.preset:
-        bundle.meta["preset"] = {"name": args.preset, "rule": sequence_regime(data)}
-    bundle.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    bundle.meta["wall_seconds"] = time.perf_counter() - t0
-    out = save_bundle(bundle, args.out)
-    summary = {"model_id": bundle.model_id, "base_version": bundle.base_version, "out": str(out),
-               "seconds": round(bundle.meta["wall_seconds"], 1), "peak_rss_mib": round(bundle.meta["peak_rss_mib"]),
-               "device_parameters": bundle.device.n_parameters()}
-    if bundle.generator is not None:
-        summary.update(generator_parameters=bundle.generator.n_parameters(),
-                       generated_parameters_per_device=bundle.generator.generated_parameters_per_device(),
-                       generator_flops_per_bundle=bundle.generator.flops_per_bundle())
+        ckpt.meta["preset"] = {"name": args.preset, "rule": sequence_regime(data)}
+    ckpt.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    ckpt.meta["wall_seconds"] = time.perf_counter() - t0
+    out = save_checkpoint(ckpt, args.out)
+    summary = {"model_id": ckpt.model_id, "base_version": ckpt.base_version, "out": str(out),
+               "seconds": round(ckpt.meta["wall_seconds"], 1), "peak_rss_mib": round(ckpt.meta["peak_rss_mib"]),
+               "device_parameters": ckpt.device_model.n_parameters()}
+    if ckpt.generator is not None:
+        summary.update(generator_parameters=ckpt.generator.n_parameters(),
+                       generated_parameters_per_device=ckpt.generator.generated_parameters_per_device(),
+                       generator_flops_per_bundle=ckpt.generator.flops_per_bundle())
     print(json.dumps(summary, indent=2))
     return 0
 

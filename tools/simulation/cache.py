@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from paramcast.cloud.checkpoint import ModelBundle
-from paramcast.cloud.generation import generate_bundles, generate_parameters
+from paramcast.cloud.bundles import generate_bundles, generate_parameters
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import Adapters, DeviceModel, left_pad
 from paramcast.common.bundle import ENCODINGS, dequantize, quantize
 from paramcast.common.errors import InvalidInput
@@ -135,20 +135,20 @@ def behaviour_embeddings(model: DeviceModel, histories: list[np.ndarray], batch:
     return out
 
 
-def generate_into(bundle: ModelBundle, table: FactorTable, rows: np.ndarray, windows: list[np.ndarray],
+def generate_into(ckpt: Checkpoint, table: FactorTable, rows: np.ndarray, windows: list[np.ndarray],
                   batch: int = 256, desc: str = "generate", progress: bool = True) -> None:
     """Run the generator over `windows` in batches and store the encoded factors at `rows`."""
     for lo in tqdm(range(0, len(windows), batch), desc=desc, disable=not progress, leave=False):
-        adapters, _ = generate_parameters(bundle, windows[lo:lo + batch])
+        adapters, _ = generate_parameters(ckpt, windows[lo:lo + batch])
         table.put(rows[lo:lo + batch], {s: (a.numpy(), b.numpy()) for s, (a, b) in adapters.items()})
 
 
-def precompute(bundle: ModelBundle, tl: Timelines, encoding: str = "int8", progress: bool = True,
+def precompute(ckpt: Checkpoint, tl: Timelines, encoding: str = "int8", progress: bool = True,
                bundles: bool = True) -> StepCache:
     """Behaviour embeddings and generated bundles for every step of `tl` (see StepCache).
 
     `bundles=False` skips the generator (the devices will get their bundles over the network)."""
-    model = bundle.device.eval()
+    model = ckpt.device_model.eval()
     seqs, users = tl.data.sequences, tl.users
     t0 = time.perf_counter()
     histories = [seqs[int(users[tl.device[k]])][: int(tl.t[k])] for k in range(tl.n_steps)]
@@ -157,17 +157,17 @@ def precompute(bundle: ModelBundle, tl: Timelines, encoding: str = "int8", progr
                                            desc="enrolment", progress=progress)
     t1 = time.perf_counter()
     table, bundle_bytes = None, 0
-    if bundle.generator is not None and bundles:
-        gen_cfg = bundle.generator.cfg
+    if ckpt.generator is not None and bundles:
+        gen_cfg = ckpt.generator.cfg
         table = FactorTable(gen_cfg.slot_shapes, gen_cfg.rank, 1 + tl.n_devices + tl.n_steps, encoding)
         enrol = [seqs[int(u)][: tl.warmup] for u in users]
-        generate_into(bundle, table, 1 + np.arange(tl.n_devices), enrol, desc="enrolment bundles",
+        generate_into(ckpt, table, 1 + np.arange(tl.n_devices), enrol, desc="enrolment bundles",
                       progress=progress)
         windows = [seqs[int(users[tl.device[k]])][: int(tl.t[k]) + 1] for k in range(tl.n_steps)]
-        generate_into(bundle, table, 1 + tl.n_devices + np.arange(tl.n_steps), windows, progress=progress)
+        generate_into(ckpt, table, 1 + tl.n_devices + np.arange(tl.n_steps), windows, progress=progress)
         # Every bundle of a model has the same slots and shapes, so one encoded bundle gives the size.
         sample = enrol[0] if enrol else np.array([1])
-        bundle_bytes = len(encode_bundle(generate_bundles(bundle, [sample])[0], encoding))
+        bundle_bytes = len(encode_bundle(generate_bundles(ckpt, [sample])[0], encoding))
     t2 = time.perf_counter()
     return StepCache(behaviour, enrol_behaviour, table, model.item_emb.weight.detach().numpy().copy(),
                      bundle_bytes, {"behaviour": t1 - t0, "generate": t2 - t1})

@@ -3,7 +3,7 @@
     report = simulate(bundle, data, SimulationConfig(policies=["never", "always", "every-k",
                       "random-p", "drift", "loss", "ideal"], budgets=[0.1]))
 
-Devices come from a pool of real users (by default the users the model bundle held out of
+Devices come from a pool of real users (by default the users the checkpoint held out of
 training) split at random into validation and test devices. Everything that is tuned - gate
 thresholds (calibrated to a request rate), the IDEAL mapper, which gate is "the best" - is
 decided on validation devices; test devices are only replayed and measured.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.common.errors import InvalidInput
 from paramcast.common.evaluation import bootstrap_ci, paired_difference, summarize
 from paramcast.common.interactions import InteractionLog
@@ -97,24 +97,24 @@ class Entry:
 class Simulation:
     """Holds the prepared validation and test devices; `run()` produces the report."""
 
-    def __init__(self, bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig, test_bundles: bool = True):
+    def __init__(self, ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig, test_bundles: bool = True):
         """`test_bundles=False`: the test devices get their bundles from a server, none are cached."""
         cfg.check()
-        if data.n_items != bundle.device.cfg.n_items:
-            raise InvalidInput("data", f"has {data.n_items} items but model {bundle.model_id} was trained on "
-                                       f"{bundle.device.cfg.n_items}; simulate on the data it was trained on")
-        self.bundle, self.data, self.cfg = bundle, data, cfg
+        if data.n_items != ckpt.device_model.cfg.n_items:
+            raise InvalidInput("data", f"has {data.n_items} items but model {ckpt.model_id} was trained on "
+                                       f"{ckpt.device_model.cfg.n_items}; simulate on the data it was trained on")
+        self.ckpt, self.data, self.cfg = ckpt, data, cfg
         self.specs = [parse_policy(p) for p in cfg.policies]
-        if bundle.generator is None and any(s.name != "never" for s in self.specs):
-            raise InvalidInput("model", f"model {bundle.model_id} has no generator; only `never` can run")
-        self.scorer = Scorer(bundle.device)
+        if ckpt.generator is None and any(s.name != "never" for s in self.specs):
+            raise InvalidInput("model", f"model {ckpt.model_id} has no generator; only `never` can run")
+        self.scorer = Scorer(ckpt.device_model)
         self.timing: dict[str, float] = {}
         self.steps_replayed = 0
         self.replay_seconds = 0.0
         self.mapper: GaussianMapper | None = None
         self.valid_runs: dict[str, Run] = {}
         self._t0 = time.perf_counter()
-        cold = bundle.meta.get("split", {}).get("cold_users", [])
+        cold = ckpt.meta.get("split", {}).get("cold_users", [])
         valid_users, test_users = split_devices(data, cold, cfg.devices, cfg.valid_fraction, cfg.seed)
         if cfg.users is not None:
             valid_users, test_users = valid_users[: cfg.users], test_users[: cfg.users]
@@ -127,7 +127,7 @@ class Simulation:
         t0 = time.perf_counter()
         tl = build_timelines(self.data, users, self.cfg.warmup, self.cfg.n_negatives, self.cfg.max_steps, seed)
         log.info("%s devices: %d users, %d steps", what, tl.n_devices, tl.n_steps)
-        cache = precompute(self.bundle, tl, self.cfg.encoding, progress=self.cfg.progress, bundles=bundles)
+        cache = precompute(self.ckpt, tl, self.cfg.encoding, progress=self.cfg.progress, bundles=bundles)
         self.timing[f"prepare_{what}"] = time.perf_counter() - t0
         return Prepared(tl, cache)
 
@@ -168,7 +168,7 @@ class Simulation:
     def build(self, spec: PolicySpec) -> Policy:
         if spec.name == "ideal" and self.mapper is None:
             self.mapper = self.fit_mapper(min(self.cfg.budgets))
-        window = self.bundle.generator.cfg.window if self.bundle.generator is not None else None
+        window = self.ckpt.generator.cfg.window if self.ckpt.generator is not None else None
         return build_policy(spec, self.mapper, self.valid.cache.item_emb, window)
 
     def calibrate(self, spec: PolicySpec) -> tuple[Policy, dict]:
@@ -337,7 +337,7 @@ def build_report(sim: Simulation, entries: list[Entry]) -> dict:
     total = sim.timing.get("total", float("nan"))
     return {
         "dataset": sim.data.name,
-        "model": {"model_id": sim.bundle.model_id, "base_version": sim.bundle.base_version},
+        "model": {"model_id": sim.ckpt.model_id, "base_version": sim.ckpt.base_version},
         "mode": "network" if any("network" in e.run.extra for e in entries) else "inprocess",
         "config": asdict(sim.cfg),
         "devices": {"test": tl.n_devices, "test_steps": tl.n_steps, "validation": sim.valid.tl.n_devices,
@@ -394,12 +394,12 @@ def check_bars(entries: list[Entry], policies: list[dict], paired: list[dict], s
     return out
 
 
-def simulate(bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig, source_for_test=None) -> dict:
+def simulate(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig, source_for_test=None) -> dict:
     """Run a full simulation (see module docstring) and return the report dictionary."""
-    return Simulation(bundle, data, cfg).run(source_for_test)
+    return Simulation(ckpt, data, cfg).run(source_for_test)
 
 
-def run_simulation(bundle: ModelBundle, data: InteractionLog, cfg: SimulationConfig, mode: str = "inprocess",
+def run_simulation(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig, mode: str = "inprocess",
                    server: str | None = None, model_dir: str | None = None, serve_threads: int = 1,
                    keep_mapper: list | None = None) -> dict:
     """`simulate` in either mode. Network mode replays the test devices as gRPC clients of `server`, or
@@ -408,7 +408,7 @@ def run_simulation(bundle: ModelBundle, data: InteractionLog, cfg: SimulationCon
     IDEAL mapper, if any, is appended to `keep_mapper`."""
     if mode not in ("inprocess", "network"):
         raise InvalidInput("mode", f"must be 'inprocess' or 'network', got {mode!r}")
-    sim = Simulation(bundle, data, cfg, test_bundles=mode == "inprocess")
+    sim = Simulation(ckpt, data, cfg, test_bundles=mode == "inprocess")
     if mode == "inprocess":
         report = sim.run()
         if keep_mapper is not None and sim.mapper is not None:
@@ -416,7 +416,7 @@ def run_simulation(bundle: ModelBundle, data: InteractionLog, cfg: SimulationCon
         return report
     from paramcast.simulation.network import NetworkSource, ServeProcess
 
-    if bundle.generator is None:
+    if ckpt.generator is None:
         raise InvalidInput("model", "network mode needs a model with a generator")
     proc = None
     if server is None:
@@ -427,8 +427,8 @@ def run_simulation(bundle: ModelBundle, data: InteractionLog, cfg: SimulationCon
         server = proc.target
         log.info("started paramcast serve on %s (%.1fs)", server, time.perf_counter() - t0)
     try:
-        g = bundle.generator.cfg
-        source = NetworkSource(server, sim.test.tl, bundle.model_id, bundle.base_version, g.slot_shapes, g.rank,
+        g = ckpt.generator.cfg
+        source = NetworkSource(server, sim.test.tl, ckpt.model_id, ckpt.base_version, g.slot_shapes, g.rank,
                                g.window, cfg.encoding)
         try:
             report = sim.run(lambda: source)

@@ -139,7 +139,7 @@ def split_devices(data: InteractionLog, cold_users: list[str], pool: str, valid_
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(validation users, test users) drawn from a pool of users.
 
-    pool "cold": the users the model bundle held out of training (new devices; the honest setting);
+    pool "cold": the users the checkpoint held out of training (new devices; the honest setting);
     "all": every user (their earlier interactions were training data, so quality is in-sample).
     The pool is split at random (fixed seed) into validation devices - the only ones thresholds
     are calibrated and mappers fitted on - and test devices.
@@ -148,7 +148,7 @@ def split_devices(data: InteractionLog, cold_users: list[str], pool: str, valid_
         raw = set(cold_users)
         users = np.array([u for u, r in enumerate(data.user_raw_ids) if r in raw], dtype=np.int64)
         if len(users) == 0:
-            raise InvalidInput("devices", "the model bundle records no held-out (cold) users for this data; "
+            raise InvalidInput("devices", "the checkpoint records no held-out (cold) users for this data; "
                                           "use --devices all")
     elif pool == "all":
         users = np.arange(data.n_users, dtype=np.int64)

@@ -1,4 +1,4 @@
-"""Turning behaviour windows into DeltaBundles: the one path the service, the evaluation and the
+"""Behaviour windows into DeltaBundles: the one path the service, the evaluation and the
 simulation all use, so what a device receives over the wire is what the benchmarks measured."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from paramcast.cloud.checkpoint import ModelBundle
+from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.generator import window_batch
 from paramcast.common.bundle import BundleBatch, DeltaBundle
 from paramcast.common.errors import InvalidInput
@@ -32,32 +32,32 @@ def check_window(window: Sequence[int] | np.ndarray, n_items: int, max_window: i
 
 
 @torch.no_grad()
-def generate_parameters(bundle: ModelBundle, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
-                        device: torch.device | str = "cpu"):
+def generate_parameters(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
+                        torch_device: torch.device | str = "cpu"):
     """One batched generator pass -> (adapters, masks) as torch tensors with a leading device axis.
 
     `masks` is None when `keep_ratio` is None or >= 1 (no slimming)."""
-    gen = bundle.generator
+    gen = ckpt.generator
     if gen is None:
-        raise InvalidInput("model", f"model {bundle.model_id} has no generator; train it with both stages")
-    win = window_batch(list(windows), gen.cfg.window).to(device)  # (B, N)
+        raise InvalidInput("model", f"model {ckpt.model_id} has no generator; train it with both stages")
+    win = window_batch(list(windows), gen.cfg.window).to(torch_device)  # (B, N)
     out = gen(win)
     masks = out.masks(keep_ratio) if keep_ratio is not None and keep_ratio < 1.0 else None
     return out.adapters, masks
 
 
-def generate_batch(bundle: ModelBundle, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
-                   device: torch.device | str = "cpu", ttl_ms: int = 0) -> BundleBatch:
+def generate_batch(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
+                   torch_device: torch.device | str = "cpu", ttl_ms: int = 0) -> BundleBatch:
     """Batched generation -> the bundles of all windows stacked along a leading axis (fp32 factors),
     ready for the codec's batch encoder (`common.serde.batch_to_proto`) as they come off the generator."""
-    adapters, masks = generate_parameters(bundle, windows, keep_ratio, device)
+    adapters, masks = generate_parameters(ckpt, windows, keep_ratio, torch_device)
     factors = {slot: (a.float().cpu().numpy(), b.float().cpu().numpy())  # (B, d, r), (B, r, k)
                for slot, (a, b) in adapters.items()}
     keep = {g: m.cpu().numpy() > 0.5 for g, m in masks.items()} if masks else {}  # group -> (B, n_units)
-    return BundleBatch.fresh(bundle.model_id, bundle.base_version, factors, keep, ttl_ms=ttl_ms)
+    return BundleBatch.fresh(ckpt.model_id, ckpt.base_version, factors, keep, ttl_ms=ttl_ms)
 
 
-def generate_bundles(bundle: ModelBundle, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
-                     device: torch.device | str = "cpu", ttl_ms: int = 0) -> list[DeltaBundle]:
+def generate_bundles(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
+                     torch_device: torch.device | str = "cpu", ttl_ms: int = 0) -> list[DeltaBundle]:
     """Batched generation -> one DeltaBundle per window (fp32 factors; the codec encodes them)."""
-    return generate_batch(bundle, windows, keep_ratio, device, ttl_ms).unstack()
+    return generate_batch(ckpt, windows, keep_ratio, torch_device, ttl_ms).unstack()

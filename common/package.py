@@ -1,0 +1,262 @@
+"""The device package format, the one definition the cloud (which writes packages) and the device
+(which reads them) share: the manifest and its constants, the verified reader, and the archive a
+package travels in.
+
+A package is a directory: `manifest.json` and the files it lists (`model.onnx`), written by
+`cloud/export.py`. Loading checks the format, then the sha256 of every file the manifest lists,
+and keeps the verified bytes so the session is built from exactly what was checked. This module
+needs numpy and the standard library only.
+
+On the wire (`ParamService.GetModel`) a package travels as a single uncompressed POSIX ustar
+archive:
+
+- members are regular files only, each at the top level (no directories, links or paths), the
+  manifest first and then the files it lists in name order;
+- every header is normalised (mtime 0, mode 0644, uid/gid 0, no user or group names), so the same
+  package always gives the same bytes and the same archive sha256 on every server, which is what
+  lets a device resume a download from another replica or after a restart;
+- no compression: the bulk is float weights, which gzip barely shrinks, and an uncompressed archive
+  can be checked chunk by chunk as it arrives.
+
+tar rather than zip because ustar is a fixed 512-byte-header stream that a device in any language
+can write to disk as it arrives and unpack in one forward pass, and every platform ships a reader.
+
+Unpacking is defensive: bytes from the network are checked member by member (type, name, size)
+and the result is verified with `DevicePackage.load` (the sha256 of every file) before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from paramcast.common.errors import IntegrityError, ModelNotFound
+
+FORMAT = "paramcast.device-package"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """An adapter slot: delta W = A (d_in, r) @ B (r, d_out) with r <= max_rank, fed as graph inputs
+    `a_input` and `b_input`."""
+
+    name: str
+    d_in: int
+    d_out: int
+    max_rank: int
+    a_input: str
+    b_input: str
+
+
+@dataclass(frozen=True)
+class AxisSlice:
+    """Keep only a unit group's kept indices of tensor `name` along `axis`."""
+
+    name: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """Units that slimming can drop: the weights to slice, and the factor inputs whose width follows."""
+
+    name: str
+    n_units: int
+    initializers: tuple[AxisSlice, ...]
+    adapter_inputs: tuple[AxisSlice, ...]  # axes in the graph-input layout (B|1, d_in, r) / (B|1, r, d_out)
+
+
+@dataclass(frozen=True)
+class DevicePackage:
+    path: Path
+    manifest: dict
+    model_bytes: bytes
+
+    @classmethod
+    def load(cls, path: str | Path) -> DevicePackage:
+        """Read and verify the package in directory `path`.
+
+        Raises ModelNotFound when there is no package there and IntegrityError, naming the file,
+        when the manifest is malformed or a file is missing or does not match its sha256.
+        """
+        path = Path(path)
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise ModelNotFound(f"no device package at {path} (expected {manifest_path}); create one with "
+                                "`paramcast export`")
+        try:
+            manifest = json.loads(manifest_path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IntegrityError(f"{manifest_path}: not valid JSON ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise IntegrityError(f"{manifest_path}: not a ParamCast device package manifest")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise IntegrityError(
+                f"{manifest_path}: format version {manifest.get('format_version')!r}, this runtime reads "
+                f"{FORMAT_VERSION}"
+            )
+        files = manifest.get("files")
+        if not isinstance(files, dict) or MODEL_FILE not in files:
+            raise IntegrityError(f"{manifest_path}: the file list does not name {MODEL_FILE}")
+        contents = {}
+        for name, entry in files.items():
+            file = path / name
+            # Names come from the manifest: refuse anything that would read outside the package.
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise IntegrityError(f"{manifest_path}: file name {name!r} points outside the package")
+            if not file.is_file():
+                raise IntegrityError(f"{file}: listed in the manifest but missing")
+            data = file.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if not isinstance(entry, dict) or digest != entry.get("sha256"):
+                raise IntegrityError(f"{file}: sha256 {digest} does not match the manifest")
+            contents[name] = data
+        package = cls(path, manifest, contents[MODEL_FILE])
+        try:
+            # Parse everything once here so a malformed manifest fails at load, not mid-request.
+            _ = (package.slots, package.unit_groups, package.max_len, package.n_items, package.hidden)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"{manifest_path}: malformed manifest ({exc!r})") from None
+        return package
+
+    # -- what the manifest says --------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return str(self.manifest["model_id"])
+
+    @property
+    def base_version(self) -> str:
+        return str(self.manifest["base_version"])
+
+    @property
+    def max_len(self) -> int:
+        return int(self.manifest["max_len"])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.manifest["n_items"])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.manifest["hidden"])
+
+    @cached_property
+    def slots(self) -> dict[str, SlotSpec]:
+        return {
+            name: SlotSpec(name, int(s["d_in"]), int(s["d_out"]), int(s["max_rank"]), s["inputs"]["A"],
+                           s["inputs"]["B"])
+            for name, s in self.manifest["slots"].items()
+        }
+
+    @cached_property
+    def unit_groups(self) -> dict[str, UnitGroup]:
+        return {
+            name: UnitGroup(
+                name,
+                int(g["n_units"]),
+                tuple(AxisSlice(i["name"], int(i["axis"])) for i in g["initializers"]),
+                tuple(AxisSlice(i["name"], int(i["axis"])) for i in g["adapter_inputs"]),
+            )
+            for name, g in self.manifest["unit_groups"].items()
+        }
+
+    def size_bytes(self) -> int:
+        """Bytes on disk: the manifest and every file it lists."""
+        listed = sum(int(f["bytes"]) for f in self.manifest["files"].values())
+        return (self.path / MANIFEST_FILE).stat().st_size + listed
+
+
+# ---------------------------------------------------------------------------------------------
+# The archive a package travels in
+# ---------------------------------------------------------------------------------------------
+
+# Member names a package may contain: plain file names, nothing that could climb out of the target.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_MEMBERS = 64
+MAX_ARCHIVE_BYTES = 4 * 2**30  # a generous ceiling; real packages are megabytes
+
+
+def package_files(package_dir: str | Path) -> list[str]:
+    """Names of the files that belong in the archive of the package at `package_dir`, in order."""
+    package_dir = Path(package_dir)
+    manifest = json.loads((package_dir / MANIFEST_FILE).read_bytes())
+    listed = sorted(manifest["files"])
+    return [MANIFEST_FILE, *[name for name in listed if name != MANIFEST_FILE]]
+
+
+def pack_package(package_dir: str | Path) -> bytes:
+    """The canonical archive bytes of a package directory (verified with DevicePackage.load first)."""
+    package = DevicePackage.load(package_dir)  # never ship a package that would fail on the device
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in package_files(package.path):
+            data = (package.path / name).read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def unpack_package(archive: str | Path, dest: str | Path) -> DevicePackage:
+    """Unpack an archive file into the new directory `dest` (atomically) and return the verified package.
+
+    Raises IntegrityError when the archive is malformed, holds anything but plain top-level files,
+    or the unpacked package fails verification; `dest` is then left untouched.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        raise IntegrityError(f"{dest}: already exists; unpack into a new directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        _extract(Path(archive), tmp)
+        DevicePackage.load(tmp)  # sha256 of every listed file, before anything else sees it
+        os.replace(tmp, dest)  # same filesystem: the package appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return DevicePackage.load(dest)
+
+
+def _extract(archive: Path, out: Path) -> None:
+    if archive.stat().st_size > MAX_ARCHIVE_BYTES:
+        raise IntegrityError(f"{archive}: larger than {MAX_ARCHIVE_BYTES} bytes")
+    seen: set[str] = set()
+    try:
+        with tarfile.open(archive, mode="r:") as tar:  # "r:" = uncompressed only, as the format says
+            for member in tar:
+                if len(seen) >= MAX_MEMBERS:
+                    raise IntegrityError(f"{archive}: more than {MAX_MEMBERS} members")
+                if not member.isreg():
+                    raise IntegrityError(f"{archive}: member {member.name[:80]!r} is not a regular file")
+                if not _SAFE_NAME.match(member.name):
+                    raise IntegrityError(f"{archive}: member name {member.name[:80]!r} is not a plain file name")
+                if member.name in seen:
+                    raise IntegrityError(f"{archive}: member {member.name!r} appears twice")
+                seen.add(member.name)
+                src = tar.extractfile(member)
+                assert src is not None  # regular files always have a payload
+                with open(out / member.name, "wb") as f:
+                    shutil.copyfileobj(src, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+    except tarfile.TarError as exc:
+        raise IntegrityError(f"{archive}: not a valid package archive ({exc})") from None
+    if MANIFEST_FILE not in seen:
+        raise IntegrityError(f"{archive}: no {MANIFEST_FILE} in the archive")
