@@ -135,7 +135,10 @@ def run(args: argparse.Namespace) -> int:
     ckpt = train(data, args.out, model_cfg, cfg, gen_cfg, stages)
     if args.preset:
         ckpt.meta["preset"] = {"name": args.preset, "rule": sequence_regime(data)}
-    ckpt.meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    ckpt.meta["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux: KiB
+    # CPU seconds beside wall seconds: on a shared machine the wall time depends on everyone's load.
+    ckpt.meta["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     ckpt.meta["wall_seconds"] = time.perf_counter() - t0
     out = save_checkpoint(ckpt, args.out)
     summary = {"model_id": ckpt.model_id, "base_version": ckpt.base_version, "out": str(out),
