@@ -49,7 +49,7 @@ def generate_parameters(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ra
 def generate_batch(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
                    torch_device: torch.device | str = "cpu", ttl_ms: int = 0) -> BundleBatch:
     """Batched generation -> the bundles of all windows stacked along a leading axis (fp32 factors),
-    ready for the codec's batch encoder (`common.serde.batch_to_proto`) as they come off the generator."""
+    ready for the codec's batch encoder (`BundleBatch.encoded`) as they come off the generator."""
     adapters, masks = generate_parameters(ckpt, windows, keep_ratio, torch_device)
     factors = {slot: (a.float().cpu().numpy(), b.float().cpu().numpy())  # (B, d, r), (B, r, k)
                for slot, (a, b) in adapters.items()}

@@ -18,9 +18,12 @@ and re-encoding a decoded tensor reproduces the same bytes (the codec is idempot
 largest magnitude is below INT8_FLUSH (2^-100) are sent as zeros with scale 0: their scale would be
 a float32 subnormal, too coarse to keep those guarantees, and such values never move a score.
 
-The server encodes a whole generator batch at once: `BundleBatch` holds n bundles of one layout
-with a leading batch axis, and `quantize_stack` / `pack_mask_stack` encode n tensors or masks in
-one numpy pass with exactly the bytes `quantize` / `pack_mask` give for each alone.
+A bundle on its way out is an `EncodedBundle`: its factors encoded, its masks packed, its
+checksum filled; `common/serde.py` maps that field for field onto the wire message. The server
+encodes a whole generator batch at once: `BundleBatch` holds n bundles of one layout with a
+leading batch axis, and `BundleBatch.encoded` (through `quantize_stack` / `pack_mask_stack`)
+encodes n tensors or masks in one numpy pass with exactly the bytes `DeltaBundle.encoded` gives
+for each alone.
 """
 
 from __future__ import annotations
@@ -31,20 +34,32 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
-from paramcast.common.errors import InvalidInput
+from paramcast.common.errors import InvalidInput, VersionMismatch
 
-ENCODINGS = ("int8", "fp16", "fp32")
 
-# Numbers of the proto enum paramcast.v1.DataType; they enter the checksum, so they are fixed here
-# (tests/unit/test_protos.py asserts they equal the generated enum).
-DTYPE_CODES = {"fp32": 1, "fp16": 2, "int8": 3}
+@dataclass(frozen=True)
+class Encoding:
+    """One way a factor tensor travels: the registry below is the only list of them."""
 
-# Bytes per stored element of each encoding.
-ITEM_SIZE = {"fp32": 4, "fp16": 2, "int8": 1}
-_NUMPY_DTYPE: dict[str, np.dtype] = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1")}
+    name: str
+    # The number of the proto enum paramcast.v1.DataType; it enters the checksum, so it is fixed here
+    # (tests/unit/test_protos.py asserts it equals the generated enum).
+    dtype_code: int
+    item_size: int  # bytes per stored element
+    stored_as: np.dtype  # how the stored elements read (little-endian)
+
+
+ENCODING: dict[str, Encoding] = {e.name: e for e in (
+    Encoding("int8", 3, 1, np.dtype("i1")),
+    Encoding("fp16", 2, 2, np.dtype("<f2")),
+    Encoding("fp32", 1, 4, np.dtype("<f4")),
+)}
+ENCODINGS = tuple(ENCODING)  # ("int8", "fp16", "fp32")
+DTYPE_CODES = {e.name: e.dtype_code for e in ENCODING.values()}
 
 CHECKSUM_MAGIC = b"PCB1"  # format tag at the start of the canonical payload
 INT8_FLUSH = 2.0**-100  # int8 rows with max|row| below this encode as zeros (see module docstring)
@@ -52,6 +67,14 @@ INT8_FLUSH = 2.0**-100  # int8 rows with max|row| below this encode as zeros (se
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def check_encoding(encoding: str, field: str = "encoding") -> Encoding:
+    """The registered encoding of that name; InvalidInput naming `field` for any other name."""
+    try:
+        return ENCODING[encoding]
+    except (KeyError, TypeError):  # TypeError: not a hashable name at all
+        raise InvalidInput(field, f"unknown encoding {encoding!r}; expected one of {ENCODINGS}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +143,7 @@ def quantize_stack(x: np.ndarray, encoding: str) -> list[EncodedTensor]:
     element, and int8 scales are per row, so stacking the n tensors into n * rows rows changes
     nothing but the number of numpy calls (the server encodes a whole generator batch this way).
     """
-    if encoding not in ENCODINGS:
-        raise InvalidInput("encoding", f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+    check_encoding(encoding)
     x = np.asarray(x)
     if x.ndim != 3:
         raise InvalidInput("tensor", f"expected a stack of rank-2 arrays (n, rows, cols), got shape {x.shape}")
@@ -183,12 +205,11 @@ def quantize_stack(x: np.ndarray, encoding: str) -> list[EncodedTensor]:
 def dequantize(t: EncodedTensor) -> np.ndarray:
     """Decode an EncodedTensor to a float32 array of t.shape. Raises InvalidInput if the byte
     lengths do not match the shape (serde validates first and reports IntegrityError instead)."""
-    if t.dtype not in ENCODINGS:
-        raise InvalidInput("dtype", f"unknown encoding {t.dtype!r}")
+    enc = check_encoding(t.dtype, "dtype")
     n = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
-    if len(t.data) != n * ITEM_SIZE[t.dtype]:
+    if len(t.data) != n * enc.item_size:
         raise InvalidInput("data", f"{len(t.data)} bytes do not hold {t.dtype} {t.shape}")
-    values = np.frombuffer(t.data, dtype=_NUMPY_DTYPE[t.dtype]).reshape(t.shape)
+    values = np.frombuffer(t.data, dtype=enc.stored_as).reshape(t.shape)
     if t.dtype != "int8":
         return values.astype(np.float32)
     rows = t.shape[0]
@@ -244,7 +265,7 @@ def _blob(b: bytes) -> bytes:
 
 
 def _tensor(t: EncodedTensor) -> bytes:
-    head = struct.pack("<II", DTYPE_CODES[t.dtype], len(t.shape))
+    head = struct.pack("<II", ENCODING[t.dtype].dtype_code, len(t.shape))
     dims = struct.pack(f"<{len(t.shape)}q", *t.shape)
     return head + dims + _blob(t.data) + _blob(t.row_scales)
 
@@ -281,6 +302,28 @@ def payload_checksum(
     for group, n_units, bits in masks:
         h.update(_str(group) + struct.pack("<I", n_units) + _blob(bits))
     return h.digest()
+
+
+@dataclass(frozen=True)
+class EncodedBundle:
+    """A bundle as it travels, in domain terms: factors encoded, masks packed, both sorted by name
+    (so the same bundle always gives the same bytes), and the checksum over exactly these bytes."""
+
+    bundle_id: str
+    model_id: str
+    base_version: str
+    created_at_ms: int
+    expires_at_ms: int
+    slots: list[tuple[str, EncodedTensor, EncodedTensor]]  # (slot, A, B)
+    masks: list[tuple[str, int, bytes]]  # (group, n_units, bits)
+    checksum: bytes
+
+    @classmethod
+    def assemble(cls, bundle_id: str, model_id: str, base_version: str, created_at_ms: int, expires_at_ms: int,
+                 slots: list[tuple[str, EncodedTensor, EncodedTensor]], masks: list[tuple[str, int, bytes]],
+                 ) -> EncodedBundle:
+        checksum = payload_checksum(bundle_id, model_id, base_version, created_at_ms, expires_at_ms, slots, masks)
+        return cls(bundle_id, model_id, base_version, created_at_ms, expires_at_ms, slots, masks, checksum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +391,16 @@ class DeltaBundle:
         """The dense weight update A @ B of one slot: (d, k) float32."""
         a, b = self.factors[slot]
         return a @ b
+
+    def encoded(self, encoding: str) -> EncodedBundle:
+        """Every factor encoded as `encoding`, masks packed, checksum filled.
+
+        Many bundles at once: `BundleBatch.encoded`, which gives the same bytes faster."""
+        check_encoding(encoding)
+        slots = [(name, quantize(a, encoding), quantize(b, encoding)) for name, (a, b) in sorted(self.factors.items())]
+        masks = [(group, int(m.size), pack_mask(m)) for group, m in sorted(self.masks.items())]
+        return EncodedBundle.assemble(self.bundle_id, self.model_id, self.base_version, self.created_at_ms,
+                                      self.expires_at_ms, slots, masks)
 
     def quantized(self, encoding: str) -> DeltaBundle:
         """The bundle a device decodes after this one is sent as `encoding` (same ids and masks):
@@ -446,6 +499,35 @@ class BundleBatch:
             expires_at_ms=[self.expires_at_ms[i] for i in idx],
         )
 
+    def encoded(self, encoding: str | Sequence[str]) -> list[EncodedBundle]:
+        """The encoded bundles of the batch, bundle i byte-identical to `self.unstack()[i].encoded(...)`.
+
+        `encoding` is one name for the whole batch or one per bundle (devices in one generator batch
+        may ask for different encodings). Each factor is quantised once per encoding for all its
+        bundles (`quantize_stack`), and each mask group packed once; only the checksum is computed
+        per bundle.
+        """
+        n = len(self)
+        per_bundle = [encoding] * n if isinstance(encoding, str) else list(encoding)
+        if len(per_bundle) != n:
+            raise InvalidInput("encoding", f"{len(per_bundle)} encodings for a batch of {n} bundles")
+        for name in set(per_bundle):
+            check_encoding(name)
+        out: list[EncodedBundle | None] = [None] * n
+        for name in sorted(set(per_bundle)):
+            idx = [i for i, e in enumerate(per_bundle) if e == name]
+            group = self if len(idx) == n else self.take(idx)
+            # slot -> (A, B) encodings, one per bundle of the group
+            encoded = {slot: (quantize_stack(a, name), quantize_stack(b, name))
+                       for slot, (a, b) in sorted(group.factors.items())}
+            packed = {g: (int(m.shape[1]), pack_mask_stack(m)) for g, m in sorted(group.masks.items())}
+            for j, i in enumerate(idx):
+                slots = [(slot, a[j], b[j]) for slot, (a, b) in encoded.items()]
+                masks = [(g, n_units, bits[j]) for g, (n_units, bits) in packed.items()]
+                out[i] = EncodedBundle.assemble(group.bundle_ids[j], group.model_id, group.base_version,
+                                                group.created_at_ms[j], group.expires_at_ms[j], slots, masks)
+        return cast(list[EncodedBundle], out)
+
     def unstack(self) -> list[DeltaBundle]:
         """One DeltaBundle per device; its arrays are views into this batch's."""
         return [
@@ -471,3 +553,16 @@ def layout(bundle: DeltaBundle) -> Layout:
     slots = tuple((slot, a.shape, b.shape) for slot, (a, b) in sorted(bundle.factors.items()))
     masks = tuple((group, int(m.size)) for group, m in sorted(bundle.masks.items()))
     return bundle.model_id, bundle.base_version, slots, masks
+
+
+def check_bundle_for(bundle: DeltaBundle, model_id: str, base_version: str) -> None:
+    """Raise VersionMismatch unless `bundle` was generated for the model and base version held."""
+    if bundle.model_id != model_id:
+        raise VersionMismatch(
+            f"bundle {bundle.bundle_id} is for model {bundle.model_id!r}, but the device runs {model_id!r}"
+        )
+    if bundle.base_version != base_version:
+        raise VersionMismatch(
+            f"bundle {bundle.bundle_id} was generated for base version {bundle.base_version!r}, "
+            f"but the device holds {base_version!r}"
+        )

@@ -34,30 +34,23 @@ What every loader guarantees:
   - Malformed input raises DataFormatError naming file, line and problem before anything is
     returned; nothing half-loaded escapes.
 
-`fetch` downloads the MovieLens 100K / 1M archives from GroupLens and checks their published md5.
+Downloading the MovieLens archives from GroupLens is `common/fetch.py`'s job.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import http.client
+import functools
 import json
 import logging
-import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
-import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 
-from paramcast.common.errors import DataFormatError, IntegrityError, InvalidInput, ParamCastError
+from paramcast.common.errors import DataFormatError, InvalidInput
 from paramcast.common.interactions import InteractionLog
 
 log = logging.getLogger(__name__)
@@ -69,10 +62,6 @@ _FOLDER_MARKERS = (("u.data", "ml-100k"), ("ratings.dat", "ml-1m"), ("ratings.cs
                    ("train.csv", "rechorus"))
 _RECHORUS_PARTS = ("train.csv", "dev.csv", "test.csv")  # read in this order: ties in time keep it
 _BLOCK_BYTES = 1 << 23  # files are parsed in blocks of whole lines so ml-32m fits in memory
-
-
-class DownloadFailed(ParamCastError, OSError):
-    """A dataset archive could not be downloaded (offline, DNS, HTTP error, timeout)."""
 
 
 # ----------------------------------------------------------------------------- format detection
@@ -169,44 +158,31 @@ def _main_file(path: Path, fmt: str, filename: str) -> Path:
 
 # ----------------------------------------------------------------------------- per-format readers
 
-def _read_ml_100k(path: Path) -> InteractionLog:
-    data = _main_file(path, "ml-100k", "u.data")
-    cols = _read_table(data, "\t", 4, {"user_id": 0, "item_id": 1, "timestamp": 3},
-                       layout="user_id item_id rating timestamp")
-    built = _Built.from_columns(cols["user_id"], cols["item_id"], cols["timestamp"], [data])
-    side = data.parent / "u.item"
-    if side.is_file():
-        built.features["genres"] = _ml_100k_genres(side, built.item_raw)
-        built.sources.append(side)
-    return built.to_log()
+@dataclass(frozen=True)
+class _MovieLens:
+    """One MovieLens release's layout: its ratings file and the side file its genres come from."""
 
+    ratings: str  # the ratings file, `user item rating timestamp` per line
+    sep: str
+    layout: str  # the fields as the release names them, for error messages
+    has_header: bool  # ml-latest's ratings.csv starts with a header naming the fields
+    movies: str  # the side file
+    genres: Callable[[Path, np.ndarray], np.ndarray]  # (side file, item raw ids) -> (n_items + 1, G)
 
-def _read_ml_1m(path: Path) -> InteractionLog:
-    data = _main_file(path, "ml-1m", "ratings.dat")
-    cols = _read_table(data, "::", 4, {"user_id": 0, "item_id": 1, "timestamp": 3},
-                       layout="UserID::MovieID::Rating::Timestamp")
-    built = _Built.from_columns(cols["user_id"], cols["item_id"], cols["timestamp"], [data])
-    side = data.parent / "movies.dat"
-    if side.is_file():
-        built.features["genres"] = _genres_multi_hot(side, _ml_1m_movies(side), built.item_raw)
-        built.sources.append(side)
-    return built.to_log()
-
-
-def _read_ml_latest(path: Path) -> InteractionLog:
-    data = _main_file(path, "ml-latest", "ratings.csv")
-    header = _header(data, ",")
-    expected = ["userId", "movieId", "rating", "timestamp"]
-    if header != expected:
-        raise DataFormatError(data, 1, f"header must be {','.join(expected)}, found {','.join(header)}")
-    cols = _read_table(data, ",", 4, {"user_id": 0, "item_id": 1, "timestamp": 3}, header=True,
-                       layout="userId,movieId,rating,timestamp")
-    built = _Built.from_columns(cols["user_id"], cols["item_id"], cols["timestamp"], [data])
-    side = data.parent / "movies.csv"
-    if side.is_file():
-        built.features["genres"] = _genres_multi_hot(side, _ml_latest_movies(side), built.item_raw)
-        built.sources.append(side)
-    return built.to_log()
+    def read(self, fmt: str, path: Path) -> InteractionLog:
+        data = _main_file(path, fmt, self.ratings)
+        if self.has_header:
+            header, expected = _header(data, self.sep), self.layout.split(self.sep)
+            if header != expected:
+                raise DataFormatError(data, 1, f"header must be {self.layout}, found {self.sep.join(header)}")
+        cols = _read_table(data, self.sep, 4, {"user_id": 0, "item_id": 1, "timestamp": 3},
+                           header=self.has_header, layout=self.layout)
+        built = _Built.from_columns(cols["user_id"], cols["item_id"], cols["timestamp"], [data])
+        side = data.parent / self.movies
+        if side.is_file():
+            built.features["genres"] = self.genres(side, built.item_raw)
+            built.sources.append(side)
+        return built.to_log()
 
 
 def _read_pairs(path: Path) -> InteractionLog:
@@ -266,8 +242,18 @@ def _single_txt(path: Path, fmt: str) -> Path:
     return candidates[0]
 
 
-_READERS = {"ml-100k": _read_ml_100k, "ml-1m": _read_ml_1m, "ml-latest": _read_ml_latest,
-            "pairs": _read_pairs, "sequences": _read_sequences, "rechorus": _read_rechorus}
+_MOVIELENS = {
+    "ml-100k": _MovieLens("u.data", "\t", "user_id item_id rating timestamp", False, "u.item",
+                          lambda side, items: _ml_100k_genres(side, items)),
+    "ml-1m": _MovieLens("ratings.dat", "::", "UserID::MovieID::Rating::Timestamp", False, "movies.dat",
+                        lambda side, items: _genres_multi_hot(side, _ml_1m_movies(side), items)),
+    "ml-latest": _MovieLens("ratings.csv", ",", "userId,movieId,rating,timestamp", True, "movies.csv",
+                            lambda side, items: _genres_multi_hot(side, _ml_latest_movies(side), items)),
+}
+_READERS: dict[str, Callable[[Path], InteractionLog]] = {
+    **{fmt: functools.partial(spec.read, fmt) for fmt, spec in _MOVIELENS.items()},
+    "pairs": _read_pairs, "sequences": _read_sequences, "rechorus": _read_rechorus,
+}
 
 
 # ----------------------------------------------------------------------------- assembling the log
@@ -616,99 +602,3 @@ def _rechorus_item_meta(path: Path, item_raw: np.ndarray) -> dict[str, np.ndarra
         out[rows] = _codes([v for v, k in zip(column, known, strict=True) if k])
         features[name] = out
     return features
-
-
-# ----------------------------------------------------------------------------- download
-
-@dataclass(frozen=True)
-class Archive:
-    url: str
-    md5: str  # as GroupLens publishes it in <name>.zip.md5 beside the archive
-    marker: str  # a file the extracted folder must contain
-
-
-ARCHIVES = {
-    "ml-100k": Archive("https://files.grouplens.org/datasets/movielens/ml-100k.zip",
-                       "0e33842e24a9c977be4e0107933c0723", "u.data"),
-    "ml-1m": Archive("https://files.grouplens.org/datasets/movielens/ml-1m.zip",
-                     "c4d9eecfca2ab87c1945afe126590906", "ratings.dat"),
-}
-
-
-def fetch(dataset: str, to: str | Path, timeout: float = 10) -> Path:
-    """Download a MovieLens archive into `to`, check its md5, unzip it; return the data folder.
-
-    An already extracted copy is returned as is. Offline, fails within `timeout` seconds with
-    DownloadFailed saying how to use a copy downloaded elsewhere.
-    """
-    if dataset not in ARCHIVES:
-        raise InvalidInput("dataset", f"unknown dataset {dataset!r}; choose one of {', '.join(ARCHIVES)}")
-    archive = ARCHIVES[dataset]
-    to = Path(to)
-    target = to / dataset
-    if (target / archive.marker).is_file():
-        log.info("%s already present in %s", dataset, target)
-        return target
-    if target.exists():
-        raise InvalidInput("to", f"{target} exists but holds no {archive.marker}; "
-                                 "remove it or choose another --to")
-    # Download beside nothing the user owns: `to` is only created once the archive checked out.
-    fd, partial_name = tempfile.mkstemp(prefix=f"{dataset}-", suffix=".zip.part")
-    os.close(fd)
-    partial = Path(partial_name)
-    try:
-        try:
-            digest = _download(archive.url, partial, timeout)
-        except urllib.error.HTTPError as exc:  # caught before URLError and OSError, its base classes
-            reason = f"HTTP {exc.code} {exc.reason}"
-            raise DownloadFailed(_offline_hint(archive, dataset, to, reason)) from exc
-        except urllib.error.URLError as exc:
-            raise DownloadFailed(_offline_hint(archive, dataset, to, str(exc.reason))) from exc
-        except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, truncated responses
-            raise DownloadFailed(_offline_hint(archive, dataset, to, repr(exc))) from exc
-        if digest != archive.md5:
-            raise IntegrityError(f"md5 of {archive.url} is {digest}, GroupLens publishes {archive.md5}; "
-                                 "the download is corrupt or was altered, nothing was extracted")
-        to.mkdir(parents=True, exist_ok=True)
-        _extract(partial, to, dataset, archive.marker)
-    finally:
-        partial.unlink(missing_ok=True)
-    log.info("fetched %s into %s", dataset, target)
-    return target
-
-
-def _download(url: str, dest: Path, timeout: float) -> str:
-    """Stream url into dest; returns the md5 hex digest of what was written."""
-    md5 = hashlib.md5()
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
-        while chunk := response.read(1 << 20):
-            md5.update(chunk)
-            out.write(chunk)
-    return md5.hexdigest()
-
-
-def _extract(zip_path: Path, to: Path, dataset: str, marker: str) -> None:
-    """Unzip into a scratch folder first so an interrupted extraction never looks like a dataset."""
-    scratch = Path(tempfile.mkdtemp(prefix=f".{dataset}-", dir=to))
-    try:
-        try:
-            with zipfile.ZipFile(zip_path) as z:
-                for member in z.namelist():
-                    if member.startswith(("/", "\\")) or ".." in Path(member).parts:
-                        raise IntegrityError(f"archive member {member!r} would land outside {to}")
-                z.extractall(scratch)
-        except zipfile.BadZipFile as exc:
-            raise IntegrityError(f"downloaded {dataset} archive is not a zip file: {exc}") from exc
-        inner = scratch / dataset
-        if not (inner / marker).is_file():
-            raise IntegrityError(f"the {dataset} archive holds no {dataset}/{marker}")
-        os.replace(inner, to / dataset)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _offline_hint(archive: Archive, dataset: str, to: Path, reason: str) -> str:
-    return (f"could not download {archive.url} ({reason}). If this machine is offline, download that "
-            f"file on a connected one, check its md5 is {archive.md5}, unzip it into {to} and point "
-            f"ParamCast at the folder: `paramcast data info {to / dataset}`, or `--data {to / dataset}` "
-            "for the commands that read data.")

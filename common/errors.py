@@ -1,16 +1,20 @@
 """Typed domain errors shared by the cloud and the device.
 
-Code raises these; the gRPC layer maps them to status codes in one place
-(`cloud/service/errors.py`), and the CLI prints their message.
+Code raises these; one table maps them to gRPC status codes and back (`common/status.py`, read by
+the server's interceptor and by the device client), and the CLI prints their message. Nothing
+here knows about gRPC.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 class ParamCastError(Exception):
     """Base class of every error ParamCast raises on purpose."""
+
+    code: Any = None  # the gRPC status code, on an error made from a server's answer (common/status.py)
 
 
 class DataFormatError(ParamCastError, ValueError):
@@ -56,3 +60,35 @@ class PermissionDenied(ParamCastError):
 
 class RateLimited(ParamCastError):
     """The device exceeded its request rate."""
+
+
+class DeviceRateLimited(RateLimited):
+    """One device exceeded its request rate; `retry_after_s` says when a token is next available."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class Overloaded(RateLimited):
+    """The generation queue is full: the server as a whole is over capacity."""
+
+
+class OutOfRange(InvalidInput):
+    """A position (GetModel offset) beyond the end of what exists."""
+
+
+class DeadlineExpired(ParamCastError):
+    """The call's deadline passed while it waited for the generator; it was dropped before compute."""
+
+
+class ShuttingDown(ParamCastError):
+    """The server is draining and accepts no new work."""
+
+
+class CloudUnavailable(ParamCastError):
+    """The cloud could not be reached or did not answer in time; try again later."""
+
+
+class RemoteError(ParamCastError):
+    """The server answered with a status ParamCast does not map to a more specific error."""

@@ -5,7 +5,7 @@ package travels in.
 A package is a directory: `manifest.json` and the files it lists (`model.onnx`), written by
 `cloud/export.py`. Loading checks the format, then the sha256 of every file the manifest lists,
 and keeps the verified bytes so the session is built from exactly what was checked. This module
-needs numpy and the standard library only.
+needs numpy and the standard library only; reading the graph's weights also needs `onnx`.
 
 On the wire (`ParamService.GetModel`) a package travels as a single uncompressed POSIX ustar
 archive:
@@ -38,6 +38,9 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from paramcast.common.errors import IntegrityError, ModelNotFound
 
@@ -171,6 +174,26 @@ class DevicePackage:
             )
             for name, g in self.manifest["unit_groups"].items()
         }
+
+    # -- the graph's weights ----------------------------------------------------------------
+    def graph(self) -> tuple[Any, dict[str, Any]]:
+        """The ONNX graph (an onnx.ModelProto parsed from the verified bytes) and its initializers
+        by name: the one reader of the graph's weights, for slimming and for the gates that need
+        the item table. Needs the `onnx` package (in the device extra); scoring does not."""
+        import onnx  # only editing or reading the graph's weights needs it, not ONNX Runtime scoring
+
+        proto = onnx.load_from_string(self.model_bytes)
+        return proto, {t.name: t for t in proto.graph.initializer}
+
+    def weights(self, *names: str) -> dict[str, np.ndarray]:
+        """Initializers of the graph, by name, as numpy arrays (IntegrityError naming a missing one)."""
+        from onnx import numpy_helper
+
+        _, tensors = self.graph()
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise IntegrityError(f"{self.path}: the graph has no initializer {missing[0]!r}")
+        return {n: numpy_helper.to_array(tensors[n]) for n in names}
 
     def size_bytes(self) -> int:
         """Bytes on disk: the manifest and every file it lists."""

@@ -1,7 +1,8 @@
 """The one crossing between protobuf and ParamCast's domain types.
 
-Only this module imports the generated `param_service_pb2`; model, generator and device runtime
-code work with `common.bundle.DeltaBundle` and numpy arrays.
+Only this module (and the gRPC edges that call it: the servicer and server, the device client)
+imports the generated `param_service_pb2`; the service core, model, generator and device runtime
+work with `common.bundle.DeltaBundle` / `EncodedBundle` and numpy arrays.
 
 Decoding is defensive: bytes from the network or from disk are either turned into a fully
 validated DeltaBundle whose checksum verifies, or rejected with `IntegrityError` naming the field
@@ -12,29 +13,23 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
-from typing import cast
 
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from paramcast.common.bundle import (
     DTYPE_CODES,
-    ENCODINGS,
-    ITEM_SIZE,
+    ENCODING,
     BundleBatch,
     DeltaBundle,
+    EncodedBundle,
     EncodedTensor,
-    Layout,
+    check_encoding,
     dequantize,
-    layout,
-    pack_mask,
-    pack_mask_stack,
     payload_checksum,
-    quantize,
-    quantize_stack,
     unpack_mask,
 )
-from paramcast.common.errors import IntegrityError, InvalidInput, VersionMismatch
+from paramcast.common.errors import IntegrityError, InvalidInput
 from paramcast.v1 import param_service_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParamService"].full_name  # "paramcast.v1.ParamService"
@@ -63,12 +58,7 @@ _MAX_DIM = 2**31 - 1
 
 def encoding_to_proto(encoding: str) -> pb.Encoding:
     """Encoding name ("int8", "fp16" or "fp32") -> paramcast.v1.Encoding value."""
-    try:
-        return _ENCODING_TO_PROTO[encoding]
-    except KeyError:
-        raise InvalidInput(
-            "encoding", f"unknown encoding {encoding!r}; expected one of {ENCODINGS}"
-        ) from None
+    return _ENCODING_TO_PROTO[check_encoding(encoding).name]
 
 
 def encoding_from_proto(value: int) -> str:
@@ -92,106 +82,34 @@ def _tensor_fields(t: EncodedTensor) -> dict:
     return {"dtype": _DTYPE_TO_PROTO[t.dtype], "shape": t.shape, "data": t.data, "row_scales": t.row_scales}
 
 
-def _check_encoding(encoding: str) -> None:
-    if encoding not in ENCODINGS:
-        raise InvalidInput("encoding", f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
-
-
-def _assemble(
-    bundle_id: str,
-    model_id: str,
-    base_version: str,
-    created_at_ms: int,
-    expires_at_ms: int,
-    slots: list[tuple[str, EncodedTensor, EncodedTensor]],
-    masks: list[tuple[str, int, bytes]],
-) -> pb.DeltaBundle:
-    """The wire message of one bundle whose slots and masks are already encoded, sorted by name."""
-    checksum = payload_checksum(bundle_id, model_id, base_version, created_at_ms, expires_at_ms, slots, masks)
+def encoded_to_proto(e: EncodedBundle) -> pb.DeltaBundle:
+    """The wire message of an encoded bundle, field for field."""
     return pb.DeltaBundle(
-        bundle_id=bundle_id,
-        model_id=model_id,
-        base_version=base_version,
-        slots=[{"slot": n, "a": _tensor_fields(a), "b": _tensor_fields(b)} for n, a, b in slots],
-        masks=[{"group": g, "n_units": n, "bits": bits} for g, n, bits in masks],
-        created_at_ms=created_at_ms,
-        expires_at_ms=expires_at_ms,
-        checksum=checksum,
+        bundle_id=e.bundle_id,
+        model_id=e.model_id,
+        base_version=e.base_version,
+        slots=[{"slot": n, "a": _tensor_fields(a), "b": _tensor_fields(b)} for n, a, b in e.slots],
+        masks=[{"group": g, "n_units": n, "bits": bits} for g, n, bits in e.masks],
+        created_at_ms=e.created_at_ms,
+        expires_at_ms=e.expires_at_ms,
+        checksum=e.checksum,
     )
 
 
 def bundle_to_proto(bundle: DeltaBundle, encoding: str = DEFAULT_ENCODING) -> pb.DeltaBundle:
-    """Encode every factor as `encoding`, pack masks, and fill the checksum.
-
-    Slots and masks are written sorted by name so the same bundle always gives the same bytes.
-    Many bundles at once: `bundles_to_proto` or `batch_to_proto`, which give the same bytes faster.
-    """
-    _check_encoding(encoding)
-    slots = [
-        (name, quantize(a, encoding), quantize(b, encoding))
-        for name, (a, b) in sorted(bundle.factors.items())
-    ]
-    masks = [(group, int(m.size), pack_mask(m)) for group, m in sorted(bundle.masks.items())]
-    return _assemble(bundle.bundle_id, bundle.model_id, bundle.base_version, bundle.created_at_ms,
-                     bundle.expires_at_ms, slots, masks)
+    """Encode every factor as `encoding`, pack masks, and fill the checksum (`DeltaBundle.encoded`)."""
+    return encoded_to_proto(bundle.encoded(encoding))
 
 
 def batch_to_proto(batch: BundleBatch, encoding: str | Sequence[str] = DEFAULT_ENCODING) -> list[pb.DeltaBundle]:
-    """The wire messages of a stacked batch, message i byte-identical to bundle_to_proto(batch.unstack()[i]).
-
-    `encoding` is one name for the whole batch or one per bundle (devices in one generator batch may
-    ask for different encodings). Each factor is quantised once per encoding for all its bundles
-    (`quantize_stack`), and each mask group packed once; only the checksum and the message itself
-    are built per bundle.
-    """
-    n = len(batch)
-    per_bundle = [encoding] * n if isinstance(encoding, str) else list(encoding)
-    if len(per_bundle) != n:
-        raise InvalidInput("encoding", f"{len(per_bundle)} encodings for a batch of {n} bundles")
-    for name in set(per_bundle):
-        _check_encoding(name)
-    out: list[pb.DeltaBundle | None] = [None] * n
-    for name in sorted(set(per_bundle)):
-        idx = [i for i, e in enumerate(per_bundle) if e == name]
-        group = batch if len(idx) == n else batch.take(idx)
-        # slot -> (A, B) encodings, one per bundle of the group
-        encoded = {slot: (quantize_stack(a, name), quantize_stack(b, name))
-                   for slot, (a, b) in sorted(group.factors.items())}
-        packed = {g: (int(m.shape[1]), pack_mask_stack(m)) for g, m in sorted(group.masks.items())}
-        for j, i in enumerate(idx):
-            slots = [(slot, a[j], b[j]) for slot, (a, b) in encoded.items()]
-            masks = [(g, n_units, bits[j]) for g, (n_units, bits) in packed.items()]
-            out[i] = _assemble(group.bundle_ids[j], group.model_id, group.base_version, group.created_at_ms[j],
-                               group.expires_at_ms[j], slots, masks)
-    return cast(list[pb.DeltaBundle], out)
-
-
-def bundles_to_proto(bundles: Sequence[DeltaBundle], encoding: str = DEFAULT_ENCODING) -> list[pb.DeltaBundle]:
-    """[bundle_to_proto(b, encoding) for b in bundles], byte for byte, with one quantisation pass per
-    group of bundles sharing a layout (model, base version, factor shapes, mask sizes); bundles of
-    different layouts may be mixed and keep their order."""
-    _check_encoding(encoding)
-    groups: dict[Layout, list[int]] = {}
-    for i, bundle in enumerate(bundles):
-        groups.setdefault(layout(bundle), []).append(i)
-    out: list[pb.DeltaBundle | None] = [None] * len(bundles)
-    for idx in groups.values():
-        if len(idx) == 1:  # nothing to share: stacking would only add copies
-            out[idx[0]] = bundle_to_proto(bundles[idx[0]], encoding)
-            continue
-        for i, msg in zip(idx, batch_to_proto(BundleBatch.stack([bundles[i] for i in idx]), encoding), strict=True):
-            out[i] = msg
-    return cast(list[pb.DeltaBundle], out)
+    """The wire messages of a stacked batch (`BundleBatch.encoded`), message i byte-identical to
+    bundle_to_proto(batch.unstack()[i])."""
+    return [encoded_to_proto(e) for e in batch.encoded(encoding)]
 
 
 def encode_bundle(bundle: DeltaBundle, encoding: str = DEFAULT_ENCODING) -> bytes:
     """Serialized paramcast.v1.DeltaBundle, e.g. for the device's on-disk copy of its last bundle."""
     return bundle_to_proto(bundle, encoding).SerializeToString(deterministic=True)
-
-
-def encode_bundles(bundles: Sequence[DeltaBundle], encoding: str = DEFAULT_ENCODING) -> list[bytes]:
-    """[encode_bundle(b, encoding) for b in bundles], byte for byte, encoded in batches."""
-    return [msg.SerializeToString(deterministic=True) for msg in bundles_to_proto(bundles, encoding)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +127,7 @@ def _tensor_from_proto(msg: pb.Tensor, where: str) -> EncodedTensor:
         raise IntegrityError(f"{where}.shape: expected rank 2, got {list(shape)}")
     if any(n < 0 or n > _MAX_DIM for n in shape):
         raise IntegrityError(f"{where}.shape: dimensions must be in [0, {_MAX_DIM}], got {list(shape)}")
-    expected = shape[0] * shape[1] * ITEM_SIZE[dtype]  # Python ints: no overflow
+    expected = shape[0] * shape[1] * ENCODING[dtype].item_size  # Python ints: no overflow
     if len(msg.data) != expected:
         raise IntegrityError(
             f"{where}.data: {len(msg.data)} bytes, expected {expected} for {dtype} {list(shape)}"
@@ -308,15 +226,3 @@ def decode_bundle(data: bytes) -> DeltaBundle:
         raise IntegrityError(f"bundle: not a valid DeltaBundle message ({exc})") from None
     return bundle_from_proto(msg)
 
-
-def check_bundle_for(bundle: DeltaBundle, model_id: str, base_version: str) -> None:
-    """Raise VersionMismatch unless `bundle` was generated for the model and base version held."""
-    if bundle.model_id != model_id:
-        raise VersionMismatch(
-            f"bundle {bundle.bundle_id} is for model {bundle.model_id!r}, but the device runs {model_id!r}"
-        )
-    if bundle.base_version != base_version:
-        raise VersionMismatch(
-            f"bundle {bundle.bundle_id} was generated for base version {bundle.base_version!r}, "
-            f"but the device holds {base_version!r}"
-        )

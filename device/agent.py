@@ -20,7 +20,9 @@ reports "stale_base" and `upgrade` fetches the latest package (the old bundle is
 for its base version, and the base model serves until the next refresh).
 
 Many agents may share one client (the client takes device_id and token per call), which is how a
-simulation holds hundreds of devices over one channel.
+simulation holds hundreds of devices over one channel. What talks to the cloud is written once,
+for asyncio (`open_async`, `refresh_async`); the blocking `open` and `refresh` run that same code
+on the `ParamClient`'s own loop.
 """
 
 from __future__ import annotations
@@ -31,17 +33,29 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from paramcast.common.bundle import DeltaBundle
-from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, ParamCastError, VersionMismatch
+from paramcast.common.errors import (
+    CloudUnavailable,
+    IntegrityError,
+    InvalidInput,
+    ModelNotFound,
+    ParamCastError,
+    VersionMismatch,
+)
 from paramcast.common.package import DevicePackage
-from paramcast.device.client import AsyncParamClient, CloudUnavailable, Fetched, ParamClient, package_dir
+from paramcast.common.serde import decode_bundle
+from paramcast.device.client import AsyncParamClient, Fetched, ParamClient
+from paramcast.device.download import package_dir
 from paramcast.device.runtime import DeviceRuntime
 from paramcast.device.store import BundleStore, write_atomic
 
 log = logging.getLogger("paramcast.device")
+
+C = TypeVar("C", ParamClient, AsyncParamClient)
 
 CURRENT_FILE = "current.json"
 
@@ -80,21 +94,28 @@ class DeviceAgent:
     # -- start-up -------------------------------------------------------------------------------
     def open(self, client: ParamClient | None = None) -> DeviceAgent:
         """Load what is held locally; download the package only when there is none (needs `client`)."""
-        package = self._local_package()
-        if package is None:
-            if client is None:
-                raise ModelNotFound(f"no device package for {self.model_id} under {self.root} and no client")
-            package = client.download_package(self.model_id, self.root, token=self.token)
-        self._use(package)
-        return self
+        if self._use_held():
+            return self
+        return self._needed(client).call(self._download)
 
     async def open_async(self, client: AsyncParamClient | None = None) -> DeviceAgent:
+        if self._use_held():
+            return self
+        return await self._download(self._needed(client))
+
+    def _use_held(self) -> bool:
         package = self._local_package()
-        if package is None:
-            if client is None:
-                raise ModelNotFound(f"no device package for {self.model_id} under {self.root} and no client")
-            package = await client.download_package(self.model_id, self.root, token=self.token)
-        self._use(package)
+        if package is not None:
+            self._use(package)
+        return package is not None
+
+    def _needed(self, client: C | None) -> C:
+        if client is None:
+            raise ModelNotFound(f"no device package for {self.model_id} under {self.root} and no client")
+        return client
+
+    async def _download(self, client: AsyncParamClient) -> DeviceAgent:
+        self._use(await client.download_package(self.model_id, self.root, token=self.token))
         return self
 
     def _local_package(self) -> DevicePackage | None:
@@ -112,7 +133,7 @@ class DeviceAgent:
         if package.model_id != self.model_id:
             raise IntegrityError(f"package {package.path} is for model {package.model_id}, not {self.model_id}")
         runtime = DeviceRuntime(package, threads=self.threads)
-        store = BundleStore(self.root / "bundles", package.model_id, package.base_version)
+        store = BundleStore(self.root / "bundles", package.model_id, package.base_version, decode_bundle)
         bundle = store.load()  # refuses (and says why) a bundle for another base version
         if bundle is not None:
             try:
@@ -153,15 +174,7 @@ class DeviceAgent:
     # -- talking to the cloud -------------------------------------------------------------------
     def refresh(self, client: ParamClient, window: Sequence[int], timeout_s: float | None = None) -> Refresh:
         """Ask for a bundle for `window` and apply it if it is good; keep the current one otherwise."""
-        package = self._package()
-        started = time.perf_counter()
-        try:
-            fetched = client.generate(window, package.model_id, package.base_version, encoding=self.encoding,
-                                      keep_ratio=self.keep_ratio, device_id=self.device_id, token=self.token,
-                                      timeout_s=timeout_s)
-        except ParamCastError as exc:
-            return self._failed(exc, started)
-        return self._accept(fetched)
+        return client.call(lambda aio: self.refresh_async(aio, window, timeout_s))
 
     async def refresh_async(self, client: AsyncParamClient, window: Sequence[int],
                             timeout_s: float | None = None) -> Refresh:
@@ -173,10 +186,6 @@ class DeviceAgent:
                                             timeout_s=timeout_s)
         except ParamCastError as exc:
             return self._failed(exc, started)
-        return self._accept(fetched)
-
-    def accept(self, fetched: Fetched) -> Refresh:
-        """Apply and persist a fetched bundle (what refresh does after the call)."""
         return self._accept(fetched)
 
     def _accept(self, fetched: Fetched) -> Refresh:
@@ -205,7 +214,7 @@ class DeviceAgent:
         elif isinstance(exc, VersionMismatch):
             # From the server (FAILED_PRECONDITION: base no longer served) or from the local check
             # (the answer names another model or base version than asked for).
-            outcome = STALE_BASE if hasattr(exc, "code") else REJECTED
+            outcome = STALE_BASE if exc.code is not None else REJECTED
         else:
             outcome = REFUSED
         log.log(logging.INFO if outcome == UNREACHABLE else logging.WARNING, "device %s refresh %s: %s",
@@ -215,13 +224,6 @@ class DeviceAgent:
     def upgrade(self, client: ParamClient) -> bool:
         """Fetch the latest package if it differs from the one held; True when the device switched."""
         package = client.download_package(self.model_id, self.root, token=self.token)
-        if package.base_version == self.base_version:
-            return False
-        self._use(package)
-        return True
-
-    async def upgrade_async(self, client: AsyncParamClient) -> bool:
-        package = await client.download_package(self.model_id, self.root, token=self.token)
         if package.base_version == self.base_version:
             return False
         self._use(package)

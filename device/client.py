@@ -1,4 +1,4 @@
-"""The device's side of paramcast.v1: Generate a bundle, download the package. Sync and asyncio.
+"""The device's side of paramcast.v1: Generate a bundle, download the package. asyncio, and blocking.
 
     with ParamClient("cloud:50051", device_id="device-17", token="s3cret") as client:
         package = client.download_package("sasrec-ml-100k", "state/")   # resumable, verified, unpacked
@@ -8,85 +8,62 @@
     async with AsyncParamClient("cloud:50051") as client:               # grpc.aio: many devices, one loop
         fetched = await client.generate(window, model_id, base_version, device_id="d1", token="...")
 
-One client holds one channel for its whole life (connections, TLS sessions and HTTP/2 streams
-are reused), and any number of devices may share it: `device_id` and `token` can be given per
-call. Each call has a deadline. Transient failures (UNAVAILABLE: the server restarting, a
-connection reset) are retried by gRPC itself with exponential backoff and jitter, configured in
-the channel's service config (`service_config()`), so every gRPC stack that reads the same JSON
-behaves alike. A download that breaks mid-stream resumes from the bytes already verified and
-written, with its own backoff. Errors reach the caller as ParamCast's typed errors (`common.errors`)
-plus `CloudUnavailable` for "try again later"; the gRPC status code is on `.code`.
+`AsyncParamClient` is the client; `ParamClient` is the same client for blocking callers, run on an
+event loop of its own in a background thread. One client holds one channel for its whole life
+(connections, TLS sessions and HTTP/2 streams are reused), and any number of devices may share it:
+`device_id` and `token` can be given per call. Each call has a deadline. Transient failures
+(UNAVAILABLE: the server restarting, a connection reset) are retried by gRPC itself with
+exponential backoff and jitter, configured in the channel's service config (`service_config()`),
+so every gRPC stack that reads the same JSON behaves alike. A download that breaks mid-stream
+resumes from the bytes already verified and written, with its own backoff. Errors reach the
+caller as ParamCast's typed errors (`common.errors`, through the status table in
+`common/status.py`), `CloudUnavailable` meaning "try again later"; the gRPC status code is on
+`.code`. A device the server rate-limited gets `DeviceRateLimited` with the server's
+`retry-after-ms` hint as `retry_after_s`, and until that time has passed the client refuses the
+device's Generate calls itself, without sending them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import os
-import random
-import re
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
-from paramcast.common.bundle import ENCODINGS, DeltaBundle
+from paramcast.common.bundle import DeltaBundle, check_bundle_for
 from paramcast.common.errors import (
+    CloudUnavailable,
+    DeviceRateLimited,
     IntegrityError,
     InvalidInput,
-    ModelNotFound,
     ParamCastError,
-    PermissionDenied,
-    RateLimited,
-    Unauthenticated,
-    VersionMismatch,
 )
-from paramcast.common.package import DevicePackage, unpack_package
-from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, check_bundle_for, encoding_to_proto
-from paramcast.device.store import write_atomic
+from paramcast.common.loop import LoopThread
+from paramcast.common.package import DevicePackage
+from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, encoding_to_proto
+from paramcast.common.status import error_from_status
+from paramcast.device.download import Download, Progress, backoff, can_resume
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("paramcast.device")
 
-Progress = Callable[[int, int], None]  # (bytes held, total bytes)
-
-
-class CloudUnavailable(ParamCastError):
-    """The cloud could not be reached or did not answer in time; try again later."""
-
-
-class RemoteError(ParamCastError):
-    """The server answered with a status ParamCast does not map to a more specific error."""
-
-
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-_ERRORS: dict[grpc.StatusCode, Callable[[str], ParamCastError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: lambda m: InvalidInput("request", m),
-    grpc.StatusCode.OUT_OF_RANGE: lambda m: InvalidInput("offset", m),
-    grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: VersionMismatch,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
-}
+T = TypeVar("T")
 
 
 def cloud_error(exc: grpc.RpcError) -> ParamCastError:
-    """The typed error for a failed call; `.code` keeps the gRPC status code."""
+    """The typed error for a failed call (`common/status.py`'s table); `.code` keeps the status
+    code, and a rate-limited device's error carries the server's `retry-after-ms` as `retry_after_s`."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if hasattr(exc, "details") else None) or code.name
-    if code in _TRANSIENT:
-        err: ParamCastError = CloudUnavailable(f"{code.name}: {details}")
-    else:
-        err = _ERRORS.get(code, lambda m: RemoteError(f"{code.name}: {m}"))(details)
-    err.code = code  # type: ignore[attr-defined]
-    return err
+    details = exc.details() if hasattr(exc, "details") else None
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return error_from_status(code, details, trailers or ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +120,7 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Generate: request and response handling shared by both clients
+# Generate: the request and the verified response
 # ---------------------------------------------------------------------------------------------
 
 
@@ -161,8 +138,6 @@ def _generate_request(window, model_id: str, base_version: str, device_id: str |
                       keep_ratio: float) -> pb.GenerateRequest:
     if not device_id:
         raise InvalidInput("device_id", "is required (give it to the client or to the call)")
-    if encoding not in ENCODINGS:
-        raise InvalidInput("encoding", f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
     return pb.GenerateRequest(
         model_id=model_id, base_version=base_version, device_id=device_id,
         window=[int(i) for i in window], encoding=encoding_to_proto(encoding), keep_ratio=float(keep_ratio),
@@ -178,269 +153,68 @@ def _fetched(response: pb.GenerateResponse, model_id: str, base_version: str, st
 
 
 # ---------------------------------------------------------------------------------------------
-# GetModel: a resumable download, shared by both clients
-# ---------------------------------------------------------------------------------------------
-
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-PACKAGES_DIR = "packages"
-DOWNLOADS_DIR = "downloads"
-
-
-def package_dir(root: str | Path, model_id: str, version: str) -> Path:
-    """Where a device keeps an unpacked package: ROOT/packages/MODEL_ID-VERSION."""
-    for name, value in (("model_id", model_id), ("version", version)):
-        if not _SAFE.match(value):
-            raise IntegrityError(f"{name} {value[:80]!r} cannot name a directory")
-    return Path(root) / PACKAGES_DIR / f"{model_id}-{version}"
-
-
-class _Download:
-    """Bytes of one package archive arriving in order, written to ROOT/downloads/MODEL_ID.part.
-
-    Only verified chunks are written (each chunk's sha256, then contiguity and a consistent
-    total size and archive hash), and the archive's identity (version, size, sha256) is kept
-    beside the partial file, so a later call resumes where this one stopped, even in another
-    process, and never splices two different archives together.
-    """
-
-    def __init__(self, root: str | Path, model_id: str, version: str):
-        if not _SAFE.match(model_id):
-            raise InvalidInput("model_id", f"{model_id[:80]!r} cannot name a file")
-        self.root, self.model_id, self.requested = Path(root), model_id, version
-        folder = self.root / DOWNLOADS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        self.part = folder / f"{model_id}.part"
-        self.meta_file = folder / f"{model_id}.part.json"
-        self.meta: dict | None = None
-        self.offset = 0
-        self.held: DevicePackage | None = None  # set when the server's version is already unpacked here
-        self._resume()
-
-    def _resume(self) -> None:
-        try:
-            meta = json.loads(self.meta_file.read_text())
-            size = self.part.stat().st_size
-        except (OSError, ValueError):
-            self.reset()
-            return
-        if (not isinstance(meta, dict) or (self.requested and meta.get("version") != self.requested)
-                or not isinstance(meta.get("total_size"), int) or size > meta["total_size"]):
-            self.reset()
-            return
-        self.meta, self.offset = meta, size
-        log.info("resuming the download of %s %s at byte %d of %d", self.model_id, meta["version"], size,
-                 meta["total_size"])
-
-    def reset(self) -> None:
-        self.part.unlink(missing_ok=True)
-        self.meta_file.unlink(missing_ok=True)
-        self.meta, self.offset = None, 0
-
-    def request(self, chunk_size: int) -> pb.GetModelRequest:
-        version = self.meta["version"] if self.meta else self.requested
-        return pb.GetModelRequest(model_id=self.model_id, version=version, offset=self.offset, chunk_size=chunk_size)
-
-    @property
-    def complete(self) -> bool:
-        return self.meta is not None and self.offset == self.meta["total_size"]
-
-    def accept(self, msg: pb.GetModelResponse) -> bool:
-        """Verify and write one chunk; True when the rest is not needed (this version is already held)."""
-        if msg.model_id != self.model_id:
-            raise IntegrityError(f"GetModel answered for model {msg.model_id!r}, not {self.model_id!r}")
-        if len(msg.chunk_sha256) != 32 or hashlib.sha256(msg.data).digest() != msg.chunk_sha256:
-            raise IntegrityError(f"chunk at offset {msg.offset}: sha256 does not match its data")
-        identity = {"version": msg.version, "total_size": msg.total_size, "archive_sha256": msg.archive_sha256.hex()}
-        if self.meta is None:
-            if not msg.version or msg.total_size < 0 or len(msg.archive_sha256) != 32:
-                raise IntegrityError("GetModel response without a version, size or archive sha256")
-            if self.requested and msg.version != self.requested:
-                raise IntegrityError(f"asked for version {self.requested!r}, got {msg.version!r}")
-            self.held = self._held(msg.version)
-            if self.held is not None:
-                return True
-            self.meta = identity
-            write_atomic(self.meta_file, json.dumps(identity).encode())
-        elif identity != self.meta:
-            raise IntegrityError("the archive changed during the download (version, size or sha256 differ)")
-        if msg.offset != self.offset:
-            raise IntegrityError(f"chunk at offset {msg.offset}, expected {self.offset}")
-        if self.offset + len(msg.data) > msg.total_size:
-            raise IntegrityError(f"chunk at offset {msg.offset} runs past the archive's {msg.total_size} bytes")
-        with open(self.part, "ab") as f:
-            f.write(msg.data)
-        self.offset += len(msg.data)
-        return False
-
-    def _held(self, version: str) -> DevicePackage | None:
-        """The package of `version` if it is already unpacked here and still verifies."""
-        dest = package_dir(self.root, self.model_id, version)
-        if not dest.exists():
-            return None
-        try:
-            return DevicePackage.load(dest)
-        except (IntegrityError, ModelNotFound) as exc:
-            log.warning("the held copy of %s %s is damaged (%s); downloading it again", self.model_id, version, exc)
-            shutil.rmtree(dest, ignore_errors=True)
-            return None
-
-    def finish(self) -> DevicePackage:
-        """Check the whole archive's sha256, unpack it atomically, verify it; -> the package."""
-        assert self.meta is not None and self.complete
-        digest = hashlib.sha256()
-        with open(self.part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-            os.fsync(f.fileno())
-        if digest.hexdigest() != self.meta["archive_sha256"]:
-            self.reset()
-            raise IntegrityError("downloaded package: archive sha256 does not match; the download starts over")
-        version = self.meta["version"]
-        dest = package_dir(self.root, self.model_id, version)
-        if dest.exists():  # already unpacked by an earlier download of the same version
-            package = DevicePackage.load(dest)
-        else:
-            package = unpack_package(self.part, dest)
-        self.reset()
-        if (package.model_id, package.base_version) != (self.model_id, version):
-            shutil.rmtree(dest, ignore_errors=True)
-            raise IntegrityError(f"the package served as {self.model_id} {version} is "
-                                 f"{package.model_id} {package.base_version}")
-        return package
-
-
-def _backoff(attempt: int, initial: float = 0.2, maximum: float = 5.0) -> float:
-    """Full jitter: random(0, min(initial * 2^attempt, maximum))."""
-    return random.uniform(0, min(initial * 2**attempt, maximum))
-
-
-def _can_resume(err: BaseException) -> bool:
-    """A broken stream or a bad chunk: resume from what was verified and written so far."""
-    return isinstance(err, (CloudUnavailable, IntegrityError))
-
-
-# ---------------------------------------------------------------------------------------------
-# Clients
+# The client
 # ---------------------------------------------------------------------------------------------
 
 
-class _Base:
+class AsyncParamClient:
+    """The device's client on grpc.aio: create it inside the event loop that will use it."""
+
     def __init__(self, target: str, *, device_id: str | None = None, token: str | None = None,
                  timeout_s: float = 5.0, download_timeout_s: float = 300.0, retry: RetryPolicy = RetryPolicy(),
                  reconnect_backoff_s: tuple[float, float] = (0.2, 10.0), gzip: bool = False, tls: bool = False,
                  root_certificates: bytes | None = None, max_resumes: int = 5):
         self.target, self.device_id, self.token = target, device_id, token
         self.timeout_s, self.download_timeout_s, self.max_resumes = timeout_s, download_timeout_s, max_resumes
-        self._options = channel_options(retry, reconnect_backoff_s)
-        self._credentials = _credentials(tls, root_certificates)
-        self._compression = grpc.Compression.Gzip if gzip else None
-
-
-class ParamClient(_Base):
-    """Blocking client over one grpc channel (thread-safe: gRPC channels are)."""
-
-    def __init__(self, target: str, **kwargs):
-        super().__init__(target, **kwargs)
-        if self._credentials is None:
-            self.channel = grpc.insecure_channel(target, self._options, self._compression)
+        options = channel_options(retry, reconnect_backoff_s)
+        credentials = _credentials(tls, root_certificates)
+        compression = grpc.Compression.Gzip if gzip else None
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options, compression)
         else:
-            self.channel = grpc.secure_channel(target, self._credentials, self._options, self._compression)
+            self.channel = grpc.aio.secure_channel(target, credentials, options, compression)
         self.stub = pb_grpc.ParamServiceStub(self.channel)
-
-    def generate(self, window: Sequence[int], model_id: str, base_version: str, *, encoding: str = "int8",
-                 keep_ratio: float = 0.0, device_id: str | None = None, token: str | None = None,
-                 timeout_s: float | None = None) -> Fetched:
-        """A verified bundle for (model_id, base_version) from this behaviour window."""
-        request = _generate_request(window, model_id, base_version, device_id or self.device_id, encoding,
-                                    keep_ratio)
-        started = time.perf_counter()
-        try:
-            response = self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
-                                          metadata=_metadata(token or self.token))
-        except grpc.RpcError as exc:
-            raise cloud_error(exc) from None
-        return _fetched(response, model_id, base_version, started)
-
-    def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
-                         token: str | None = None, progress: Progress | None = None) -> DevicePackage:
-        """Fetch (or resume fetching) the package into ROOT/packages/, verify and unpack it."""
-        download = _Download(root, model_id, version)
-        failures = 0
-        while True:
-            try:
-                stream = self.stub.GetModel(download.request(chunk_size), timeout=self.download_timeout_s,
-                                            metadata=_metadata(token or self.token))
-                for msg in stream:
-                    if download.accept(msg):
-                        stream.cancel()
-                        return download.held  # type: ignore[return-value]
-                    if progress is not None:
-                        progress(download.offset, download.meta["total_size"])  # type: ignore[index]
-                if download.complete:
-                    return download.finish()
-                raise CloudUnavailable("the package stream ended before the last byte")
-            except grpc.RpcError as exc:
-                err = _download_error(exc, download)
-            except (CloudUnavailable, IntegrityError) as exc:
-                err = exc
-            failures += 1
-            if not _can_resume(err) or failures > self.max_resumes:
-                raise err
-            log.warning("download of %s interrupted at byte %d (%s); resuming", model_id, download.offset, err)
-            time.sleep(_backoff(failures - 1))
-
-    def check_health(self, timeout_s: float = 2.0) -> bool:
-        """True when the server reports ParamService as SERVING."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        try:
-            reply = health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> ParamClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class AsyncParamClient(_Base):
-    """The same client on grpc.aio: create it inside the event loop that will use it."""
-
-    def __init__(self, target: str, **kwargs):
-        super().__init__(target, **kwargs)
-        if self._credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, self._options, self._compression)
-        else:
-            self.channel = grpc.aio.secure_channel(target, self._credentials, self._options, self._compression)
-        self.stub = pb_grpc.ParamServiceStub(self.channel)
+        self._not_before: dict[str, float] = {}  # device id -> time.monotonic() the server said to wait for
 
     async def generate(self, window: Sequence[int], model_id: str, base_version: str, *, encoding: str = "int8",
                        keep_ratio: float = 0.0, device_id: str | None = None, token: str | None = None,
                        timeout_s: float | None = None) -> Fetched:
+        """A verified bundle for (model_id, base_version) from this behaviour window."""
         request = _generate_request(window, model_id, base_version, device_id or self.device_id, encoding,
                                     keep_ratio)
+        self._admit(request.device_id)
         started = time.perf_counter()
         try:
             response = await self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
                                                 metadata=_metadata(token or self.token))
         except grpc.RpcError as exc:
-            raise cloud_error(exc) from None
+            raise self._refused(request.device_id, exc) from None
         return _fetched(response, model_id, base_version, started)
+
+    def _admit(self, device_id: str) -> None:
+        """Refuse a call locally while the server's retry-after hint for this device still runs."""
+        wait = self._not_before.get(device_id, 0.0) - time.monotonic()
+        if wait > 0:
+            raise DeviceRateLimited(f"device {device_id!r} was rate-limited; the server asked it to wait "
+                                    f"{wait * 1000:.0f} ms more", retry_after_s=wait)
+        self._not_before.pop(device_id, None)
+
+    def _refused(self, device_id: str, exc: grpc.RpcError) -> ParamCastError:
+        err = cloud_error(exc)
+        if isinstance(err, DeviceRateLimited):
+            self._not_before[device_id] = time.monotonic() + err.retry_after_s
+        return err
 
     async def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
                                token: str | None = None, progress: Progress | None = None) -> DevicePackage:
-        download = _Download(root, model_id, version)
+        """Fetch (or resume fetching) the package into ROOT/packages/, verify and unpack it."""
+        download = Download(root, model_id, version)
         failures = 0
         while True:
             try:
-                stream = self.stub.GetModel(download.request(chunk_size), timeout=self.download_timeout_s,
+                request = pb.GetModelRequest(model_id=model_id, version=download.version, offset=download.offset,
+                                             chunk_size=chunk_size)
+                stream = self.stub.GetModel(request, timeout=self.download_timeout_s,
                                             metadata=_metadata(token or self.token))
                 async for msg in stream:
                     if download.accept(msg):
@@ -456,13 +230,14 @@ class AsyncParamClient(_Base):
             except (CloudUnavailable, IntegrityError) as exc:
                 err = exc
             failures += 1
-            if not _can_resume(err) or failures > self.max_resumes:
+            if not can_resume(err) or failures > self.max_resumes:
                 raise err
             log.warning("download of %s interrupted at byte %d (%s); resuming", model_id, download.offset, err)
-            await asyncio.sleep(_backoff(failures - 1))
+            await asyncio.sleep(backoff(failures - 1))
 
     async def check_health(self, timeout_s: float = 2.0) -> bool:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        """True when the server reports ParamService as SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc  # grpcio-health-checking: not in the device extra
 
         try:
             reply = await health_pb2_grpc.HealthStub(self.channel).Check(
@@ -481,7 +256,49 @@ class AsyncParamClient(_Base):
         await self.close()
 
 
-def _download_error(exc: grpc.RpcError, download: _Download) -> ParamCastError:
+class ParamClient:
+    """The same client for blocking callers: an AsyncParamClient (`.aio`) on an event loop of its
+    own in a background thread. Thread-safe: calls from any number of threads share the channel."""
+
+    def __init__(self, target: str, **kwargs):
+        self._loop = LoopThread("paramcast-client")
+
+        async def make() -> AsyncParamClient:
+            return AsyncParamClient(target, **kwargs)
+
+        self.aio = self._loop.run(make())
+
+    def call(self, fn: Callable[[AsyncParamClient], Awaitable[T]]) -> T:
+        """Run `fn(self.aio)` on the client's loop and wait for it (how the agent's blocking methods
+        share one implementation with their asynchronous twins)."""
+        async def run() -> T:
+            return await fn(self.aio)
+
+        return self._loop.run(run())
+
+    def generate(self, *args, **kwargs) -> Fetched:
+        """`AsyncParamClient.generate`, blocking."""
+        return self.call(lambda c: c.generate(*args, **kwargs))
+
+    def download_package(self, *args, **kwargs) -> DevicePackage:
+        """`AsyncParamClient.download_package`, blocking (`progress` runs on the client's thread)."""
+        return self.call(lambda c: c.download_package(*args, **kwargs))
+
+    def check_health(self, timeout_s: float = 2.0) -> bool:
+        return self.call(lambda c: c.check_health(timeout_s))
+
+    def close(self) -> None:
+        self.call(AsyncParamClient.close)
+        self._loop.stop()
+
+    def __enter__(self) -> ParamClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _download_error(exc: grpc.RpcError, download: Download) -> ParamCastError:
     """A resumed download whose version is gone, or whose offset no longer fits, starts over."""
     err = cloud_error(exc)
     resumed = download.meta is not None and not download.requested

@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from paramcast.common.bundle import DeltaBundle
+from paramcast.common.bundle import DeltaBundle, check_bundle_for
 from paramcast.common.errors import InvalidInput
 from paramcast.common.package import DevicePackage, UnitGroup
-from paramcast.common.serde import check_bundle_for
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -117,11 +116,9 @@ class _Sessions:
 
 def slice_model(package: DevicePackage, keep: Keep) -> bytes:
     """The package's graph with every unit group in `keep` cut to its kept indices."""
-    import onnx  # only slimming needs to edit the graph
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # only slimming edits the graph
 
-    proto = onnx.load_from_string(package.model_bytes)
-    tensors = {t.name: t for t in proto.graph.initializer}
+    proto, tensors = package.graph()
     inputs = {i.name: i for i in proto.graph.input}
     for group, idx in keep.items():
         spec = package.unit_groups[group]

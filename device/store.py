@@ -1,11 +1,13 @@
 """The device's last good bundle on disk, written so that a crash never leaves a torn file.
 
-    store = BundleStore("state/bundles", package.model_id, package.base_version)
+    store = BundleStore("state/bundles", package.model_id, package.base_version, decode=decode_bundle)
     bundle = store.load()            # None: nothing usable held (store.rejected says why, if anything)
     store.save(fetched.data)         # verifies, then replaces the file atomically
 
 The file holds the DeltaBundle message exactly as it arrived (`Fetched.data`); its own checksum
-covers the payload, so reading it back is the same verification as receiving it. A write goes to
+covers the payload, so reading it back is the same verification as receiving it. The store keeps
+bytes and is given the codec that reads them (`common.serde.decode_bundle`), so the store itself
+loads no generated protobuf code. A write goes to
 a temporary file in the same directory, is fsynced, and replaces the old file with os.replace
 (atomic on POSIX and Windows), and the directory is fsynced so the rename itself is durable: after
 a crash at any point the file is the old bundle or the new one, never a mix.
@@ -20,25 +22,28 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from paramcast.common.bundle import DeltaBundle
+from paramcast.common.bundle import DeltaBundle, check_bundle_for
 from paramcast.common.errors import IntegrityError, VersionMismatch
-from paramcast.common.serde import check_bundle_for, decode_bundle
 
 log = logging.getLogger("paramcast.device")
 
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024  # far above any real bundle; a guard against reading junk files
+
+Decode = Callable[[bytes], DeltaBundle]  # serialized bundle -> verified bundle, IntegrityError otherwise
 
 
 class ExpiredBundle(IntegrityError):
     """The bundle's expires_at_ms has passed; the protocol forbids applying it."""
 
 
-def verify_bundle(data: bytes, model_id: str, base_version: str, now_ms: int | None = None) -> DeltaBundle:
+def verify_bundle(data: bytes, model_id: str, base_version: str, decode: Decode,
+                  now_ms: int | None = None) -> DeltaBundle:
     """Decode and check a serialized bundle for the model the device runs; raises IntegrityError
     (checksum or structure), VersionMismatch (other model or base version) or ExpiredBundle."""
-    bundle = decode_bundle(data)
+    bundle = decode(data)
     check_bundle_for(bundle, model_id, base_version)
     if bundle.is_expired(now_ms):
         raise ExpiredBundle(f"bundle {bundle.bundle_id} expired at {bundle.expires_at_ms} ms since the epoch")
@@ -46,15 +51,16 @@ def verify_bundle(data: bytes, model_id: str, base_version: str, now_ms: int | N
 
 
 class BundleStore:
-    def __init__(self, root: str | Path, model_id: str, base_version: str):
+    def __init__(self, root: str | Path, model_id: str, base_version: str, decode: Decode):
         self.root = Path(root)
         self.model_id, self.base_version = model_id, base_version
+        self.decode = decode
         self.path = self.root / f"{model_id}.bundle"
         self.rejected: str | None = None  # why the last load refused what it found
 
     def save(self, data: bytes) -> DeltaBundle:
         """Verify `data` and make it the last good bundle; on any error the old file is untouched."""
-        bundle = verify_bundle(data, self.model_id, self.base_version)
+        bundle = verify_bundle(data, self.model_id, self.base_version, self.decode)
         write_atomic(self.path, data)
         return bundle
 
@@ -68,7 +74,7 @@ class BundleStore:
         try:
             if size > MAX_BUNDLE_BYTES:
                 raise IntegrityError(f"{size} bytes is not a bundle")
-            return verify_bundle(self.path.read_bytes(), self.model_id, self.base_version)
+            return verify_bundle(self.path.read_bytes(), self.model_id, self.base_version, self.decode)
         except (IntegrityError, VersionMismatch) as exc:
             self.reject(str(exc))
             return None

@@ -5,7 +5,8 @@
 
 Times, from a generator's stacked numpy output to the wire messages:
 - one by one: a DeltaBundle per device, then `bundle_to_proto` for each;
-- batched: one `BundleBatch`, then `batch_to_proto` (what the service's batch compute runs).
+- batched: one `BundleBatch`, then `batch_to_proto` (`BundleBatch.encoded`, what the service's batch compute
+  runs, then the message the servicer builds from each).
 Both produce the same bytes; the script checks that before timing. Numpy only, one thread, a few
 seconds; the minimum over repeats is reported because the wall clock on a shared machine is noisy.
 """

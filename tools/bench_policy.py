@@ -24,17 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from a checkout
 
-from paramcast.device.policy import (  # noqa: E402
-    Gate,
-    GaussianMapper,
-    IdealGate,
-    Policy,
-    StepView,
-    build_policy,
-    fit_gaussian_mapper,
-    item_embeddings,
-    parse_policy,
-)
+from paramcast.device.ideal import GaussianMapper, IdealGate, item_embeddings  # noqa: E402
+from paramcast.device.policy import Gate, Policy, StepView  # noqa: E402
+from paramcast.device.policy_spec import build_policy, parse_policy  # noqa: E402
+from paramcast.simulation.calibration import fit_gaussian_mapper  # noqa: E402
 
 POLICIES = ("never", "always", "every-k:10", "random-p:0.1", "drift:threshold=0.3", "window:threshold=0.3",
             "loss:threshold=0.5", "ideal:threshold=0.1", "drift:rate=0.1,pace=1.5")

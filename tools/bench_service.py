@@ -32,12 +32,9 @@ import asyncio
 import json
 import os
 import platform
-import queue
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -45,9 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
+from paramcast.serve_process import ChildProcess, ServeProcess
+
 REPO = Path(__file__).resolve().parents[1]
 METHOD = "/paramcast.v1.ParamService/Generate"
 DEFAULT_SWEEP = "1,2,4,8,16,32,64,128,256"
+ECHO_READY = "echo ready on "
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,68 +55,15 @@ DEFAULT_SWEEP = "1,2,4,8,16,32,64,128,256"
 # ---------------------------------------------------------------------------------------------
 
 
-class Child:
-    """A subprocess that prints `<prefix> HOST:PORT` lines; its output is drained in a thread."""
-
-    def __init__(self, cmd: list[str], ready: str, timeout: float = 300.0):
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.lines: list[str] = []
-        self._ready: queue.Queue[str] = queue.Queue()
-        self._prefix = ready
-        threading.Thread(target=self._read, daemon=True).start()
-        try:
-            line = self._ready.get(timeout=timeout)
-        except queue.Empty:
-            line = ""
-        if not line:
-            self.stop()
-            raise RuntimeError(f"{cmd[:4]} did not start:\n" + "".join(self.lines[-30:]))
-        self.port = int(line.rsplit(":", 1)[1])
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith(self._prefix):
-                self._ready.put(line.strip())
-        self._ready.put("")
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def line_value(self, prefix: str) -> str | None:
-        for line in self.lines:
-            if line.startswith(prefix):
-                return line[len(prefix):].strip()
-        return None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+def start_server(model: Path, max_batch: int, max_delay_ms: float, threads: int, device: str) -> ServeProcess:
+    return ServeProcess(["--model", str(model), "--port", "0", "--metrics-port", "0", "--max-batch", str(max_batch),
+                         "--max-delay-ms", str(max_delay_ms), "--threads", str(threads), "--device", device,
+                         "--max-queue", "100000"], timeout_s=300.0)
 
 
-def start_server(model: Path, max_batch: int, max_delay_ms: float, threads: int, device: str) -> Child:
-    cmd = [sys.executable, "-m", "paramcast.cli", "serve", "--model", str(model), "--port", "0", "--metrics-port", "0",
-           "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms), "--threads", str(threads),
-           "--device", device, "--max-queue", "100000"]
-    child = Child(cmd, "paramcast serve ready on ")
-    child.metrics_port = int(child.line_value("paramcast serve metrics on ").rsplit(":", 1)[1])  # type: ignore
-    return child
-
-
-def start_echo(payload: Path) -> Child:
-    return Child([sys.executable, str(Path(__file__).resolve()), "--echo-server", str(payload)], "echo ready on ")
+def start_echo(payload: Path) -> ChildProcess:
+    return ChildProcess([sys.executable, str(Path(__file__).resolve()), "--echo-server", str(payload)],
+                        ECHO_READY, timeout_s=300.0)
 
 
 async def echo_server_main(payload_file: str) -> None:
@@ -134,7 +81,7 @@ async def echo_server_main(payload_file: str) -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    print(f"echo ready on 127.0.0.1:{port}", flush=True)
+    print(f"{ECHO_READY}127.0.0.1:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -223,10 +170,12 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, second
     }
 
 
-def run_generate(server: Child, requests: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
-    before = scrape(server.metrics_port)  # type: ignore[attr-defined]
+def run_generate(server: ServeProcess, requests: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
+    metrics_port = server.metrics_port
+    assert metrics_port is not None, "start_server asks for a metrics port"
+    before = scrape(metrics_port)
     row = asyncio.run(closed_loop(server.port, requests, concurrency, seconds, warmup))
-    after = scrape(server.metrics_port)  # type: ignore[attr-defined]
+    after = scrape(metrics_port)
     batches = delta(after, before, "paramcast_batch_size_count")
     queued = delta(after, before, "paramcast_queue_seconds_count")
     bundles = delta(after, before, "paramcast_bundle_bytes_count")

@@ -26,8 +26,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
-from paramcast.cloud.service.errors import DeviceRateLimited
-from paramcast.common.errors import InvalidInput, PermissionDenied, Unauthenticated
+from paramcast.common.errors import DeviceRateLimited, InvalidInput, PermissionDenied, Unauthenticated
 
 AUTH_METADATA_KEY = "authorization"
 BEARER = "Bearer "

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from paramcast.cloud.service.errors import DeadlineExpired, Overloaded, ShuttingDown
+from paramcast.common.errors import DeadlineExpired, Overloaded, ShuttingDown
 
 ComputeFn = Callable[[Any, list[Any]], Sequence[Any]]  # (key, items) -> one result per item
 

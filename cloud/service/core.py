@@ -1,16 +1,17 @@
 """The service's logic, callable without sockets: what Generate and GetModel do.
 
     core = ServiceCore(registry, auth=TokenAuth.from_file("tokens.json"), rates=RateLimiter(5, 10))
-    msg = await core.generate(GenerateCall(model_id, base_version, "device-17", [5, 9, 12]),
-                              metadata={"authorization": "Bearer ..."}, deadline=time.monotonic() + 1)
-    # msg: the encoded paramcast.v1.DeltaBundle for the response
+    encoded = await core.generate(GenerateCall(model_id, base_version, "device-17", [5, 9, 12]),
+                                  metadata={"authorization": "Bearer ..."}, deadline=time.monotonic() + 1)
+    # encoded: the EncodedBundle the servicer puts on the wire (common.serde.encoded_to_proto)
     for chunk in core.get_model(model_id, version="", offset=0, chunk_size=0, metadata=...): ...
 
 Every request passes the same steps in the same order: authenticate (no work at all for unknown
 callers), authorize the device id, take a rate-limit token, validate every field, resolve the
 model and version, and only then queue for the micro-batched generator, whose stacked output is
-encoded for the whole batch in one pass (common.serde.batch_to_proto). Each failure is a typed
-error (`common.errors`, `cloud.service.errors`) naming the field at fault; the gRPC layer maps
+encoded for the whole batch in one pass (`BundleBatch.encoded`). The core speaks domain types
+only; protobuf stays in the servicer and `common.serde`. Each failure is a typed
+error (`common.errors`) naming the field at fault; the gRPC layer maps
 them to status codes in one place.
 """
 
@@ -26,12 +27,9 @@ import numpy as np
 from paramcast.cloud.bundles import check_window, generate_batch
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.batcher import BatchObserver, MicroBatcher
-from paramcast.cloud.service.errors import OutOfRange
 from paramcast.cloud.service.registry import ModelRegistry, ServedModel
-from paramcast.common.bundle import ENCODINGS
-from paramcast.common.errors import InvalidInput
-from paramcast.common.serde import batch_to_proto
-from paramcast.v1 import param_service_pb2 as pb
+from paramcast.common.bundle import EncodedBundle, check_encoding
+from paramcast.common.errors import InvalidInput, OutOfRange
 
 MAX_ID_CHARS = 128
 
@@ -119,17 +117,16 @@ class ServiceCore:
         self.rates.check(device_id)
         check_id("model_id", call.model_id)
         check_id("base_version", call.base_version)
-        if call.encoding not in ENCODINGS:
-            raise InvalidInput("encoding", f"unknown encoding {call.encoding!r}; expected one of {ENCODINGS}")
+        check_encoding(call.encoding)
         keep_ratio = check_keep_ratio(call.keep_ratio)
         served = self.registry.for_base(call.model_id, call.base_version)
         window = check_window(list(call.window), served.n_items, self.limits.max_window_items, "window")
         return served, window[-served.window:], keep_ratio
 
     async def generate(self, call: GenerateCall, metadata: Mapping[str, str] | None = None,
-                       deadline: float | None = None) -> pb.DeltaBundle:
+                       deadline: float | None = None) -> EncodedBundle:
         """One device's bundle, generated in a micro-batch with concurrent calls and encoded as
-        `call.encoding`: the message the response carries.
+        `call.encoding`: what the response carries.
 
         `deadline` is a time.monotonic() value; a request still queued when it passes is dropped
         (DeadlineExpired) without reaching the generator.
@@ -138,7 +135,7 @@ class ServiceCore:
         return await self.batcher.submit((served.key, keep_ratio), (window, call.encoding), deadline)
 
     def _compute(self, key: tuple[tuple[str, str], float | None],
-                 items: list[tuple[np.ndarray, str]]) -> list[pb.DeltaBundle]:
+                 items: list[tuple[np.ndarray, str]]) -> list[EncodedBundle]:
         """Runs in the batcher's worker thread: one generator pass for a batch of one model version,
         then one encoding pass over the stacked output. Requests in a batch may ask for different
         encodings (the encoding is not part of the batch key, so it never splits a generator pass)."""
@@ -146,7 +143,7 @@ class ServiceCore:
         served = self.registry.get(model_id, version)
         batch = generate_batch(served.checkpoint, [window for window, _ in items], keep_ratio,
                                torch_device=self.registry.torch_device, ttl_ms=self.limits.ttl_ms)
-        return batch_to_proto(batch, [encoding for _, encoding in items])
+        return batch.encoded([encoding for _, encoding in items])
 
     # -- GetModel -------------------------------------------------------------------------------
     def get_model(self, model_id: str, version: str = "", offset: int = 0, chunk_size: int = 0,

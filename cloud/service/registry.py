@@ -2,7 +2,7 @@
 
 A version is a checkpoint's base version (the content hash of its device weights), so a device
 holding version V always gets deltas from the generator trained for exactly V's weights. For each
-version the registry keeps the generator (on the serving device: CPU or CUDA) and the device
+version the registry keeps the generator (on the torch device it serves from: CPU or CUDA) and the device
 package as one archive (`common/package.py`), ready for GetModel. The latest version of a model id
 is the one added last: `paramcast serve --model old --model new` serves both, new as the latest.
 """
@@ -25,18 +25,6 @@ from paramcast.common.errors import InvalidInput, ModelNotFound, VersionMismatch
 from paramcast.common.package import DevicePackage, pack_package
 
 log = logging.getLogger("paramcast.service")
-
-
-class _ServedCheckpoint(Checkpoint):
-    """A checkpoint whose weights no longer change: the base version is hashed once, not per batch."""
-
-    def __init__(self, ckpt: Checkpoint, version: str):
-        super().__init__(ckpt.model_id, ckpt.device_model, ckpt.generator, ckpt.meta)
-        self._version = version
-
-    @property
-    def base_version(self) -> str:
-        return self._version
 
 
 @dataclass(frozen=True)
@@ -73,7 +61,7 @@ class ModelRegistry:
         served = ServedModel(
             model_id=ckpt.model_id,
             version=version,
-            checkpoint=_ServedCheckpoint(ckpt, version),
+            checkpoint=ckpt,  # its base version is hashed once (Checkpoint.base_version caches it)
             n_items=ckpt.device_model.cfg.n_items,
             window=generator.cfg.window,
             archive=archive,

@@ -14,17 +14,14 @@ Shutdown is graceful: health turns NOT_SERVING (load balancers stop sending), th
 accepting calls, in-flight calls finish within `grace` seconds (their queued requests still get
 their generator pass), and only then the batcher and its thread stop.
 
-`serve_in_thread` runs a server on its own event loop in a background thread, for synchronous
-callers (tests, notebooks, the benchmark's echo comparisons).
+`ServerThread` runs a server on its own event loop in a background thread, for synchronous
+callers (tests, notebooks).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +32,12 @@ from grpc_reflection.v1alpha import reflection
 from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.core import Limits, ServiceCore
-from paramcast.cloud.service.errors import ErrorInterceptor
+from paramcast.cloud.service.interceptor import ErrorInterceptor
 from paramcast.cloud.service.metrics import ServiceMetrics
 from paramcast.cloud.service.registry import ModelRegistry
 from paramcast.cloud.service.servicer import ParamServicer
 from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound
+from paramcast.common.loop import LoopThread
 from paramcast.common.package import MANIFEST_FILE, DevicePackage
 from paramcast.common.serde import SERVICE_NAME
 from paramcast.v1 import param_service_pb2 as pb
@@ -189,52 +187,38 @@ async def start_server(
 
 
 class ServerThread:
-    """A server on its own event loop in a daemon thread; `port` is set once it is up."""
+    """A server on an event loop of its own in a daemon thread (`common.loop.LoopThread`), for
+    synchronous callers; `port` is set once it is up."""
 
     def __init__(self, models, host: str = "127.0.0.1", port: int = 0, **kwargs):
         self._args = (models, host, port)
         self._kwargs = kwargs
-        self.loop = asyncio.new_event_loop()
+        self._loop: LoopThread | None = None
         self.server: ParamServer | None = None
         self.port = 0
-        self._started: Future = Future()
-        self._thread = threading.Thread(target=self._main, name="paramcast-server", daemon=True)
 
     def start(self, timeout: float = 120.0) -> ServerThread:
-        if not self._thread.is_alive() and not self._started.done():
-            self._thread.start()
-        self._started.result(timeout)  # re-raises a start-up failure here, in the caller's thread
+        if self._loop is None:
+            self._loop = LoopThread("paramcast-server")
+            try:  # a start-up failure is raised here, in the caller's thread
+                self.server, self.port = self._loop.run(start_server(*self._args, **self._kwargs), timeout)
+            except BaseException:
+                self._loop.stop()
+                raise
         return self
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.server, self.port = self.loop.run_until_complete(start_server(*self._args, **self._kwargs))
-        except BaseException as exc:
-            self._started.set_exception(exc)
-            self.loop.close()
-            return
-        self._started.set_result(self.port)
-        self.loop.run_forever()
-        self.loop.close()
 
     def run(self, coro, timeout: float | None = 60.0):
         """Run a coroutine on the server's loop from another thread and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        assert self._loop is not None, "start() the server first"
+        return self._loop.run(coro, timeout)
 
     def stop(self, grace: float | None = 5.0) -> None:
-        if self.server is not None and self._thread.is_alive():
+        if self._loop is not None and self.server is not None:
             self.run(self.server.stop(grace), timeout=None if grace is None else grace + 30)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=30)
+            self._loop.stop()
 
     def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def serve_in_thread(models, host: str = "127.0.0.1", port: int = 0, **kwargs) -> ServerThread:
-    """Start a server in a background thread -> its handle (`.port`, `.server`, `.stop()`)."""
-    return ServerThread(models, host, port, **kwargs).start()

@@ -1,7 +1,7 @@
 """paramcast.v1.ParamService over grpc.aio: convert messages, delegate to ServiceCore, convert back.
 
 Errors are not handled here: the typed errors the core raises reach `ErrorInterceptor`
-(cloud/service/errors.py), which maps them to status codes for every method alike.
+(cloud/service/interceptor.py), which maps them to status codes for every method alike.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import grpc
 
 from paramcast.cloud.service.core import GenerateCall, ServiceCore
 from paramcast.cloud.service.metrics import ServiceMetrics
-from paramcast.common.serde import encoding_from_proto
+from paramcast.common.serde import encoded_to_proto, encoding_from_proto
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
@@ -39,8 +39,8 @@ class ParamServicer(pb_grpc.ParamServiceServicer):
             encoding=encoding_from_proto(request.encoding),
             keep_ratio=request.keep_ratio,
         )
-        bundle = await self.core.generate(call, _metadata(context), _deadline(context))  # encoded in its batch
-        response = pb.GenerateResponse(bundle=bundle)
+        encoded = await self.core.generate(call, _metadata(context), _deadline(context))  # encoded in its batch
+        response = pb.GenerateResponse(bundle=encoded_to_proto(encoded))
         self.metrics.sent("Generate", response.ByteSize(), bundle=True)
         return response
 

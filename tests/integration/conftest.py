@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import queue
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from paramcast.serve_process import ServeProcess
 
 
 @pytest.fixture(scope="session")
@@ -46,58 +40,6 @@ def trained_model(shared_data, tmp_path_factory) -> Path:
     save_checkpoint(ckpt, out)
     export_package(ckpt, out / "package")
     return out
-
-
-class ServeProcess:
-    """`paramcast serve ...` as a child process; `port` is read from its readiness line."""
-
-    READY = "paramcast serve ready on "
-
-    def __init__(self, args: list[str], timeout: float = 120.0):
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "paramcast.cli", "serve", *args], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.lines: list[str] = []
-        self._ready: queue.Queue[str] = queue.Queue()
-        # Drain the pipe in the background so the server never blocks on a full pipe.
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        try:
-            line = self._ready.get(timeout=timeout)
-        except queue.Empty:
-            self.kill()
-            raise RuntimeError("paramcast serve did not become ready:\n" + self.output) from None
-        if not line:
-            self.kill()
-            raise RuntimeError("paramcast serve exited before it was ready:\n" + self.output)
-        self.address = line[len(self.READY):].strip()
-        self.port = int(self.address.rsplit(":", 1)[1])
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith(self.READY):
-                self._ready.put(line)
-        self._ready.put("")  # EOF: the process ended
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM (graceful drain) and wait for the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: the server vanishes mid-run, as in a crash."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture

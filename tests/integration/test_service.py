@@ -24,14 +24,14 @@ from paramcast.cloud.bundles import generate_bundles
 from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.core import Limits
-from paramcast.cloud.service.errors import ErrorInterceptor
+from paramcast.cloud.service.interceptor import ErrorInterceptor
 from paramcast.cloud.service.server import ServerThread, TlsConfig, load_models
 from paramcast.common.data import load_interactions
-from paramcast.common.errors import RateLimited
+from paramcast.common.errors import CloudUnavailable, DeviceRateLimited
 from paramcast.common.package import DevicePackage
 from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, bundle_to_proto
 from paramcast.device.agent import APPLIED, REFUSED, REJECTED, STALE_BASE, UNREACHABLE, DeviceAgent
-from paramcast.device.client import AsyncParamClient, CloudUnavailable, ParamClient, RetryPolicy
+from paramcast.device.client import AsyncParamClient, ParamClient, RetryPolicy
 from paramcast.device.runtime import DeviceRuntime
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
@@ -295,11 +295,20 @@ def test_rate_limit_answers_resource_exhausted_with_a_retry_hint(tmp_path, regis
         stub.Generate(pb.GenerateRequest(**{**dict(model_id=model.model_id, base_version=model.base_version,
                                                    device_id="another", window=[1])}), timeout=5)
         channel.close()
+        refused = {"method": "Generate", "code": "RESOURCE_EXHAUSTED"}
         with ParamClient(f"127.0.0.1:{st.port}", device_id="d") as client:
-            with pytest.raises(RateLimited):
+            with pytest.raises(DeviceRateLimited) as limited:
                 client.generate([1], model.model_id, model.base_version)
+            assert 1 < limited.value.retry_after_s <= 20  # the server's hint, read from the trailer
+            # Two refusals so far (the raw stub's and the client's); the server counts a call just
+            # after answering it, so wait for the count to settle.
+            deadline = time.monotonic() + 5
+            while st.server.metrics.value("paramcast_requests_total", refused) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
             agent = DeviceAgent(tmp_path, model.model_id, device_id="d").open(client)
             assert agent.refresh(client, [1]).outcome == REFUSED
+            # The client honoured the hint: the refresh was refused without reaching the server.
+            assert st.server.metrics.value("paramcast_requests_total", refused) == 2
 
 
 def test_requests_whose_deadline_passes_are_never_computed(registry, model):
@@ -391,7 +400,7 @@ def test_sigterm_drains_in_flight_calls(serve_process, trained_model, model):
     thread = threading.Thread(target=call)
     thread.start()
     time.sleep(0.5)  # the call now waits in the batcher (its batch closes after 1.5 s)
-    assert proc.terminate(timeout=30) == 0
+    assert proc.stop(timeout_s=30) == 0
     thread.join(timeout=30)
     assert "error" not in result, result.get("error")
     assert result["bundle"].base_version == model.base_version
@@ -429,7 +438,8 @@ def test_metrics_health_and_reflection(registry, model):
         with ParamClient(f"127.0.0.1:{st.port}", device_id="d") as client:
             assert client.check_health()
             client.generate([5, 6], model.model_id, model.base_version)
-            services = ProtoReflectionDescriptorDatabase(client.channel).get_services()
+            with grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+                services = ProtoReflectionDescriptorDatabase(channel).get_services()
         assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
         text = urllib.request.urlopen(f"http://127.0.0.1:{st.server.metrics_port}/metrics", timeout=5).read().decode()
     assert 'paramcast_requests_total{code="OK",method="Generate"} 1.0' in text

@@ -20,8 +20,8 @@ def test_network_mode_measures_what_inprocess_mode_measures(trained_model, data)
     ckpt = load_checkpoint(trained_model)
     cfg = SimulationConfig(policies=["never", "always", "random-p:0.2", "drift:rate=0.2"], users=12, max_steps=15,
                            progress=False)
-    local = run_simulation(ckpt, data, cfg, mode="inprocess")
-    remote = run_simulation(ckpt, data, cfg, mode="network", model_dir=str(trained_model))
+    local = run_simulation(ckpt, data, cfg, mode="inprocess").report
+    remote = run_simulation(ckpt, data, cfg, mode="network", model_dir=str(trained_model)).report
     assert remote["mode"] == "network" and remote["network"]["started_server"]
     steps = remote["devices"]["test_steps"]
     devices = remote["devices"]["test"]
@@ -48,7 +48,7 @@ def test_network_mode_measures_what_inprocess_mode_measures(trained_model, data)
 def test_network_mode_holds_hundreds_of_concurrent_devices(trained_model, data):
     ckpt = load_checkpoint(trained_model)
     cfg = SimulationConfig(policies=["always"], users=220, max_steps=3, devices="all", progress=False)
-    report = run_simulation(ckpt, data, cfg, mode="network", model_dir=str(trained_model))
+    report = run_simulation(ckpt, data, cfg, mode="network", model_dir=str(trained_model)).report
     net = report["policies"][0]["network"]
     assert report["devices"]["test"] == 220
     assert net["max_concurrent_calls"] == 220  # every device in flight at once, each on its own channel

@@ -17,6 +17,7 @@ from paramcast.common.bundle import (
     BundleBatch,
     DeltaBundle,
     EncodedTensor,
+    check_bundle_for,
     dequantize,
     pack_mask,
     pack_mask_stack,
@@ -30,11 +31,8 @@ from paramcast.common.serde import (
     batch_to_proto,
     bundle_from_proto,
     bundle_to_proto,
-    bundles_to_proto,
-    check_bundle_for,
     decode_bundle,
     encode_bundle,
-    encode_bundles,
     encoding_from_proto,
     encoding_to_proto,
 )
@@ -505,17 +503,10 @@ def same_layout_bundles(draw, with_masks: bool) -> list[DeltaBundle]:
 @given(data=st.data())
 def test_batched_encoding_is_byte_identical_to_one_by_one(encoding, with_masks, data):
     batch = data.draw(same_layout_bundles(with_masks))
-    want = one_by_one(batch, encoding)
-    assert wire(bundles_to_proto(batch, encoding)) == want
-    assert encode_bundles(batch, encoding) == want
-    if batch:
-        assert wire(batch_to_proto(BundleBatch.stack(batch), encoding)) == want
-
-
-@pytest.mark.parametrize("encoding", ENCODINGS)
-@given(mixed=st.lists(bundles(), max_size=6))
-def test_bundles_of_different_layouts_are_grouped_and_keep_their_order(encoding, mixed):
-    assert wire(bundles_to_proto(mixed, encoding)) == one_by_one(mixed, encoding)
+    assume(batch)
+    stacked = BundleBatch.stack(batch)
+    assert stacked.encoded(encoding) == [b.encoded(encoding) for b in batch]
+    assert wire(batch_to_proto(stacked, encoding)) == one_by_one(batch, encoding)
 
 
 @pytest.mark.parametrize("with_masks", [False, True])
@@ -538,7 +529,6 @@ def test_generator_sized_batch_is_byte_identical(encoding, with_masks):
         batch.append(DeltaBundle("m", "v1", factors, masks, expires_at_ms=i))
     want = one_by_one(batch, encoding)
     assert len(set(want)) == 64  # distinct bundles: a mix-up between them could not pass unnoticed
-    assert wire(bundles_to_proto(batch, encoding)) == want
     stacked = BundleBatch.stack(batch)
     assert wire(batch_to_proto(stacked, encoding)) == want
     # Per-bundle encodings within one batch (devices in one generator pass asking for different ones).
@@ -585,11 +575,12 @@ def test_batched_encoding_refuses_what_it_cannot_stack_or_encode():
     wider = DeltaBundle("m", "v1", {"s": (np.ones((3, 2)), np.ones((2, 5)))})
     with pytest.raises(InvalidInput, match=r"bundles\[1\]"):
         BundleBatch.stack([a, wider])  # the explicit batch type holds one layout only
-    assert wire(bundles_to_proto([a, wider, a], "int8")) == one_by_one([a, wider, a], "int8")  # the list API groups
     with pytest.raises(InvalidInput, match="2 encodings for a batch of 3"):
         batch_to_proto(BundleBatch.stack([a, a, a]), ["int8", "fp16"])
-    with pytest.raises(InvalidInput, match="encoding"):
-        bundles_to_proto([a], "int4")
+    with pytest.raises(InvalidInput, match="unknown encoding 'int4'"):
+        BundleBatch.stack([a]).encoded("int4")
+    with pytest.raises(InvalidInput, match="unknown encoding 'int4'"):
+        a.encoded("int4")
     with pytest.raises(InvalidInput, match="A \\(2, d, r\\)"):
         BundleBatch("m", "v1", {"s": (np.ones((3, 3, 2)), np.ones((3, 2, 4)))}, {}, ["x", "y"], [0, 0], [0, 0])
     stack = np.ones((3, 2, 2), dtype=np.float32)

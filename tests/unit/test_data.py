@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 import paramcast.common.data as data
+import paramcast.common.fetch as fetching
 from paramcast.cli import main
-from paramcast.common.data import FORMATS, Archive, DownloadFailed, detect_format, fetch, load_interactions
+from paramcast.common.data import FORMATS, detect_format, load_interactions
 from paramcast.common.errors import DataFormatError, IntegrityError, InvalidInput
+from paramcast.common.fetch import Archive, DownloadFailed, fetch
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -390,7 +392,7 @@ def _zip(members: dict[str, str]) -> bytes:
 def test_fetch_offline_fails_fast_and_says_what_to_do(tmp_path, monkeypatch):
     # Port 9 (discard) on loopback is closed: the connection is refused at once, as offline.
     closed = Archive("http://127.0.0.1:9/ml-100k.zip", "0" * 32, "u.data")
-    monkeypatch.setitem(data.ARCHIVES, "ml-100k", closed)
+    monkeypatch.setitem(fetching.ARCHIVES, "ml-100k", closed)
     started = time.perf_counter()
     with pytest.raises(DownloadFailed) as err:
         fetch("ml-100k", tmp_path / "datasets", timeout=5)
@@ -406,13 +408,13 @@ def test_fetch_verifies_md5_and_extracts(tmp_path, monkeypatch, file_server):
     archive = _zip({"ml-100k/u.data": "1\t5\t3\t20\n1\t6\t4\t10\n2\t5\t1\t30\n", "ml-100k/README": "x"})
     (root / "ml-100k.zip").write_bytes(archive)
 
-    monkeypatch.setitem(data.ARCHIVES, "ml-100k", Archive(f"{url}/ml-100k.zip", "f" * 32, "u.data"))
+    monkeypatch.setitem(fetching.ARCHIVES, "ml-100k", Archive(f"{url}/ml-100k.zip", "f" * 32, "u.data"))
     with pytest.raises(IntegrityError, match="md5"):
         fetch("ml-100k", tmp_path / "datasets")
     assert not (tmp_path / "datasets" / "ml-100k").exists()  # nothing extracted from a bad download
 
     md5 = hashlib.md5(archive).hexdigest()
-    monkeypatch.setitem(data.ARCHIVES, "ml-100k", Archive(f"{url}/ml-100k.zip", md5, "u.data"))
+    monkeypatch.setitem(fetching.ARCHIVES, "ml-100k", Archive(f"{url}/ml-100k.zip", md5, "u.data"))
     folder = fetch("ml-100k", tmp_path / "datasets")
     assert folder == tmp_path / "datasets" / "ml-100k"
     assert raw_sequences(load_interactions(folder)) == {"1": ["6", "5"], "2": ["5"]}
@@ -421,7 +423,7 @@ def test_fetch_verifies_md5_and_extracts(tmp_path, monkeypatch, file_server):
     (root / "ml-100k.zip").unlink()  # a present copy is returned without downloading again
     assert fetch("ml-100k", tmp_path / "datasets") == folder
 
-    monkeypatch.setitem(data.ARCHIVES, "ml-100k", Archive(f"{url}/missing.zip", md5, "u.data"))
+    monkeypatch.setitem(fetching.ARCHIVES, "ml-100k", Archive(f"{url}/missing.zip", md5, "u.data"))
     with pytest.raises(DownloadFailed, match="HTTP 404"):
         fetch("ml-100k", tmp_path / "elsewhere")
 
@@ -434,7 +436,7 @@ def test_fetch_rejects_unsafe_or_wrong_archives(tmp_path, monkeypatch, file_serv
         payload = _zip(members)
         (root / name).write_bytes(payload)
         md5 = hashlib.md5(payload).hexdigest()
-        monkeypatch.setitem(data.ARCHIVES, "ml-100k", Archive(f"{url}/{name}", md5, "u.data"))
+        monkeypatch.setitem(fetching.ARCHIVES, "ml-100k", Archive(f"{url}/{name}", md5, "u.data"))
         with pytest.raises(IntegrityError, match=problem):
             fetch("ml-100k", tmp_path / "datasets")
         assert not (tmp_path / "escape.txt").exists()
@@ -448,7 +450,7 @@ def test_fetch_rejects_unsafe_or_wrong_archives(tmp_path, monkeypatch, file_serv
 
 
 def test_published_checksums_are_md5_hex():
-    for archive in data.ARCHIVES.values():
+    for archive in fetching.ARCHIVES.values():
         assert archive.url.startswith("https://files.grouplens.org/datasets/movielens/")
         assert len(archive.md5) == 32 and int(archive.md5, 16) >= 0
 
@@ -478,7 +480,7 @@ def test_cli_info_table_with_named_format(tmp_path, capsys):
 
 def test_cli_fetch_offline(tmp_path, monkeypatch, capsys):
     closed = Archive("http://127.0.0.1:9/ml-1m.zip", "0" * 32, "ratings.dat")
-    monkeypatch.setitem(data.ARCHIVES, "ml-1m", closed)
+    monkeypatch.setitem(fetching.ARCHIVES, "ml-1m", closed)
     assert main(["data", "fetch", "ml-1m", "--to", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "could not download" in err and "paramcast data info" in err

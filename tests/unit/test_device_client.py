@@ -11,9 +11,26 @@ import pytest
 from device_fixtures import tiny_package
 from without_torch import LOADED, run_without_torch
 
-from paramcast.common.errors import IntegrityError, ModelNotFound, PermissionDenied, RateLimited, VersionMismatch
+from paramcast.common.errors import (
+    CloudUnavailable,
+    DeadlineExpired,
+    DeviceRateLimited,
+    IntegrityError,
+    InvalidInput,
+    ModelNotFound,
+    OutOfRange,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
+    RemoteError,
+    ShuttingDown,
+    Unauthenticated,
+    VersionMismatch,
+)
 from paramcast.common.package import DevicePackage, pack_package
-from paramcast.device.client import CloudUnavailable, RemoteError, RetryPolicy, _Download, cloud_error, service_config
+from paramcast.common.status import status_of, trailers_of
+from paramcast.device.client import ParamClient, RetryPolicy, cloud_error, service_config
+from paramcast.device.download import Download
 from paramcast.v1 import param_service_pb2 as pb
 
 
@@ -28,14 +45,17 @@ def test_service_config_retries_unavailable_with_exponential_backoff():
 
 
 class FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str = "details"):
-        self._code, self._details = code, details
+    def __init__(self, code: grpc.StatusCode, details: str = "details", trailers=()):
+        self._code, self._details, self._trailers = code, details, tuple(trailers)
 
     def code(self):
         return self._code
 
     def details(self):
         return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
 
 
 @pytest.mark.parametrize(
@@ -54,6 +74,51 @@ def test_status_codes_become_typed_errors(code, error):
     err = cloud_error(FakeRpcError(code, "the reason"))
     assert isinstance(err, error) and err.code == code and "the reason" in str(err)
 
+
+
+@pytest.mark.parametrize(("raised", "received"), [
+    (OutOfRange("offset", "9 is beyond the end"), OutOfRange),
+    (InvalidInput("window", "item id 0 is outside [1, 5]"), InvalidInput),
+    (ModelNotFound("model_id: 'x' is not served here"), ModelNotFound),
+    (VersionMismatch("base_version: not served"), VersionMismatch),
+    (Unauthenticated("unknown device token"), Unauthenticated),
+    (PermissionDenied("device_id: not these credentials"), PermissionDenied),
+    (Overloaded("the generation queue is full"), RateLimited),
+    (DeviceRateLimited("retry in 1500 ms", retry_after_s=1.5), DeviceRateLimited),
+    (DeadlineExpired("the deadline passed"), CloudUnavailable),
+    (ShuttingDown("the server is shutting down"), CloudUnavailable),
+])
+def test_one_table_maps_server_errors_to_status_codes_and_back(raised, received):
+    """What the interceptor answers (status, message, trailers) turns back into the matching error."""
+    code = status_of(raised)
+    err = cloud_error(FakeRpcError(code, str(raised), trailers_of(raised)))
+    assert type(err) is received and err.code == code and str(raised) in str(err)
+    if isinstance(raised, DeviceRateLimited):
+        assert dict(trailers_of(raised)) == {"retry-after-ms": "1500"} and err.retry_after_s == 1.5
+    assert status_of(RuntimeError("boom")) is None and status_of(IntegrityError("corrupt package")) is None
+
+
+def test_a_rate_limited_device_waits_out_the_servers_hint_without_calling(monkeypatch):
+    client = ParamClient("127.0.0.1:1", device_id="d")
+    calls = []
+
+    async def refuse(request, **_):
+        calls.append(request.device_id)
+        raise FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", [("retry-after-ms", "60000")])
+
+    monkeypatch.setattr(client.aio.stub, "Generate", refuse)
+    try:
+        with pytest.raises(DeviceRateLimited) as first:
+            client.generate([1], "m", "v")
+        assert first.value.retry_after_s == 60.0 and first.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(DeviceRateLimited, match="wait") as again:
+            client.generate([1], "m", "v")
+        assert 59 < again.value.retry_after_s <= 60 and calls == ["d"]  # refused locally: no second call
+        with pytest.raises(DeviceRateLimited):
+            client.generate([1], "m", "v", device_id="other")  # another device still asks the server
+        assert calls == ["d", "other"]
+    finally:
+        client.close()
 
 def package_id() -> tuple[str, str]:
     package = DevicePackage.load(tiny_package())
@@ -74,7 +139,7 @@ def test_download_writes_only_verified_contiguous_chunks_and_resumes(tmp_path):
     archive = pack_package(tiny_package())
     model_id, version = package_id()
     stream = list(chunks(archive, 8192))
-    first = _Download(tmp_path, model_id, "")
+    first = Download(tmp_path, model_id, "")
     for msg in stream[:3]:
         assert first.accept(msg) is False
 
@@ -89,24 +154,23 @@ def test_download_writes_only_verified_contiguous_chunks_and_resumes(tmp_path):
     with pytest.raises(IntegrityError, match="archive changed"):
         first.accept(other)
 
-    resumed = _Download(tmp_path, model_id, "")  # a later call (or process) picks up the partial file
+    resumed = Download(tmp_path, model_id, "")  # a later call (or process) picks up the partial file
     assert resumed.offset == 3 * 8192
-    request = resumed.request(0)
-    assert (request.version, request.offset) == (version, 3 * 8192)  # pinned to the version it started
+    assert (resumed.version, resumed.offset) == (version, 3 * 8192)  # pinned to the version it started
     for msg in stream[3:]:
         resumed.accept(msg)
     package = resumed.finish()
     assert package.model_bytes == (tiny_package() / "model.onnx").read_bytes()
     assert not resumed.part.exists() and not resumed.meta_file.exists()
     # Asking again for the version now held stops after the first chunk.
-    again = _Download(tmp_path, model_id, "")
+    again = Download(tmp_path, model_id, "")
     assert again.accept(next(chunks(archive, 8192))) is True and again.held.base_version == version
 
 
 def test_a_package_that_is_not_what_the_server_named_is_refused(tmp_path):
     archive = pack_package(tiny_package())
     model_id, _ = package_id()
-    download = _Download(tmp_path, model_id, "")
+    download = Download(tmp_path, model_id, "")
     for msg in chunks(archive, 65536, version="0000000000000000"):
         download.accept(msg)
     with pytest.raises(IntegrityError, match="is tiny"):
@@ -116,7 +180,7 @@ def test_a_package_that_is_not_what_the_server_named_is_refused(tmp_path):
 
 def test_a_corrupt_whole_archive_is_discarded(tmp_path):
     archive = pack_package(tiny_package())
-    download = _Download(tmp_path, package_id()[0], "")
+    download = Download(tmp_path, package_id()[0], "")
     sha = hashlib.sha256(b"something else").digest()
     for msg in chunks(archive, 65536):
         msg.archive_sha256 = sha
@@ -129,7 +193,7 @@ def test_a_corrupt_whole_archive_is_discarded(tmp_path):
 def test_device_side_runs_without_torch(tmp_path):
     """client, store, agent, archive and policies import with torch (and the cloud side) blocked."""
     modules = "paramcast.device.agent, paramcast.device.client, paramcast.device.store, paramcast.common.package, " \
-              "paramcast.device.policy"
+              "paramcast.device.policy, paramcast.device.ideal, paramcast.device.policy_spec"
     proc = run_without_torch(tmp_path, ["-c", f"import json, sys, {modules}; print(json.dumps({LOADED}))"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def store_for(root: Path) -> BundleStore:
     b = tiny_checkpoint()
-    return BundleStore(root, b.model_id, b.base_version)
+    return BundleStore(root, b.model_id, b.base_version, decode_bundle)
 
 
 def test_save_then_load_round_trips(tmp_path):
@@ -101,8 +101,9 @@ def test_killing_a_writer_at_random_moments_never_leaves_a_torn_file(tmp_path):
         (tmp_path / f"b{i}.bin").write_bytes(encode_bundle(random_bundle(seed=i), "fp32"))
     script = textwrap.dedent(f"""
         import itertools, sys
+        from paramcast.common.serde import decode_bundle
         from paramcast.device.store import BundleStore
-        store = BundleStore({str(bundles)!r}, {b.model_id!r}, {b.base_version!r})
+        store = BundleStore({str(bundles)!r}, {b.model_id!r}, {b.base_version!r}, decode_bundle)
         blobs = [open({str(tmp_path)!r} + f"/b{{i}}.bin", "rb").read() for i in range(4)]
         print("ready", flush=True)
         for blob in itertools.cycle(blobs):
@@ -119,7 +120,7 @@ def test_killing_a_writer_at_random_moments_never_leaves_a_torn_file(tmp_path):
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
-        store = BundleStore(bundles, b.model_id, b.base_version)
+        store = BundleStore(bundles, b.model_id, b.base_version, decode_bundle)
         loaded = store.load()
         assert loaded is not None, store.rejected
         assert loaded.bundle_id in valid_ids

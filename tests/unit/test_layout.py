@@ -4,9 +4,11 @@ before it fails on a device without torch."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
+from without_torch import run_without_torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,3 +48,20 @@ def test_imports_point_only_where_the_layout_allows(folder, forbidden):
 def test_the_checker_sees_imports():
     assert "paramcast.common.package.DevicePackage" in imports_of("device")["device/runtime.py"]
     assert offenders("cloud", ("paramcast.common.package",))  # cloud does use the package format
+
+
+# Protobuf stays at the edges: the codec, the gRPC servicer and server, the device's gRPC client.
+WIRE_MODULES = {"common/serde.py", "cloud/service/servicer.py", "cloud/service/server.py", "device/client.py"}
+
+
+def test_generated_code_is_imported_only_at_the_wire():
+    importers = {path for folder in ("common", "cloud", "device") for path in offenders(folder, ("paramcast.v1",))}
+    assert importers == WIRE_MODULES
+
+
+def test_the_runtime_and_the_store_load_no_generated_code(tmp_path):
+    script = ("import json, sys; import paramcast.device.runtime, paramcast.device.store, paramcast.device.policy; "
+              "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('paramcast.v1', 'google.protobuf')))))")
+    proc = run_without_torch(tmp_path, ["-c", script])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []

@@ -9,24 +9,20 @@ import pytest
 from without_torch import run_without_torch
 
 from paramcast.common.errors import InvalidInput
+from paramcast.device.ideal import GaussianMapper, IdealGate, mapper_features
 from paramcast.device.policy import (
     Always,
     DriftGate,
     EveryK,
-    GaussianMapper,
-    IdealGate,
     LossGate,
     Never,
     RandomP,
     StepView,
     WindowGate,
-    build_policy,
-    calibrate_threshold,
-    fit_gaussian_mapper,
-    mapper_features,
     observed_loss,
-    parse_policy,
 )
+from paramcast.device.policy_spec import build_policy, parse_policy
+from paramcast.simulation.calibration import calibrate_threshold, fit_gaussian_mapper
 
 D_HIDDEN = 4
 
@@ -390,10 +386,11 @@ def test_window_gate_takes_the_generators_window_as_its_default_size():
 
 
 def test_policies_run_where_torch_is_not_installed(tmp_path):
-    """device/policy.py is device code: numpy only, importable with torch (and the cloud side) absent."""
+    """Policies are device code: numpy only, importable with torch (and the cloud side) absent."""
     code = textwrap.dedent("""
         import numpy as np
-        from paramcast.device.policy import StepView, build_policy, parse_policy
+        from paramcast.device.policy import StepView
+        from paramcast.device.policy_spec import build_policy, parse_policy
         gate = build_policy(parse_policy("window:threshold=0.2,size=10"))
         gate.start(1, 0, np.ones((1, 4)), np.array([3]))
         print(gate.decide(StepView.single(np.ones(4), np.ones(4), np.zeros(3), [1, 2, 3], 0, seen=5))[0])

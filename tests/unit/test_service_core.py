@@ -23,26 +23,25 @@ from paramcast.cloud.generator import Generator, GeneratorConfig
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.batcher import MicroBatcher
 from paramcast.cloud.service.core import GenerateCall, Limits, ServiceCore
-from paramcast.cloud.service.errors import (
+from paramcast.cloud.service.registry import ModelRegistry
+from paramcast.common.bundle import EncodedBundle
+from paramcast.common.errors import (
     DeadlineExpired,
     DeviceRateLimited,
-    OutOfRange,
-    Overloaded,
-    ShuttingDown,
-    status_of,
-)
-from paramcast.cloud.service.registry import ModelRegistry
-from paramcast.common.errors import (
     IntegrityError,
     InvalidInput,
     ModelNotFound,
+    OutOfRange,
+    Overloaded,
     PermissionDenied,
     RateLimited,
+    ShuttingDown,
     Unauthenticated,
     VersionMismatch,
 )
 from paramcast.common.package import DevicePackage, pack_package, unpack_package
-from paramcast.common.serde import bundle_from_proto
+from paramcast.common.serde import bundle_from_proto, encoded_to_proto
+from paramcast.common.status import status_of
 from paramcast.v1 import param_service_pb2 as pb
 
 WINDOW = 10
@@ -93,10 +92,13 @@ def call(ckpt: Checkpoint, **kw) -> GenerateCall:
 
 
 async def _generate(core: ServiceCore, *calls: GenerateCall, metadata=None, deadline=None):
+    """The wire messages of the core's answers, converted as the servicer converts them."""
     try:
-        return await asyncio.gather(*(core.generate(c, metadata, deadline) for c in calls))
+        encoded = await asyncio.gather(*(core.generate(c, metadata, deadline) for c in calls))
     finally:
         await core.close()
+    assert all(isinstance(e, EncodedBundle) for e in encoded)  # the core returns domain types
+    return [encoded_to_proto(e) for e in encoded]
 
 
 # ---------------------------------------------------------------------------------------------

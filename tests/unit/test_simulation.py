@@ -15,7 +15,9 @@ from paramcast.cloud.generator import Generator, GeneratorConfig
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
 from paramcast.common.evaluation import metrics_from_scores
 from paramcast.common.interactions import InteractionLog
-from paramcast.device.policy import Always, DriftGate, EveryK, GaussianMapper, Never, RandomP, parse_policy
+from paramcast.device.ideal import GaussianMapper
+from paramcast.device.policy import Always, DriftGate, EveryK, Never, RandomP
+from paramcast.device.policy_spec import parse_policy
 from paramcast.simulation.cache import FactorTable, Scorer, precompute
 from paramcast.simulation.harness import Simulation, SimulationConfig, simulate
 from paramcast.simulation.replay import replay
@@ -253,7 +255,7 @@ def test_report_writes_table_and_plots(report, tmp_path):
 def test_onnx_device_scores_what_the_harness_scores(ckpt, prepared, tmp_path):
     from paramcast.cloud.export import export_package
     from paramcast.common.package import DevicePackage
-    from paramcast.device.policy import item_embeddings
+    from paramcast.device.ideal import item_embeddings
     from paramcast.device.runtime import DeviceRuntime
 
     tl, cache = prepared

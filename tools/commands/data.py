@@ -6,7 +6,8 @@ import argparse
 import json
 
 # numpy-only and needed to list the choices, so imported here rather than inside run().
-from paramcast.common.data import ARCHIVES, FORMATS, fetch, load_interactions
+from paramcast.common.data import FORMATS, load_interactions
+from paramcast.common.fetch import ARCHIVES, fetch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -75,7 +75,7 @@ def find_data(explicit: str | None, fetch_to: Path) -> Path:
         from paramcast.common.errors import InvalidInput
 
         raise InvalidInput("data", f"{explicit} holds no {DATASET} (looked for u.data in it and in {DATASET}/)")
-    from paramcast.common.data import fetch
+    from paramcast.common.fetch import fetch
 
     print(f"{DATASET} not found locally; downloading it into {fetch_to}", flush=True)
     return fetch(DATASET, fetch_to)
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = SimulationConfig(policies=list(DEFAULT_POLICIES), budgets=args.budget, valid_fraction=1 / 3,
                            max_steps=args.max_steps, users=args.users, progress=progress)
     report = run_simulation(ckpt, data, cfg, mode="network", model_dir=str(model_dir),
-                            serve_threads=max(1, args.threads or 1))
+                            serve_threads=max(1, args.threads or 1)).report
 
     print("[3/3] results", flush=True)
     results = out / "results"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from paramcast.serve_process import METRICS_LINE, READY_LINE
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the ParamCast gRPC service", description=__doc__.splitlines()[0])
@@ -82,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("serving %s; generator on %s; %s; %s", models, torch_device, "TLS" if tls else "plaintext",
                  f"metrics on port {server.metrics_port}" if server.metrics_port is not None else "no metrics port")
         if server.metrics_port is not None:
-            print(f"paramcast serve metrics on {args.host}:{server.metrics_port}", flush=True)
-        print(f"paramcast serve ready on {args.host}:{port}", flush=True)
+            print(f"{METRICS_LINE}{args.host}:{server.metrics_port}", flush=True)
+        print(f"{READY_LINE}{args.host}:{port}", flush=True)
         await stop.wait()
         log.info("shutting down: draining in-flight calls for up to %.1f s", args.grace)
         await server.stop(args.grace)

@@ -73,16 +73,15 @@ def run(args: argparse.Namespace) -> int:
         devices=args.devices, valid_fraction=args.valid_fraction, users=args.users, max_steps=args.max_steps,
         start=args.start, encoding=args.encoding, seed=args.seed, progress=not args.no_progress,
     )
-    mapper: list = []
-    report = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model,
-                            keep_mapper=mapper)
+    result = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model)
+    report = result.report
     report["command"] = "paramcast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:
         suffix = ("-network" if args.mode == "network" else "") + args.suffix
         path = write_json(report, f"{args.out}/simulation-{data.name}{suffix}.json")
         report["files"] = [str(path)] + [str(f) for f in plot(report, args.out, suffix)]
-        if mapper:  # the IDEAL gate's fitted mapper, for devices that run the gate with these thresholds
-            report["files"].append(str(mapper[0].save(f"{args.out}/ideal-mapper-{data.name}{suffix}.npz")))
+        if result.mapper is not None:  # the IDEAL gate's fitted mapper, for devices that run the gate
+            report["files"].append(str(result.mapper.save(f"{args.out}/ideal-mapper-{data.name}{suffix}.npz")))
         write_json(report, path)
     if args.json:
         json.dump(report, sys.stdout, indent=2)

@@ -22,8 +22,7 @@ from tqdm import tqdm
 from paramcast.cloud.bundles import generate_bundles, generate_parameters
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import Adapters, DeviceModel, left_pad
-from paramcast.common.bundle import ENCODINGS, dequantize, quantize
-from paramcast.common.errors import InvalidInput
+from paramcast.common.bundle import check_encoding, dequantize, quantize
 from paramcast.common.serde import encode_bundle
 from paramcast.simulation.timelines import Timelines
 
@@ -37,13 +36,11 @@ class FactorTable:
     """
 
     def __init__(self, slot_shapes: dict[str, tuple[int, int]], rank: int, n_rows: int, encoding: str):
-        if encoding not in ENCODINGS:
-            raise InvalidInput("encoding", f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+        dtype = check_encoding(encoding).stored_as
         self.encoding, self.rank = encoding, rank
         self.shapes = {slot: ((d_in, rank), (rank, d_out)) for slot, (d_in, d_out) in slot_shapes.items()}
         self.values: dict[str, list[np.ndarray]] = {}
         self.scales: dict[str, list[np.ndarray]] = {}
-        dtype = {"int8": np.int8, "fp16": np.float16, "fp32": np.float32}[encoding]
         for slot, shapes in self.shapes.items():
             self.values[slot] = [np.zeros((n_rows, *s), dtype=dtype) for s in shapes]
             self.scales[slot] = [np.zeros((n_rows, s[0]), dtype=np.float32) for s in shapes]

@@ -15,24 +15,17 @@ micro-batching, encoding, verification, and the load a fleet puts on one server.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from paramcast.cloud.model import Adapters
 from paramcast.common.errors import InvalidInput, ParamCastError
+from paramcast.common.loop import LoopThread
+from paramcast.device.client import AsyncParamClient
 from paramcast.simulation.timelines import Timelines
-
-READY = re.compile(r"paramcast serve ready on (\S+)")
 
 
 @dataclass
@@ -68,8 +61,6 @@ class NetworkSource:
     def __init__(self, target: str, tl: Timelines, model_id: str, base_version: str,
                  slot_shapes: dict[str, tuple[int, int]], rank: int, window: int, encoding: str = "int8",
                  device_prefix: str = "sim", timeout_s: float = 30.0):
-        from paramcast.device.client import AsyncParamClient
-
         self.target, self.tl, self.model_id, self.base_version = target, tl, model_id, base_version
         self.window, self.encoding, self.timeout_s = window, encoding, timeout_s
         self.device_ids = [f"{device_prefix}-{tl.data.user_raw_ids[int(u)]}" for u in tl.users]
@@ -78,17 +69,12 @@ class NetworkSource:
                      for slot, (d_in, d_out) in slot_shapes.items()}
         self.received_bytes = np.zeros(D, dtype=np.int64)
         self.stats = NetworkStats()
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="sim-devices", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread("sim-devices")
 
         async def make_clients():
             return [AsyncParamClient(target, device_id=d, timeout_s=timeout_s) for d in self.device_ids]
 
-        self.clients = self._run(make_clients())
-
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        self.clients = self._loop.run(make_clients())
 
     # -- Source ----------------------------------------------------------------------------------
     def reset(self, start: str) -> None:
@@ -126,7 +112,7 @@ class NetworkSource:
                                                                                              strict=True))))
 
         t0 = time.perf_counter()
-        results = self._run(all_calls())
+        results = self._loop.run(all_calls())
         self.stats.busy_seconds += time.perf_counter() - t0
         self.stats.max_in_flight = max(self.stats.max_in_flight, len(devices))
         ok = np.zeros(len(devices), dtype=bool)
@@ -153,70 +139,6 @@ class NetworkSource:
         async def close_all():
             await asyncio.gather(*(c.close() for c in self.clients))
 
-        self._run(close_all())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
+        self._loop.run(close_all())
+        self._loop.stop()
 
-
-class ServeProcess:
-    """`paramcast serve` in a child process on loopback, port chosen by the OS.
-
-    Waits for the server's readiness line; `stop()` sends SIGTERM (graceful drain) and waits.
-    """
-
-    def __init__(self, models: list[str | Path], threads: int = 1, max_batch: int = 256,
-                 max_delay_ms: float = 2.0, extra: list[str] | None = None, ready_timeout_s: float = 180.0):
-        cmd = [sys.executable, "-m", "paramcast.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--threads", str(threads), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms),
-               "--max-queue", "100000"]
-        for m in models:
-            cmd += ["--model", str(m)]
-        cmd += extra or []
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        root = Path(__file__).resolve().parents[2]  # run from the source tree this module belongs to
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                     cwd=root)
-        self.output: list[str] = []
-        self.target = self._wait_ready(ready_timeout_s)
-        # Keep draining the server's output so it never blocks on a full pipe.
-        self._drain = threading.Thread(target=self._pump, daemon=True)
-        self._drain.start()
-
-    def _wait_ready(self, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.output.append(line.rstrip())
-            m = READY.search(line)
-            if m:
-                return m.group(1)
-        self.stop()
-        tail = "\n".join(self.output[-20:])
-        raise ParamCastError(f"paramcast serve did not become ready within {timeout_s:.0f}s:\n{tail}")
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip())
-            del self.output[:-200]
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> ServeProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

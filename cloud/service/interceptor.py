@@ -1,10 +1,11 @@
-"""Typed errors to gRPC status codes, in one place: the interceptor every ParamService call passes.
+"""The interceptor every ParamService call passes: typed errors become status codes here.
 
-The servicer and the core raise domain errors (`common.errors`, plus the service's own below);
-`ErrorInterceptor` turns each into the status code the .proto documents, with the error's own
-message (they are written for the caller and name the field at fault). Anything else becomes
-INTERNAL with a generic message and an incident id; the traceback goes to the server log under
-the same id, never to the client.
+The servicer and the core raise domain errors (`common.errors`); `ErrorInterceptor` answers each
+with the status code the .proto documents (`common.status`, the one table both directions read),
+with the error's own message (they are written for the caller and name the field at fault) and,
+for a rate-limited device, the `retry-after-ms` trailer. Anything else becomes INTERNAL with a
+generic message and an incident id; the traceback goes to the server log under the same id, never
+to the client.
 
 The interceptor also owns the two things every call needs once: request bytes that do not parse
 are answered INVALID_ARGUMENT (gRPC's default would be UNKNOWN with the parser's exception text),
@@ -21,69 +22,10 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from paramcast.common.errors import (
-    IntegrityError,
-    InvalidInput,
-    ModelNotFound,
-    ParamCastError,
-    PermissionDenied,
-    RateLimited,
-    Unauthenticated,
-    VersionMismatch,
-)
+from paramcast.common.errors import InvalidInput
+from paramcast.common.status import status_of, trailers_of
 
 log = logging.getLogger("paramcast.service")
-
-
-class OutOfRange(InvalidInput):
-    """A position (GetModel offset) beyond the end of what exists."""
-
-
-class DeadlineExpired(ParamCastError):
-    """The call's deadline passed while it waited for the generator; it was dropped before compute."""
-
-
-class DeviceRateLimited(RateLimited):
-    """One device exceeded its request rate; `retry_after_s` says when a token is next available."""
-
-    def __init__(self, message: str, retry_after_s: float):
-        self.retry_after_s = retry_after_s
-        super().__init__(message)
-
-
-class Overloaded(RateLimited):
-    """The generation queue is full: the server as a whole is over capacity."""
-
-
-class ShuttingDown(ParamCastError):
-    """The server is draining and accepts no new work."""
-
-
-# Most specific first: OutOfRange is an InvalidInput, DeviceRateLimited a RateLimited.
-_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
-    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
-    (VersionMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
-)
-# Errors that mean the server itself is broken (e.g. a package file that no longer verifies):
-# the caller learns nothing useful from their text, so they are treated like any unexpected error.
-_INTERNAL_ONLY = (IntegrityError,)
-
-
-def status_of(exc: BaseException) -> grpc.StatusCode | None:
-    """The status code a typed error maps to; None for anything that must become INTERNAL."""
-    if isinstance(exc, _INTERNAL_ONLY):
-        return None
-    for cls, code in _STATUS:
-        if isinstance(exc, cls):
-            return code
-    return None
 
 
 class _Malformed:
@@ -194,7 +136,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             incident = uuid.uuid4().hex[:12]
             log.error("%s failed (incident %s)", method, incident, exc_info=exc)
             return grpc.StatusCode.INTERNAL, f"internal error (incident {incident})"
-        if isinstance(exc, DeviceRateLimited):
-            # Machine-readable hint beside the status, so a client can wait exactly that long.
-            context.set_trailing_metadata((("retry-after-ms", str(max(1, round(exc.retry_after_s * 1000)))),))
+        trailers = trailers_of(exc)
+        if trailers:  # machine-readable hints beside the status (a rate-limited device's wait)
+            context.set_trailing_metadata(trailers)
         return code, str(exc)
