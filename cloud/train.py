@@ -1,16 +1,17 @@
 """Training: the static device model, the cloud model, then the generator that distils the cloud
 model into per-device deltas, with both models frozen.
 
-Stage 1 trains the device model (SASRec sized for a device) with softmax cross-entropy over the
-catalogue (or over shared sampled negatives for very large catalogues); Klenitskiy & Vasilev
-(RecSys 2023) showed this reaches the original binary-loss quality in far fewer epochs. The cloud
-stage trains the cloud model (cloud/cloud_model.py: whole history, wider, deeper, side features)
-the same way on the same users. The generator stage is DUET's setting with a teacher: the device
-model is frozen and the generator, reading the cloud model's view of the history up to a random
-cut plus the device's own state there, emits a delta (and masks); the loss is cross-entropy on the
-next items after the cut plus the KL divergence from the cloud model's next-item distribution at
-those positions, so the device with its delta ranks as the cloud does, and keeps doing so for a
-while as its window moves on. Every stage stops early on validation NDCG@10 and keeps the best
+The static stage trains the device model (SASRec sized for a device) with one of the losses in
+cloud/losses.py (`TrainConfig.loss`; the default, cloud/presets.py DEFAULT_LOSS, is the one
+validation chose on both evaluation protocols). The cloud stage trains the cloud model
+(cloud/cloud_model.py: whole history, wider, deeper, side features) the same way on the same users.
+The generator stage is DUET's setting with a teacher: the device model is frozen and the generator,
+reading the cloud model's view of the history up to a random cut plus the device's own state
+there, emits a delta (and masks); the loss is cross-entropy on the next items after the cut plus
+the KL divergence from the cloud model's next-item distribution at those positions, so the device
+with its delta ranks as the cloud does, and keeps doing so for a while as its window moves on.
+Every stage validates on a fixed validation sample (every `eval_every` epochs for the sequence
+models), stops after `patience` epochs without a better validation NDCG@10 and keeps the best
 weights; runs are reproducible for a seed.
 """
 
@@ -30,8 +31,10 @@ from tqdm import tqdm
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.generator import KEEP_RATIOS, Generator, build_generator, window_batch
+from paramcast.cloud.losses import LossConfig, sequence_loss
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
-from paramcast.common.evaluation import LeaveOneOut
+from paramcast.cloud.presets import DEFAULT_LOSS
+from paramcast.common.evaluation import FULL_PREFIX, LeaveOneOut
 from paramcast.common.interactions import InteractionLog
 
 log = logging.getLogger(__name__)
@@ -43,12 +46,18 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 5  # evaluations without validation improvement before stopping
-    loss: str = "auto"  # "ce" (full softmax), "sampled" (shared negatives), "auto": ce up to 50k items
-    n_negatives: int = 1024
+    patience: int = 5  # epochs without validation improvement before stopping
+    eval_every: int = 1  # stage-1 epochs between validations (the last epoch is always validated)
+    select: str = "sampled"  # protocol whose validation NDCG@10 early stopping maximises: sampled | full
+    valid_full: bool = True  # the static stage also records full-ranking validation NDCG@10
+    loss: str = "auto"  # cloud/losses.py: bce | gbce | sampled | ce | a mixture x+y; auto = DEFAULT_LOSS
+    n_negatives: int = 0  # 0 = the loss's default (cloud/losses.py DEFAULT_NEGATIVES)
+    gbce_t: float = 0.75
+    logq: bool = False
+    mix_weight: float = 1.0
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # 0 = all cores
+    threads: int = 0  # torch CPU threads; 0 = every core this process may run on
     cold_fraction: float = 0.1  # users held out of training entirely, for cold-start evaluation
     valid_users: int = 0  # 0 = all; otherwise a fixed sample of validation users for early stopping
     # generator stage
@@ -78,6 +87,29 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def loss_config(self, n_items: int) -> LossConfig:
+        """The loss to train with; `auto` is DEFAULT_LOSS, except that a full softmax over more than
+        CE_MAX_ITEMS items falls back to sampled softmax with logQ correction."""
+        name = DEFAULT_LOSS if self.loss == "auto" else self.loss
+        logq = self.logq
+        if self.loss == "auto" and "ce" in name.split("+") and n_items > CE_MAX_ITEMS:
+            name, logq = name.replace("ce", "sampled"), True
+        cfg = LossConfig(name=name, n_negatives=self.n_negatives, gbce_t=self.gbce_t, logq=logq,
+                         mix_weight=self.mix_weight)
+        cfg.components()  # fails early, naming the loss, if it is unknown
+        return cfg
+
+
+CE_MAX_ITEMS = 50_000
+
+
+def resolve_threads(threads: int) -> int:
+    """Torch CPU threads, set explicitly: `threads`, or every core this process may run on."""
+    if threads <= 0:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -104,21 +136,6 @@ def split_users(log_: InteractionLog, cold_fraction: float, seed: int) -> tuple[
     return warm, cold
 
 
-def _ce_loss(states: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, cfg: TrainConfig,
-             n_items: int, gen: torch.Generator | None) -> torch.Tensor:
-    """Cross-entropy of (P, d) user states against (P,) target items."""
-    use_full = cfg.loss == "ce" or (cfg.loss == "auto" and n_items <= 50_000)
-    if use_full:
-        logits = states @ item_emb.T  # (P, n_items + 1)
-        logits[:, 0] = float("-inf")  # padding is never a target
-        return F.cross_entropy(logits, targets)
-    negs = torch.randint(1, n_items + 1, (cfg.n_negatives,), generator=gen).to(states.device)  # (K,)
-    pos = (states * item_emb[targets]).sum(-1, keepdim=True)  # (P, 1)
-    neg = states @ item_emb[negs].T  # (P, K)
-    neg = neg.masked_fill(negs[None, :] == targets[:, None], float("-inf"))  # a sampled positive is no negative
-    return F.cross_entropy(torch.cat([pos, neg], dim=1), torch.zeros_like(targets))
-
-
 class Trainer:
     """Holds the data views both stages use; `fit()` runs stage 1 then stage 2."""
 
@@ -126,8 +143,8 @@ class Trainer:
                  evaluator):
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
         self.torch_device = resolve_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.threads = resolve_threads(cfg.threads)
+        self.loss_cfg = cfg.loss_config(data.n_items)
         seed_everything(cfg.seed)
         self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
         self.split = LeaveOneOut.of(data, self.warm)
@@ -138,10 +155,14 @@ class Trainer:
         if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
             rng = np.random.default_rng(cfg.seed)
             self.valid_users = np.sort(rng.choice(self.valid_users, cfg.valid_users, replace=False))
-        self.evaluator = evaluator  # (ckpt, users, stage, variants) -> {variant: per-user metrics}
+        # (checkpoint, data, users, stage, variants, protocol=) -> {variant: per-user metrics}
+        self.evaluator = evaluator
         self.rng = np.random.default_rng(cfg.seed)
         self.torch_gen = torch.Generator().manual_seed(cfg.seed)
+        # Negatives are drawn on the device that uses them.
+        self.negatives_gen = torch.Generator(device=self.torch_device).manual_seed(cfg.seed + 1)
         self.history: dict[str, list] = {"static": [], "cloud": [], "generator": []}
+        self.best_epoch: dict[str, int] = {}
 
     # -- stage 1 ----------------------------------------------------------------------------------
     def _batch_order(self, seqs: list[np.ndarray], bs: int) -> list[np.ndarray]:
@@ -162,19 +183,22 @@ class Trainer:
     def _sequence_batches(self, seqs: list[np.ndarray], max_len: int, batch_size: int):
         for idx in self._batch_order(seqs, batch_size):
             x = left_pad([seqs[i] for i in idx], max_len + 1, trim=True)  # (B, T+1)
-            yield x[:, :-1], x[:, 1:]  # inputs, next items
+            yield x[:, :-1], x[:, 1:], x  # inputs, next items, the row's own items (never its negatives)
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
-             step, epochs: int, patience: int, validate, train_modes) -> float:
-        """The loop both stages share: Adam over `params`, one validation per epoch, early stopping.
+             step, epochs: int, patience: int, validate, train_modes, every: int = 1) -> float:
+        """The loop both stages share: Adam over `params`, validation every `every` epochs (and after
+        the last), early stopping after `patience` epochs without improvement.
 
-        `step(batch)` returns the loss; `validate()` the selection score; `train_modes(on)` switches
-        the modules being trained. The best state of `selected` is restored at the end, and an
-        untrained start (epoch 0) competes too when `stage` is the generator's."""
+        `step(batch)` returns the loss; `validate()` a dict of validation scores whose "select" entry
+        is maximised; `train_modes(on)` switches the modules being trained. The best state of
+        `selected` is restored at the end, and an untrained start (epoch 0) competes too when
+        `stage` is the generator's."""
         cfg = self.cfg
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-        best = validate() if stage == "generator" else float("-inf")
-        untrained, best_state, bad = best, copy.deepcopy(selected.state_dict()), 0
+        best = validate()["select"] if stage == "generator" else float("-inf")
+        untrained, best_state, best_epoch = best, copy.deepcopy(selected.state_dict()), 0
+        every = max(1, every)
         for epoch in range(1, epochs + 1):
             train_modes(True)
             t0, total = time.perf_counter(), 0.0
@@ -187,44 +211,49 @@ class Trainer:
                 total += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             train_modes(False)
-            score = validate()
-            seconds = time.perf_counter() - t0
-            self.history[stage].append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": score,
-                                        "seconds": seconds})
-            log.info("%s epoch %d loss %.4f valid ndcg@10 %.4f (best %.4f, at start %.4f, %.1fs)", stage, epoch,
-                     total / n_batches, score, max(best, score), untrained, seconds)
-            if score > best:
-                best, best_state, bad = score, copy.deepcopy(selected.state_dict()), 0
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
+            record: dict = {"epoch": epoch, "loss": total / n_batches, "train_seconds": time.perf_counter() - t0}
+            if epoch % every == 0 or epoch == epochs:
+                scores = validate()
+                record.update({f"valid_{k}": v for k, v in scores.items() if k != "select"})
+                score = scores["select"]
+                log.info("%s epoch %d loss %.4f valid %s (best %.4f at epoch %d, at start %.4f, %.1fs)", stage,
+                         epoch, record["loss"], {k: round(v, 4) for k, v in scores.items()}, max(best, score),
+                         epoch if score > best else best_epoch, untrained, time.perf_counter() - t0)
+                if score > best:
+                    best, best_state, best_epoch = score, copy.deepcopy(selected.state_dict()), epoch
+            record["seconds"] = time.perf_counter() - t0
+            self.history[stage].append(record)
+            if epoch - best_epoch >= patience:
+                break
         selected.load_state_dict(best_state)
+        self.best_epoch[stage] = best_epoch
         return best
 
     def _train_next_item(self, stage: str, model: DeviceModel | CloudModel, seqs: list[np.ndarray], max_len: int,
-                         random_masks: bool, validate, batch_size: int, lr: float) -> None:
-        """Next-item training of one model on `seqs` (stage 1 and the cloud stage)."""
+                         random_masks: bool, ckpt: Checkpoint, variant: str, batch_size: int, lr: float) -> None:
+        """Next-item training of one model on `seqs` (the static and the cloud stage), validated as
+        `variant` of `ckpt`."""
         cfg, dev = self.cfg, self.torch_device
 
         def step(batch) -> torch.Tensor:
-            inp, tgt = (t.to(dev) for t in batch)
+            inp, tgt, own = (t.to(dev) for t in batch)
             masks = None
             if random_masks and self.rng.random() < cfg.slim_train_prob:
                 assert isinstance(model, DeviceModel)
                 masks = self._random_masks(model, len(inp))
             states = model.user_states(inp, None, masks)  # (B, L, d)
-            keep = tgt > 0
-            return _ce_loss(states[keep], tgt[keep], model.output_table(), cfg, self.data.n_items, self.torch_gen)
+            return sequence_loss(self.loss_cfg, states, model.output_table(), tgt, own, self.data.n_items,
+                                 self.negatives_gen)
 
+        protocol = "both" if cfg.valid_full else cfg.select
         self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
-                  -(-len(seqs) // batch_size), step, cfg.epochs, cfg.patience, validate, model.train)
+                  -(-len(seqs) // batch_size), step, cfg.epochs, cfg.patience,
+                  lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every)
 
     def train_static(self) -> DeviceModel:
         model = DeviceModel(self.model_cfg).to(self.torch_device)
         self._train_next_item("static", model, self.static_seqs, self.model_cfg.max_len, True,
-                              lambda: self._valid_ndcg(Checkpoint("train", model), ["static"]),
-                              self.cfg.batch_size, self.cfg.lr)
+                              Checkpoint("train", model), "static", self.cfg.batch_size, self.cfg.lr)
         return model.eval()
 
     def train_cloud(self, device_model: DeviceModel, cloud_cfg: CloudModelConfig) -> CloudModel:
@@ -232,8 +261,7 @@ class Trainer:
         features = self.data.item_features if self.cfg.side_features else {}
         cloud = CloudModel.for_data(cloud_cfg, features).to(self.torch_device)
         self._train_next_item("cloud", cloud, self.train_seqs, cloud_cfg.max_len, False,
-                              lambda: self._valid_ndcg(Checkpoint("train", device_model, cloud_model=cloud),
-                                                       ["cloud"]),
+                              Checkpoint("train", device_model, cloud_model=cloud), "cloud",
                               self.cfg.cloud_batch_size or self.cfg.batch_size, self.cfg.cloud_lr or self.cfg.lr)
         return cloud.eval()
 
@@ -316,16 +344,22 @@ class Trainer:
         train_modes(False)
         self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window, cloud.cfg.max_len),
                   -(-len(self.train_seqs) * cfg.gen_cuts // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
-                  lambda: self._valid_ndcg(Checkpoint("train", model, gen, cloud_model=cloud), selection),
+                  lambda: self._validate(Checkpoint("train", model, gen, cloud_model=cloud), selection, cfg.select),
                   train_modes)
         model.requires_grad_(True)
         cloud.requires_grad_(True)
         return gen.eval()
 
-    def _valid_ndcg(self, ckpt: Checkpoint, variants: list[str]) -> float:
-        """Mean validation NDCG@10 over `variants` (each averaged over the validation users)."""
-        per_variant = self.evaluator(ckpt, self.data, self.valid_users, "valid", variants)
-        return float(np.mean([np.mean(per_variant[v]["ndcg@10"]) for v in variants]))
+    def _validate(self, ckpt: Checkpoint, variants: list[str], protocol: str) -> dict[str, float]:
+        """Validation NDCG@10 per protocol (averaged over `variants`, each over the validation users),
+        and under "select" the one early stopping maximises."""
+        per_variant = self.evaluator(ckpt, self.data, self.valid_users, "valid", variants, protocol=protocol)
+        scores = {}
+        for name, metric in (("ndcg@10", "ndcg@10"), ("full:ndcg@10", FULL_PREFIX + "ndcg@10")):
+            if metric in per_variant[variants[0]]:
+                scores[name] = float(np.mean([np.mean(per_variant[v][metric]) for v in variants]))
+        scores["select"] = scores["full:ndcg@10" if self.cfg.select == "full" else "ndcg@10"]
+        return scores
 
 
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
@@ -369,8 +403,11 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
         "train_config": cfg.to_dict(),
         "history": trainer.history if start is None else {**start.meta.get("history", {}), **{
             k: v for k, v in trainer.history.items() if v}},
+        "best_epoch": trainer.best_epoch if start is None else {**start.meta.get("best_epoch", {}),
+                                                                 **trainer.best_epoch},
+        "loss": trainer.loss_cfg.to_dict(),
         "seconds": seconds,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": trainer.threads,
         "cpu_count": os.cpu_count(),
     }
     model_id = f"sasrec-{data.name}"

@@ -41,7 +41,7 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     subprocess.run([sys.executable, "-m", "paramcast.cli", "evaluate", "--model", str(out), "--data", args.data,
-                    "--json", "--out", str(report_file)], check=True, stdout=subprocess.DEVNULL)
+                    "--protocol", "both", "--json", "--out", str(report_file)], check=True, stdout=subprocess.DEVNULL)
     meta = json.loads((out / "checkpoint.json").read_text())
     return {"report": json.loads(report_file.read_text()), "checkpoint": meta, "wall_seconds": wall}
 
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     doc["seeds"] = [
         {
             "seed": seed,
-            **{v: {m: r["report"][v][m] for m in ("hr@10", "ndcg@10", "auc") if m in r["report"][v]}
-               for v in SEED_KEYS if v in r["report"]},
+            **{v: {m: r["report"][v][m] for m in ("hr@10", "ndcg@10", "auc", "full:hr@10", "full:ndcg@10")
+                   if m in r["report"][v]} for v in SEED_KEYS if v in r["report"]},
             "details": {
                 "wall_seconds": r["wall_seconds"],
                 "seconds": r["checkpoint"]["meta"]["seconds"],

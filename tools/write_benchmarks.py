@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NOTES = ROOT / "benchmarks" / "notes"
 METRICS = ("hr@10", "ndcg@10", "auc")
+FULL_METRICS = ("full:hr@10", "full:ndcg@10")
 
 
 def load(name: str) -> dict | None:
@@ -37,12 +38,14 @@ def quality_section(doc: dict) -> str:
     meta = doc["meta"]
     name = meta["dataset"]
     out = [f"### {name}", "", f"Command: `{meta['command']}`", ""]
-    out.append("| variant | " + " | ".join(f"{m} [95% CI]" for m in METRICS) + " |")
-    out.append("|---|" + "---|" * len(METRICS))
+    # Full-catalogue columns where the report has them (`paramcast evaluate --protocol both`).
+    metrics = METRICS + tuple(m for m in FULL_METRICS if m in doc.get("static", {}))
+    out.append("| variant | " + " | ".join(f"{m} [95% CI]" for m in metrics) + " |")
+    out.append("|---|" + "---|" * len(metrics))
     for variant, ms in doc.items():
         if variant in ("seeds", "meta", "sizes") or not isinstance(ms, dict) or "ndcg@10" not in ms:
             continue
-        out.append(f"| `{variant}` | " + " | ".join(cell(ms[m]) if m in ms else "" for m in METRICS) + " |")
+        out.append(f"| `{variant}` | " + " | ".join(cell(ms[m]) if m in ms else "" for m in metrics) + " |")
     first = doc["seeds"][0]["seed"]
     if "generated-static" in doc:
         rel = doc["generated-static"]["ndcg@10"]["value"] / doc["static"]["ndcg@10"]["value"]
@@ -97,6 +100,37 @@ def quality_section(doc: dict) -> str:
     out += ["", f"Device model: {meta['device_config']}. Cloud model: {meta.get('cloud_config')}. "
             f"Generator: {meta['generator_config']}. Training: {cfg}."]
     return "\n".join(out) + "\n" + note(f"quality-{name}")
+
+
+def reference_section(doc: dict) -> str:
+    """Loss x protocol table of one `tools/bench_reference.py` run."""
+    out = [f"### {doc['dataset']}", "", f"Command: `{doc['meta']['command']}`", ""]
+    target = doc.get("target")
+    if target:
+        out += [f"Published reference (test, sampled protocol): HR@10 {target['hr@10']:.4f} / "
+                f"NDCG@10 {target['ndcg@10']:.4f}.", ""]
+    out += ["| loss | valid HR@10 | valid NDCG@10 | valid full NDCG@10 | test HR@10 [95% CI] | "
+            "test NDCG@10 [95% CI] | test full HR@10 | test full NDCG@10 [95% CI] | epochs (best) | s | "
+            "peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ci(r: dict, protocol: str, m: str) -> str:
+        lo, hi = r[protocol]["ci"][m]
+        return f"{r[protocol][m]:.4f} [{lo:.4f}, {hi:.4f}]"
+
+    for r in doc["losses"]:
+        v = r["valid"]
+        mark = " (best)" if r["loss"] == doc["best"] else ""
+        reach = " ✓" if r.get("reaches_target") else ""
+        out.append(f"| `{r['loss']}`{mark} | {v['sampled']['hr@10']:.4f} | {v['sampled']['ndcg@10']:.4f} | "
+                   f"{v['full']['ndcg@10']:.4f} | {ci(r, 'sampled', 'hr@10')}{reach} | {ci(r, 'sampled', 'ndcg@10')} | "
+                   f"{r['full']['hr@10']:.4f} | {ci(r, 'full', 'ndcg@10')} | {r['epochs']} ({r['best_epoch']}) | "
+                   f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+    sel = doc["selection"]
+    out += ["", f"Chosen on validation: **`{doc['best']}`** (rule: {sel['rule']}; qualifying: "
+            f"{', '.join(f'`{q}`' for q in sel['qualifying'])}). ✓ marks a test HR@10 and NDCG@10 at or above the "
+            "published reference's. Seconds are the wall time of `paramcast train` (validation included) at "
+            f"{doc['meta']['threads']} threads."]
+    return "\n".join(out) + "\n" + note(f"reference-{doc['dataset']}")
 
 
 def device_section(doc: dict) -> str:
@@ -177,12 +211,20 @@ def render() -> str:
              "absolute times are noisy; ratios are measured within one run).", note("summary")]
     quality = sorted(RESULTS.glob("quality-*.json"))
     if quality:
-        parts += ["## Quality (SASRec protocol: leave-one-out, 100 sampled negatives)", "",
+        parts += ["## Quality (leave-one-out; 100 sampled negatives, and the full catalogue in `full:*` columns)", "",
                   "`static` is the device model alone; `generated` adds a delta generated from the window ending at "
                   "the evaluation point; `slimmed@k` also applies the generated subnet at keep ratio k; `stale@k` uses "
                   "the delta generated k interactions earlier; `int8` is `generated` after the wire encoding; "
                   "`cold:*` are users held out of training entirely. Differences (`a-b`) are paired over users.", ""]
         parts += [quality_section(json.loads(p.read_text())) for p in quality]
+    reference = sorted(RESULTS.glob("reference-*.json"))
+    if reference:
+        parts += ["## Training losses on both protocols (`paramcast train --preset sasrec-reference`)", "",
+                  "Sampled: the target among 100 unseen items sampled uniformly (SASRec's protocol). Full: the "
+                  "target among the whole catalogue, the user's other items excluded (`full:*` in "
+                  "`paramcast evaluate --protocol both`). Static device model, seed 42, every user in training.",
+                  note("reference")]
+        parts += [reference_section(json.loads(p.read_text())) for p in reference]
     sim = sorted(RESULTS.glob("simulation-*.json"))
     if sim:
         parts += ["## Request policies and simulation", ""]
