@@ -194,6 +194,21 @@ def service_section(doc: dict) -> str:
     return "\n".join(out) + "\n" + note("service")
 
 
+def oracle_section(doc: dict, name: str) -> str:
+    out = [f"### {name}", "", f"Command: `{doc['command']}` ({doc['users']} validation users, {doc['steps']} Adam "
+           f"steps per fit). Static NDCG@10 {doc['static']['ndcg@10']:.4f}, cloud {doc['cloud']['ndcg@10']:.4f}.", "",
+           "| slot | rank | generated parameters | NDCG@10 | gap closed [95% CI] | NDCG@10 after int8 |",
+           "|---|---|---|---|---|---|"]
+    for r in doc["oracle"]:
+        lo, hi = r["gap_closed_ci"]
+        out.append(f"| {r['slot']} | {r['rank'] if r['rank'] is not None else '-'} | {r['parameters']} | "
+                   f"{r['ndcg@10']:.4f} | {r['gap_closed']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                   f"{r['int8_ndcg@10']:.4f} |" if "int8_ndcg@10" in r else
+                   f"| {r['slot']} | - | {r['parameters']} | {r['ndcg@10']:.4f} | {r['gap_closed']:.2f} "
+                   f"[{lo:.2f}, {hi:.2f}] | - |")
+    return "\n".join(out) + "\n" + note(f"oracle-{name}")
+
+
 def simulation_section(doc: dict, name: str) -> str:
     out = [f"### {name}", "", f"Command: `{doc.get('command', '')}`", "",
            "| policy | request rate | NDCG@10 [95% CI] | HR@10 | AUC | bytes per device |", "|---|---|---|---|---|---|"]
@@ -212,11 +227,19 @@ def render() -> str:
     quality = sorted(RESULTS.glob("quality-*.json"))
     if quality:
         parts += ["## Quality (leave-one-out; 100 sampled negatives, and the full catalogue in `full:*` columns)", "",
-                  "`static` is the device model alone; `generated` adds a delta generated from the window ending at "
-                  "the evaluation point; `slimmed@k` also applies the generated subnet at keep ratio k; `stale@k` uses "
+                  "`static` is the device model alone; `cloud` is the cloud model on the whole history (every "
+                  "interaction served by the cloud: the upper bound); `generated` adds a delta generated from the "
+                  "history ending at the evaluation point; `slimmed@k` also applies the generated subnet at keep ratio k; `stale@k` uses "
                   "the delta generated k interactions earlier; `int8` is `generated` after the wire encoding; "
                   "`cold:*` are users held out of training entirely. Differences (`a-b`) are paired over users.", ""]
         parts += [quality_section(json.loads(p.read_text())) for p in quality]
+    oracle = sorted(RESULTS.glob("oracle-*.json"))
+    if oracle:
+        parts += ["## What the delta format can carry (oracle)", "",
+                  "Per-user factors fitted directly against the cloud model's next-item distribution on the device's "
+                  "own window (tools/bench_oracle.py; cloud/oracle.py); `gap closed` = (oracle - static) / "
+                  "(cloud - static) on the validation split.", ""]
+        parts += [oracle_section(json.loads(p.read_text()), p.stem.removeprefix("oracle-")) for p in oracle]
     reference = sorted(RESULTS.glob("reference-*.json"))
     if reference:
         parts += ["## Training losses on both protocols (`paramcast train --preset sasrec-reference`)", "",
