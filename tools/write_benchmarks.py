@@ -230,7 +230,8 @@ def render() -> str:
                   "`static` is the device model alone; `cloud` is the cloud model on the whole history (every "
                   "interaction served by the cloud: the upper bound); `generated` adds a delta generated from the "
                   "history ending at the evaluation point; `slimmed@k` also applies the generated subnet at keep "
-                  "ratio k; `stale@k` uses the delta generated k interactions earlier; `int8` is `generated` after the wire encoding; "
+                  "ratio k; `stale@k` uses the delta generated k interactions earlier; `int8` is `generated` after "
+                  "the wire encoding; "
                   "`cold:*` are users held out of training entirely. Differences (`a-b`) are paired over users.", ""]
         parts += [quality_section(json.loads(p.read_text())) for p in quality]
     oracle = sorted(RESULTS.glob("oracle-*.json"))
