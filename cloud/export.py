@@ -12,7 +12,8 @@ The package is the contract between the cloud and every device (its format: `com
   with) and `behaviour` (B, d) (the backbone's last state, before the adapted head).
 - `manifest.json` describes that graph (ids, sizes, input/output names and shapes, slots and their
   maximum rank), names for each unit group the initializers and axes that slimming slices (and
-  the factor inputs whose width follows the group), and records the sha256 of every other file.
+  the factor inputs whose width follows the group), records the size and sha256 of every other
+  file, and its own digest (`manifest_sha256`, see `device.package.manifest_digest`).
 
 Weights keep their PyTorch names and layouts inside the graph (`blocks.0.ffn_in.weight` is stored
 (f, d) and transposed by a node), so the slicing plan in the manifest is the model's own slicing
@@ -40,7 +41,14 @@ from torch import nn
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import DeviceModel
 from paramcast.common.errors import InvalidInput
-from paramcast.common.package import FORMAT, FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE
+from paramcast.common.package import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_DIGEST_KEY,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    manifest_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +172,7 @@ def export_package(
         },
         "files": {MODEL_FILE: {"sha256": hashlib.sha256(model_bytes).hexdigest(), "bytes": len(model_bytes)}},
     }
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     _write_atomic(out / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
     log.info("exported %s (base %s) to %s: %d bytes", ckpt.model_id, ckpt.base_version, out,
              len(model_bytes))

@@ -28,6 +28,7 @@ for each alone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 import time
@@ -38,7 +39,7 @@ from typing import cast
 
 import numpy as np
 
-from paramcast.common.errors import InvalidInput, VersionMismatch
+from paramcast.common.errors import DeviceMismatch, InvalidInput, VersionMismatch
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ ENCODING: dict[str, Encoding] = {e.name: e for e in (
 ENCODINGS = tuple(ENCODING)  # ("int8", "fp16", "fp32")
 DTYPE_CODES = {e.name: e.dtype_code for e in ENCODING.values()}
 
-CHECKSUM_MAGIC = b"PCB1"  # format tag at the start of the canonical payload
+CHECKSUM_MAGIC = b"PCB2"  # format tag at the start of the canonical payload (2: device_id joined it)
 INT8_FLUSH = 2.0**-100  # int8 rows with max|row| below this encode as zeros (see module docstring)
 
 
@@ -216,7 +217,8 @@ def dequantize(t: EncodedTensor) -> np.ndarray:
     if len(t.row_scales) != 4 * rows:
         raise InvalidInput("row_scales", f"{len(t.row_scales)} bytes, expected {4 * rows}")
     scales = np.frombuffer(t.row_scales, dtype="<f4").astype(np.float32)  # (rows,)
-    return values.astype(np.float32) * scales.reshape((rows,) + (1,) * (len(t.shape) - 1))
+    with np.errstate(over="ignore"):  # q * scale beyond float32 is inf, which decoders then refuse
+        return values.astype(np.float32) * scales.reshape((rows,) + (1,) * (len(t.shape) - 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,11 +280,13 @@ def payload_checksum(
     expires_at_ms: int,
     slots: Sequence[tuple[str, EncodedTensor, EncodedTensor]],
     masks: Sequence[tuple[str, int, bytes]],
+    device_id: str = "",
 ) -> bytes:
     """SHA-256 (32 bytes) of the canonical payload, in wire order.
 
     Layout (integers little-endian; defined once more in the .proto at DeltaBundle.checksum):
-        "PCB1" str(bundle_id) str(model_id) str(base_version) i64(created_at_ms) i64(expires_at_ms)
+        "PCB2" str(bundle_id) str(model_id) str(base_version) str(device_id)
+        i64(created_at_ms) i64(expires_at_ms)
         u32(len(slots)) then per slot: str(slot) tensor(a) tensor(b)
         u32(len(masks)) then per mask: str(group) u32(n_units) blob(bits)
     with str = u32 length + UTF-8, blob = u64 length + bytes, tensor = u32 dtype code, u32 rank,
@@ -291,7 +295,7 @@ def payload_checksum(
     """
     h = hashlib.sha256()
     h.update(CHECKSUM_MAGIC)
-    h.update(_str(bundle_id) + _str(model_id) + _str(base_version))
+    h.update(_str(bundle_id) + _str(model_id) + _str(base_version) + _str(device_id))
     h.update(struct.pack("<qq", created_at_ms, expires_at_ms))
     h.update(struct.pack("<I", len(slots)))
     for name, a, b in slots:
@@ -317,13 +321,15 @@ class EncodedBundle:
     slots: list[tuple[str, EncodedTensor, EncodedTensor]]  # (slot, A, B)
     masks: list[tuple[str, int, bytes]]  # (group, n_units, bits)
     checksum: bytes
+    device_id: str = ""
 
     @classmethod
     def assemble(cls, bundle_id: str, model_id: str, base_version: str, created_at_ms: int, expires_at_ms: int,
                  slots: list[tuple[str, EncodedTensor, EncodedTensor]], masks: list[tuple[str, int, bytes]],
-                 ) -> EncodedBundle:
-        checksum = payload_checksum(bundle_id, model_id, base_version, created_at_ms, expires_at_ms, slots, masks)
-        return cls(bundle_id, model_id, base_version, created_at_ms, expires_at_ms, slots, masks, checksum)
+                 device_id: str = "") -> EncodedBundle:
+        checksum = payload_checksum(bundle_id, model_id, base_version, created_at_ms, expires_at_ms, slots, masks,
+                                    device_id)
+        return cls(bundle_id, model_id, base_version, created_at_ms, expires_at_ms, slots, masks, checksum, device_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +369,8 @@ class DeltaBundle:
     factors: slot -> (A (d, r) float32, B (r, k) float32), delta W = A @ B
     masks:   unit group -> bool (n_units,), True = keep the unit
     expires_at_ms = 0 means it never expires.
+    device_id: the device it was generated for ("" = not bound to one: made in-process for
+    evaluation or simulation; a device agent refuses such a bundle).
     """
 
     model_id: str
@@ -372,6 +380,7 @@ class DeltaBundle:
     bundle_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at_ms: int = field(default_factory=_now_ms)
     expires_at_ms: int = 0
+    device_id: str = ""
 
     def __post_init__(self) -> None:
         # Normalise once here so every consumer can rely on float32 factors and bool masks.
@@ -400,7 +409,7 @@ class DeltaBundle:
         slots = [(name, quantize(a, encoding), quantize(b, encoding)) for name, (a, b) in sorted(self.factors.items())]
         masks = [(group, int(m.size), pack_mask(m)) for group, m in sorted(self.masks.items())]
         return EncodedBundle.assemble(self.bundle_id, self.model_id, self.base_version, self.created_at_ms,
-                                      self.expires_at_ms, slots, masks)
+                                      self.expires_at_ms, slots, masks, self.device_id)
 
     def quantized(self, encoding: str) -> DeltaBundle:
         """The bundle a device decodes after this one is sent as `encoding` (same ids and masks):
@@ -417,6 +426,7 @@ class DeltaBundle:
             bundle_id=self.bundle_id,
             created_at_ms=self.created_at_ms,
             expires_at_ms=self.expires_at_ms,
+            device_id=self.device_id,
         )
 
 
@@ -428,7 +438,8 @@ class BundleBatch:
 
     factors: slot -> (A (n, d, r) float32, B (n, r, k) float32)
     masks:   unit group -> bool (n, n_units)
-    bundle_ids, created_at_ms, expires_at_ms: one entry per bundle, as in DeltaBundle.
+    bundle_ids, created_at_ms, expires_at_ms, device_ids: one entry per bundle, as in DeltaBundle
+    (device_ids None = none bound; `bound_to` sets them).
     Bundle i of the batch is `unstack()[i]`.
     """
 
@@ -439,12 +450,15 @@ class BundleBatch:
     bundle_ids: list[str]
     created_at_ms: list[int]
     expires_at_ms: list[int]
+    device_ids: list[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.bundle_ids)
         if len(self.created_at_ms) != n or len(self.expires_at_ms) != n:
             raise InvalidInput("bundle_ids", f"{n} ids but {len(self.created_at_ms)} creation and "
                                              f"{len(self.expires_at_ms)} expiry times")
+        if self.device_ids is not None and len(self.device_ids) != n:
+            raise InvalidInput("device_ids", f"{len(self.device_ids)} device ids for a batch of {n} bundles")
         self.factors, self.masks = _normalised(self.factors, self.masks, batch=n)
 
     @classmethod
@@ -481,6 +495,7 @@ class BundleBatch:
             bundle_ids=[b.bundle_id for b in bundles],
             created_at_ms=[b.created_at_ms for b in bundles],
             expires_at_ms=[b.expires_at_ms for b in bundles],
+            device_ids=[b.device_id for b in bundles] if any(b.device_id for b in bundles) else None,
         )
 
     def __len__(self) -> int:
@@ -497,7 +512,15 @@ class BundleBatch:
             bundle_ids=[self.bundle_ids[i] for i in idx],
             created_at_ms=[self.created_at_ms[i] for i in idx],
             expires_at_ms=[self.expires_at_ms[i] for i in idx],
+            device_ids=None if self.device_ids is None else [self.device_ids[i] for i in idx],
         )
+
+    def bound_to(self, device_ids: Sequence[str]) -> BundleBatch:
+        """The same bundles, bundle i generated for device `device_ids[i]` (what the service sends)."""
+        return dataclasses.replace(self, device_ids=list(device_ids))
+
+    def device_id(self, i: int) -> str:
+        return "" if self.device_ids is None else self.device_ids[i]
 
     def encoded(self, encoding: str | Sequence[str]) -> list[EncodedBundle]:
         """The encoded bundles of the batch, bundle i byte-identical to `self.unstack()[i].encoded(...)`.
@@ -525,7 +548,8 @@ class BundleBatch:
                 slots = [(slot, a[j], b[j]) for slot, (a, b) in encoded.items()]
                 masks = [(g, n_units, bits[j]) for g, (n_units, bits) in packed.items()]
                 out[i] = EncodedBundle.assemble(group.bundle_ids[j], group.model_id, group.base_version,
-                                                group.created_at_ms[j], group.expires_at_ms[j], slots, masks)
+                                                group.created_at_ms[j], group.expires_at_ms[j], slots, masks,
+                                                group.device_id(j))
         return cast(list[EncodedBundle], out)
 
     def unstack(self) -> list[DeltaBundle]:
@@ -539,6 +563,7 @@ class BundleBatch:
                 bundle_id=self.bundle_ids[i],
                 created_at_ms=self.created_at_ms[i],
                 expires_at_ms=self.expires_at_ms[i],
+                device_id=self.device_id(i),
             )
             for i in range(len(self))
         ]
@@ -555,8 +580,9 @@ def layout(bundle: DeltaBundle) -> Layout:
     return bundle.model_id, bundle.base_version, slots, masks
 
 
-def check_bundle_for(bundle: DeltaBundle, model_id: str, base_version: str) -> None:
-    """Raise VersionMismatch unless `bundle` was generated for the model and base version held."""
+def check_bundle_for(bundle: DeltaBundle, model_id: str, base_version: str, device_id: str | None = None) -> None:
+    """Raise VersionMismatch unless `bundle` was generated for the model and base version held, and,
+    when `device_id` is given, DeviceMismatch unless it was generated for that device."""
     if bundle.model_id != model_id:
         raise VersionMismatch(
             f"bundle {bundle.bundle_id} is for model {bundle.model_id!r}, but the device runs {model_id!r}"
@@ -565,4 +591,9 @@ def check_bundle_for(bundle: DeltaBundle, model_id: str, base_version: str) -> N
         raise VersionMismatch(
             f"bundle {bundle.bundle_id} was generated for base version {bundle.base_version!r}, "
             f"but the device holds {base_version!r}"
+        )
+    if device_id is not None and bundle.device_id != device_id:
+        generated_for = repr(bundle.device_id) if bundle.device_id else "no device"
+        raise DeviceMismatch(
+            f"bundle {bundle.bundle_id} was generated for {generated_for[:140]}, not for this device {device_id!r}"
         )

@@ -92,3 +92,11 @@ class CloudUnavailable(ParamCastError):
 
 class RemoteError(ParamCastError):
     """The server answered with a status ParamCast does not map to a more specific error."""
+
+
+class DeviceMismatch(IntegrityError):
+    """A bundle generated for another device (or for none): a device applies only its own."""
+
+
+class PackageTooLarge(ParamCastError):
+    """The server offers a package larger than this device accepts (or has room for)."""

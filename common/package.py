@@ -3,9 +3,12 @@
 package travels in.
 
 A package is a directory: `manifest.json` and the files it lists (`model.onnx`), written by
-`cloud/export.py`. Loading checks the format, then the sha256 of every file the manifest lists,
-and keeps the verified bytes so the session is built from exactly what was checked. This module
-needs numpy and the standard library only; reading the graph's weights also needs `onnx`.
+`cloud/export.py`. Loading checks the manifest's own digest (`manifest_sha256`, so an edit to any
+value in it is noticed), its format and every value the runtime relies on, then the size and
+sha256 of every file it lists, and keeps the verified bytes so the session is built from exactly
+what was checked; the device runtime then checks the manifest against the graph itself
+(device/runtime.py). This module needs numpy and the standard library only; reading the graph's
+weights also needs `onnx`.
 
 On the wire (`ParamService.GetModel`) a package travels as a single uncompressed POSIX ustar
 archive:
@@ -22,7 +25,9 @@ tar rather than zip because ustar is a fixed 512-byte-header stream that a devic
 can write to disk as it arrives and unpack in one forward pass, and every platform ships a reader.
 
 Unpacking is defensive: bytes from the network are checked member by member (type, name, size)
-and the result is verified with `DevicePackage.load` (the sha256 of every file) before it is used.
+before any of a member's bytes are written -- the manifest must come first, and every later member
+must be a file the manifest lists, of exactly the size it declares -- and the result is verified
+with `DevicePackage.load` (the manifest's digest, the sha256 of every file) before it is used.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 import tempfile
@@ -43,11 +47,26 @@ from typing import Any
 import numpy as np
 
 from paramcast.common.errors import IntegrityError, ModelNotFound
+from paramcast.common.files import is_plain_name, read_regular
 
 FORMAT = "paramcast.device-package"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
+MANIFEST_DIGEST_KEY = "manifest_sha256"
+MAX_MANIFEST_BYTES = 1024 * 1024  # real manifests are a few KiB
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The hex sha256 a manifest records of itself: over its canonical JSON without the
+    `manifest_sha256` entry (keys sorted, no whitespace, ASCII escapes: Python's
+    `json.dumps(m, sort_keys=True, separators=(",", ":"))`)."""
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")).hexdigest()
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -96,11 +115,15 @@ class DevicePackage:
         """
         path = Path(path)
         manifest_path = path / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise ModelNotFound(f"no device package at {path} (expected {manifest_path}); create one with "
-                                "`paramcast export`")
         try:
-            manifest = json.loads(manifest_path.read_bytes())
+            raw = read_regular(manifest_path, MAX_MANIFEST_BYTES)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ModelNotFound(f"no device package at {path} (expected {manifest_path}); create one with "
+                                "`paramcast export`") from None
+        except OSError as exc:
+            raise IntegrityError(f"{manifest_path}: cannot be read ({exc})") from None
+        try:
+            manifest = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise IntegrityError(f"{manifest_path}: not valid JSON ({exc})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -110,29 +133,63 @@ class DevicePackage:
                 f"{manifest_path}: format version {manifest.get('format_version')!r}, this runtime reads "
                 f"{FORMAT_VERSION}"
             )
+        recorded = manifest.get(MANIFEST_DIGEST_KEY)
+        if not isinstance(recorded, str):
+            raise IntegrityError(f"{manifest_path}: no {MANIFEST_DIGEST_KEY}; export the package again with "
+                                 "`paramcast export`")
+        if recorded != manifest_digest(manifest):
+            raise IntegrityError(f"{manifest_path}: {MANIFEST_DIGEST_KEY} does not match its contents (the "
+                                 "manifest was changed after export)")
         files = manifest.get("files")
         if not isinstance(files, dict) or MODEL_FILE not in files:
             raise IntegrityError(f"{manifest_path}: the file list does not name {MODEL_FILE}")
         contents = {}
         for name, entry in files.items():
-            file = path / name
             # Names come from the manifest: refuse anything that would read outside the package.
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise IntegrityError(f"{manifest_path}: file name {name!r} points outside the package")
-            if not file.is_file():
-                raise IntegrityError(f"{file}: listed in the manifest but missing")
-            data = file.read_bytes()
+            if not is_plain_name(name) or name == MANIFEST_FILE:
+                raise IntegrityError(f"{manifest_path}: file name {str(name)[:80]!r} is not a plain file name")
+            if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or entry["bytes"] < 0:
+                raise IntegrityError(f"{manifest_path}: files[{name!r}] needs its size in bytes")
+            file = path / name
+            try:
+                data = read_regular(file, entry["bytes"])  # never more than the manifest declares
+            except FileNotFoundError:
+                raise IntegrityError(f"{file}: listed in the manifest but missing") from None
+            except OSError as exc:
+                raise IntegrityError(f"{file}: cannot be read ({exc})") from None
+            if len(data) != entry["bytes"]:
+                raise IntegrityError(f"{file}: {len(data)} bytes, the manifest says {entry['bytes']}")
             digest = hashlib.sha256(data).hexdigest()
-            if not isinstance(entry, dict) or digest != entry.get("sha256"):
+            if digest != entry.get("sha256"):
                 raise IntegrityError(f"{file}: sha256 {digest} does not match the manifest")
             contents[name] = data
         package = cls(path, manifest, contents[MODEL_FILE])
         try:
             # Parse everything once here so a malformed manifest fails at load, not mid-request.
             _ = (package.slots, package.unit_groups, package.max_len, package.n_items, package.hidden)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"{manifest_path}: malformed manifest ({exc!r})") from None
+        package._check_values(manifest_path)
         return package
+
+    def _check_values(self, manifest_path: Path) -> None:
+        """The numbers the runtime sizes arrays by: positive, and ranks no larger than the slot allows."""
+        for field in ("max_len", "n_items", "hidden"):
+            if not _positive_int(self.manifest[field]):
+                raise IntegrityError(f"{manifest_path}: {field} must be a positive integer, got "
+                                     f"{self.manifest[field]!r}")
+        for name, slot in self.slots.items():
+            raw = self.manifest["slots"][name]
+            for field in ("d_in", "d_out", "max_rank"):
+                if not _positive_int(raw[field]):
+                    raise IntegrityError(f"{manifest_path}: slots[{name!r}].{field} must be a positive integer, "
+                                         f"got {raw[field]!r}")
+            if slot.max_rank > min(slot.d_in, slot.d_out):
+                raise IntegrityError(f"{manifest_path}: slots[{name!r}].max_rank {slot.max_rank} exceeds "
+                                     f"min(d_in, d_out) = {min(slot.d_in, slot.d_out)}")
+        for name in self.unit_groups:
+            if not _positive_int(self.manifest["unit_groups"][name]["n_units"]):
+                raise IntegrityError(f"{manifest_path}: unit_groups[{name!r}].n_units must be a positive integer")
 
     # -- what the manifest says --------------------------------------------------------------
     @property
@@ -205,10 +262,8 @@ class DevicePackage:
 # The archive a package travels in
 # ---------------------------------------------------------------------------------------------
 
-# Member names a package may contain: plain file names, nothing that could climb out of the target.
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_MEMBERS = 64
-MAX_ARCHIVE_BYTES = 4 * 2**30  # a generous ceiling; real packages are megabytes
+MAX_ARCHIVE_BYTES = 2**30  # the default ceiling a device accepts; real packages are megabytes
 
 
 def package_files(package_dir: str | Path) -> list[str]:
@@ -236,19 +291,22 @@ def pack_package(package_dir: str | Path) -> bytes:
     return buf.getvalue()
 
 
-def unpack_package(archive: str | Path, dest: str | Path) -> DevicePackage:
-    """Unpack an archive file into the new directory `dest` (atomically) and return the verified package.
+def unpack_package(archive: str | Path, dest: str | Path, max_bytes: int = MAX_ARCHIVE_BYTES) -> DevicePackage:
+    """Unpack an archive file (at most `max_bytes`) into the new directory `dest` (atomically) and
+    return the verified package.
 
-    Raises IntegrityError when the archive is malformed, holds anything but plain top-level files,
+    Raises IntegrityError when the archive is malformed or too large, holds anything but plain
+    top-level files, holds a file the manifest does not list or of another size than it declares,
     or the unpacked package fails verification; `dest` is then left untouched.
     """
     dest = Path(dest)
-    if dest.exists():
+    if os.path.lexists(dest):
         raise IntegrityError(f"{dest}: already exists; unpack into a new directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    # Named like every device temporary (common/files.py), so an unpack killed mid-way is swept.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent))
     try:
-        _extract(Path(archive), tmp)
+        _extract(Path(archive), tmp, max_bytes)
         DevicePackage.load(tmp)  # sha256 of every listed file, before anything else sees it
         os.replace(tmp, dest)  # same filesystem: the package appears complete or not at all
     except BaseException:
@@ -257,10 +315,25 @@ def unpack_package(archive: str | Path, dest: str | Path) -> DevicePackage:
     return DevicePackage.load(dest)
 
 
-def _extract(archive: Path, out: Path) -> None:
-    if archive.stat().st_size > MAX_ARCHIVE_BYTES:
-        raise IntegrityError(f"{archive}: larger than {MAX_ARCHIVE_BYTES} bytes")
+def _declared_sizes(manifest: bytes, archive: Path) -> dict[str, int]:
+    """name -> size in bytes of every file the manifest lists (checked in full after unpacking)."""
+    try:
+        files = json.loads(manifest)["files"]
+        sizes = {str(name): entry["bytes"] for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{archive}: its {MANIFEST_FILE} has no readable file list ({exc!r})") from None
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size < 0:
+            raise IntegrityError(f"{archive}: {MANIFEST_FILE} declares {size!r} bytes for {name[:80]!r}")
+    return sizes
+
+
+def _extract(archive: Path, out: Path, max_bytes: int) -> None:
+    size = archive.stat().st_size
+    if size > max_bytes:
+        raise IntegrityError(f"{archive}: {size} bytes, larger than the {max_bytes} this device accepts")
     seen: set[str] = set()
+    declared: dict[str, int] | None = None  # from the manifest, the first member
     try:
         with tarfile.open(archive, mode="r:") as tar:  # "r:" = uncompressed only, as the format says
             for member in tar:
@@ -268,10 +341,21 @@ def _extract(archive: Path, out: Path) -> None:
                     raise IntegrityError(f"{archive}: more than {MAX_MEMBERS} members")
                 if not member.isreg():
                     raise IntegrityError(f"{archive}: member {member.name[:80]!r} is not a regular file")
-                if not _SAFE_NAME.match(member.name):
+                if not is_plain_name(member.name):
                     raise IntegrityError(f"{archive}: member name {member.name[:80]!r} is not a plain file name")
                 if member.name in seen:
                     raise IntegrityError(f"{archive}: member {member.name!r} appears twice")
+                first = declared is None
+                if first and member.name != MANIFEST_FILE:
+                    raise IntegrityError(f"{archive}: the first member is {member.name[:80]!r}, not {MANIFEST_FILE}")
+                if declared is not None and member.name not in declared:
+                    raise IntegrityError(f"{archive}: member {member.name!r} is not listed in the manifest")
+                if first and member.size > MAX_MANIFEST_BYTES:
+                    raise IntegrityError(f"{archive}: {MANIFEST_FILE} holds {member.size} bytes, more than "
+                                         f"{MAX_MANIFEST_BYTES}")
+                if declared is not None and member.size != declared[member.name]:
+                    raise IntegrityError(f"{archive}: member {member.name!r} holds {member.size} bytes; the "
+                                         f"manifest declares {declared[member.name]}")
                 seen.add(member.name)
                 src = tar.extractfile(member)
                 assert src is not None  # regular files always have a payload
@@ -279,7 +363,9 @@ def _extract(archive: Path, out: Path) -> None:
                     shutil.copyfileobj(src, f)
                     f.flush()
                     os.fsync(f.fileno())
+                if first:
+                    declared = _declared_sizes((out / MANIFEST_FILE).read_bytes(), archive)
     except tarfile.TarError as exc:
         raise IntegrityError(f"{archive}: not a valid package archive ({exc})") from None
-    if MANIFEST_FILE not in seen:
+    if declared is None:
         raise IntegrityError(f"{archive}: no {MANIFEST_FILE} in the archive")

@@ -88,6 +88,7 @@ def encoded_to_proto(e: EncodedBundle) -> pb.DeltaBundle:
         bundle_id=e.bundle_id,
         model_id=e.model_id,
         base_version=e.base_version,
+        device_id=e.device_id,
         slots=[{"slot": n, "a": _tensor_fields(a), "b": _tensor_fields(b)} for n, a, b in e.slots],
         masks=[{"group": g, "n_units": n, "bits": bits} for g, n, bits in e.masks],
         created_at_ms=e.created_at_ms,
@@ -197,7 +198,8 @@ def bundle_from_proto(msg: pb.DeltaBundle) -> DeltaBundle:
     if len(msg.checksum) != 32:
         raise IntegrityError(f"checksum: expected 32 bytes of SHA-256, got {len(msg.checksum)}")
     expected = payload_checksum(
-        msg.bundle_id, msg.model_id, msg.base_version, msg.created_at_ms, msg.expires_at_ms, slots, masks
+        msg.bundle_id, msg.model_id, msg.base_version, msg.created_at_ms, msg.expires_at_ms, slots, masks,
+        msg.device_id,
     )
     if not hmac.compare_digest(expected, msg.checksum):
         raise IntegrityError("checksum: does not match the payload (bundle corrupted in transit or at rest)")
@@ -214,6 +216,7 @@ def bundle_from_proto(msg: pb.DeltaBundle) -> DeltaBundle:
         bundle_id=msg.bundle_id,
         created_at_ms=msg.created_at_ms,
         expires_at_ms=msg.expires_at_ms,
+        device_id=msg.device_id,
     )
 
 

@@ -13,7 +13,8 @@ State on disk, under ROOT:
     current.json                 which package version the device runs
 
 What happens when things go wrong: the cloud unreachable or too slow, a bundle that fails its
-checksum, was made for another base version or has expired, a server that refuses the request --
+checksum, was made for another base version or another device, or has expired, a server that
+refuses the request --
 in every case `refresh` reports the outcome and the device keeps scoring with what it had. A
 server that no longer serves the device's base version answers FAILED_PRECONDITION; `refresh`
 reports "stale_base" and `upgrade` fetches the latest package (the old bundle is then refused
@@ -37,7 +38,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from paramcast.common.bundle import DeltaBundle
+from paramcast.common.bundle import DeltaBundle, check_bundle_for
 from paramcast.common.errors import (
     CloudUnavailable,
     IntegrityError,
@@ -46,6 +47,7 @@ from paramcast.common.errors import (
     ParamCastError,
     VersionMismatch,
 )
+from paramcast.common.files import read_regular, sweep_temporaries
 from paramcast.common.package import DevicePackage
 from paramcast.common.serde import decode_bundle
 from paramcast.device.client import AsyncParamClient, Fetched, ParamClient
@@ -58,6 +60,7 @@ log = logging.getLogger("paramcast.device")
 C = TypeVar("C", ParamClient, AsyncParamClient)
 
 CURRENT_FILE = "current.json"
+MAX_CURRENT_BYTES = 64 * 1024  # current.json is a few dozen bytes
 
 # Outcomes of a refresh.
 APPLIED = "applied"  # a new bundle is active and persisted
@@ -119,12 +122,13 @@ class DeviceAgent:
         return self
 
     def _local_package(self) -> DevicePackage | None:
+        sweep_temporaries(self.root)  # current.json's, from a write that was interrupted
         try:
-            current = json.loads((self.root / CURRENT_FILE).read_text())
+            current = json.loads(read_regular(self.root / CURRENT_FILE, MAX_CURRENT_BYTES))
             return DevicePackage.load(package_dir(self.root, self.model_id, current["version"]))
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError, IntegrityError, ModelNotFound) as exc:
+        except (OSError, ValueError, KeyError, TypeError, IntegrityError, ModelNotFound) as exc:
             log.warning("the held package of %s is unusable (%s); fetching it again", self.model_id, exc)
             return None
 
@@ -133,8 +137,9 @@ class DeviceAgent:
         if package.model_id != self.model_id:
             raise IntegrityError(f"package {package.path} is for model {package.model_id}, not {self.model_id}")
         runtime = DeviceRuntime(package, threads=self.threads)
-        store = BundleStore(self.root / "bundles", package.model_id, package.base_version, decode_bundle)
-        bundle = store.load()  # refuses (and says why) a bundle for another base version
+        store = BundleStore(self.root / "bundles", package.model_id, package.base_version, decode_bundle,
+                            device_id=self.device_id)
+        bundle = store.load()  # refuses (and says why) a bundle for another base version or device
         if bundle is not None:
             try:
                 runtime.apply(bundle)
@@ -194,6 +199,7 @@ class DeviceAgent:
         try:
             if bundle.is_expired():
                 raise IntegrityError(f"bundle {bundle.bundle_id} arrived already expired")
+            check_bundle_for(bundle, self.runtime.package.model_id, self.runtime.package.base_version, self.device_id)
             self.runtime.apply(bundle)  # validates shapes against the package; unchanged on error
         except (IntegrityError, VersionMismatch, InvalidInput) as exc:
             log.warning("device %s rejected bundle %s: %s", self.device_id, bundle.bundle_id, exc)

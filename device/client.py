@@ -15,7 +15,10 @@ event loop of its own in a background thread. One client holds one channel for i
 (UNAVAILABLE: the server restarting, a connection reset) are retried by gRPC itself with
 exponential backoff and jitter, configured in the channel's service config (`service_config()`),
 so every gRPC stack that reads the same JSON behaves alike. A download that breaks mid-stream
-resumes from the bytes already verified and written, with its own backoff. Errors reach the
+resumes from the bytes already verified and written, with its own backoff; one the server
+throttles (RESOURCE_EXHAUSTED with `retry-after-ms`: the device's download byte rate) waits as long
+as the server says and resumes, all within `download_timeout_s`; a package above
+`max_package_bytes` is refused before a byte is written (device/download.py). Errors reach the
 caller as ParamCast's typed errors (`common.errors`, through the status table in
 `common/status.py`), `CloudUnavailable` meaning "try again later"; the gRPC status code is on
 `.code`. A device the server rate-limited gets `DeviceRateLimited` with the server's
@@ -45,10 +48,10 @@ from paramcast.common.errors import (
     ParamCastError,
 )
 from paramcast.common.loop import LoopThread
-from paramcast.common.package import DevicePackage
+from paramcast.common.package import MAX_ARCHIVE_BYTES, DevicePackage
 from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, encoding_to_proto
 from paramcast.common.status import error_from_status
-from paramcast.device.download import Download, Progress, backoff, can_resume
+from paramcast.device.download import Download, Progress, next_attempt, remaining
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
@@ -109,10 +112,15 @@ def channel_options(retry: RetryPolicy = RetryPolicy(), reconnect_backoff_s: tup
     ]
 
 
-def _credentials(tls: bool, root_certificates: bytes | None):
-    if not tls and root_certificates is None:
+def _credentials(tls: bool, root_certificates: bytes | None, client_certificate: bytes | None = None,
+                 client_key: bytes | None = None):
+    """TLS channel credentials (None = plaintext); a client certificate and key make it mutual TLS."""
+    if (client_certificate is None) != (client_key is None):
+        raise InvalidInput("client_certificate", "give the client certificate and its key together")
+    if not tls and root_certificates is None and client_certificate is None:
         return None
-    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates, private_key=client_key,
+                                        certificate_chain=client_certificate)
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -144,11 +152,12 @@ def _generate_request(window, model_id: str, base_version: str, device_id: str |
     )
 
 
-def _fetched(response: pb.GenerateResponse, model_id: str, base_version: str, started: float) -> Fetched:
+def _fetched(response: pb.GenerateResponse, request: pb.GenerateRequest, started: float) -> Fetched:
     """Verify a response before anyone can apply it: checksum (IntegrityError), then that it is
-    for the model and base version asked for (VersionMismatch)."""
+    for the model and base version asked for (VersionMismatch) and for the device that asked
+    (DeviceMismatch)."""
     bundle = bundle_from_proto(response.bundle)
-    check_bundle_for(bundle, model_id, base_version)
+    check_bundle_for(bundle, request.model_id, request.base_version, request.device_id)
     return Fetched(bundle, response.bundle.SerializeToString(), response.ByteSize(), time.perf_counter() - started)
 
 
@@ -163,11 +172,14 @@ class AsyncParamClient:
     def __init__(self, target: str, *, device_id: str | None = None, token: str | None = None,
                  timeout_s: float = 5.0, download_timeout_s: float = 300.0, retry: RetryPolicy = RetryPolicy(),
                  reconnect_backoff_s: tuple[float, float] = (0.2, 10.0), gzip: bool = False, tls: bool = False,
-                 root_certificates: bytes | None = None, max_resumes: int = 5):
+                 root_certificates: bytes | None = None, client_certificate: bytes | None = None,
+                 client_key: bytes | None = None, max_resumes: int = 5, max_package_bytes: int = MAX_ARCHIVE_BYTES):
         self.target, self.device_id, self.token = target, device_id, token
+        # download_timeout_s bounds a whole download: every resume and every throttled wait.
         self.timeout_s, self.download_timeout_s, self.max_resumes = timeout_s, download_timeout_s, max_resumes
+        self.max_package_bytes = max_package_bytes
         options = channel_options(retry, reconnect_backoff_s)
-        credentials = _credentials(tls, root_certificates)
+        credentials = _credentials(tls, root_certificates, client_certificate, client_key)
         compression = grpc.Compression.Gzip if gzip else None
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(target, options, compression)
@@ -189,7 +201,7 @@ class AsyncParamClient:
                                                 metadata=_metadata(token or self.token))
         except grpc.RpcError as exc:
             raise self._refused(request.device_id, exc) from None
-        return _fetched(response, model_id, base_version, started)
+        return _fetched(response, request, started)
 
     def _admit(self, device_id: str) -> None:
         """Refuse a call locally while the server's retry-after hint for this device still runs."""
@@ -208,13 +220,13 @@ class AsyncParamClient:
     async def download_package(self, model_id: str, root: str | Path, version: str = "", chunk_size: int = 0,
                                token: str | None = None, progress: Progress | None = None) -> DevicePackage:
         """Fetch (or resume fetching) the package into ROOT/packages/, verify and unpack it."""
-        download = Download(root, model_id, version)
-        failures = 0
+        download = Download(root, model_id, version, self.max_package_bytes)
+        failures, deadline = 0, time.monotonic() + self.download_timeout_s
         while True:
             try:
                 request = pb.GetModelRequest(model_id=model_id, version=download.version, offset=download.offset,
                                              chunk_size=chunk_size)
-                stream = self.stub.GetModel(request, timeout=self.download_timeout_s,
+                stream = self.stub.GetModel(request, timeout=remaining(deadline),
                                             metadata=_metadata(token or self.token))
                 async for msg in stream:
                     if download.accept(msg):
@@ -229,11 +241,11 @@ class AsyncParamClient:
                 err = _download_error(exc, download)
             except (CloudUnavailable, IntegrityError) as exc:
                 err = exc
-            failures += 1
-            if not can_resume(err) or failures > self.max_resumes:
-                raise err
-            log.warning("download of %s interrupted at byte %d (%s); resuming", model_id, download.offset, err)
-            await asyncio.sleep(backoff(failures - 1))
+            delay, failures = next_attempt(err, failures, self.max_resumes, deadline)
+            log.log(logging.INFO if isinstance(err, DeviceRateLimited) else logging.WARNING,
+                    "download of %s interrupted at byte %d (%s); resuming in %.2f s", model_id, download.offset,
+                    err, delay)
+            await asyncio.sleep(delay)
 
     async def check_health(self, timeout_s: float = 2.0) -> bool:
         """True when the server reports ParamService as SERVING."""

@@ -7,6 +7,19 @@
 
 The gRPC calls are the client's (`device/client.py`); this module holds what a download keeps
 on disk and every check a chunk passes before a byte of it is written.
+
+A download never takes more than it was promised or than the device allows: a package larger than
+the device's limit (`max_bytes`) or its free disk space is refused before a byte is written,
+unpacking writes each file no larger than the manifest declares (common/package.py), and a
+complete archive that fails to unpack is discarded, so the next attempt fetches it again instead
+of failing on the same bytes for ever. Whatever odd thing sits where the partial file, its
+identity or the unpacked package belong (a directory, a FIFO, a link) is cleared, and temporaries
+of writers and unpackers killed mid-way are swept (common/files.py).
+
+Between attempts (`next_attempt`): a stream the server throttled (RESOURCE_EXHAUSTED with
+`retry-after-ms`: the device's download byte rate) waits as long as the server said and is not a
+failure; a broken one backs off, at most `max_resumes` times; neither waits past the download's
+overall deadline.
 """
 
 from __future__ import annotations
@@ -16,29 +29,38 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
+import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from paramcast.common.errors import CloudUnavailable, IntegrityError, InvalidInput, ModelNotFound
-from paramcast.common.package import DevicePackage, unpack_package
+from paramcast.common.errors import (
+    CloudUnavailable,
+    DeviceRateLimited,
+    IntegrityError,
+    ModelNotFound,
+    PackageTooLarge,
+    ParamCastError,
+)
+from paramcast.common.files import check_name, is_plain_name, read_regular, remove, sweep_temporaries
+from paramcast.common.package import MAX_ARCHIVE_BYTES, DevicePackage, unpack_package
 from paramcast.device.store import write_atomic
 
 log = logging.getLogger("paramcast.device")
 
 Progress = Callable[[int, int], None]  # (bytes held, total bytes)
 
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PACKAGES_DIR = "packages"
 DOWNLOADS_DIR = "downloads"
+MAX_META_BYTES = 64 * 1024  # the .part.json beside a partial download is a few hundred bytes
 
 
 def package_dir(root: str | Path, model_id: str, version: str) -> Path:
     """Where a device keeps an unpacked package: ROOT/packages/MODEL_ID-VERSION."""
     for name, value in (("model_id", model_id), ("version", version)):
-        if not _SAFE.match(value):
-            raise IntegrityError(f"{name} {value[:80]!r} cannot name a directory")
+        if not is_plain_name(value):
+            raise IntegrityError(f"{name} {str(value)[:80]!r} cannot name a directory")
     return Path(root) / PACKAGES_DIR / f"{model_id}-{version}"
 
 
@@ -51,12 +73,15 @@ class Download:
     process, and never splices two different archives together.
     """
 
-    def __init__(self, root: str | Path, model_id: str, version: str):
-        if not _SAFE.match(model_id):
-            raise InvalidInput("model_id", f"{model_id[:80]!r} cannot name a file")
-        self.root, self.model_id, self.requested = Path(root), model_id, version
+    def __init__(self, root: str | Path, model_id: str, version: str, max_bytes: int = MAX_ARCHIVE_BYTES):
+        self.root, self.model_id, self.requested = Path(root), check_name("model_id", model_id), version
+        self.max_bytes = max_bytes
         folder = self.root / DOWNLOADS_DIR
+        if folder.exists() and not folder.is_dir():
+            remove(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        for swept in (folder, self.root / PACKAGES_DIR):  # temporaries of writers and unpackers killed mid-way
+            sweep_temporaries(swept)
         self.part = folder / f"{model_id}.part"
         self.meta_file = folder / f"{model_id}.part.json"
         self.meta: dict | None = None
@@ -66,22 +91,25 @@ class Download:
 
     def _resume(self) -> None:
         try:
-            meta = json.loads(self.meta_file.read_text())
-            size = self.part.stat().st_size
-        except (OSError, ValueError):
+            meta = json.loads(read_regular(self.meta_file, MAX_META_BYTES))
+            info = os.lstat(self.part)
+        except (OSError, ValueError):  # nothing held, or something odd held: start over
             self.reset()
             return
-        if (not isinstance(meta, dict) or (self.requested and meta.get("version") != self.requested)
-                or not isinstance(meta.get("total_size"), int) or size > meta["total_size"]):
+        if (not stat.S_ISREG(info.st_mode) or not isinstance(meta, dict)
+                or (self.requested and meta.get("version") != self.requested)
+                or not isinstance(meta.get("total_size"), int) or info.st_size > meta["total_size"]
+                or meta["total_size"] > self.max_bytes):
             self.reset()
             return
+        size = info.st_size
         self.meta, self.offset = meta, size
         log.info("resuming the download of %s %s at byte %d of %d", self.model_id, meta["version"], size,
                  meta["total_size"])
 
     def reset(self) -> None:
-        self.part.unlink(missing_ok=True)
-        self.meta_file.unlink(missing_ok=True)
+        remove(self.part)
+        remove(self.meta_file)
         self.meta, self.offset = None, 0
 
     @property
@@ -108,6 +136,7 @@ class Download:
             self.held = self._held(msg.version)
             if self.held is not None:
                 return True
+            self._check_room(msg.total_size)
             self.meta = identity
             write_atomic(self.meta_file, json.dumps(identity).encode())
         elif identity != self.meta:
@@ -121,23 +150,33 @@ class Download:
         self.offset += len(msg.data)
         return False
 
+    def _check_room(self, total_size: int) -> None:
+        """Refuse, before writing anything, a package above the device's limit or its free space."""
+        if total_size > self.max_bytes:
+            raise PackageTooLarge(f"the server offers a {total_size}-byte package of {self.model_id}; this device "
+                                  f"accepts at most {self.max_bytes} bytes (max_package_bytes)")
+        free = shutil.disk_usage(self.part.parent).free
+        if total_size > free:
+            raise PackageTooLarge(f"the {total_size}-byte package of {self.model_id} does not fit in the "
+                                  f"{free} bytes free under {self.part.parent}")
+
     def _held(self, version: str) -> DevicePackage | None:
         """The package of `version` if it is already unpacked here and still verifies."""
         dest = package_dir(self.root, self.model_id, version)
-        if not dest.exists():
+        if not os.path.lexists(dest):
             return None
         try:
             return DevicePackage.load(dest)
         except (IntegrityError, ModelNotFound) as exc:
             log.warning("the held copy of %s %s is damaged (%s); downloading it again", self.model_id, version, exc)
-            shutil.rmtree(dest, ignore_errors=True)
+            remove(dest)
             return None
 
     def finish(self) -> DevicePackage:
         """Check the whole archive's sha256, unpack it atomically, verify it; -> the package."""
         assert self.meta is not None and self.complete
         digest = hashlib.sha256()
-        with open(self.part, "rb") as f:
+        with open(self.part, "rb") as f:  # (a regular file: _resume and reset saw to it)
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
             os.fsync(f.fileno())
@@ -146,13 +185,16 @@ class Download:
             raise IntegrityError("downloaded package: archive sha256 does not match; the download starts over")
         version = self.meta["version"]
         dest = package_dir(self.root, self.model_id, version)
-        if dest.exists():  # already unpacked by an earlier download of the same version
-            package = DevicePackage.load(dest)
-        else:
-            package = unpack_package(self.part, dest)
+        package = self._held(version)  # already unpacked by an earlier download of the same version
+        if package is None:
+            try:
+                package = unpack_package(self.part, dest, max_bytes=self.max_bytes)
+            except IntegrityError:
+                self.reset()  # complete and as the server sent it, yet not a package: fetch it afresh
+                raise
         self.reset()
         if (package.model_id, package.base_version) != (self.model_id, version):
-            shutil.rmtree(dest, ignore_errors=True)
+            remove(dest)
             raise IntegrityError(f"the package served as {self.model_id} {version} is "
                                  f"{package.model_id} {package.base_version}")
         return package
@@ -166,3 +208,25 @@ def backoff(attempt: int, initial: float = 0.2, maximum: float = 5.0) -> float:
 def can_resume(err: BaseException) -> bool:
     """A broken stream or a bad chunk: resume from what was verified and written so far."""
     return isinstance(err, (CloudUnavailable, IntegrityError))
+
+
+def next_attempt(err: ParamCastError, failures: int, max_resumes: int, deadline: float) -> tuple[float, int]:
+    """After a download attempt failed with `err`: (seconds to wait, failures so far), or raise `err`.
+
+    A throttled stream (DeviceRateLimited: the server's retry hint) waits as long as the server said
+    and is not a failure; a broken one backs off, at most `max_resumes` times; neither waits past
+    the download's `deadline` (a time.monotonic() value)."""
+    if isinstance(err, DeviceRateLimited):
+        delay = err.retry_after_s
+    elif can_resume(err) and failures < max_resumes:
+        delay, failures = backoff(failures), failures + 1
+    else:
+        raise err
+    if time.monotonic() + delay > deadline:
+        raise err
+    return delay, failures
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left until `deadline` (a time.monotonic() value), at least a tenth of a second."""
+    return max(0.1, deadline - time.monotonic())

@@ -36,8 +36,12 @@ import numpy as np
 import onnxruntime as ort
 
 from paramcast.common.bundle import DeltaBundle, check_bundle_for
-from paramcast.common.errors import InvalidInput
+from paramcast.common.errors import IntegrityError, InvalidInput
 from paramcast.common.package import DevicePackage, UnitGroup
+
+# Generated factors are of order 1; finite values far beyond that (a hostile or broken sender) would
+# overflow float32 on their way to a score, so apply() refuses them.
+MAX_FACTOR_ABS = 1e4
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -130,6 +134,33 @@ def slice_model(package: DevicePackage, keep: Keep) -> bytes:
     return proto.SerializeToString()
 
 
+def check_graph(package: DevicePackage, session: ort.InferenceSession) -> None:
+    """Raise IntegrityError unless the graph has the shapes the manifest promises: the history
+    length, the hidden width of its outputs, and each slot's factor inputs with their d_in and
+    d_out. (A manifest that disagrees with its graph would otherwise load and then fail inside
+    ONNX Runtime on every call.)"""
+    where = f"{package.path / 'manifest.json'}"
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    factors = {i.name: i.shape for i in session.get_overridable_initializers()}
+
+    def expect(kind: str, table: dict, name: str, axis: int, value: int, field: str) -> None:
+        shape = table.get(name)
+        if shape is None:
+            raise IntegrityError(f"{where}: the graph has no {kind} {name!r}")
+        got = shape[axis] if len(shape) > axis else None
+        if isinstance(got, int) and got != value:
+            raise IntegrityError(f"{where}: {field} is {value}, but the graph's {kind} {name!r} has {got} "
+                                 f"along axis {axis}")
+
+    expect("input", inputs, "history", 1, package.max_len, "max_len")
+    for name in ("user_state", "behaviour"):
+        expect("output", outputs, name, 1, package.hidden, "hidden")
+    for slot in package.slots.values():
+        expect("factor input", factors, slot.a_input, 1, slot.d_in, f"slots[{slot.name!r}].d_in")
+        expect("factor input", factors, slot.b_input, 2, slot.d_out, f"slots[{slot.name!r}].d_out")
+
+
 class DeviceRuntime:
     """ONNX Runtime inference over a verified device package, with hot-swapped delta bundles."""
 
@@ -140,6 +171,7 @@ class DeviceRuntime:
         self._slots = package.slots
         self._groups = package.unit_groups
         self._sessions = _Sessions(package, session_options(threads, optimization), max_slimmed_sessions)
+        check_graph(package, self._sessions.base)
         self._keep: Keep | None = None  # this runtime's own slimming, set by slimmed()
         self._state = _Active(self._sessions.base, self._sessions.base_nbytes)
 
@@ -207,8 +239,8 @@ class DeviceRuntime:
     def apply(self, bundle: DeltaBundle) -> None:
         """Activate a DeltaBundle: its factors as the adapter inputs, its masks (if any) as the
         slimming. Raises VersionMismatch for another model or base version and InvalidInput for
-        unknown slots or groups, wrong shapes, ranks above the package's maximum or non-finite
-        values; on error the active state is unchanged."""
+        unknown slots or groups, wrong shapes, ranks above the package's maximum, non-finite
+        values or values beyond MAX_FACTOR_ABS; on error the active state is unchanged."""
         check_bundle_for(bundle, self.package.model_id, self.package.base_version)
         feeds = self._factor_feeds(bundle.factors)
         keep = self._keep_from_masks(bundle.masks, "masks") if bundle.masks else self._keep
@@ -248,6 +280,10 @@ class DeviceRuntime:
                 raise InvalidInput(where, f"rank {a.shape[1]} exceeds the package's maximum {slot.max_rank}")
             if not (np.isfinite(a).all() and np.isfinite(b).all()):
                 raise InvalidInput(where, "contains NaN or infinite values")
+            largest = max(float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)))
+            if largest > MAX_FACTOR_ABS:
+                raise InvalidInput(where, f"a factor value of magnitude {largest:.3g} exceeds {MAX_FACTOR_ABS:g}; "
+                                          "scores computed with it could overflow")
             feeds[slot.a_input] = a[None]  # (1, d_in, r): broadcast over the batch
             feeds[slot.b_input] = b[None]  # (1, r, d_out)
         return feeds

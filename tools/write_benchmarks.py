@@ -219,6 +219,36 @@ def simulation_section(doc: dict, name: str) -> str:
     return "\n".join(out) + "\n" + note(f"simulation-{name}")
 
 
+def reliability_section(doc: dict) -> str:
+    chaos, fuzz, settings = doc["chaos"], doc["fuzz"], doc["settings"]
+    faults = ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in chaos["faults_by_kind"].items())
+    out = ["## Reliability (chaos and fuzzing)", "", f"Command: `{doc['command']}` (the bounded versions run in CI: "
+           "`python -m pytest tests/integration/test_chaos.py tests/unit/test_fuzz.py`).", "",
+           "| key | value |", "|---|---|"]
+    for key in ("faults_injected", "calls_failed_after_retries", "calls_failed_while_server_up", "bundles_lost",
+                "fuzz_mutants", "fuzz_crashes", "fuzz_accepted_corrupt"):
+        out.append(f"| `{key}` | {doc[key]:,} |")
+    out.append(f"| `rss_growth_bad_input` | {doc['rss_growth_bad_input']:+.2%} |")
+    rss = chaos["rss_kib"]
+    out += ["", f"- Chaos: {settings['devices']} device processes against `paramcast serve` on loopback (tokens, "
+            f"download byte rate), {chaos['seconds']:.0f} s; faults: {faults}.",
+            f"- Refresh outcomes: {chaos['refresh_outcomes']}; of the calls that failed after retries, "
+            f"{doc['calls_failed_while_server_up']} fell outside the windows where the server was down (from its "
+            f"kill to {chaos['reconnect_grace_s']:.0f} s after it was ready again).",
+            f"- End state: {chaos['devices_with_bundle']} of {settings['devices']} devices hold a verified bundle, "
+            f"{chaos['packages_identical']} packages byte-identical to the server's, {chaos['stray_temporaries']} "
+            f"stray temporaries ({chaos['temporaries_swept']} left by killed writers, swept at start-up), "
+            f"{chaos['server_errors']} error lines in the server logs.",
+            f"- Bad input: {sum(chaos['bad_input_codes'].values()):,} calls answered {chaos['bad_input_codes']}; "
+            f"server RSS {rss['before'] / 1024:.0f} -> {rss['after'] / 1024:.0f} MiB.",
+            f"- Fuzz: {fuzz['mutants']:,} mutants in {fuzz['seconds']:.0f} s ({fuzz['mutants_per_s']:.0f}/s), refused "
+            f"by stage {fuzz['refused_by_stage']}, {fuzz['accepted']:,} accepted and scored finite numbers; "
+            f"slowest mutant {fuzz['slowest_mutant_ms']:.1f} ms.",
+            f"- Model: `{doc['model']['model_id']}` {doc['model']['base_version']}, package "
+            f"{doc['model']['package_bytes']:,} bytes; machine: {doc['machine']['cpus']} CPUs."]
+    return "\n".join(out) + "\n" + note("reliability")
+
+
 def render() -> str:
     parts = ["# ParamCast benchmarks", "",
              "Every figure below is read from `benchmarks/results/*.json` by `python tools/write_benchmarks.py`; "
@@ -257,6 +287,8 @@ def render() -> str:
         parts.append(device_section(d))
     if (s := load("service-load.json")) is not None:
         parts.append(service_section(s))
+    if (r := load("reliability.json")) is not None:
+        parts.append(reliability_section(r))
     return "\n".join(parts)
 
 

@@ -10,10 +10,12 @@ not hold the secrets themselves. An unknown or missing token is UNAUTHENTICATED;
 used for another device id is PERMISSION_DENIED. Without a tokens file the server accepts every
 call (for local runs and benchmarks; `paramcast serve` says so in its log).
 
-Rates: a token bucket per device id (`rate` requests per second on average, bursts of up to
-`burst`), so one chatty device cannot starve the others. Buckets of devices that went quiet are
-forgotten beyond `max_devices` (a forgotten device comes back with a full bucket, which is what it
-would have had anyway after being idle that long).
+Rates: a token bucket per caller (`rate` requests -- or bytes, for package downloads -- per
+second on average, bursts of up to `burst`), so one chatty device cannot starve the others. The
+caller is the device its credentials name; without credentials a device id is only a claim (a
+new id would be a new, full bucket), so calls are counted per peer address instead (`rate_key`).
+Buckets of callers that went quiet are forgotten beyond `max_devices` (a forgotten one comes back
+with a full bucket, which is what it would have had anyway after being idle that long).
 """
 
 from __future__ import annotations
@@ -91,12 +93,25 @@ class TokenAuth:
             raise PermissionDenied(f"device_id: these credentials are not valid for device {device_id!r}")
 
 
-class RateLimiter:
-    """Token buckets per device id; `rate <= 0` disables limiting."""
+def rate_key(principal: str | None, device_id: str | None, peer: str | None) -> str:
+    """Whose bucket a call draws from: the authenticated device, else the peer address the call
+    came from (an unauthenticated device id costs nothing to change), else the claimed device id
+    (in-process callers, which have no peer)."""
+    if principal is not None:
+        return f"device {principal!r}"
+    if peer:
+        return f"peer {peer}"
+    return f"device {device_id!r}" if device_id else "an unidentified caller"
 
-    def __init__(self, rate: float, burst: float | None = None, max_devices: int = 100_000):
+
+class RateLimiter:
+    """Token buckets per key (see `rate_key`); `rate <= 0` disables limiting. `unit` names what is
+    counted ("requests", "bytes") in the refusal's message."""
+
+    def __init__(self, rate: float, burst: float | None = None, max_devices: int = 100_000, unit: str = "requests"):
         self.rate = float(rate)
         self.burst = float(burst if burst is not None else max(1.0, rate))
+        self.unit = unit
         if self.enabled and self.burst < 1:
             raise InvalidInput("rate_burst", f"must be at least 1, got {burst}")
         self.max_devices = max_devices
@@ -107,26 +122,28 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    def check(self, device_id: str, now: float | None = None) -> None:
-        """Take one token for `device_id` or raise DeviceRateLimited saying when one will be free."""
+    def check(self, key: str, now: float | None = None) -> None:
+        """Take one token for `key` or raise DeviceRateLimited saying when one will be free."""
+        self.take(key, 1.0, now)
+
+    def take(self, key: str, amount: float = 1.0, now: float | None = None) -> None:
+        """Take `amount` tokens (at most `burst`) for `key`, or raise DeviceRateLimited saying when
+        they will be there; a refusal takes nothing."""
         if not self.enabled:
             return
+        amount = min(float(amount), self.burst)
         now = time.monotonic() if now is None else now
         with self._lock:
-            tokens, at = self._buckets.pop(device_id, (self.burst, now))
+            tokens, at = self._buckets.pop(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - at) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[device_id] = (tokens - 1.0, now)
-                allowed = True
-            else:
-                self._buckets[device_id] = (tokens, now)
-                allowed = False
+            allowed = tokens >= amount
+            self._buckets[key] = (tokens - amount if allowed else tokens, now)
             while len(self._buckets) > self.max_devices:
-                self._buckets.popitem(last=False)  # the device idle longest
+                self._buckets.popitem(last=False)  # the caller idle longest
         if not allowed:
-            wait = (1.0 - tokens) / self.rate
+            wait = (amount - tokens) / self.rate
             raise DeviceRateLimited(
-                f"device {device_id!r} exceeded {self.rate:g} requests/s (burst {self.burst:g}); "
+                f"{key} exceeded {self.rate:g} {self.unit}/s (burst {self.burst:g}); "
                 f"retry in {wait * 1000:.0f} ms", retry_after_s=wait)
 
     def __len__(self) -> int:

@@ -13,6 +13,11 @@ encoded for the whole batch in one pass (`BundleBatch.encoded`). The core speaks
 only; protobuf stays in the servicer and `common.serde`. Each failure is a typed
 error (`common.errors`) naming the field at fault; the gRPC layer maps
 them to status codes in one place.
+
+Rates are counted per authenticated device, or per peer address when the server runs without
+tokens (`auth.rate_key`): Generate calls against `rates`, GetModel bytes against `download_rates`.
+A download whose device has used up its byte budget ends, after the chunks already sent, with
+RESOURCE_EXHAUSTED and the wait in `retry-after-ms`; the device resumes from what it holds.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from paramcast.cloud.bundles import check_window, generate_batch
-from paramcast.cloud.service.auth import RateLimiter, TokenAuth
+from paramcast.cloud.service.auth import RateLimiter, TokenAuth, rate_key
 from paramcast.cloud.service.batcher import BatchObserver, MicroBatcher
 from paramcast.cloud.service.registry import ModelRegistry, ServedModel
 from paramcast.common.bundle import EncodedBundle, check_encoding
@@ -96,25 +101,29 @@ def check_keep_ratio(value: float) -> float | None:
 
 class ServiceCore:
     def __init__(self, registry: ModelRegistry, auth: TokenAuth | None = None, rates: RateLimiter | None = None,
-                 limits: Limits | None = None, observer: BatchObserver | None = None):
+                 limits: Limits | None = None, observer: BatchObserver | None = None,
+                 download_rates: RateLimiter | None = None):
         if len(registry) == 0:
             raise InvalidInput("models", "a server needs at least one model")
         self.registry = registry
         self.auth = TokenAuth(None) if auth is None else auth
         self.rates = RateLimiter(0) if rates is None else rates  # (a RateLimiter with no devices yet is falsy)
+        # GetModel bytes per caller; None = unlimited.
+        self.download_rates = RateLimiter(0, unit="bytes") if download_rates is None else download_rates
         self.limits = Limits() if limits is None else limits
         self.batcher = MicroBatcher(self._compute, max_batch=self.limits.max_batch,
                                     max_delay_s=self.limits.max_delay_ms / 1000, max_queue=self.limits.max_queue,
                                     observer=observer)
 
     # -- Generate -------------------------------------------------------------------------------
-    def admit(self, call: GenerateCall, metadata: Mapping[str, str] | None = None,
+    def admit(self, call: GenerateCall, metadata: Mapping[str, str] | None = None, peer: str | None = None,
               ) -> tuple[ServedModel, np.ndarray, float | None]:
-        """Every check Generate makes before queueing: -> (model, window to generate from, keep ratio)."""
+        """Every check Generate makes before queueing: -> (model, window to generate from, keep ratio).
+        `peer` is the caller's address (rates are counted per peer without tokens)."""
         principal = self.auth.authenticate(metadata)
         device_id = check_id("device_id", call.device_id)
         self.auth.authorize(principal, device_id)
-        self.rates.check(device_id)
+        self.rates.check(rate_key(principal, device_id, peer))
         check_id("model_id", call.model_id)
         check_id("base_version", call.base_version)
         check_encoding(call.encoding)
@@ -124,32 +133,35 @@ class ServiceCore:
         return served, window[-served.window:], keep_ratio
 
     async def generate(self, call: GenerateCall, metadata: Mapping[str, str] | None = None,
-                       deadline: float | None = None) -> EncodedBundle:
+                       deadline: float | None = None, peer: str | None = None) -> EncodedBundle:
         """One device's bundle, generated in a micro-batch with concurrent calls and encoded as
         `call.encoding`: what the response carries.
 
         `deadline` is a time.monotonic() value; a request still queued when it passes is dropped
         (DeadlineExpired) without reaching the generator.
         """
-        served, window, keep_ratio = self.admit(call, metadata)
-        return await self.batcher.submit((served.key, keep_ratio), (window, call.encoding), deadline)
+        served, window, keep_ratio = self.admit(call, metadata, peer)
+        return await self.batcher.submit((served.key, keep_ratio), (window, call.encoding, call.device_id), deadline)
 
     def _compute(self, key: tuple[tuple[str, str], float | None],
-                 items: list[tuple[np.ndarray, str]]) -> list[EncodedBundle]:
+                 items: list[tuple[np.ndarray, str, str]]) -> list[EncodedBundle]:
         """Runs in the batcher's worker thread: one generator pass for a batch of one model version,
-        then one encoding pass over the stacked output. Requests in a batch may ask for different
-        encodings (the encoding is not part of the batch key, so it never splits a generator pass)."""
+        then one encoding pass over the stacked output, each bundle bound to the device that asked.
+        Requests in a batch may ask for different encodings (the encoding is not part of the batch
+        key, so it never splits a generator pass)."""
         (model_id, version), keep_ratio = key
         served = self.registry.get(model_id, version)
-        batch = generate_batch(served.checkpoint, [window for window, _ in items], keep_ratio,
+        batch = generate_batch(served.checkpoint, [window for window, _, _ in items], keep_ratio,
                                torch_device=self.registry.torch_device, ttl_ms=self.limits.ttl_ms)
-        return batch.encoded([encoding for _, encoding in items])
+        return batch.bound_to([device for _, _, device in items]).encoded([enc for _, enc, _ in items])
 
     # -- GetModel -------------------------------------------------------------------------------
     def get_model(self, model_id: str, version: str = "", offset: int = 0, chunk_size: int = 0,
-                  metadata: Mapping[str, str] | None = None) -> Iterator[PackageChunk]:
-        """Validate a package request now, then return the chunks from `offset` to the end."""
-        self.auth.authenticate(metadata)
+                  metadata: Mapping[str, str] | None = None, peer: str | None = None) -> Iterator[PackageChunk]:
+        """Validate a package request now, then return the chunks from `offset` to the end, each
+        drawn from the caller's download byte budget as it is produced (DeviceRateLimited once
+        the budget is spent)."""
+        principal = self.auth.authenticate(metadata)
         check_id("model_id", model_id)
         check_id("version", version, required=False)
         if offset < 0:
@@ -158,19 +170,21 @@ class ServiceCore:
             raise InvalidInput("chunk_size", f"must be >= 0, got {chunk_size}")
         lim = self.limits
         size = lim.chunk_bytes if chunk_size == 0 else min(max(chunk_size, lim.min_chunk_bytes), lim.max_chunk_bytes)
+        if self.download_rates.enabled:
+            size = max(1, min(size, int(self.download_rates.burst)))  # a chunk never needs more than a full bucket
         served = self.registry.get(model_id, version)
         total = len(served.archive)
         if offset > total:
             raise OutOfRange("offset", f"{offset} is beyond the end of the {total}-byte package of "
                                        f"{model_id} {served.version}")
-        return self._chunks(served, offset, size)
+        return self._chunks(served, offset, size, rate_key(principal, None, peer))
 
-    @staticmethod
-    def _chunks(served: ServedModel, offset: int, size: int) -> Iterator[PackageChunk]:
+    def _chunks(self, served: ServedModel, offset: int, size: int, caller: str) -> Iterator[PackageChunk]:
         total = len(served.archive)
         view = memoryview(served.archive)
         pos = offset
         while True:
+            self.download_rates.take(caller, min(size, total - pos))
             data = bytes(view[pos:pos + size])
             yield PackageChunk(served.model_id, served.version, total, served.archive_sha256, pos, data,
                                hashlib.sha256(data).digest())

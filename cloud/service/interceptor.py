@@ -10,15 +10,24 @@ to the client.
 The interceptor also owns the two things every call needs once: request bytes that do not parse
 are answered INVALID_ARGUMENT (gRPC's default would be UNKNOWN with the parser's exception text),
 and each call's outcome is counted in the metrics by status code.
+
+Streams are written by the interceptor itself (`context.write`), so a client that goes away in
+the middle of one -- a device abandoning a GetModel download it will resume later, the case the
+contract is designed for -- is recognised where the write fails, logged at INFO as a cancelled
+stream and counted as CANCELLED, instead of reaching gRPC's own handler as an error with a
+traceback. A unary answer is sent by gRPC after the handler returns, so a client that leaves at
+that moment (killed, or its deadline just passing) still fails gRPC's send; `ClientGoneFilter`
+keeps that record, at INFO and without the traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 
@@ -55,12 +64,40 @@ class CallRecorder:
         pass
 
 
+class ClientGoneFilter(logging.Filter):
+    """gRPC's asyncio server logs ERROR with a traceback (`ExecuteBatchError raised in core by
+    servicer method [...]`) when it cannot send a handler's answer because the call is gone: its
+    client went away. That is routine for devices (killed, out of deadline, done with a download
+    they will resume); the record stays, at INFO, without the traceback."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(self.PREFIX):
+            record.msg = "%s: the client left before its answer could be sent"
+            record.args = (record.args[0],) if isinstance(record.args, tuple) and record.args else ("a call",)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+
+
+def quiet_client_gone() -> None:
+    """Install ClientGoneFilter on gRPC's server logger (once per process)."""
+    logger = logging.getLogger(GRPC_CORE_LOGGER)
+    if not any(isinstance(f, ClientGoneFilter) for f in logger.filters):
+        logger.addFilter(ClientGoneFilter())
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps typed errors to status codes for every method of `service_name`; other services
     (health, reflection) pass through untouched."""
 
     def __init__(self, service_name: str, recorder: CallRecorder | None = None):
         self.prefix = f"/{service_name}/"
+        quiet_client_gone()
         self.recorder = recorder or CallRecorder()
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -103,17 +140,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return call
 
     def _wrap_stream(self, method: str, behaviour):
-        async def call(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        async def call(request, context: grpc.aio.ServicerContext) -> None:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            sent = 0
             try:
                 if isinstance(request, _Malformed):
                     raise InvalidInput("request", f"not a valid {request.type_name} message")
-                async for response in behaviour(request, context):
-                    yield response
+                async with contextlib.aclosing(behaviour(request, context)) as responses:
+                    async for response in responses:
+                        try:
+                            await context.write(response)
+                        except Exception as exc:  # a write fails only when the stream is gone: the client left
+                            code = grpc.StatusCode.CANCELLED
+                            log.info("%s stream cancelled by the client after %d messages (%s)", method, sent,
+                                     type(exc).__name__)
+                            return
+                        sent += 1
             except BaseException as exc:
                 code, message = self._status(method, exc, context)
                 if message is None:
+                    if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        log.info("%s stream ended by the client after %d messages (%s)", method, sent, code.name)
                     raise
                 await context.abort(code, message)
             finally:

@@ -6,9 +6,18 @@
 
 What a started server has: ParamService behind the error interceptor, the standard health service
 (`grpc.health.v1.Health`, SERVING for "" and "paramcast.v1.ParamService" until shutdown begins)
-and server reflection; optional TLS; optional gzip for responses; a bound on request message size
-(larger requests get RESOURCE_EXHAUSTED from gRPC itself, before any ParamCast code runs);
-Prometheus metrics in a registry of its own, exposed over HTTP when `metrics_port` is given.
+and server reflection (unless `reflection_enabled=False`); optional TLS, optionally mutual (client
+certificates signed by `TlsConfig.client_ca`); optional gzip for responses; a bound on request
+message size (larger requests get RESOURCE_EXHAUSTED from gRPC itself, before any ParamCast code
+runs); Prometheus metrics in a registry of its own, exposed over HTTP when `metrics_port` is given
+(cloud/service/metrics_http.py: loopback by default, optional token, HTTPS when TLS is on).
+
+What is exposed without credentials: device tokens gate ParamService only. Health and reflection
+answer anyone who reaches the gRPC port (health tells only whether the server is serving;
+reflection describes the public contract, and can be turned off); the metrics port has its own
+token. A server refuses to start tokenless, or with a tokenless metrics port, on a non-loopback
+address unless `insecure=True` says that is meant, and warns when it serves plaintext beyond
+loopback.
 
 Shutdown is graceful: health turns NOT_SERVING (load balancers stop sending), the server stops
 accepting calls, in-flight calls finish within `grace` seconds (their queued requests still get
@@ -20,6 +29,7 @@ callers (tests, notebooks).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +45,7 @@ from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.core import Limits, ServiceCore
 from paramcast.cloud.service.interceptor import ErrorInterceptor
 from paramcast.cloud.service.metrics import ServiceMetrics
+from paramcast.cloud.service.metrics_http import MetricsEndpoint, server_ssl_context
 from paramcast.cloud.service.registry import ModelRegistry
 from paramcast.cloud.service.servicer import ParamServicer
 from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound
@@ -54,10 +65,39 @@ PACKAGE_SUBDIR = "package"  # `paramcast export --out MODEL_DIR/package` is pick
 class TlsConfig:
     certificate_chain: bytes  # PEM
     private_key: bytes  # PEM
+    client_ca: bytes | None = None  # PEM; set = mutual TLS: clients need a certificate this CA signed
 
     @classmethod
-    def from_files(cls, cert: str | Path, key: str | Path) -> TlsConfig:
-        return cls(Path(cert).read_bytes(), Path(key).read_bytes())
+    def from_files(cls, cert: str | Path, key: str | Path, client_ca: str | Path | None = None) -> TlsConfig:
+        return cls(Path(cert).read_bytes(), Path(key).read_bytes(),
+                   None if client_ca is None else Path(client_ca).read_bytes())
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name (or 0.0.0.0 / ::, every interface): reachable from elsewhere
+
+
+def check_exposure(host: str, auth: TokenAuth, tls: TlsConfig | None, metrics_host: str | None,
+                   metrics_token: str | None, insecure: bool) -> None:
+    """Refuse listeners anyone on the network could use without credentials (unless `insecure`),
+    and warn about plaintext beyond loopback."""
+    if not is_loopback(host) and not auth.enabled and not insecure:
+        raise InvalidInput("host", f"{host} is reachable from other machines and no --tokens were given, so any "
+                                   "caller could generate bundles and download the package; give --tokens, bind "
+                                   "loopback, or pass --insecure to serve it anyway")
+    if metrics_host is not None and not is_loopback(metrics_host) and metrics_token is None and not insecure:
+        raise InvalidInput("metrics_host", f"{metrics_host} is reachable from other machines and no metrics token "
+                                           "was given; give --metrics-token, bind loopback, or pass --insecure")
+    for name, bound in (("gRPC", host), ("metrics", metrics_host)):
+        if bound is not None and not is_loopback(bound) and tls is None:
+            log.warning("the %s port on %s is plaintext: tokens, bundles and metrics cross the network "
+                        "unencrypted; use --tls-cert/--tls-key", name, bound)
 
 
 def resolve_device(name: str) -> str:
@@ -105,11 +145,11 @@ class ParamServer:
     """A started server: `port`, `metrics_port` (or None), `core`, `metrics`; `stop()` drains it."""
 
     def __init__(self, server: grpc.aio.Server, port: int, core: ServiceCore, metrics: ServiceMetrics,
-                 health_servicer: health.aio.HealthServicer, metrics_http=None):
+                 health_servicer: health.aio.HealthServicer, metrics_http: MetricsEndpoint | None = None):
         self.server, self.port, self.core, self.metrics = server, port, core, metrics
         self.health = health_servicer
         self._metrics_http = metrics_http
-        self.metrics_port: int | None = metrics_http[0].server_port if metrics_http else None
+        self.metrics_port: int | None = metrics_http.port if metrics_http else None
         self._stopped = False
 
     async def stop(self, grace: float | None = 10.0) -> None:
@@ -121,10 +161,7 @@ class ParamServer:
         await self.server.stop(grace)
         await self.core.close()
         if self._metrics_http is not None:
-            http, thread = self._metrics_http
-            http.shutdown()
-            http.server_close()
-            thread.join(timeout=5)
+            self._metrics_http.close()
         log.info("server on port %d stopped", self.port)
 
     async def wait_for_termination(self) -> None:
@@ -144,11 +181,23 @@ async def start_server(
     gzip: bool = False,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     torch_device: str = "cpu",
+    download_rates: RateLimiter | None = None,
+    metrics_host: str = "127.0.0.1",
+    metrics_token: str | None = None,
+    reflection_enabled: bool = True,
+    insecure: bool = False,
 ) -> tuple[ParamServer, int]:
-    """Build, bind and start a server on the running event loop -> (server, bound port)."""
+    """Build, bind and start a server on the running event loop -> (server, bound port).
+
+    `download_rates` limits GetModel bytes per caller; the metrics endpoint (when `metrics_port`
+    is given) binds `metrics_host` and, with `metrics_token`, asks every scrape for it; `insecure`
+    allows tokenless listeners on non-loopback addresses (see `check_exposure`)."""
+    auth = TokenAuth(None) if auth is None else auth
+    check_exposure(host, auth, tls, metrics_host if metrics_port is not None else None, metrics_token, insecure)
     registry = models if isinstance(models, ModelRegistry) else load_models(models, resolve_device(torch_device))
     metrics = ServiceMetrics()
-    core = ServiceCore(registry, auth=auth, rates=rates, limits=limits, observer=metrics)
+    core = ServiceCore(registry, auth=auth, rates=rates, limits=limits, observer=metrics,
+                       download_rates=download_rates)
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(SERVICE_NAME, metrics)],
         options=[
@@ -161,13 +210,15 @@ async def start_server(
     pb_grpc.add_ParamServiceServicer_to_server(ParamServicer(core, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["ParamService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
-        server,
-    )
+    if reflection_enabled:
+        reflection.enable_server_reflection(
+            (pb.DESCRIPTOR.services_by_name["ParamService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+        )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if tls is not None:
-        creds = grpc.ssl_server_credentials([(tls.private_key, tls.certificate_chain)])
+        creds = grpc.ssl_server_credentials([(tls.private_key, tls.certificate_chain)], root_certificates=tls.client_ca,
+                                            require_client_auth=tls.client_ca is not None)
         bound = server.add_secure_port(address, creds)
     else:
         bound = server.add_insecure_port(address)
@@ -179,9 +230,15 @@ async def start_server(
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     metrics_http = None
     if metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        metrics_http = start_http_server(metrics_port, addr=host, registry=metrics.registry)
+        try:
+            context = None if tls is None else server_ssl_context(tls.certificate_chain, tls.private_key,
+                                                                  tls.client_ca)
+            metrics_http = MetricsEndpoint(metrics.registry, metrics_host, metrics_port, token=metrics_token,
+                                           tls=context)
+        except BaseException:  # (a port in use, a bad certificate): never leave the gRPC server running
+            await server.stop(None)
+            await core.close()
+            raise
     return ParamServer(server, bound, core, metrics, health_servicer, metrics_http), bound
 
 

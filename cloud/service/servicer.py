@@ -26,6 +26,17 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def peer_address(peer: str | None) -> str | None:
+    """The caller's address without its port: "ipv4:10.0.0.7:51234" -> "10.0.0.7",
+    "ipv6:[::1]:51234" -> "::1"; other transports (unix sockets) as gRPC names them."""
+    if not peer:
+        return None
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
 class ParamServicer(pb_grpc.ParamServiceServicer):
     def __init__(self, core: ServiceCore, metrics: ServiceMetrics):
         self.core, self.metrics = core, metrics
@@ -39,14 +50,15 @@ class ParamServicer(pb_grpc.ParamServiceServicer):
             encoding=encoding_from_proto(request.encoding),
             keep_ratio=request.keep_ratio,
         )
-        encoded = await self.core.generate(call, _metadata(context), _deadline(context))  # encoded in its batch
+        encoded = await self.core.generate(call, _metadata(context), _deadline(context),
+                                           peer_address(context.peer()))  # encoded in its batch
         response = pb.GenerateResponse(bundle=encoded_to_proto(encoded))
         self.metrics.sent("Generate", response.ByteSize(), bundle=True)
         return response
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
         chunks = self.core.get_model(request.model_id, request.version, request.offset, request.chunk_size,
-                                     _metadata(context))
+                                     _metadata(context), peer_address(context.peer()))
         for c in chunks:
             response = pb.GetModelResponse(
                 model_id=c.model_id, version=c.version, total_size=c.total_size, archive_sha256=c.archive_sha256,

@@ -26,7 +26,7 @@ from paramcast.common.bundle import (
     quantize_stack,
     unpack_mask,
 )
-from paramcast.common.errors import IntegrityError, InvalidInput, VersionMismatch
+from paramcast.common.errors import DeviceMismatch, IntegrityError, InvalidInput, VersionMismatch
 from paramcast.common.serde import (
     batch_to_proto,
     bundle_from_proto,
@@ -106,6 +106,7 @@ def small_bundle() -> DeltaBundle:
         bundle_id="b-1",
         created_at_ms=1_700_000_000_000,
         expires_at_ms=1_700_000_600_000,
+        device_id="device-17",
     )
 
 
@@ -141,6 +142,7 @@ def reseal(msg: pb.DeltaBundle) -> pb.DeltaBundle:
         msg.expires_at_ms,
         [(s.slot, tensor(s.a), tensor(s.b)) for s in msg.slots],
         [(m.group, m.n_units, m.bits) for m in msg.masks],
+        msg.device_id,
     )
     return msg
 
@@ -233,7 +235,7 @@ def test_checksum_follows_the_documented_canonical_payload():
         dims = b"".join(struct.pack("<q", n) for n in t.shape)
         return struct.pack("<II", t.dtype, len(t.shape)) + dims + blob(t.data) + blob(t.row_scales)
 
-    payload = b"PCB1" + s(msg.bundle_id) + s(msg.model_id) + s(msg.base_version)
+    payload = b"PCB2" + s(msg.bundle_id) + s(msg.model_id) + s(msg.base_version) + s(msg.device_id)
     payload += struct.pack("<qq", msg.created_at_ms, msg.expires_at_ms)
     payload += struct.pack("<I", len(msg.slots))
     payload += b"".join(s(x.slot) + tensor(x.a) + tensor(x.b) for x in msg.slots)
@@ -241,6 +243,29 @@ def test_checksum_follows_the_documented_canonical_payload():
     payload += b"".join(s(m.group) + struct.pack("<I", m.n_units) + blob(m.bits) for m in msg.masks)
     assert msg.checksum == hashlib.sha256(payload).digest()
     assert [x.slot for x in msg.slots] == ["head.0", "head.1"]  # written sorted: deterministic bytes
+    assert msg.device_id == "device-17"
+
+
+def test_the_device_id_is_covered_by_the_checksum_and_checked_on_the_device():
+    msg = bundle_to_proto(small_bundle(), "int8")
+    assert decode_bundle(msg.SerializeToString()).device_id == "device-17"
+    moved = pb.DeltaBundle()
+    moved.CopyFrom(msg)
+    moved.device_id = "device-18"  # another device's bundle relabelled: the checksum no longer verifies
+    with pytest.raises(IntegrityError, match="checksum"):
+        decode_bundle(moved.SerializeToString())
+    bundle = decode_bundle(msg.SerializeToString())
+    check_bundle_for(bundle, "sasrec-ml1m", "v3", "device-17")
+    with pytest.raises(DeviceMismatch, match="generated for 'device-17', not for this device 'device-18'"):
+        check_bundle_for(bundle, "sasrec-ml1m", "v3", "device-18")
+    unbound = small_bundle()
+    unbound.device_id = ""
+    with pytest.raises(DeviceMismatch, match="generated for no device"):
+        check_bundle_for(decode_bundle(encode_bundle(unbound)), "sasrec-ml1m", "v3", "device-17")
+    # A stacked batch bound to its devices encodes each bundle with its own id.
+    batch = BundleBatch.stack([small_bundle(), small_bundle()]).bound_to(["a", "b"])
+    assert [m.device_id for m in batch_to_proto(batch, "fp32")] == ["a", "b"]
+    assert [b.device_id for b in batch.take([1]).unstack()] == ["b"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,12 @@ resumable download's checks, and that the whole device side runs without torch."
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import tarfile
+import threading
+import time
 
 import grpc
 import pytest
@@ -20,6 +25,7 @@ from paramcast.common.errors import (
     ModelNotFound,
     OutOfRange,
     Overloaded,
+    PackageTooLarge,
     PermissionDenied,
     RateLimited,
     RemoteError,
@@ -27,10 +33,10 @@ from paramcast.common.errors import (
     Unauthenticated,
     VersionMismatch,
 )
-from paramcast.common.package import DevicePackage, pack_package
+from paramcast.common.package import DevicePackage, pack_package, unpack_package
 from paramcast.common.status import status_of, trailers_of
 from paramcast.device.client import ParamClient, RetryPolicy, cloud_error, service_config
-from paramcast.device.download import Download
+from paramcast.device.download import Download, next_attempt
 from paramcast.v1 import param_service_pb2 as pb
 
 
@@ -197,3 +203,103 @@ def test_device_side_runs_without_torch(tmp_path):
     proc = run_without_torch(tmp_path, ["-c", f"import json, sys, {modules}; print(json.dumps({LOADED}))"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+def test_a_throttled_download_waits_as_told_and_a_broken_one_backs_off_within_its_deadline():
+    throttled = cloud_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "bytes/s", [("retry-after-ms", "250")]))
+    assert isinstance(throttled, DeviceRateLimited) and throttled.retry_after_s == 0.25
+    far = time.monotonic() + 60
+    assert next_attempt(throttled, failures=2, max_resumes=3, deadline=far) == (0.25, 2)  # not a failure
+    broken = cloud_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE))
+    delay, failures = next_attempt(broken, failures=2, max_resumes=3, deadline=far)
+    assert failures == 3 and 0 <= delay <= 0.8
+    with pytest.raises(CloudUnavailable):
+        next_attempt(broken, failures=3, max_resumes=3, deadline=far)  # out of resumes
+    with pytest.raises(RateLimited):
+        next_attempt(throttled, failures=0, max_resumes=3, deadline=time.monotonic() + 0.1)  # past the deadline
+    refused = cloud_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"))  # no hint: a real refusal
+    with pytest.raises(RateLimited):
+        next_attempt(refused, failures=0, max_resumes=3, deadline=far)
+
+
+def test_a_package_larger_than_the_device_accepts_is_refused_before_a_byte_is_written(tmp_path):
+    archive = pack_package(tiny_package())
+    model_id, _ = package_id()
+    first = next(chunks(archive, 8192))
+    first.total_size = 5 * 2**40  # a hostile server advertising 5 TiB
+    download = Download(tmp_path, model_id, "")
+    with pytest.raises(PackageTooLarge, match="5497558138880-byte package"):
+        download.accept(first)
+    assert not download.part.exists() and not download.meta_file.exists()
+    small = Download(tmp_path, model_id, "", max_bytes=len(archive) - 1)  # the device's own, lower limit
+    with pytest.raises(PackageTooLarge, match=f"at most {len(archive) - 1} bytes"):
+        small.accept(next(chunks(archive, 8192)))
+
+
+def archive_of(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_unpacking_writes_no_file_beyond_what_the_manifest_declares(tmp_path):
+    pkg = tiny_package()
+    manifest = (pkg / "manifest.json").read_bytes()
+    model = (pkg / "model.onnx").read_bytes()
+    cases = {
+        "larger than declared": ([("manifest.json", manifest), ("model.onnx", model + b"\0" * 2**20)],
+                                 "holds .* bytes; the manifest declares"),
+        "not listed": ([("manifest.json", manifest), ("extra.bin", b"x" * 100)], "not listed in the manifest"),
+        "manifest not first": ([("model.onnx", model), ("manifest.json", manifest)], "first member"),
+    }
+    for name, (members, message) in cases.items():
+        (tmp_path / "a.tar").write_bytes(archive_of(members))
+        with pytest.raises(IntegrityError, match=message):
+            unpack_package(tmp_path / "a.tar", tmp_path / "out")
+        assert not (tmp_path / "out").exists(), name
+        assert [p.name for p in tmp_path.iterdir()] == ["a.tar"], name  # no temporary directory left
+    (tmp_path / "a.tar").write_bytes(pack_package(pkg))
+    with pytest.raises(IntegrityError, match="larger than the 1000 this device accepts"):
+        unpack_package(tmp_path / "a.tar", tmp_path / "out", max_bytes=1000)
+
+
+def test_a_complete_archive_that_fails_to_unpack_is_discarded_so_the_next_call_refetches(tmp_path):
+    pkg = tiny_package()
+    bad = archive_of([("manifest.json", (pkg / "manifest.json").read_bytes()), ("model.onnx", b"not a model")])
+    model_id, _ = package_id()
+    download = Download(tmp_path, model_id, "")
+    for msg in chunks(bad, 4096):  # every chunk and the whole-archive sha256 verify: the server sent these bytes
+        download.accept(msg)
+    assert download.complete
+    with pytest.raises(IntegrityError, match="model.onnx"):
+        download.finish()
+    assert not download.part.exists() and not download.meta_file.exists()
+    assert Download(tmp_path, model_id, "").offset == 0  # the next attempt starts over
+
+
+def test_odd_files_in_the_download_folders_are_recovered_from(tmp_path):
+    model_id, version = package_id()
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / f"{model_id}.part").mkdir()  # a directory where the partial file belongs
+    os.mkfifo(downloads / f"{model_id}.part.json")  # a FIFO where its identity belongs: open() would block
+    held = tmp_path / "packages" / f"{model_id}-{version}"
+    held.parent.mkdir()
+    held.write_bytes(b"a file where the unpacked package belongs")
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("download", Download(tmp_path, model_id, "")),
+                              daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "opening the download blocked"
+    download = result["download"]
+    assert download.offset == 0 and not download.part.exists() and not download.meta_file.exists()
+    for msg in chunks(pack_package(tiny_package()), 65536):
+        assert download.accept(msg) is False  # the file at the package's place is no held copy
+    package = download.finish()
+    assert package.path == held and package.model_bytes == (tiny_package() / "model.onnx").read_bytes()

@@ -15,7 +15,7 @@ from paramcast.cli import main as cli
 from paramcast.cloud.checkpoint import save_checkpoint
 from paramcast.cloud.export import export_package
 from paramcast.common.errors import InvalidInput
-from paramcast.common.package import DevicePackage
+from paramcast.common.package import DevicePackage, manifest_digest
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,7 @@ def test_manifest_identifies_model_and_files(manifest):
     data = (tiny_package() / "model.onnx").read_bytes()
     expected = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert manifest["files"] == {"model.onnx": expected}
+    assert manifest["manifest_sha256"] == manifest_digest(manifest)  # the manifest's digest of itself
 
 
 def test_graph_inputs_and_outputs_follow_the_contract(graph, manifest):

@@ -22,7 +22,7 @@ from paramcast.cli import main as cli
 from paramcast.cloud.model import left_pad
 from paramcast.common.bundle import ENCODINGS, DeltaBundle
 from paramcast.common.errors import IntegrityError, InvalidInput, ModelNotFound, VersionMismatch
-from paramcast.common.package import DevicePackage
+from paramcast.common.package import DevicePackage, manifest_digest
 from paramcast.common.serde import decode_bundle, encode_bundle
 from paramcast.device.runtime import DeviceRuntime
 
@@ -149,6 +149,8 @@ def _bad_bundles():
         pytest.param({"head.up": (up_b.T, up_a.T)}, {}, "factors['head.up']", id="transposed"),
         pytest.param({"head.up": full_rank}, {}, "factors['head.up']", id="rank-above-max"),
         pytest.param({"head.up": (nan, up_b)}, {}, "factors['head.up']", id="nan"),
+        # finite, but large enough to overflow float32 on the way to a score (a fuzzed bundle found it)
+        pytest.param({"head.up": (up_a * 1e30, up_b)}, {}, "factors['head.up']", id="overflowing"),
         pytest.param({}, {"tail": np.ones(4, bool)}, "masks['tail']", id="unknown-group"),
         pytest.param({}, {"head": np.ones(TINY.head_units + 1, bool)}, "masks['head']", id="mask-length"),
     ]
@@ -274,12 +276,59 @@ def test_missing_file_and_bad_manifest_are_reported(tmp_path):
         DevicePackage.load(pkg)
 
 
+def edit_manifest(pkg, edit, reseal: bool = False) -> None:
+    """Change the package's manifest on disk; `reseal` also recomputes its digest (a deliberate
+    edit by someone who knows the format, to reach the checks behind the digest)."""
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    edit(manifest)
+    if reseal:
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_manifest_cannot_point_outside_the_package(tmp_path):
     pkg = copy_package(tmp_path / "pkg")
-    manifest = json.loads((pkg / "manifest.json").read_text())
-    manifest["files"]["../secret"] = {"sha256": "0" * 64, "bytes": 1}
-    (pkg / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IntegrityError, match="outside the package"):
+    edit_manifest(pkg, lambda m: m["files"].update({"../secret": {"sha256": "0" * 64, "bytes": 1}}), reseal=True)
+    with pytest.raises(IntegrityError, match="'../secret' is not a plain file name"):
+        DevicePackage.load(pkg)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(max_len=m["max_len"] + 10),  # loaded fine, then every score() failed in ONNX Runtime
+    lambda m: m["slots"]["head.up"].update(max_rank=m["slots"]["head.up"]["max_rank"] + 4),  # went unnoticed
+    lambda m: m.update(hidden=m["hidden"] * 2),  # went unnoticed
+    lambda m: m.pop("manifest_sha256"),
+], ids=["max_len", "max_rank", "hidden", "no digest"])
+def test_an_edited_manifest_is_refused_at_load(tmp_path, edit):
+    pkg = copy_package(tmp_path / "pkg")
+    edit_manifest(pkg, edit)
+    with pytest.raises(IntegrityError, match="manifest.json: (manifest_sha256 does not match|no manifest_sha256)"):
+        DevicePackage.load(pkg)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m.update(max_len=m["max_len"] + 10), "max_len is 30, but the graph's input 'history' has 20"),
+    (lambda m: m.update(hidden=m["hidden"] * 2), "hidden is 32, but the graph's output 'user_state' has 16"),
+    (lambda m: m["slots"]["head.up"].update(d_in=7, max_rank=4), r"slots\['head.up'\].d_in is 7"),
+])
+def test_a_resealed_manifest_that_disagrees_with_its_graph_is_refused_by_the_runtime(tmp_path, edit, message):
+    pkg = copy_package(tmp_path / "pkg")
+    edit_manifest(pkg, edit, reseal=True)
+    package = DevicePackage.load(pkg)  # the digest matches: only the graph can tell
+    with pytest.raises(IntegrityError, match=message):
+        DeviceRuntime(package)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["slots"]["head.up"].update(max_rank=0), "max_rank must be a positive integer"),
+    (lambda m: m["slots"]["head.up"].update(max_rank=10**6), "max_rank 1000000 exceeds min"),
+    (lambda m: m.update(n_items=-1), "n_items must be a positive integer"),
+    (lambda m: m["files"]["model.onnx"].update(bytes=10), "more than the 10 bytes"),
+])
+def test_manifest_values_are_validated(tmp_path, edit, message):
+    pkg = copy_package(tmp_path / "pkg")
+    edit_manifest(pkg, edit, reseal=True)
+    with pytest.raises(IntegrityError, match=message):
         DevicePackage.load(pkg)
 
 

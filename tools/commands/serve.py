@@ -5,6 +5,12 @@
 Once the server listens it prints one line, `paramcast serve ready on HOST:PORT` (with the port
 actually bound, so `--port 0` works for scripts and tests), and serves until SIGTERM or SIGINT,
 which drain in-flight calls for up to `--grace` seconds before exiting.
+
+Exposure: `--tokens` gate Generate and GetModel; health and reflection on the same port answer
+without them (`--no-reflection` turns reflection off), and the metrics port binds `--metrics-host`
+(loopback by default) with its own `--metrics-token` and serves HTTPS when TLS is on. Without
+`--tokens` the server refuses a non-loopback `--host` unless `--insecure` is given, and it warns
+whenever it serves plaintext beyond loopback.
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to bind; 0 = any free port (default)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="N",
-                   help="serve Prometheus metrics over HTTP on this port (0 = any free port)")
+                   help="serve Prometheus metrics over HTTP on this port (0 = any free port); HTTPS when TLS is on")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics port binds (default 127.0.0.1: scrapers on this machine only)")
+    p.add_argument("--metrics-token", metavar="FILE",
+                   help="file holding a token every scrape must send as 'Authorization: Bearer <token>'")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the generator runs (auto: CUDA when torch sees a GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
@@ -39,10 +49,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", metavar="FILE",
                    help="JSON object device id -> token (or 'sha256:<hex>'); without it every caller is accepted")
     p.add_argument("--rate-limit", type=float, default=0.0, metavar="PER_S",
-                   help="Generate calls per second per device (0 = unlimited)")
+                   help="Generate calls per second per device (0 = unlimited); without --tokens, per peer address "
+                        "(an unauthenticated device id is only a claim)")
     p.add_argument("--rate-burst", type=float, default=None, help="burst size per device (default: the rate, >= 1)")
+    p.add_argument("--download-rate", type=float, default=0.0, metavar="BYTES_PER_S",
+                   help="GetModel bytes per second per device, or per peer without --tokens (0 = unlimited); a "
+                        "device over it gets RESOURCE_EXHAUSTED with retry-after-ms and resumes")
+    p.add_argument("--download-burst", type=float, default=None, metavar="BYTES",
+                   help="download burst per device (default: one second's worth, at least 64 KiB)")
     p.add_argument("--tls-cert", metavar="PEM", help="certificate chain; with --tls-key, serve TLS only")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="PEM",
+                   help="mutual TLS: accept only clients presenting a certificate this CA signed (needs --tls-cert)")
+    p.add_argument("--no-reflection", action="store_true", help="do not offer gRPC server reflection")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow serving without --tokens (or metrics without --metrics-token) on a non-loopback address")
     p.add_argument("--gzip", action="store_true", help="gzip responses for clients that accept it")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight calls on shutdown")
     p.set_defaults(func=run)
@@ -59,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("paramcast.serve")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InvalidInput("--tls-cert/--tls-key", "give both or neither")
+    if args.tls_client_ca and not args.tls_cert:
+        raise InvalidInput("--tls-client-ca", "mutual TLS needs --tls-cert and --tls-key")
     if args.threads:
         torch.set_num_threads(args.threads)
     limits = Limits(max_window_items=args.max_window, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
@@ -67,23 +90,30 @@ def run(args: argparse.Namespace) -> int:
     if not auth.enabled:
         log.warning("no --tokens file: every caller is accepted (fine on loopback, not on a network)")
     rates = RateLimiter(args.rate_limit, args.rate_burst)
-    tls = TlsConfig.from_files(args.tls_cert, args.tls_key) if args.tls_cert else None
+    download_burst = args.download_burst if args.download_burst is not None else max(args.download_rate, 64 * 1024)
+    download_rates = RateLimiter(args.download_rate, download_burst, unit="bytes")
+    tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    metrics_token = _read_token(args.metrics_token) if args.metrics_token else None
     torch_device = resolve_device(args.device)
     registry = load_models(args.model, torch_device)
 
     async def main() -> None:
         server, port = await start_server(registry, args.host, args.port, limits=limits, auth=auth, rates=rates,
                                           tls=tls, metrics_port=args.metrics_port, gzip=args.gzip,
-                                          max_request_bytes=args.max_request_bytes, torch_device=torch_device)
+                                          max_request_bytes=args.max_request_bytes, torch_device=torch_device,
+                                          download_rates=download_rates, metrics_host=args.metrics_host,
+                                          metrics_token=metrics_token, reflection_enabled=not args.no_reflection,
+                                          insecure=args.insecure)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         models = ", ".join(f"{m.model_id} {m.version}" for m in registry.models())
-        log.info("serving %s; generator on %s; %s; %s", models, torch_device, "TLS" if tls else "plaintext",
+        transport = "plaintext" if tls is None else "mutual TLS" if tls.client_ca else "TLS"
+        log.info("serving %s; generator on %s; %s; %s", models, torch_device, transport,
                  f"metrics on port {server.metrics_port}" if server.metrics_port is not None else "no metrics port")
         if server.metrics_port is not None:
-            print(f"{METRICS_LINE}{args.host}:{server.metrics_port}", flush=True)
+            print(f"{METRICS_LINE}{args.metrics_host}:{server.metrics_port}", flush=True)
         print(f"{READY_LINE}{args.host}:{port}", flush=True)
         await stop.wait()
         log.info("shutting down: draining in-flight calls for up to %.1f s", args.grace)
@@ -91,3 +121,17 @@ def run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def _read_token(path: str) -> str:
+    from pathlib import Path
+
+    from paramcast.common.errors import InvalidInput
+
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput("--metrics-token", f"{path}: cannot read the token ({exc})") from None
+    if not token:
+        raise InvalidInput("--metrics-token", f"{path} is empty")
+    return token

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n paramcast/v1/param_service.proto\x12\x0cparamcast.v1\"`\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.paramcast.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\nrow_scales\x18\x04 \x01(\x0c\"[\n\tSlotDelta\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\x1f\n\x01\x61\x18\x02 \x01(\x0b\x32\x14.paramcast.v1.Tensor\x12\x1f\n\x01\x62\x18\x03 \x01(\x0b\x32\x14.paramcast.v1.Tensor\"8\n\x08UnitMask\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07n_units\x18\x02 \x01(\r\x12\x0c\n\x04\x62its\x18\x03 \x01(\x0c\"\xd7\x01\n\x0b\x44\x65ltaBundle\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\t\x12&\n\x05slots\x18\x04 \x03(\x0b\x32\x17.paramcast.v1.SlotDelta\x12%\n\x05masks\x18\x05 \x03(\x0b\x32\x16.paramcast.v1.UnitMask\x12\x15\n\rcreated_at_ms\x18\x06 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x0c\"\x9a\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x0e\n\x06window\x18\x04 \x03(\x03\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.paramcast.v1.Encoding\x12\x12\n\nkeep_ratio\x18\x06 \x01(\x02\"=\n\x10GenerateResponse\x12)\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x19.paramcast.v1.DeltaBundle\"X\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"\x95\x01\n\x10GetModelResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x04 \x01(\x0c\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x07 \x01(\x0c*T\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x13\n\x0fINT8_ROW_SCALED\x10\x03*]\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_INT8\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_FP32\x10\x03\x32\xa6\x01\n\x0cParamService\x12I\n\x08Generate\x12\x1d.paramcast.v1.GenerateRequest\x1a\x1e.paramcast.v1.GenerateResponse\x12K\n\x08GetModel\x12\x1d.paramcast.v1.GetModelRequest\x1a\x1e.paramcast.v1.GetModelResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n paramcast/v1/param_service.proto\x12\x0cparamcast.v1\"`\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.paramcast.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\nrow_scales\x18\x04 \x01(\x0c\"[\n\tSlotDelta\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\x1f\n\x01\x61\x18\x02 \x01(\x0b\x32\x14.paramcast.v1.Tensor\x12\x1f\n\x01\x62\x18\x03 \x01(\x0b\x32\x14.paramcast.v1.Tensor\"8\n\x08UnitMask\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07n_units\x18\x02 \x01(\r\x12\x0c\n\x04\x62its\x18\x03 \x01(\x0c\"\xea\x01\n\x0b\x44\x65ltaBundle\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\t\x12\x11\n\tdevice_id\x18\t \x01(\t\x12&\n\x05slots\x18\x04 \x03(\x0b\x32\x17.paramcast.v1.SlotDelta\x12%\n\x05masks\x18\x05 \x03(\x0b\x32\x16.paramcast.v1.UnitMask\x12\x15\n\rcreated_at_ms\x18\x06 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x0c\"\x9a\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x0e\n\x06window\x18\x04 \x03(\x03\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.paramcast.v1.Encoding\x12\x12\n\nkeep_ratio\x18\x06 \x01(\x02\"=\n\x10GenerateResponse\x12)\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x19.paramcast.v1.DeltaBundle\"X\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"\x95\x01\n\x10GetModelResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x04 \x01(\x0c\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x07 \x01(\x0c*T\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x13\n\x0fINT8_ROW_SCALED\x10\x03*]\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_INT8\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_FP32\x10\x03\x32\xa6\x01\n\x0cParamService\x12I\n\x08Generate\x12\x1d.paramcast.v1.GenerateRequest\x1a\x1e.paramcast.v1.GenerateResponse\x12K\n\x08GetModel\x12\x1d.paramcast.v1.GetModelRequest\x1a\x1e.paramcast.v1.GetModelResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramcast.v1.param_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=979
-  _globals['_DATATYPE']._serialized_end=1063
-  _globals['_ENCODING']._serialized_start=1065
-  _globals['_ENCODING']._serialized_end=1158
+  _globals['_DATATYPE']._serialized_start=998
+  _globals['_DATATYPE']._serialized_end=1082
+  _globals['_ENCODING']._serialized_start=1084
+  _globals['_ENCODING']._serialized_end=1177
   _globals['_TENSOR']._serialized_start=50
   _globals['_TENSOR']._serialized_end=146
   _globals['_SLOTDELTA']._serialized_start=148
@@ -42,15 +42,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNITMASK']._serialized_start=241
   _globals['_UNITMASK']._serialized_end=297
   _globals['_DELTABUNDLE']._serialized_start=300
-  _globals['_DELTABUNDLE']._serialized_end=515
-  _globals['_GENERATEREQUEST']._serialized_start=518
-  _globals['_GENERATEREQUEST']._serialized_end=672
-  _globals['_GENERATERESPONSE']._serialized_start=674
-  _globals['_GENERATERESPONSE']._serialized_end=735
-  _globals['_GETMODELREQUEST']._serialized_start=737
-  _globals['_GETMODELREQUEST']._serialized_end=825
-  _globals['_GETMODELRESPONSE']._serialized_start=828
-  _globals['_GETMODELRESPONSE']._serialized_end=977
-  _globals['_PARAMSERVICE']._serialized_start=1161
-  _globals['_PARAMSERVICE']._serialized_end=1327
+  _globals['_DELTABUNDLE']._serialized_end=534
+  _globals['_GENERATEREQUEST']._serialized_start=537
+  _globals['_GENERATEREQUEST']._serialized_end=691
+  _globals['_GENERATERESPONSE']._serialized_start=693
+  _globals['_GENERATERESPONSE']._serialized_end=754
+  _globals['_GETMODELREQUEST']._serialized_start=756
+  _globals['_GETMODELREQUEST']._serialized_end=844
+  _globals['_GETMODELRESPONSE']._serialized_start=847
+  _globals['_GETMODELRESPONSE']._serialized_end=996
+  _globals['_PARAMSERVICE']._serialized_start=1180
+  _globals['_PARAMSERVICE']._serialized_end=1346
 # @@protoc_insertion_point(module_scope)

@@ -62,10 +62,11 @@ class UnitMask(_message.Message):
     def __init__(self, group: _Optional[str] = ..., n_units: _Optional[int] = ..., bits: _Optional[bytes] = ...) -> None: ...
 
 class DeltaBundle(_message.Message):
-    __slots__ = ("bundle_id", "model_id", "base_version", "slots", "masks", "created_at_ms", "expires_at_ms", "checksum")
+    __slots__ = ("bundle_id", "model_id", "base_version", "device_id", "slots", "masks", "created_at_ms", "expires_at_ms", "checksum")
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -74,12 +75,13 @@ class DeltaBundle(_message.Message):
     bundle_id: str
     model_id: str
     base_version: str
+    device_id: str
     slots: _containers.RepeatedCompositeFieldContainer[SlotDelta]
     masks: _containers.RepeatedCompositeFieldContainer[UnitMask]
     created_at_ms: int
     expires_at_ms: int
     checksum: bytes
-    def __init__(self, bundle_id: _Optional[str] = ..., model_id: _Optional[str] = ..., base_version: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[SlotDelta, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[UnitMask, _Mapping]]] = ..., created_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., checksum: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, bundle_id: _Optional[str] = ..., model_id: _Optional[str] = ..., base_version: _Optional[str] = ..., device_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[SlotDelta, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[UnitMask, _Mapping]]] = ..., created_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., checksum: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model_id", "base_version", "device_id", "window", "encoding", "keep_ratio")

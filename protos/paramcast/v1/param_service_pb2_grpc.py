@@ -58,7 +58,9 @@ class ParamServiceServicer:
 
     def GetModel(self, request, context):
         """Stream the device package (one archive file) in chunks. Resumable: a client that already
-        holds the first N bytes asks again with offset = N and the same resolved version.
+        holds the first N bytes asks again with offset = N and the same resolved version. A stream may
+        end after some chunks with RESOURCE_EXHAUSTED (the device's download byte rate): resume after
+        `retry-after-ms`.
 
         The archive is an uncompressed POSIX ustar (tar) file holding the package's files as regular
         files at the top level, no directories or links: `manifest.json` first, then the files the
