@@ -504,7 +504,8 @@ def test_a_failing_batch_fails_each_of_its_callers_and_the_batcher_goes_on():
 
 
 def test_full_queue_and_closed_batcher_refuse_work():
-    compute = Recorder(seconds=0.05)
+    # Item 0 must still be computing when the batcher closes, however slow the machine is.
+    compute = Recorder(seconds=5.0)
 
     async def main():
         batcher = MicroBatcher(compute, max_batch=1, max_delay_s=0.0, max_queue=2)
