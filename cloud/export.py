@@ -4,12 +4,15 @@ The package is the contract between the cloud and every device (its format: `com
 
 - `model.onnx` scores candidates for a batch of users. Inputs: `history` (B, max_len) int64, item
   ids left-padded with 0; `candidates` (B, C) int64; and per adapter slot `<slot>.A` (B|1, d_in, r)
-  and `<slot>.B` (B|1, r, d_out) float32. The factor inputs carry default initializers of rank 0
-  (shape (1, d_in, 0) and (1, 0, d_out)), the pattern of ONNX Runtime's own LoRA test model: a
-  run that does not feed them computes the base model (x @ A @ B is then a zero (B, 1, d_out)), a
-  run that feeds them computes W0 + A B, and swapping an adapter never rebuilds the session.
+  and `<slot>.B` (B|1, r, d_out) float32. The factor inputs are plain inputs, never backed by an
+  initializer (ONNX Runtime Web and Mobile refuse to feed initializer-backed inputs): every run
+  feeds every slot, the base model with rank 0 (shapes (1, d_in, 0) and (1, 0, d_out), so
+  x @ A @ B is a zero (B, 1, d_out)), an adapted model with the bundle's factors (W0 + A B);
+  swapping an adapter never rebuilds the session.
   Outputs: `scores` (B, C), `user_state` (B, d) (the head's output the scores are dot products
   with) and `behaviour` (B, d) (the backbone's last state, before the adapted head).
+- `items.json` (when the checkpoint records its training data's item ids): the item vocabulary,
+  a JSON array whose entry i is the catalogue id of model item i (`common.package.ItemVocabulary`).
 - `manifest.json` describes that graph (ids, sizes, input/output names and shapes, slots and their
   maximum rank), names for each unit group the initializers and axes that slimming slices (and
   the factor inputs whose width follows the group), records the size and sha256 of every other
@@ -32,10 +35,8 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from paramcast.cloud.checkpoint import Checkpoint
@@ -46,7 +47,11 @@ from paramcast.common.package import (
     FORMAT_VERSION,
     MANIFEST_DIGEST_KEY,
     MANIFEST_FILE,
+    MAPPER_FILE,
     MODEL_FILE,
+    POLICY_FILE,
+    VOCABULARY_FILE,
+    ItemVocabulary,
     manifest_digest,
 )
 
@@ -117,12 +122,20 @@ def slimming_plan(model: DeviceModel) -> dict[str, dict]:
 
 
 def export_package(
-    ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, max_rank: int | None = None
+    ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, max_rank: int | None = None,
+    item_ids: list[str] | None = None, policy: str | None = None, mapper: str | Path | None = None,
+    policy_fitted: dict | None = None,
 ) -> Path:
     """Write the device package of `ckpt.device_model` to directory `out` and return it.
 
     `max_rank` bounds the rank of factors a device accepts per slot; by default the generator's
     rank (its config's `rank`) when the checkpoint has one, else full rank min(d_in, d_out).
+    `item_ids` is the item vocabulary (entry i: the catalogue id of model item i, entry 0 ""); by
+    default the one training recorded in `ckpt.meta["item_raw_ids"]`. Without one the package has
+    no vocabulary and devices speak model item ids only. `policy` is the request policy the device
+    loop runs (a spec with its threshold calibrated, e.g. from `paramcast simulate`), written to
+    `policy.json` with the generator's window length and `policy_fitted` (how it was calibrated);
+    `mapper` an IDEAL mapper .npz shipped beside it.
     """
     if opset < MIN_OPSET:
         raise InvalidInput("opset", f"{opset} is below {MIN_OPSET}, the lowest the device runtime supports")
@@ -139,6 +152,31 @@ def export_package(
     model_bytes = proto.SerializeToString()
     _write_atomic(out / MODEL_FILE, model_bytes)
     cfg = model.cfg
+    files = {MODEL_FILE: model_bytes}
+    item_ids = item_ids if item_ids is not None else ckpt.meta.get("item_raw_ids")
+    extra: dict = {}
+    if item_ids is not None:
+        vocabulary = ItemVocabulary([str(i) for i in item_ids])
+        if len(vocabulary) != cfg.n_items:
+            raise InvalidInput("item_ids", f"{len(vocabulary)} items, the model has {cfg.n_items}")
+        files[VOCABULARY_FILE] = vocabulary.to_json()
+        _write_atomic(out / VOCABULARY_FILE, files[VOCABULARY_FILE])
+        extra["vocabulary"] = {"file": VOCABULARY_FILE, "size": len(vocabulary)}
+    else:
+        (out / VOCABULARY_FILE).unlink(missing_ok=True)
+    if policy is not None:
+        window = getattr(getattr(ckpt.generator, "cfg", None), "window", None)
+        files[POLICY_FILE] = (json.dumps({"spec": policy, "window": window, "fitted": policy_fitted or {}},
+                                         indent=2) + "\n").encode()
+        extra["policy"] = {"file": POLICY_FILE}
+        if mapper is not None:
+            files[MAPPER_FILE] = Path(mapper).read_bytes()
+            extra["policy"]["mapper"] = MAPPER_FILE
+    for name in (POLICY_FILE, MAPPER_FILE):
+        if name in files:
+            _write_atomic(out / name, files[name])
+        else:
+            (out / name).unlink(missing_ok=True)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -170,7 +208,9 @@ def export_package(
         "unit_groups": {
             group: {"n_units": n, **slimming_plan(model)[group]} for group, n in model.unit_groups().items()
         },
-        "files": {MODEL_FILE: {"sha256": hashlib.sha256(model_bytes).hexdigest(), "bytes": len(model_bytes)}},
+        **extra,
+        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                  for name, data in sorted(files.items())},
     }
     manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     _write_atomic(out / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
@@ -267,7 +307,7 @@ def _fold_constants(ir_model, weights: set[str]) -> onnx.ModelProto:
 
 def _finish_graph(proto: onnx.ModelProto, model: DeviceModel, slots: dict[str, tuple[int, int]],
                   ) -> onnx.ModelProto:
-    """Weight names without the wrapper prefix, factor inputs as (B|1, ., .) with rank-0 defaults."""
+    """Weight names without the wrapper prefix, factor inputs declared (B|1, ., .) with no initializer."""
     g = proto.graph
     prefix = "model."
     renames = {t.name: t.name[len(prefix):] for t in g.initializer if t.name.startswith(prefix)}
@@ -290,10 +330,10 @@ def _finish_graph(proto: onnx.ModelProto, model: DeviceModel, slots: dict[str, t
         a_name, b_name = factor_inputs(slot)
         rank = slot.replace(".", "_") + "_rank"
         declared = (
-            (a_name, ("adapter_batch", d_in, rank), (1, d_in, 0)),  # A (B|1, d_in, r), default rank 0
-            (b_name, ("adapter_batch", rank, d_out), (1, 0, d_out)),  # B (B|1, r, d_out)
+            (a_name, ("adapter_batch", d_in, rank)),  # A (B|1, d_in, r); the base model feeds r = 0
+            (b_name, ("adapter_batch", rank, d_out)),  # B (B|1, r, d_out)
         )
-        for name, dims, default in declared:
+        for name, dims in declared:
             shape = inputs[name].type.tensor_type.shape
             for dim, value in zip(shape.dim, dims, strict=True):
                 dim.Clear()
@@ -301,7 +341,9 @@ def _finish_graph(proto: onnx.ModelProto, model: DeviceModel, slots: dict[str, t
                     dim.dim_param = value
                 else:
                     dim.dim_value = value
-            g.initializer.append(numpy_helper.from_array(np.zeros(default, np.float32), name))
+    shared = {i.name for i in g.input} & {t.name for t in g.initializer}
+    if shared:  # the exporter never does this today; a device runtime must be able to feed every input
+        raise RuntimeError(f"graph inputs backed by initializers: {sorted(shared)}")
 
     # Intermediate shapes recorded by the exporter name widths that slimming changes; ONNX Runtime
     # infers them again when it loads the (possibly sliced) graph.

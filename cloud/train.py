@@ -398,6 +398,7 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
     meta = {
         "data": {"name": data.name, "source": data.source, "n_items": data.n_items, "users": data.n_users,
                  "interactions": data.n_interactions},
+        "item_raw_ids": data.item_raw_ids,  # the item vocabulary the device package carries
         "split": {"cold_fraction": cfg.cold_fraction, "seed": cfg.seed,
                   "cold_users": [data.user_raw_ids[u] for u in trainer.cold]},
         "train_config": cfg.to_dict(),

@@ -2,13 +2,14 @@
 (which reads them) share: the manifest and its constants, the verified reader, and the archive a
 package travels in.
 
-A package is a directory: `manifest.json` and the files it lists (`model.onnx`), written by
+A package is a directory: `manifest.json` and the files it lists (`model.onnx`, the item
+vocabulary `items.json`, the request policy `policy.json` and its fitted state), written by
 `cloud/export.py`. Loading checks the manifest's own digest (`manifest_sha256`, so an edit to any
-value in it is noticed), its format and every value the runtime relies on, then the size and
-sha256 of every file it lists, and keeps the verified bytes so the session is built from exactly
-what was checked; the device runtime then checks the manifest against the graph itself
-(device/runtime.py). This module needs numpy and the standard library only; reading the graph's
-weights also needs `onnx`.
+value in it is noticed), then the manifest against its JSON Schema (`manifest.schema.json`, shipped
+beside this module) and every value the runtime relies on, then the size and sha256 of every file
+it lists, and keeps the verified bytes so the session is built from exactly what was checked; the
+device runtime then checks the manifest against the graph itself (device/runtime.py). This module
+needs numpy and the standard library only; reading the graph's weights also needs `onnx`.
 
 On the wire (`ParamService.GetModel`) a package travels as a single uncompressed POSIX ustar
 archive:
@@ -48,11 +49,57 @@ import numpy as np
 
 from paramcast.common.errors import IntegrityError, ModelNotFound
 from paramcast.common.files import is_plain_name, read_regular
+from paramcast.common.schema import SchemaError, validate
 
 FORMAT = "paramcast.device-package"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
+VOCABULARY_FILE = "items.json"
+POLICY_FILE = "policy.json"  # the request policy the device loop runs (device/loop.py)
+MAPPER_FILE = "policy_mapper.npz"  # the ideal gate's fitted mapper
+
+
+class ItemVocabulary:
+    """Catalogue item ids (the strings the device's catalogue and the source data use) <-> model
+    item ids (1..n_items; 0 is padding). Stored in the package as a JSON array of n_items + 1
+    strings: entry i is the catalogue id of model item i, entry 0 the empty string."""
+
+    def __init__(self, catalogue_ids: list[str]):
+        if not catalogue_ids or catalogue_ids[0] != "":
+            raise IntegrityError("item vocabulary: entry 0 (padding) must be the empty string")
+        self.catalogue_ids = catalogue_ids
+        self.index = {c: i for i, c in enumerate(catalogue_ids) if i}
+        if len(self.index) != len(catalogue_ids) - 1 or "" in self.index:
+            raise IntegrityError("item vocabulary: catalogue ids must be unique and non-empty")
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = VOCABULARY_FILE) -> ItemVocabulary:
+        try:
+            ids = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IntegrityError(f"{where}: not valid JSON ({exc})") from None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise IntegrityError(f"{where}: expected a JSON array of strings")
+        return cls(ids)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.catalogue_ids, separators=(",", ":")) + "\n").encode()
+
+    def __len__(self) -> int:
+        return len(self.catalogue_ids) - 1  # n_items
+
+    def model_ids(self, catalogue_ids) -> np.ndarray:
+        """Catalogue ids -> (n,) int64 model ids; ids the model does not know (items newer than its
+        training) are left out, as the model has no embedding for them."""
+        known = [self.index[c] for c in (str(c) for c in catalogue_ids) if c in self.index]
+        return np.asarray(known, dtype=np.int64)
+
+    def catalogue(self, model_ids) -> list[str]:
+        """Model ids -> their catalogue ids (0, padding, gives "")."""
+        return [self.catalogue_ids[int(i)] for i in model_ids]
+
+
 MANIFEST_DIGEST_KEY = "manifest_sha256"
 MAX_MANIFEST_BYTES = 1024 * 1024  # real manifests are a few KiB
 
@@ -105,6 +152,7 @@ class DevicePackage:
     path: Path
     manifest: dict
     model_bytes: bytes
+    files: dict[str, bytes]  # every file the manifest lists, verified
 
     @classmethod
     def load(cls, path: str | Path) -> DevicePackage:
@@ -140,9 +188,17 @@ class DevicePackage:
         if recorded != manifest_digest(manifest):
             raise IntegrityError(f"{manifest_path}: {MANIFEST_DIGEST_KEY} does not match its contents (the "
                                  "manifest was changed after export)")
+        try:
+            validate(manifest)  # manifest.schema.json: every field's type and range
+        except SchemaError as exc:
+            raise IntegrityError(f"{manifest_path}: {exc}") from None
         files = manifest.get("files")
         if not isinstance(files, dict) or MODEL_FILE not in files:
             raise IntegrityError(f"{manifest_path}: the file list does not name {MODEL_FILE}")
+        for key in ("vocabulary", "policy"):
+            for name in (v for k, v in manifest.get(key, {}).items() if k in ("file", "mapper")):
+                if name not in files:
+                    raise IntegrityError(f"{manifest_path}: {key} names {name!r}, which the file list does not")
         contents = {}
         for name, entry in files.items():
             # Names come from the manifest: refuse anything that would read outside the package.
@@ -163,13 +219,17 @@ class DevicePackage:
             if digest != entry.get("sha256"):
                 raise IntegrityError(f"{file}: sha256 {digest} does not match the manifest")
             contents[name] = data
-        package = cls(path, manifest, contents[MODEL_FILE])
+        package = cls(path, manifest, contents[MODEL_FILE], contents)
         try:
             # Parse everything once here so a malformed manifest fails at load, not mid-request.
             _ = (package.slots, package.unit_groups, package.max_len, package.n_items, package.hidden)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"{manifest_path}: malformed manifest ({exc!r})") from None
         package._check_values(manifest_path)
+        vocabulary = package.vocabulary
+        if vocabulary is not None and len(vocabulary) != package.n_items:
+            raise IntegrityError(f"{path / manifest['vocabulary']['file']}: {len(vocabulary)} items, "
+                                 f"the model has {package.n_items}")
         return package
 
     def _check_values(self, manifest_path: Path) -> None:
@@ -231,6 +291,14 @@ class DevicePackage:
             )
             for name, g in self.manifest["unit_groups"].items()
         }
+
+    @cached_property
+    def vocabulary(self) -> ItemVocabulary | None:
+        """The catalogue id <-> model id mapping, when the package carries one."""
+        entry = self.manifest.get("vocabulary")
+        if entry is None:
+            return None
+        return ItemVocabulary.from_json(self.files[entry["file"]], str(self.path / entry["file"]))
 
     # -- the graph's weights ----------------------------------------------------------------
     def graph(self) -> tuple[Any, dict[str, Any]]:

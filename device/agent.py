@@ -106,6 +106,12 @@ class DeviceAgent:
             return self
         return await self._download(self._needed(client))
 
+    def open_package(self, package: DevicePackage, runtime: DeviceRuntime | None = None) -> DeviceAgent:
+        """Run a package the device was given (verified already), with its stored bundle if it fits;
+        on `runtime` (a `sibling()` sharing another device's sessions) instead of a new one."""
+        self._use(package, runtime)
+        return self
+
     def _use_held(self) -> bool:
         package = self._local_package()
         if package is not None:
@@ -132,11 +138,13 @@ class DeviceAgent:
             log.warning("the held package of %s is unusable (%s); fetching it again", self.model_id, exc)
             return None
 
-    def _use(self, package: DevicePackage) -> None:
+    def _use(self, package: DevicePackage, runtime: DeviceRuntime | None = None) -> None:
         """Switch to `package`: a new runtime, its bundle store, and the stored bundle if it fits."""
         if package.model_id != self.model_id:
             raise IntegrityError(f"package {package.path} is for model {package.model_id}, not {self.model_id}")
-        runtime = DeviceRuntime(package, threads=self.threads)
+        if runtime is not None and runtime.package is not package:
+            raise InvalidInput("runtime", f"runs package {runtime.package.path}, not {package.path}")
+        runtime = runtime or DeviceRuntime(package, threads=self.threads)
         store = BundleStore(self.root / "bundles", package.model_id, package.base_version, decode_bundle,
                             device_id=self.device_id)
         bundle = store.load()  # refuses (and says why) a bundle for another base version or device
@@ -168,6 +176,12 @@ class DeviceAgent:
         self._drop_expired()
         assert self.runtime is not None, "open() the agent first"
         return self.runtime.score(history, candidates)
+
+    def serve_base(self) -> None:
+        """Serve the base model from now on, as if no bundle had arrived (the stored copy stays)."""
+        assert self.runtime is not None, "open() the agent first"
+        self.runtime.revert()
+        self.bundle = None
 
     def _drop_expired(self) -> None:
         if self.bundle is not None and self.bundle.is_expired():

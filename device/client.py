@@ -144,12 +144,25 @@ class Fetched:
 
 def _generate_request(window, model_id: str, base_version: str, device_id: str | None, encoding: str,
                       keep_ratio: float) -> pb.GenerateRequest:
+    """A window of strings is sent as catalogue ids (`catalogue_window`), one of ints as model ids."""
     if not device_id:
         raise InvalidInput("device_id", "is required (give it to the client or to the call)")
+    items = list(window)
+    catalogue = bool(items) and all(isinstance(i, str) for i in items)
     return pb.GenerateRequest(
         model_id=model_id, base_version=base_version, device_id=device_id,
-        window=[int(i) for i in window], encoding=encoding_to_proto(encoding), keep_ratio=float(keep_ratio),
+        window=[] if catalogue else [int(i) for i in items], catalogue_window=items if catalogue else [],
+        encoding=encoding_to_proto(encoding), keep_ratio=float(keep_ratio),
     )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served model id (ListModels): the base versions Generate accepts, oldest first, and the latest."""
+
+    model_id: str
+    base_versions: tuple[str, ...]
+    latest_version: str
 
 
 def _fetched(response: pb.GenerateResponse, request: pb.GenerateRequest, started: float) -> Fetched:
@@ -202,6 +215,15 @@ class AsyncParamClient:
         except grpc.RpcError as exc:
             raise self._refused(request.device_id, exc) from None
         return _fetched(response, request, started)
+
+    async def list_models(self, token: str | None = None, timeout_s: float | None = None) -> list[ModelInfo]:
+        """The model ids the server serves, with their base versions."""
+        try:
+            response = await self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s or self.timeout_s,
+                                                  metadata=_metadata(token or self.token))
+        except grpc.RpcError as exc:
+            raise cloud_error(exc) from None
+        return [ModelInfo(m.model_id, tuple(m.base_versions), m.latest_version) for m in response.models]
 
     def _admit(self, device_id: str) -> None:
         """Refuse a call locally while the server's retry-after hint for this device still runs."""
@@ -291,6 +313,10 @@ class ParamClient:
     def generate(self, *args, **kwargs) -> Fetched:
         """`AsyncParamClient.generate`, blocking."""
         return self.call(lambda c: c.generate(*args, **kwargs))
+
+    def list_models(self, *args, **kwargs) -> list[ModelInfo]:
+        """`AsyncParamClient.list_models`, blocking."""
+        return self.call(lambda c: c.list_models(*args, **kwargs))
 
     def download_package(self, *args, **kwargs) -> DevicePackage:
         """`AsyncParamClient.download_package`, blocking (`progress` runs on the client's thread)."""

@@ -6,9 +6,10 @@
     rt.apply(bundle)                               # a DeltaBundle: same session, new factor inputs
     rt.revert()                                    # back to the base model
 
-How a bundle is applied: the graph has each adapter slot's factors as inputs with rank-0 default
-initializers (see cloud/export.py). The base model is a run that does not feed them; an adapted
-model is a run that feeds the bundle's A (1, d_in, r) and B (1, r, d_out). `apply` validates the
+How a bundle is applied: the graph has each adapter slot's factors as plain inputs (see
+cloud/export.py). The base model is a run that feeds them with rank 0, A (1, d_in, 0) and
+B (1, 0, d_out); an adapted model is a run that feeds the bundle's A (1, d_in, r) and B (1, r, d_out)
+(slots the bundle leaves out stay at rank 0). `apply` validates the
 factors and swaps one small record holding the feed arrays, so it never builds a session. (ONNX
 Runtime's native LoRA API, `RunOptions.add_active_adapter`, needs the factors written to an
 adapter file and memory-mapped back for every bundle; tools/bench_device.py measures both.)
@@ -53,7 +54,7 @@ OPTIMIZATION_LEVELS = {
 
 def session_options(threads: int = 1, optimization: str = "all") -> ort.SessionOptions:
     """Explicit options: `threads` intra-op threads, no inter-op parallelism, the given graph
-    optimisation level, warnings off (the factor inputs' defaults trigger a benign one)."""
+    optimisation level, warnings off."""
     if not isinstance(threads, int) or threads < 1:
         raise InvalidInput("threads", f"must be a positive integer, got {threads!r}")
     if optimization not in OPTIMIZATION_LEVELS:
@@ -81,7 +82,7 @@ class _Active:
 
     session: ort.InferenceSession
     model_nbytes: int  # size of the serialized graph the session was built from
-    feeds: dict[str, np.ndarray] = field(default_factory=dict)  # factor inputs; empty = base
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)  # every factor input (rank 0 = base)
     bundle_id: str | None = None
     keep: Keep | None = None
 
@@ -126,12 +127,21 @@ def slice_model(package: DevicePackage, keep: Keep) -> bytes:
     inputs = {i.name: i for i in proto.graph.input}
     for group, idx in keep.items():
         spec = package.unit_groups[group]
-        for cut in spec.initializers + spec.adapter_inputs:
+        for cut in spec.initializers:
             kept = np.take(numpy_helper.to_array(tensors[cut.name]), idx, axis=cut.axis)
             tensors[cut.name].CopyFrom(numpy_helper.from_array(kept, cut.name))
         for cut in spec.adapter_inputs:  # the declared width of a factor input follows the group
             inputs[cut.name].type.tensor_type.shape.dim[cut.axis].dim_value = len(idx)
     return proto.SerializeToString()
+
+
+def rank_zero_feeds(package: DevicePackage) -> dict[str, np.ndarray]:
+    """Every slot's factor inputs at rank 0, A (1, d_in, 0) and B (1, 0, d_out): the base model."""
+    feeds = {}
+    for slot in package.slots.values():
+        feeds[slot.a_input] = np.zeros((1, slot.d_in, 0), dtype=np.float32)
+        feeds[slot.b_input] = np.zeros((1, 0, slot.d_out), dtype=np.float32)
+    return feeds
 
 
 def check_graph(package: DevicePackage, session: ort.InferenceSession) -> None:
@@ -142,7 +152,6 @@ def check_graph(package: DevicePackage, session: ort.InferenceSession) -> None:
     where = f"{package.path / 'manifest.json'}"
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name: o.shape for o in session.get_outputs()}
-    factors = {i.name: i.shape for i in session.get_overridable_initializers()}
 
     def expect(kind: str, table: dict, name: str, axis: int, value: int, field: str) -> None:
         shape = table.get(name)
@@ -157,8 +166,8 @@ def check_graph(package: DevicePackage, session: ort.InferenceSession) -> None:
     for name in ("user_state", "behaviour"):
         expect("output", outputs, name, 1, package.hidden, "hidden")
     for slot in package.slots.values():
-        expect("factor input", factors, slot.a_input, 1, slot.d_in, f"slots[{slot.name!r}].d_in")
-        expect("factor input", factors, slot.b_input, 2, slot.d_out, f"slots[{slot.name!r}].d_out")
+        expect("input", inputs, slot.a_input, 1, slot.d_in, f"slots[{slot.name!r}].d_in")
+        expect("input", inputs, slot.b_input, 2, slot.d_out, f"slots[{slot.name!r}].d_out")
 
 
 class DeviceRuntime:
@@ -173,7 +182,8 @@ class DeviceRuntime:
         self._sessions = _Sessions(package, session_options(threads, optimization), max_slimmed_sessions)
         check_graph(package, self._sessions.base)
         self._keep: Keep | None = None  # this runtime's own slimming, set by slimmed()
-        self._state = _Active(self._sessions.base, self._sessions.base_nbytes)
+        self._base_feeds = rank_zero_feeds(package)
+        self._state = _Active(self._sessions.base, self._sessions.base_nbytes, self._base_feeds)
 
     # -- what is active ----------------------------------------------------------------------
     @property
@@ -213,6 +223,17 @@ class DeviceRuntime:
         scores = state.session.run(["scores"], feeds)[0]  # (B, C)
         return scores[0] if single else scores
 
+    def outputs(self, history, candidates) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One user's scoring run with every output the gates read: (scores (C,), user_state (d,),
+        behaviour (d,)), at the cost of one `score` call."""
+        state = self._state
+        hist, cands, single = self._inputs(history, candidates)
+        if not single:
+            raise InvalidInput("history", "outputs() takes one user's history")
+        scores, user, behaviour = state.session.run(["scores", "user_state", "behaviour"],
+                                                    {"history": hist, "candidates": cands, **state.feeds})
+        return scores[0], user[0], behaviour[0]
+
     def behaviour_embedding(self, history) -> np.ndarray:
         """The base backbone's last hidden state: (d,) for one history, (B, d) for a batch.
 
@@ -222,7 +243,8 @@ class DeviceRuntime:
         single = self._is_single(history)
         hist = self._histories([history] if single else history)  # (B, L)
         cands = np.zeros((len(hist), 1), dtype=np.int64)  # the graph needs some candidates
-        state = self._sessions.base.run(["behaviour"], {"history": hist, "candidates": cands})[0]
+        feeds = {"history": hist, "candidates": cands, **self._base_feeds}
+        state = self._sessions.base.run(["behaviour"], feeds)[0]
         return state[0] if single else state
 
     def user_state(self, history) -> np.ndarray:
@@ -242,7 +264,7 @@ class DeviceRuntime:
         unknown slots or groups, wrong shapes, ranks above the package's maximum, non-finite
         values or values beyond MAX_FACTOR_ABS; on error the active state is unchanged."""
         check_bundle_for(bundle, self.package.model_id, self.package.base_version)
-        feeds = self._factor_feeds(bundle.factors)
+        feeds = {**self._base_feeds, **self._factor_feeds(bundle.factors)}
         keep = self._keep_from_masks(bundle.masks, "masks") if bundle.masks else self._keep
         session, nbytes = self._sessions.get(keep)
         self._state = _Active(session, nbytes, self._slice_feeds(feeds, keep), bundle.bundle_id, keep)
@@ -250,7 +272,15 @@ class DeviceRuntime:
     def revert(self) -> None:
         """Back to the base model (this runtime's own slimming, if it is a slimmed view)."""
         session, nbytes = self._sessions.get(self._keep)
-        self._state = _Active(session, nbytes, keep=self._keep)
+        self._state = _Active(session, nbytes, self._slice_feeds(self._base_feeds, self._keep), keep=self._keep)
+
+    def sibling(self) -> DeviceRuntime:
+        """Another device's runtime over the same package, sharing this one's sessions (factors are
+        fed per call, so one graph serves many devices) and starting on the base model."""
+        view = object.__new__(DeviceRuntime)
+        view.__dict__.update(self.__dict__)
+        view.revert()
+        return view
 
     def slimmed(self, keep: Mapping[str, np.ndarray]) -> DeviceRuntime:
         """A runtime over the physically smaller graph that keeps, per unit group, the units whose

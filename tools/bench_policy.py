@@ -151,15 +151,18 @@ def main(argv: list[str] | None = None) -> int:
                          np.concatenate([views[r].seen for r in rows]))
         batched = timed(lambda i, p=big, v=batch: p.decide(v), 50) / fleet
         s = stats_us(cost)
+        gate = isinstance(policy, Gate)
         report["policies"][text] = {
             "decision_us": s, "fraction_of_scoring_call": s["p50"] / base,
+            **({"gate_cost_vs_score": s["p50"] / base} if gate else {}),
             "batched_per_device_us": stats_us(batched)["p50"],
             **({"samples": policy.samples} if isinstance(policy, IdealGate) else {}),
         }
-    gates = {k: v for k, v in report["policies"].items() if k.split(":")[0] in ("drift", "window", "loss", "ideal")}
-    report["bar"] = {"gate_under_10_percent_of_scoring": all(v["fraction_of_scoring_call"] < 0.10
+    gates = {k: v for k, v in report["policies"].items() if "gate_cost_vs_score" in v}
+    report["bar"] = {"gate_under_10_percent_of_scoring": all(v["gate_cost_vs_score"] <= 0.10
                                                               for v in gates.values()),
-                     "worst_gate": max(gates, key=lambda k: gates[k]["fraction_of_scoring_call"])}
+                     "worst_gate": max(gates, key=lambda k: gates[k]["gate_cost_vs_score"])}
+    report["command"] = "python tools/bench_policy.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     print(f"scoring call (1 user, 101 candidates, bundle applied): p50 {base:.1f} us")
     print(f"session run, scores only {report['session_run_us']['scores_only']['p50']:.1f} us; "

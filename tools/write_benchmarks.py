@@ -215,8 +215,33 @@ def simulation_section(doc: dict, name: str) -> str:
     for p in doc["policies"]:
         out.append(f"| `{p['name']}` | {p['request_rate']:.3f} | {cell(p['ndcg@10'])} | {cell(p['hr@10'])} | "
                    f"{cell(p['auc'])} | {p['bytes_per_device']:.0f} |")
-    out += ["", f"In-process throughput: {doc['device_steps_per_s']:,.0f} device-steps/s."]
+    net = doc.get("network")
+    if net and net.get("device_scoring") == "agents":
+        calls = max(p["network"]["max_concurrent_calls"] for p in doc["policies"] if "network" in p)
+        out += ["", f"Network mode: {net['devices']} device agents (ONNX Runtime, policy, bundle store, gRPC "
+                f"client each) on one event loop against `paramcast serve`, up to {calls} calls in flight at once: "
+                f"{net['device_steps_per_s']:,.0f} device-steps/s over {net['device_steps']:,} test device-steps "
+                f"(requests included); {doc['device_steps_per_s']:,.0f} device-steps/s over the whole run."]
+    else:
+        out += ["", f"In-process throughput: {doc['device_steps_per_s']:,.0f} device-steps/s."]
     return "\n".join(out) + "\n" + note(f"simulation-{name}")
+
+
+def policy_cost_section(doc: dict) -> str:
+    base = doc["scoring_call_us"]["p50"]
+    out = [f"### What a policy costs on the device ({doc['dataset']})", "", f"Command: `{doc.get('command', '')}`", "",
+           f"One scoring call (1 user x {doc['candidates']} candidates, bundle applied, hidden {doc['hidden']}): "
+           f"p50 {base:.1f} us. The bar: every gate costs at most 10% of it (`gate_cost_vs_score`).", "",
+           "| policy | decision p50 us | p99 us | share of a scoring call | batched, per device us |",
+           "|---|---|---|---|---|"]
+    for name, p in doc["policies"].items():
+        out.append(f"| `{name}` | {p['decision_us']['p50']:.1f} | {p['decision_us']['p99']:.1f} | "
+                   f"{p.get('gate_cost_vs_score', p['fraction_of_scoring_call']):.1%} | "
+                   f"{p['batched_per_device_us']:.2f} |")
+    bar = doc["bar"]
+    out += ["", f"Every gate at or under 10%: **{'yes' if bar['gate_under_10_percent_of_scoring'] else 'no'}** "
+            f"(most costly: `{bar['worst_gate']}`)."]
+    return "\n".join(out) + "\n" + note(f"policy-cost-{doc['dataset']}")
 
 
 def reliability_section(doc: dict) -> str:
@@ -283,6 +308,7 @@ def render() -> str:
     if sim:
         parts += ["## Request policies and simulation", ""]
         parts += [simulation_section(json.loads(p.read_text()), p.stem.removeprefix("simulation-")) for p in sim]
+    parts += [policy_cost_section(json.loads(p.read_text())) for p in sorted(RESULTS.glob("policy-cost-*.json"))]
     if (d := load("device-latency.json")) is not None:
         parts.append(device_section(d))
     if (s := load("service-load.json")) is not None:

@@ -63,6 +63,16 @@ class GenerateCall:
     window: Sequence[int] = field(default_factory=list)
     encoding: str = "int8"
     keep_ratio: float = 0.0  # 0 = no slimming
+    catalogue_window: Sequence[str] = field(default_factory=list)  # the window as catalogue ids
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    """One served model id: the base versions Generate accepts (oldest first) and the latest."""
+
+    model_id: str
+    base_versions: list[str]
+    latest_version: str
 
 
 @dataclass(frozen=True)
@@ -129,8 +139,25 @@ class ServiceCore:
         check_encoding(call.encoding)
         keep_ratio = check_keep_ratio(call.keep_ratio)
         served = self.registry.for_base(call.model_id, call.base_version)
-        window = check_window(list(call.window), served.n_items, self.limits.max_window_items, "window")
+        items = self._model_window(call, served) if call.catalogue_window else list(call.window)
+        field_name = "catalogue_window" if call.catalogue_window else "window"
+        window = check_window(items, served.n_items, self.limits.max_window_items, field_name)
         return served, window[-served.window:], keep_ratio
+
+    def _model_window(self, call: GenerateCall, served: ServedModel) -> np.ndarray:
+        """A catalogue-id window mapped through the model's item vocabulary (unknown ids skipped)."""
+        if len(call.window):
+            raise InvalidInput("catalogue_window", "give window (model item ids) or catalogue_window, not both")
+        if served.vocabulary is None:
+            raise InvalidInput("catalogue_window", f"model {served.model_id} {served.version} has no item "
+                                                   "vocabulary; send model item ids in window")
+        if len(call.catalogue_window) > self.limits.max_window_items:
+            raise InvalidInput("catalogue_window", f"has {len(call.catalogue_window)} items; at most "
+                                                   f"{self.limits.max_window_items} are accepted")
+        for i, item in enumerate(call.catalogue_window):
+            if len(item.encode()) > MAX_ID_CHARS:
+                raise InvalidInput(f"catalogue_window[{i}]", f"is longer than {MAX_ID_CHARS} bytes")
+        return served.vocabulary.model_ids(call.catalogue_window)
 
     async def generate(self, call: GenerateCall, metadata: Mapping[str, str] | None = None,
                        deadline: float | None = None, peer: str | None = None) -> EncodedBundle:
@@ -154,6 +181,13 @@ class ServiceCore:
         batch = generate_batch(served.checkpoint, [window for window, _, _ in items], keep_ratio,
                                torch_device=self.registry.torch_device, ttl_ms=self.limits.ttl_ms)
         return batch.bound_to([device for _, _, device in items]).encoded([enc for _, enc, _ in items])
+
+    # -- ListModels -----------------------------------------------------------------------------
+    def list_models(self, metadata: Mapping[str, str] | None = None) -> list[ModelListing]:
+        """Every served model id, in id order, with its base versions oldest first."""
+        self.auth.authenticate(metadata)
+        ids = sorted({m.model_id for m in self.registry.models()})
+        return [ModelListing(i, self.registry.versions(i), self.registry.latest(i).version) for i in ids]
 
     # -- GetModel -------------------------------------------------------------------------------
     def get_model(self, model_id: str, version: str = "", offset: int = 0, chunk_size: int = 0,

@@ -22,7 +22,7 @@ import torch
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.generator import Generator
 from paramcast.common.errors import InvalidInput, ModelNotFound, VersionMismatch
-from paramcast.common.package import DevicePackage, pack_package
+from paramcast.common.package import DevicePackage, ItemVocabulary, pack_package
 
 log = logging.getLogger("paramcast.service")
 
@@ -36,6 +36,7 @@ class ServedModel:
     window: int  # the generator reads the last `window` items of a request
     archive: bytes  # the device package, as GetModel streams it
     archive_sha256: bytes
+    vocabulary: ItemVocabulary | None = None  # the package's catalogue id -> model id mapping
 
     @property
     def key(self) -> tuple[str, str]:
@@ -55,7 +56,7 @@ class ModelRegistry:
         version = ckpt.base_version
         if version in self._models.get(ckpt.model_id, {}):
             raise InvalidInput("model", f"{ckpt.model_id} version {version} is already served")
-        archive = _package_archive(ckpt, version, package_dir)
+        archive, vocabulary = _package_archive(ckpt, version, package_dir)
         generator = cast(Generator, ckpt.generator)  # Checkpoint types it as any nn.Module
         generator.to(self.torch_device).eval()
         ckpt.device_model.to(self.torch_device).eval()  # the generator reads the device model's state per window
@@ -67,6 +68,7 @@ class ModelRegistry:
             window=generator.cfg.window,
             archive=archive,
             archive_sha256=hashlib.sha256(archive).digest(),
+            vocabulary=vocabulary,
         )
         self._models.setdefault(ckpt.model_id, {})[version] = served
         log.info("serving %s version %s (window %d, %d items, package %d bytes)", served.model_id, version,
@@ -116,7 +118,9 @@ class ModelRegistry:
         return served
 
 
-def _package_archive(ckpt: Checkpoint, version: str, package_dir: str | Path | None) -> bytes:
+def _package_archive(ckpt: Checkpoint, version: str, package_dir: str | Path | None,
+                     ) -> tuple[bytes, ItemVocabulary | None]:
+    """The package's archive and its item vocabulary (which Generate uses for catalogue ids)."""
     if package_dir is not None:
         package = DevicePackage.load(package_dir)
         if (package.model_id, package.base_version) != (ckpt.model_id, version):
@@ -124,11 +128,12 @@ def _package_archive(ckpt: Checkpoint, version: str, package_dir: str | Path | N
                 "package", f"{package_dir} is the package of {package.model_id} {package.base_version}, "
                            f"not of {ckpt.model_id} {version}; export it again with `paramcast export`"
             )
-        return pack_package(package.path)
+        return pack_package(package.path), package.vocabulary
     from paramcast.cloud.export import export_package  # onnx export is only needed when no package was given
 
     tmp = Path(tempfile.mkdtemp(prefix="paramcast-package-"))
     try:
-        return pack_package(export_package(ckpt, tmp / "package"))
+        exported = DevicePackage.load(export_package(ckpt, tmp / "package"))
+        return pack_package(exported.path), exported.vocabulary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

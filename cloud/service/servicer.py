@@ -49,6 +49,7 @@ class ParamServicer(pb_grpc.ParamServiceServicer):
             window=request.window,
             encoding=encoding_from_proto(request.encoding),
             keep_ratio=request.keep_ratio,
+            catalogue_window=request.catalogue_window,
         )
         encoded = await self.core.generate(call, _metadata(context), _deadline(context),
                                            peer_address(context.peer()))  # encoded in its batch
@@ -66,3 +67,11 @@ class ParamServicer(pb_grpc.ParamServiceServicer):
             )
             self.metrics.sent("GetModel", response.ByteSize())
             yield response
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,
+                         ) -> pb.ListModelsResponse:
+        listing = self.core.list_models(_metadata(context))
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(model_id=m.model_id, base_versions=m.base_versions, latest_version=m.latest_version)
+            for m in listing
+        ])

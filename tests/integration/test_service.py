@@ -29,7 +29,7 @@ from paramcast.cloud.service.core import Limits
 from paramcast.cloud.service.interceptor import ErrorInterceptor
 from paramcast.cloud.service.server import ServerThread, TlsConfig, load_models
 from paramcast.common.data import load_interactions
-from paramcast.common.errors import CloudUnavailable, DeviceRateLimited
+from paramcast.common.errors import CloudUnavailable, DeviceRateLimited, ParamCastError
 from paramcast.common.package import DevicePackage
 from paramcast.common.serde import SERVICE_NAME, bundle_from_proto, bundle_to_proto
 from paramcast.device.agent import APPLIED, REFUSED, REJECTED, STALE_BASE, UNREACHABLE, DeviceAgent
@@ -500,6 +500,9 @@ def test_a_new_base_version_is_served_beside_the_old_and_devices_upgrade(tmp_pat
     both = load_models([trained_model])
     both.add(v2, v2_package)
     with ServerThread(both) as st, ParamClient(f"127.0.0.1:{st.port}", device_id="d") as client:
+        listed = client.list_models()
+        assert [(m.model_id, m.base_versions, m.latest_version) for m in listed] == [
+            (model.model_id, (model.base_version, v2.base_version), v2.base_version)]
         assert agent.refresh(client, history).outcome == APPLIED  # v1 still served
         assert agent.base_version == model.base_version
     only_v2 = load_models([])
@@ -517,6 +520,48 @@ def test_a_new_base_version_is_served_beside_the_old_and_devices_upgrade(tmp_pat
 # ---------------------------------------------------------------------------------------------
 # Server features
 # ---------------------------------------------------------------------------------------------
+
+
+def test_generate_accepts_catalogue_ids_mapped_by_the_package_vocabulary(tmp_path, model, trained_model, users):
+    """A window of catalogue ids (the package's items.json) gives the bundle the same window of
+    model ids gives; unknown catalogue ids are skipped; mixing both fields is refused."""
+    from paramcast.cloud.export import export_package
+
+    assert DevicePackage.load(trained_model / "package").vocabulary is not None  # training records it
+    n = model.device_model.cfg.n_items
+    skus = [""] + [f"sku-{n + 1 - i}" for i in range(1, n + 1)]  # catalogue ids unlike the model's
+    package = DevicePackage.load(export_package(model, tmp_path / "package", item_ids=skus))
+    registry = load_models([])
+    registry.add(model, package.path)
+    history, candidates = users[0]
+    catalogue = package.vocabulary.catalogue(history[-20:])
+    assert catalogue[0] == f"sku-{n + 1 - int(history[-20])}"
+    with ServerThread(registry) as st, ParamClient(f"127.0.0.1:{st.port}", device_id="d", timeout_s=5) as client:
+        by_model = client.generate(history[-20:], model.model_id, model.base_version, encoding="fp32")
+        by_catalogue = client.generate(catalogue + ["no-such-item"], model.model_id, model.base_version,
+                                       encoding="fp32")
+        shuffled = client.generate(catalogue[::-1], model.model_id, model.base_version, encoding="fp32")
+        for a, b in zip(by_model.bundle.factors.values(), by_catalogue.bundle.factors.values(), strict=True):
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+        moved = [np.abs(a[1] - b[1]).max() for a, b in zip(by_model.bundle.factors.values(),
+                                                           shuffled.bundle.factors.values(), strict=True)]
+        assert max(moved) > 0  # the order matters, so the equality above is not vacuous
+        with grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel, pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ParamServiceStub(channel).Generate(
+                pb.GenerateRequest(model_id=model.model_id, base_version=model.base_version, device_id="d",
+                                   window=[1], catalogue_window=["sku-1"]), timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "catalogue_window" in info.value.details()
+
+
+def test_list_models_needs_credentials_when_the_server_does(server, model):
+    with client_for(server.port) as client:
+        assert [m.model_id for m in client.list_models()] == [model.model_id]
+    with ParamClient(f"127.0.0.1:{server.port}", device_id="dev-1", timeout_s=5) as anonymous:
+        with pytest.raises(ParamCastError) as info:
+            anonymous.list_models()
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_sigterm_drains_in_flight_calls(serve_process, trained_model, model):

@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import pytest
 from device_fixtures import TINY, tiny_checkpoint, tiny_package
-from onnx import numpy_helper
 
 from paramcast.cli import main as cli
 from paramcast.cloud.checkpoint import save_checkpoint
@@ -63,11 +62,17 @@ def test_graph_inputs_and_outputs_follow_the_contract(graph, manifest):
     assert set(manifest["outputs"]) == set(outputs)
 
 
-def test_adapter_inputs_have_rank_zero_defaults(graph, manifest):
-    """Each slot's factors are graph inputs whose default initializer has rank 0: the graph runs as
-    the base model when they are not fed."""
+def test_no_graph_input_is_backed_by_an_initializer(graph):
+    """ONNX Runtime Web and Mobile neither list nor feed inputs that share a name with an
+    initializer: every input must be a plain one."""
+    initializers = {t.name for t in graph.graph.initializer}
+    assert {i.name for i in graph.graph.input} & initializers == set()
+    assert {"head.up.A", "head.up.B", "head.down.A", "head.down.B"} <= {i.name for i in graph.graph.input}
+
+
+def test_adapter_inputs_are_declared_per_slot(graph, manifest):
+    """Each slot's factors are plain inputs (B|1, d_in, r) and (B|1, r, d_out) with a dynamic rank."""
     inputs = {i.name: i for i in graph.graph.input}
-    defaults = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     expected = {"head.up": (TINY.hidden, TINY.head_units), "head.down": (TINY.head_units, TINY.hidden)}
     assert {s: (v["d_in"], v["d_out"]) for s, v in manifest["slots"].items()} == expected
     for slot, (d_in, d_out) in expected.items():
@@ -77,7 +82,6 @@ def test_adapter_inputs_have_rank_zero_defaults(graph, manifest):
         rank = slot.replace(".", "_") + "_rank"
         assert _dims(inputs[a]) == ["adapter_batch", d_in, rank]
         assert _dims(inputs[b]) == ["adapter_batch", rank, d_out]
-        assert defaults[a].shape == (1, d_in, 0) and defaults[b].shape == (1, 0, d_out)
 
 
 def test_slicing_plan_names_real_weights_of_the_right_width(graph, manifest):
@@ -89,8 +93,9 @@ def test_slicing_plan_names_real_weights_of_the_right_width(graph, manifest):
         for cut in group["initializers"]:
             assert shapes[cut["name"]] == tuple(state[cut["name"]].shape)  # PyTorch layout, same name
             assert shapes[cut["name"]][cut["axis"]] == group["n_units"]
+        inputs = {i.name: _dims(i) for i in graph.graph.input}
         for cut in group["adapter_inputs"]:
-            assert shapes[cut["name"]][cut["axis"]] == group["n_units"]
+            assert inputs[cut["name"]][cut["axis"]] == group["n_units"]
 
 
 def test_export_command_writes_a_loadable_package_with_a_rank_bound(tmp_path, capsys):
@@ -108,25 +113,30 @@ def test_export_refuses_old_opsets(tmp_path):
 
 
 def test_runs_with_and_without_adapter_in_onnx_runtime_directly():
-    """The contract holds for any ONNX Runtime client, not only ours: omit factors, or feed a batch
-    of per-user factors (B, d_in, r) in one run."""
+    """The contract holds for any ONNX Runtime client, not only ours: feed rank-0 factors for the
+    base model, or a batch of per-user factors (B, d_in, r) in one run."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(tiny_package() / "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     history = rng.integers(0, TINY.n_items + 1, (3, TINY.max_len))
     candidates = rng.integers(1, TINY.n_items + 1, (3, 7))
-    base = session.run(["scores"], {"history": history, "candidates": candidates})[0]
+    rank0 = {"head.up.A": np.zeros((1, TINY.hidden, 0), np.float32),
+             "head.up.B": np.zeros((1, 0, TINY.head_units), np.float32),
+             "head.down.A": np.zeros((1, TINY.head_units, 0), np.float32),
+             "head.down.B": np.zeros((1, 0, TINY.hidden), np.float32)}
+    feeds = {"history": history, "candidates": candidates, **rank0}
+    base = session.run(["scores"], feeds)[0]
+    with pytest.raises(Exception, match="head"):  # factors are required inputs, never defaulted
+        session.run(["scores"], {"history": history, "candidates": candidates})
     a = rng.normal(0, 0.3, (3, TINY.hidden, 2)).astype(np.float32)
     b = rng.normal(0, 0.3, (3, 2, TINY.head_units)).astype(np.float32)
-    feeds = {"history": history, "candidates": candidates}
     adapted = session.run(["scores"], {**feeds, "head.up.A": a, "head.up.B": b})[0]
     # Row i with per-user factors equals a batch of one with that user's factors.
     for i in range(3):
-        one = session.run(["scores"], {"history": history[i:i + 1], "candidates": candidates[i:i + 1],
+        one = session.run(["scores"], {**rank0, "history": history[i:i + 1], "candidates": candidates[i:i + 1],
                                        "head.up.A": a[i:i + 1], "head.up.B": b[i:i + 1]})[0]
         np.testing.assert_allclose(one[0], adapted[i], atol=1e-5)
     assert np.abs(adapted - base).mean() > 1e-2
-    zero = session.run(["scores"], {"history": history, "candidates": candidates,
-                                    "head.up.A": np.zeros_like(a), "head.up.B": b})[0]
+    zero = session.run(["scores"], {**feeds, "head.up.A": np.zeros_like(a), "head.up.B": b})[0]
     np.testing.assert_allclose(zero, base, atol=1e-5)

@@ -264,6 +264,24 @@ def test_ideal_gate_fast_path_applies_the_mapper_exactly():
     np.testing.assert_allclose(g.score(v, np.ones(n, np.int64)), 0.5 * np.abs(q - p).sum(1), rtol=1e-3, atol=1e-5)
 
 
+def test_ideal_gate_one_device_path_matches_the_fleet_path_at_device_size_and_beyond_float_range():
+    """The single-device path (one product, float64 exponential) scores as the vectorised one does:
+    at a real model's size, and with scores too large for the exponential, where it falls back."""
+    rng = np.random.default_rng(4)
+    d, n_items, n_cand = 32, 300, 101
+    mapper = GaussianMapper(rng.normal(size=(2 * d + 1, d)).astype(np.float32) * 0.1,
+                            rng.normal(size=(2, d)).astype(np.float32) * 0.3)
+    gate = IdealGate(mapper, rng.normal(size=(n_items, d)).astype(np.float32) * 0.5, threshold=0.1)
+    gate.start(1, 0, rng.normal(size=(1, d)).astype(np.float32))
+    for scale in (1.0, 10.0, 2000.0):  # 2000: exp(score) is inf even in float64
+        b = rng.normal(size=(1, d)).astype(np.float32)
+        v = StepView(np.array([0]), b, b, (rng.normal(size=(1, n_cand)) * scale).astype(np.float32),
+                     rng.integers(1, n_items, size=(1, n_cand)), np.array([3]))
+        with np.errstate(over="ignore", invalid="ignore"):  # the overflow the fallback is for
+            one, fleet = gate.score_one(v, 0, 1), float(gate.score(v, np.ones(1, np.int64))[0])
+        assert np.isfinite(one) and one == pytest.approx(fleet, abs=1e-5)
+
+
 def test_mapper_save_and_load(tmp_path):
     m = _mapper(0.3, -1.0)
     loaded = GaussianMapper.load(m.save(tmp_path / "mapper.npz"))

@@ -23,10 +23,10 @@ needs_protoc = pytest.mark.skipif(
 )
 
 
-def test_service_has_generate_and_streaming_get_model():
+def test_service_has_generate_streaming_get_model_and_list_models():
     assert SERVICE_NAME == SERVICE.full_name == "paramcast.v1.ParamService"
     kinds = {m.name: (m.client_streaming, m.server_streaming) for m in SERVICE.methods}
-    assert kinds == {"Generate": (False, False), "GetModel": (False, True)}
+    assert kinds == {"Generate": (False, False), "GetModel": (False, True), "ListModels": (False, False)}
 
 
 def test_messages_are_named_after_their_rpc():

@@ -320,9 +320,9 @@ def test_a_resealed_manifest_that_disagrees_with_its_graph_is_refused_by_the_run
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda m: m["slots"]["head.up"].update(max_rank=0), "max_rank must be a positive integer"),
+    (lambda m: m["slots"]["head.up"].update(max_rank=0), "slots.head.up.max_rank: must be >= 1"),
     (lambda m: m["slots"]["head.up"].update(max_rank=10**6), "max_rank 1000000 exceeds min"),
-    (lambda m: m.update(n_items=-1), "n_items must be a positive integer"),
+    (lambda m: m.update(n_items=-1), "n_items: must be >= 1"),
     (lambda m: m["files"]["model.onnx"].update(bytes=10), "more than the 10 bytes"),
 ])
 def test_manifest_values_are_validated(tmp_path, edit, message):

@@ -7,7 +7,8 @@ One device per real user (by default the users the model held out of training), 
 order after a warm-up prefix: each step the device ranks the true next item among 100 sampled
 negatives with the parameters it holds, observes the item, and its policy may request a bundle
 generated from the window up to now. Gate thresholds are calibrated on validation devices only.
-`--mode network` sends every request from a real gRPC client per device to `paramcast serve`
+`--mode network` makes every test device a device agent - ONNX Runtime on the exported package,
+its own bundle store and gRPC client, many on one event loop - that requests from `paramcast serve`
 (started on loopback unless `--server` names one). Prints the policy table (or the JSON with
 `--json`); `--out DIR` writes simulation-<dataset>.json and the plots there.
 """
@@ -37,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="inprocess: bundles from the generator in this process; network: every device a gRPC client")
     p.add_argument("--server", metavar="HOST:PORT", default=None,
                    help="network mode: use this running server instead of starting `paramcast serve` on loopback")
+    p.add_argument("--device-scoring", choices=("agents", "torch"), default="agents",
+                   help="network mode: every test device a device agent on ONNX Runtime (default), or the "
+                        "devices' scoring batched in torch with only the requests on the wire")
     p.add_argument("--users", type=int, default=None, metavar="N", help="at most N test (and N validation) devices")
     p.add_argument("--devices", choices=("cold", "all"), default="cold",
                    help="user pool: cold = users held out of training (default), all = every user (in-sample)")
@@ -52,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", default=None, help="write simulation-<dataset>.json and PNG plots here")
     p.add_argument("--suffix", default="", help="appended to the output file names (e.g. -all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--package-out", metavar="PKG", default=None,
+                   help="write a device package shipping one replayed policy, its threshold as calibrated here "
+                        "(and the IDEAL mapper it used): what `paramcast device run --package PKG` runs")
+    p.add_argument("--ship", metavar="NAME", default=None,
+                   help="with --package-out: the policy to ship, by its name in the table (default: the only one)")
     p.set_defaults(func=run)
 
 
@@ -72,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         devices=args.devices, valid_fraction=args.valid_fraction, users=args.users, max_steps=args.max_steps,
         start=args.start, encoding=args.encoding, seed=args.seed, progress=not args.no_progress,
     )
-    result = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model)
+    result = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model,
+                            device_scoring=args.device_scoring)
     report = result.report
     report["command"] = "paramcast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:
@@ -82,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         if result.mapper is not None:  # the IDEAL gate's fitted mapper, for devices that run the gate
             report["files"].append(str(result.mapper.save(f"{args.out}/ideal-mapper-{data.name}{suffix}.npz")))
         write_json(report, path)
+    if args.package_out:
+        package = ship_policy(ckpt, report, result.mapper, args.package_out, args.ship)
+        report.setdefault("files", []).append(str(package))
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -90,3 +103,23 @@ def run(args: argparse.Namespace) -> int:
         for f in report.get("files", []):
             print(f"wrote {f}")
     return 0
+
+
+def ship_policy(ckpt, report: dict, mapper, out: str, name: str | None):
+    """Export `ckpt`'s device package with the replayed policy `name`, calibrated as it was replayed."""
+    import tempfile
+
+    from paramcast.cloud.export import export_package
+    from paramcast.common.errors import InvalidInput
+
+    rows = {row["name"]: row for row in report["policies"]}
+    if name is None and len(rows) != 1:
+        raise InvalidInput("--ship", f"{len(rows)} policies were replayed; name the one to ship: {', '.join(rows)}")
+    row = rows.get(name) if name is not None else next(iter(rows.values()))
+    if row is None:
+        raise InvalidInput("--ship", f"no replayed policy is called {name!r}; replayed: {', '.join(rows)}")
+    fitted = {"threshold": row["policy_config"].get("threshold"), "dataset": report.get("dataset"),
+              "command": report.get("command"), **({"validation": row["validation"]} if "validation" in row else {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        mapper_file = mapper.save(f"{tmp}/mapper.npz") if row["policy"] == "ideal" else None
+        return export_package(ckpt, out, policy=row["name"], mapper=mapper_file, policy_fitted=fitted)

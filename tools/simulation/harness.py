@@ -16,8 +16,10 @@ on `budget` of the validation steps. `never` and `always` run once.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from paramcast.simulation.timelines import Timelines, build_timelines, split_dev
 
 log = logging.getLogger(__name__)
 
+DEVICE_SCORING = ("agents", "torch")  # network mode: device agents on ONNX Runtime, or batched torch scoring
 DEFAULT_POLICIES = ("never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal",
                     "window:pace=1.5,burst=3")
 
@@ -406,18 +409,22 @@ class SimulationResult:
 
 def run_simulation(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig, mode: str = "inprocess",
                    server: str | None = None, model_dir: str | None = None,
-                   serve_threads: int = 1) -> SimulationResult:
+                   serve_threads: int = 1, device_scoring: str = "agents") -> SimulationResult:
     """`simulate` in either mode. Network mode replays the test devices as gRPC clients of `server`, or
     of a `paramcast serve --model model_dir` started on loopback for the run (calibration on
-    validation devices stays in-process: it is offline tuning, not device traffic). The result
-    holds the report and the fitted IDEAL mapper, if that gate ran."""
+    validation devices stays in-process: it is offline tuning, not device traffic); with
+    `device_scoring="agents"` every test device is a device agent scoring on ONNX Runtime, with
+    "torch" the devices' scoring stays batched in torch. The result holds the report and the
+    fitted IDEAL mapper, if that gate ran."""
     if mode not in ("inprocess", "network"):
         raise InvalidInput("mode", f"must be 'inprocess' or 'network', got {mode!r}")
+    if device_scoring not in DEVICE_SCORING:
+        raise InvalidInput("device_scoring", f"must be one of {DEVICE_SCORING}, got {device_scoring!r}")
     sim = Simulation(ckpt, data, cfg, test_bundles=mode == "inprocess")
     if mode == "inprocess":
         return SimulationResult(sim.run(), sim.mapper)
     from paramcast.serve_process import ServeProcess
-    from paramcast.simulation.network import NetworkSource
+    from paramcast.simulation.network import AgentSource, NetworkSource
 
     if ckpt.generator is None:
         raise InvalidInput("model", "network mode needs a model with a generator")
@@ -433,15 +440,37 @@ def run_simulation(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig
         log.info("started paramcast serve on %s (%.1fs)", server, time.perf_counter() - t0)
     try:
         g = ckpt.generator.cfg
-        source = NetworkSource(server, sim.test.tl, ckpt.model_id, ckpt.base_version, g.slot_shapes, g.rank,
-                               g.window, cfg.encoding)
-        try:
-            report = sim.run(lambda: source)
-        finally:
-            source.close()
+        with tempfile.TemporaryDirectory(prefix="paramcast-sim-") as tmp:
+            source: NetworkSource | AgentSource
+            if device_scoring == "agents":
+                source = AgentSource(server, sim.test.tl, device_package(ckpt, model_dir, f"{tmp}/package"),
+                                     g.window, cfg.encoding, root=f"{tmp}/devices")
+            else:
+                source = NetworkSource(server, sim.test.tl, ckpt.model_id, ckpt.base_version, g.slot_shapes,
+                                       g.rank, g.window, cfg.encoding)
+            try:
+                report = sim.run(lambda: source)
+            finally:
+                source.close()
     finally:
         if proc is not None:
             proc.stop()
-    report["network"] = {"server": server, "started_server": proc is not None,
-                         "devices": sim.test.tl.n_devices, "clients": sim.test.tl.n_devices}
+    test_steps = sim.test.tl.n_steps * len(report["policies"])
+    test_seconds = sum(p["seconds"] for p in report["policies"])
+    report["network"] = {"server": server, "started_server": proc is not None, "device_scoring": device_scoring,
+                         "devices": sim.test.tl.n_devices, "clients": sim.test.tl.n_devices,
+                         "device_steps": test_steps,
+                         "device_steps_per_s": test_steps / test_seconds if test_seconds else None}
     return SimulationResult(report, sim.mapper)
+
+
+def device_package(ckpt: Checkpoint, model_dir: str | None, out: str):
+    """The device package the agents run: `model_dir/package` when it is this checkpoint's, else exported."""
+    from paramcast.cloud.export import export_package
+    from paramcast.common.package import DevicePackage
+
+    if model_dir is not None and (Path(model_dir) / "package" / "manifest.json").is_file():
+        package = DevicePackage.load(Path(model_dir) / "package")
+        if package.model_id == ckpt.model_id and package.base_version == ckpt.base_version:
+            return package
+    return DevicePackage.load(export_package(ckpt, out))

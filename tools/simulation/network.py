@@ -7,16 +7,22 @@ flight at once. Bundles come back over the wire, are verified by the client (che
 base version) and their decoded factors become what the device scores with. A call that fails
 leaves the device with what it held, as the device agent does.
 
-The devices' own scoring stays batched in the replay (the same head and dot products as the
-exported graph); what this mode adds is the real service on the request path: transport,
-micro-batching, encoding, verification, and the load a fleet puts on one server.
+Two kinds of device. `AgentSource` (the default) makes every device a real device agent
+(`device/agent.py`): it scores with ONNX Runtime on the exported package, keeps its bundles in its
+own store, and requests, verifies and applies through its own client, so nothing on the device
+side is torch. The policy decides for the whole fleet in one call - the same object, seeded the
+same way, as the in-process replay, so a seed makes the same requests - from the agents' own
+scoring outputs. `NetworkSource` keeps the devices' scoring batched in torch (the same head and
+dot products as the graph) and only puts the real service on the request path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +30,10 @@ import torch
 from paramcast.cloud.model import Adapters
 from paramcast.common.errors import InvalidInput, ParamCastError
 from paramcast.common.loop import LoopThread
+from paramcast.common.package import DevicePackage
+from paramcast.device.agent import DeviceAgent, Refresh
 from paramcast.device.client import AsyncParamClient
+from paramcast.device.runtime import DeviceRuntime
 from paramcast.simulation.timelines import Timelines
 
 
@@ -52,22 +61,14 @@ class NetworkStats:
         }
 
 
-class NetworkSource:
-    """A replay Source whose bundles come from a server at `target` (host:port).
+class _Fleet:
+    """What both sources share: a device id and an `AsyncParamClient` per device on one event loop,
+    the fleet's burst of calls, and the statistics of what crossed the wire."""
 
-    `bytes_per_device` and the latency statistics come from what actually crossed the wire.
-    """
-
-    def __init__(self, target: str, tl: Timelines, model_id: str, base_version: str,
-                 slot_shapes: dict[str, tuple[int, int]], rank: int, window: int, encoding: str = "int8",
-                 device_prefix: str = "sim", timeout_s: float = 30.0):
-        self.target, self.tl, self.model_id, self.base_version = target, tl, model_id, base_version
-        self.window, self.encoding, self.timeout_s = window, encoding, timeout_s
+    def __init__(self, target: str, tl: Timelines, window: int, device_prefix: str, timeout_s: float):
+        self.target, self.tl, self.window, self.timeout_s = target, tl, window, timeout_s
         self.device_ids = [f"{device_prefix}-{tl.data.user_raw_ids[int(u)]}" for u in tl.users]
-        D = tl.n_devices
-        self.held = {slot: (np.zeros((D, d_in, rank), np.float32), np.zeros((D, rank, d_out), np.float32))
-                     for slot, (d_in, d_out) in slot_shapes.items()}
-        self.received_bytes = np.zeros(D, dtype=np.int64)
+        self.received_bytes = np.zeros(tl.n_devices, dtype=np.int64)
         self.stats = NetworkStats()
         self._loop = LoopThread("sim-devices")
 
@@ -76,62 +77,46 @@ class NetworkSource:
 
         self.clients = self._loop.run(make_clients())
 
-    # -- Source ----------------------------------------------------------------------------------
-    def reset(self, start: str) -> None:
-        for a, b in self.held.values():
-            a[:] = 0.0
-            b[:] = 0.0
+    def _window(self, device: int, length: int) -> np.ndarray:
+        """The first `length` interactions of a device's user."""
+        return self.tl.data.sequences[int(self.tl.users[device])][:length]
+
+    def _start(self, start: str) -> None:
         self.received_bytes[:] = 0
         self.stats = NetworkStats()
         if start == "bundle":  # every device enrols over the wire: the fleet's first burst
             devices = np.arange(self.tl.n_devices)
-            windows = [self.tl.data.sequences[int(u)][: self.tl.warmup] for u in self.tl.users]
-            ok = self._fetch(devices, windows)
+            ok = self._calls(devices, [self._window(int(d), self.tl.warmup) for d in devices])
             if not ok.all():
                 raise ParamCastError(f"{int((~ok).sum())} of {len(ok)} devices could not enrol: {self.stats.errors}")
 
-    def adapters(self, n: int) -> Adapters:
-        return {slot: (torch.from_numpy(a[:n]), torch.from_numpy(b[:n])) for slot, (a, b) in self.held.items()}
-
     def request(self, devices: np.ndarray, steps: np.ndarray) -> np.ndarray:
-        seqs, users = self.tl.data.sequences, self.tl.users
-        windows = [seqs[int(users[self.tl.device[k]])][: int(self.tl.t[k]) + 1] for k in steps]
-        return self._fetch(devices, windows)
+        return self._calls(devices, [self._window(int(self.tl.device[k]), int(self.tl.t[k]) + 1) for k in steps])
 
-    # -- calls -------------------------------------------------------------------------------------
-    def _fetch(self, devices: np.ndarray, windows: list[np.ndarray]) -> np.ndarray:
-        async def one(i: int, device: int, window: np.ndarray):
-            try:
-                return i, await self.clients[device].generate(
-                    window[-self.window:].tolist(), self.model_id, self.base_version, encoding=self.encoding)
-            except ParamCastError as exc:
-                return i, exc
+    async def _call(self, device: int, window: list[int]) -> tuple[int, float, str | None]:
+        """One device's request for `window`: (response bytes, seconds, error name or None)."""
+        raise NotImplementedError
 
+    def _calls(self, devices: np.ndarray, windows: list[np.ndarray]) -> np.ndarray:
+        """Every device's request at once; (m,) bool: which came back with a bundle now in use."""
         async def all_calls():
-            return await asyncio.gather(*(one(i, int(d), w) for i, (d, w) in enumerate(zip(devices, windows,
-                                                                                             strict=True))))
+            return await asyncio.gather(*(self._call(int(d), w[-self.window:].tolist())
+                                          for d, w in zip(devices, windows, strict=True)))
 
         t0 = time.perf_counter()
         results = self._loop.run(all_calls())
         self.stats.busy_seconds += time.perf_counter() - t0
         self.stats.max_in_flight = max(self.stats.max_in_flight, len(devices))
         ok = np.zeros(len(devices), dtype=bool)
-        for i, got in results:
+        for i, (nbytes, seconds, error) in enumerate(results):
             self.stats.calls += 1
-            if isinstance(got, Exception):
+            if error is not None:
                 self.stats.failures += 1
-                name = type(got).__name__
-                self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
+                self.stats.errors[error] = self.stats.errors.get(error, 0) + 1
                 continue
-            d = int(devices[i])
-            for slot, (a, b) in got.bundle.factors.items():
-                held_a, held_b = self.held[slot]
-                if a.shape != held_a.shape[1:] or b.shape != held_b.shape[1:]:
-                    raise InvalidInput("bundle", f"slot {slot} came back as {a.shape}, {b.shape}")
-                held_a[d], held_b[d] = a, b
-            self.received_bytes[d] += got.response_bytes
-            self.stats.latencies.append(got.seconds)
-            self.stats.bytes += got.response_bytes
+            self.received_bytes[int(devices[i])] += nbytes
+            self.stats.latencies.append(seconds)
+            self.stats.bytes += nbytes
             ok[i] = True
         return ok
 
@@ -142,3 +127,95 @@ class NetworkSource:
         self._loop.run(close_all())
         self._loop.stop()
 
+
+class NetworkSource(_Fleet):
+    """A replay Source whose bundles come from a server at `target` (host:port); the devices'
+    scoring stays in the replay (torch), fed the factors each device decoded.
+
+    `bytes_per_device` and the latency statistics come from what actually crossed the wire.
+    """
+
+    def __init__(self, target: str, tl: Timelines, model_id: str, base_version: str,
+                 slot_shapes: dict[str, tuple[int, int]], rank: int, window: int, encoding: str = "int8",
+                 device_prefix: str = "sim", timeout_s: float = 30.0):
+        super().__init__(target, tl, window, device_prefix, timeout_s)
+        self.model_id, self.base_version, self.encoding = model_id, base_version, encoding
+        D = tl.n_devices
+        self.held = {slot: (np.zeros((D, d_in, rank), np.float32), np.zeros((D, rank, d_out), np.float32))
+                     for slot, (d_in, d_out) in slot_shapes.items()}
+
+    def reset(self, start: str) -> None:
+        for a, b in self.held.values():
+            a[:] = 0.0
+            b[:] = 0.0
+        self._start(start)
+
+    def adapters(self, n: int) -> Adapters:
+        return {slot: (torch.from_numpy(a[:n]), torch.from_numpy(b[:n])) for slot, (a, b) in self.held.items()}
+
+    async def _call(self, device: int, window: list[int]) -> tuple[int, float, str | None]:
+        try:
+            got = await self.clients[device].generate(window, self.model_id, self.base_version,
+                                                      encoding=self.encoding)
+        except ParamCastError as exc:
+            return 0, 0.0, type(exc).__name__
+        for slot, (a, b) in got.bundle.factors.items():
+            held_a, held_b = self.held[slot]
+            if a.shape != held_a.shape[1:] or b.shape != held_b.shape[1:]:
+                raise InvalidInput("bundle", f"slot {slot} came back as {a.shape}, {b.shape}")
+            held_a[device], held_b[device] = a, b
+        return got.response_bytes, got.seconds, None
+
+
+class AgentSource(_Fleet):
+    """A replay Source whose devices are real device agents, one per test device, all on one loop.
+
+    Each agent runs the exported package on ONNX Runtime (the agents share one set of sessions:
+    factors are graph inputs fed per call, so the graph itself holds no device's state), keeps
+    its own bundle store under `root`, and requests, verifies and applies through its own client
+    (`DeviceAgent.refresh_async`). The replay asks it for each step's scoring outputs (`outputs`)
+    instead of scoring in torch.
+    """
+
+    def __init__(self, target: str, tl: Timelines, package: DevicePackage, window: int, encoding: str = "int8",
+                 device_prefix: str = "sim", timeout_s: float = 30.0, root: str | Path | None = None):
+        super().__init__(target, tl, window, device_prefix, timeout_s)
+        self._tmp = None if root is not None else tempfile.TemporaryDirectory(prefix="paramcast-agents-")
+        folder = Path(root if root is not None else self._tmp.name)  # type: ignore[union-attr]
+        shared = DeviceRuntime(package)
+        self.agents = [DeviceAgent(folder / str(i), package.model_id, device_id=d, encoding=encoding)
+                       .open_package(package, shared.sibling()) for i, d in enumerate(self.device_ids)]
+        self.enrol_behaviour: np.ndarray | None = None
+
+    def reset(self, start: str) -> None:
+        for agent in self.agents:
+            agent.serve_base()
+        # What each device's enrolment bundle was generated at, from its own graph (the backbone
+        # does not depend on the bundle): the behaviour of its history before the last warm-up item.
+        self.enrol_behaviour = np.stack([self._runtime(i).behaviour_embedding(self._window(i, self.tl.warmup - 1))
+                                         for i in range(len(self.agents))])
+        self._start(start)
+
+    def adapters(self, n: int) -> None:
+        return None  # the agents hold their own factors
+
+    def outputs(self, steps: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Devices [0, n) score their step's candidates: (behaviour (n, d), user_state (n, d), scores (n, C))."""
+        runs = [self._runtime(i).outputs(self._window(i, int(self.tl.t[k])), candidates[i])
+                for i, k in enumerate(steps)]
+        scores, user, behaviour = (np.stack(x) for x in zip(*runs, strict=True))
+        return behaviour, user, scores
+
+    def _runtime(self, device: int) -> DeviceRuntime:
+        runtime = self.agents[device].runtime
+        assert runtime is not None  # opened in __init__
+        return runtime
+
+    async def _call(self, device: int, window: list[int]) -> tuple[int, float, str | None]:
+        outcome: Refresh = await self.agents[device].refresh_async(self.clients[device], window)
+        return outcome.response_bytes, outcome.seconds, None if outcome.applied else outcome.outcome
+
+    def close(self) -> None:
+        super().close()
+        if self._tmp is not None:
+            self._tmp.cleanup()

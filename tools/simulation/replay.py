@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,6 +35,17 @@ class Source(Protocol):
 
     def request(self, devices: np.ndarray, steps: np.ndarray) -> np.ndarray:
         """Devices ask for bundles generated right after their flat steps; (m,) bool: which got one."""
+
+
+@runtime_checkable
+class DeviceScoring(Protocol):
+    """A Source whose devices score for themselves (device agents on ONNX Runtime) rather than
+    through the replay's batched torch scorer."""
+
+    enrol_behaviour: np.ndarray | None  # (D, d) what each enrolment bundle was generated at (after reset)
+
+    def outputs(self, steps: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Devices [0, n) score their steps' candidates: (behaviour, user_state, scores)."""
 
 
 class CacheSource:
@@ -93,7 +104,9 @@ def replay(policy: Policy, tl: Timelines, cache: StepCache, scorer: Scorer, sour
         raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     source = source or CacheSource(cache, tl.n_devices)
     source.reset(start)
-    policy.start(tl.n_devices, seed, cache.enrol_behaviour if start == "bundle" else None,
+    devices_score = isinstance(source, DeviceScoring)
+    enrol = source.enrol_behaviour if isinstance(source, DeviceScoring) else cache.enrol_behaviour
+    policy.start(tl.n_devices, seed, enrol if start == "bundle" else None,
                  np.full(tl.n_devices, tl.warmup) if start == "bundle" else None)
     N = tl.n_steps
     metrics = {m: np.empty(N, dtype=np.float32) for m in METRICS}
@@ -107,10 +120,14 @@ def replay(policy: Policy, tl: Timelines, cache: StepCache, scorer: Scorer, sour
     for j in range(tl.max_length):
         n = tl.active(j)
         k = tl.start[:n] + j  # (n,) flat step of each replaying device
-        behaviour, candidates = cache.behaviour[k], tl.candidates[k]
+        candidates = tl.candidates[k]
         if held_row is not None:
             held_row[k] = source.held[:n]  # type: ignore[attr-defined]
-        user, scores = scorer(behaviour, source.adapters(n), candidates)
+        if devices_score:
+            behaviour, user, scores = source.outputs(k, candidates)  # type: ignore[attr-defined]
+        else:
+            behaviour = cache.behaviour[k]
+            user, scores = scorer(behaviour, source.adapters(n), candidates)
         for m, v in metrics_from_scores(scores).items():
             if m in metrics:
                 metrics[m][k] = v

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n paramcast/v1/param_service.proto\x12\x0cparamcast.v1\"`\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.paramcast.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\nrow_scales\x18\x04 \x01(\x0c\"[\n\tSlotDelta\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\x1f\n\x01\x61\x18\x02 \x01(\x0b\x32\x14.paramcast.v1.Tensor\x12\x1f\n\x01\x62\x18\x03 \x01(\x0b\x32\x14.paramcast.v1.Tensor\"8\n\x08UnitMask\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07n_units\x18\x02 \x01(\r\x12\x0c\n\x04\x62its\x18\x03 \x01(\x0c\"\xea\x01\n\x0b\x44\x65ltaBundle\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\t\x12\x11\n\tdevice_id\x18\t \x01(\t\x12&\n\x05slots\x18\x04 \x03(\x0b\x32\x17.paramcast.v1.SlotDelta\x12%\n\x05masks\x18\x05 \x03(\x0b\x32\x16.paramcast.v1.UnitMask\x12\x15\n\rcreated_at_ms\x18\x06 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x0c\"\x9a\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x0e\n\x06window\x18\x04 \x03(\x03\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.paramcast.v1.Encoding\x12\x12\n\nkeep_ratio\x18\x06 \x01(\x02\"=\n\x10GenerateResponse\x12)\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x19.paramcast.v1.DeltaBundle\"X\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"\x95\x01\n\x10GetModelResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x04 \x01(\x0c\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x07 \x01(\x0c*T\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x13\n\x0fINT8_ROW_SCALED\x10\x03*]\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_INT8\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_FP32\x10\x03\x32\xa6\x01\n\x0cParamService\x12I\n\x08Generate\x12\x1d.paramcast.v1.GenerateRequest\x1a\x1e.paramcast.v1.GenerateResponse\x12K\n\x08GetModel\x12\x1d.paramcast.v1.GetModelRequest\x1a\x1e.paramcast.v1.GetModelResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n paramcast/v1/param_service.proto\x12\x0cparamcast.v1\"`\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.paramcast.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\nrow_scales\x18\x04 \x01(\x0c\"[\n\tSlotDelta\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\x1f\n\x01\x61\x18\x02 \x01(\x0b\x32\x14.paramcast.v1.Tensor\x12\x1f\n\x01\x62\x18\x03 \x01(\x0b\x32\x14.paramcast.v1.Tensor\"8\n\x08UnitMask\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07n_units\x18\x02 \x01(\r\x12\x0c\n\x04\x62its\x18\x03 \x01(\x0c\"\xea\x01\n\x0b\x44\x65ltaBundle\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\t\x12\x11\n\tdevice_id\x18\t \x01(\t\x12&\n\x05slots\x18\x04 \x03(\x0b\x32\x17.paramcast.v1.SlotDelta\x12%\n\x05masks\x18\x05 \x03(\x0b\x32\x16.paramcast.v1.UnitMask\x12\x15\n\rcreated_at_ms\x18\x06 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x0c\"\xb4\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x0e\n\x06window\x18\x04 \x03(\x03\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.paramcast.v1.Encoding\x12\x12\n\nkeep_ratio\x18\x06 \x01(\x02\x12\x18\n\x10\x63\x61talogue_window\x18\x07 \x03(\t\"=\n\x10GenerateResponse\x12)\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x19.paramcast.v1.DeltaBundle\"X\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"\x95\x01\n\x10GetModelResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x04 \x01(\x0c\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x07 \x01(\x0c\"\x13\n\x11ListModelsRequest\"L\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rbase_versions\x18\x02 \x03(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.paramcast.v1.ModelInfo*T\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x13\n\x0fINT8_ROW_SCALED\x10\x03*]\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_INT8\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_FP32\x10\x03\x32\xf7\x01\n\x0cParamService\x12I\n\x08Generate\x12\x1d.paramcast.v1.GenerateRequest\x1a\x1e.paramcast.v1.GenerateResponse\x12K\n\x08GetModel\x12\x1d.paramcast.v1.GetModelRequest\x1a\x1e.paramcast.v1.GetModelResponse0\x01\x12O\n\nListModels\x12\x1f.paramcast.v1.ListModelsRequest\x1a .paramcast.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramcast.v1.param_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=998
-  _globals['_DATATYPE']._serialized_end=1082
-  _globals['_ENCODING']._serialized_start=1084
-  _globals['_ENCODING']._serialized_end=1177
+  _globals['_DATATYPE']._serialized_start=1186
+  _globals['_DATATYPE']._serialized_end=1270
+  _globals['_ENCODING']._serialized_start=1272
+  _globals['_ENCODING']._serialized_end=1365
   _globals['_TENSOR']._serialized_start=50
   _globals['_TENSOR']._serialized_end=146
   _globals['_SLOTDELTA']._serialized_start=148
@@ -44,13 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELTABUNDLE']._serialized_start=300
   _globals['_DELTABUNDLE']._serialized_end=534
   _globals['_GENERATEREQUEST']._serialized_start=537
-  _globals['_GENERATEREQUEST']._serialized_end=691
-  _globals['_GENERATERESPONSE']._serialized_start=693
-  _globals['_GENERATERESPONSE']._serialized_end=754
-  _globals['_GETMODELREQUEST']._serialized_start=756
-  _globals['_GETMODELREQUEST']._serialized_end=844
-  _globals['_GETMODELRESPONSE']._serialized_start=847
-  _globals['_GETMODELRESPONSE']._serialized_end=996
-  _globals['_PARAMSERVICE']._serialized_start=1180
-  _globals['_PARAMSERVICE']._serialized_end=1346
+  _globals['_GENERATEREQUEST']._serialized_end=717
+  _globals['_GENERATERESPONSE']._serialized_start=719
+  _globals['_GENERATERESPONSE']._serialized_end=780
+  _globals['_GETMODELREQUEST']._serialized_start=782
+  _globals['_GETMODELREQUEST']._serialized_end=870
+  _globals['_GETMODELRESPONSE']._serialized_start=873
+  _globals['_GETMODELRESPONSE']._serialized_end=1022
+  _globals['_LISTMODELSREQUEST']._serialized_start=1024
+  _globals['_LISTMODELSREQUEST']._serialized_end=1043
+  _globals['_MODELINFO']._serialized_start=1045
+  _globals['_MODELINFO']._serialized_end=1121
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1123
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1184
+  _globals['_PARAMSERVICE']._serialized_start=1368
+  _globals['_PARAMSERVICE']._serialized_end=1615
 # @@protoc_insertion_point(module_scope)

@@ -84,20 +84,22 @@ class DeltaBundle(_message.Message):
     def __init__(self, bundle_id: _Optional[str] = ..., model_id: _Optional[str] = ..., base_version: _Optional[str] = ..., device_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[SlotDelta, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[UnitMask, _Mapping]]] = ..., created_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., checksum: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model_id", "base_version", "device_id", "window", "encoding", "keep_ratio")
+    __slots__ = ("model_id", "base_version", "device_id", "window", "encoding", "keep_ratio", "catalogue_window")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     KEEP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    CATALOGUE_WINDOW_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     base_version: str
     device_id: str
     window: _containers.RepeatedScalarFieldContainer[int]
     encoding: Encoding
     keep_ratio: float
-    def __init__(self, model_id: _Optional[str] = ..., base_version: _Optional[str] = ..., device_id: _Optional[str] = ..., window: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., keep_ratio: _Optional[float] = ...) -> None: ...
+    catalogue_window: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., base_version: _Optional[str] = ..., device_id: _Optional[str] = ..., window: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., keep_ratio: _Optional[float] = ..., catalogue_window: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("bundle",)
@@ -134,3 +136,23 @@ class GetModelResponse(_message.Message):
     data: bytes
     chunk_sha256: bytes
     def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., total_size: _Optional[int] = ..., archive_sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., chunk_sha256: _Optional[bytes] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_id", "base_versions", "latest_version")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    base_versions: _containers.RepeatedScalarFieldContainer[str]
+    latest_version: str
+    def __init__(self, model_id: _Optional[str] = ..., base_versions: _Optional[_Iterable[str]] = ..., latest_version: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class ParamServiceStub:
                 request_serializer=paramcast_dot_v1_dot_param__service__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=paramcast_dot_v1_dot_param__service__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/paramcast.v1.ParamService/ListModels',
+                request_serializer=paramcast_dot_v1_dot_param__service__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=paramcast_dot_v1_dot_param__service__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ParamServiceServicer:
@@ -73,6 +78,15 @@ class ParamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The models this server serves: every model id with the base versions Generate accepts for it
+        and the version GetModel returns by default. Needs credentials when the server requires them
+        (any valid token; no device_id is involved).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -85,6 +99,11 @@ def add_ParamServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=paramcast_dot_v1_dot_param__service__pb2.GetModelRequest.FromString,
                     response_serializer=paramcast_dot_v1_dot_param__service__pb2.GetModelResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=paramcast_dot_v1_dot_param__service__pb2.ListModelsRequest.FromString,
+                    response_serializer=paramcast_dot_v1_dot_param__service__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +160,33 @@ class ParamService:
             '/paramcast.v1.ParamService/GetModel',
             paramcast_dot_v1_dot_param__service__pb2.GetModelRequest.SerializeToString,
             paramcast_dot_v1_dot_param__service__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramcast.v1.ParamService/ListModels',
+            paramcast_dot_v1_dot_param__service__pb2.ListModelsRequest.SerializeToString,
+            paramcast_dot_v1_dot_param__service__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
