@@ -10,6 +10,7 @@ import torch
 
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.generator import window_batch
+from paramcast.cloud.model import left_pad
 from paramcast.common.bundle import BundleBatch, DeltaBundle
 from paramcast.common.errors import InvalidInput
 
@@ -40,8 +41,12 @@ def generate_parameters(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ra
     gen = ckpt.generator
     if gen is None:
         raise InvalidInput("model", f"model {ckpt.model_id} has no generator; train it with both stages")
-    win = window_batch(list(windows), gen.cfg.window).to(torch_device)  # (B, N)
-    out = gen(win)
+    windows = list(windows)
+    win = window_batch(windows, gen.cfg.window).to(torch_device)  # (B, <= N)
+    model = ckpt.device_model
+    # The device model's own state for the window it will run on: what the delta is added to.
+    device_state = model.user_states(left_pad(windows, model.cfg.max_len, trim=True).to(torch_device))[:, -1]
+    out = gen(win, device_state)  # device_state: (B, d)
     masks = out.masks(keep_ratio) if keep_ratio is not None and keep_ratio < 1.0 else None
     return out.adapters, masks
 

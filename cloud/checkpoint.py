@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.generator import Generator, GeneratorConfig
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig
 from paramcast.common.errors import ModelNotFound
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the cloud model, and a generator built on its encoder
 CHECKPOINT_FILE = "checkpoint.pt"
 INFO_FILE = "checkpoint.json"
 _OLD_CHECKPOINT_FILE = "bundle.pt"  # the name earlier trainings wrote; same payload
@@ -45,6 +46,7 @@ class Checkpoint:
     device_model: DeviceModel
     generator: Generator | None = None
     meta: dict = field(default_factory=dict)  # data, split, training history, metrics
+    cloud_model: CloudModel | None = None  # the teacher the generator distils; serves the `cloud` variant
 
     @functools.cached_property
     def base_version(self) -> str:
@@ -75,11 +77,15 @@ def save_checkpoint(ckpt: Checkpoint, out: str | Path) -> Path:
         "generator_config": gen.cfg.to_dict() if gen is not None else None,
         "generator_state": {k: v.detach().cpu() for k, v in gen.state_dict().items()} if gen else None,
         "meta_json": json.dumps(ckpt.meta),
+        "cloud_config": ckpt.cloud_model.cfg.to_dict() if ckpt.cloud_model is not None else None,
+        "cloud_state": ({k: v.detach().cpu() for k, v in ckpt.cloud_model.state_dict().items()}
+                        if ckpt.cloud_model is not None else None),
     }
     tmp = out / f"{CHECKPOINT_FILE}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, out / CHECKPOINT_FILE)  # a crash mid-save leaves the previous checkpoint intact
-    info = {k: payload[k] for k in ("format", "model_id", "base_version", "device_config", "generator_config")}
+    info = {k: payload[k] for k in ("format", "model_id", "base_version", "device_config", "generator_config",
+                                    "cloud_config")}
     info["meta"] = ckpt.meta
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     return out
@@ -101,7 +107,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         generator = Generator(GeneratorConfig(**payload["generator_config"]))
         generator.load_state_dict(payload["generator_state"])
         generator.eval()
-    ckpt = Checkpoint(payload["model_id"], device_model, generator, json.loads(payload["meta_json"]))
+    cloud = None
+    if payload["cloud_config"] is not None:
+        cloud = CloudModel(CloudModelConfig(**payload["cloud_config"]))
+        cloud.load_state_dict(payload["cloud_state"])
+        cloud.eval()
+    ckpt = Checkpoint(payload["model_id"], device_model, generator, json.loads(payload["meta_json"]), cloud)
     if ckpt.base_version != payload["base_version"]:
         raise ModelNotFound(f"{file}: weights do not match the recorded base version (corrupt file?)")
     return ckpt

@@ -2,12 +2,16 @@
 
 A variant names which parameters score each case:
 - `static`           the device model alone;
+- `cloud`            the cloud model on the whole history: every interaction served by the cloud;
+- `oracle`           a delta of the generator's shape fitted per history against the cloud model
+                     (cloud/oracle.py): what the delta format could carry with a perfect generator;
 - `generated`        a delta generated from the window ending at the evaluation point;
 - `slimmed@<keep>`   the generated delta plus the generated subnet at keep ratio <keep>;
 - `stale@<k>`        the delta generated k interactions before the evaluation point;
 - `int8` / `fp16`    the generated delta after that wire encoding and back.
 Every variant is scored on the same users with the same sampled negatives, so per-user
-differences are paired.
+differences are paired. `protocol` picks the sampled protocol, full-catalogue ranking, or both
+(common/evaluation.py); full-ranking metrics are named `full:<metric>`.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import torch
 from paramcast.cloud.bundles import generate_parameters
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.model import left_pad
+from paramcast.cloud.oracle import cloud_log_probs, fit_oracle
 from paramcast.common.bundle import dequantize, quantize
-from paramcast.common.errors import InvalidInput
 from paramcast.common.evaluation import (
+    PROTOCOLS,
     LeaveOneOut,
-    full_ranking_scores,
+    full_ranking_metrics,
+    gap_closed,
     metrics_from_scores,
     paired_difference,
     sample_negatives,
@@ -33,8 +39,8 @@ from paramcast.common.evaluation import (
 )
 from paramcast.common.interactions import InteractionLog
 
-DEFAULT_VARIANTS = ("static", "generated", "slimmed@0.25", "slimmed@0.5", "slimmed@0.75",
-                    "stale@5", "stale@20", "stale@50", "int8")
+DEFAULT_VARIANTS = ("static", "generated", "cloud", "slimmed@0.25", "slimmed@0.5", "slimmed@0.75",
+                    "stale@1", "stale@5", "stale@20", "int8")
 _NEGATIVES: dict[tuple, np.ndarray] = {}
 
 
@@ -54,9 +60,10 @@ def _parse(variant: str) -> tuple[str, float | int | str | None]:
         return "stale", int(variant.split("@", 1)[1])
     if variant in ("int8", "fp16", "fp32"):
         return "encoded", variant
-    if variant in ("static", "generated"):
+    if variant in ("static", "generated", "cloud", "oracle"):
         return variant, None
-    raise ValueError(f"unknown variant {variant!r}; known: static, generated, slimmed@K, stale@K, int8, fp16")
+    raise ValueError(f"unknown variant {variant!r}; known: static, generated, cloud, oracle, slimmed@K, stale@K, "
+                     "int8, fp16")
 
 
 def _encoded(adapters, encoding: str):
@@ -70,80 +77,130 @@ def _encoded(adapters, encoding: str):
     return out
 
 
+def item_table(ckpt: Checkpoint, variant: str) -> torch.Tensor:
+    """(n_items + 1, d) the item vectors `variant`'s user vectors are scored against."""
+    if variant == "cloud":
+        if ckpt.cloud_model is None:
+            raise ValueError(f"model {ckpt.model_id} has no cloud model; train it with the cloud stage")
+        return ckpt.cloud_model.output_table().detach()
+    return ckpt.device_model.item_emb.weight.detach()
+
+
 @torch.no_grad()
-def score_cases(ckpt: Checkpoint, histories: Sequence[np.ndarray], candidates: np.ndarray, variant: str,
-                batch: int = 1024) -> np.ndarray:
-    """(U, C) scores of `candidates` for each history under `variant`."""
+def user_vectors(ckpt: Checkpoint, histories: Sequence[np.ndarray], variant: str, batch: int = 1024) -> torch.Tensor:
+    """(U, d) user state after each history under `variant`: what every protocol scores items with
+    (against `item_table(ckpt, variant)`)."""
     kind, arg = _parse(variant)
     model = ckpt.device_model.eval()
     L = model.cfg.max_len
-    out = np.empty(candidates.shape, dtype=np.float32)
-    # Score in order of history length so each chunk pads only to its own longest history.
+    cloud = ckpt.cloud_model
+    if kind in ("cloud", "oracle") and cloud is None:
+        raise ValueError(f"model {ckpt.model_id} has no cloud model; train it with the cloud stage")
+    if kind == "cloud":
+        assert cloud is not None
+        cloud.eval()
+        out = torch.empty(len(histories), cloud.cfg.hidden)
+        for start in range(0, len(histories), batch):
+            hist = list(histories[start:start + batch])
+            out[start:start + len(hist)] = cloud.encode(left_pad(hist, cloud.cfg.max_len, trim=True))[:, -1]
+        return out
+    out = torch.empty(len(histories), model.cfg.hidden)
+    # Encode in order of history length so each chunk pads only to its own longest history.
     order = np.argsort([len(h) for h in histories], kind="stable")
     for start in range(0, len(order), batch):
         rows = order[start:start + batch]
         hist = [histories[i] for i in rows]
-        seq = left_pad(hist, L, trim=True)
-        cand = torch.as_tensor(candidates[rows])
         adapters, masks = None, None
-        if kind != "static":
+        if kind == "oracle":
+            rank = ckpt.generator.cfg.rank if ckpt.generator is not None else 4
+            assert cloud is not None
+            with torch.enable_grad():
+                adapters = fit_oracle(model, left_pad(hist, L, trim=True), cloud_log_probs(cloud, hist),
+                                      list(model.slot_shapes()), rank)
+        elif kind != "static":
             windows = [h[: len(h) - int(arg)] if kind == "stale" and arg else h for h in hist]  # type: ignore[arg-type]
             keep = float(arg) if kind == "slimmed" else None  # type: ignore[arg-type]
             adapters, masks = generate_parameters(ckpt, windows, keep)
             if kind == "encoded":
                 adapters = _encoded(adapters, str(arg))
-        out[rows] = model.score(seq, cand, adapters, masks).numpy()
+        out[torch.as_tensor(rows)] = model.user_states(left_pad(hist, L, trim=True), adapters, masks)[:, -1, :]
     return out
 
 
+@torch.no_grad()
+def score_cases(ckpt: Checkpoint, histories: Sequence[np.ndarray], candidates: np.ndarray, variant: str,
+                users: torch.Tensor | None = None) -> np.ndarray:
+    """(U, C) scores of `candidates` for each history under `variant` (`users`: its vectors, if known)."""
+    users = user_vectors(ckpt, histories, variant) if users is None else users  # (U, d)
+    items = item_table(ckpt, variant)[torch.as_tensor(candidates)]  # (U, C, d)
+    return torch.einsum("ucd,ud->uc", items, users).numpy()
+
+
 def per_user_metrics(ckpt: Checkpoint, data: InteractionLog, users: np.ndarray, stage: str,
-                     variants: Sequence[str], seed: int = 0, full: bool = False) -> dict[str, dict[str, np.ndarray]]:
+                     variants: Sequence[str], seed: int = 0,
+                     protocol: str = "sampled") -> dict[str, dict[str, np.ndarray]]:
     """{variant: {metric: (U,) per-user values}} for the evaluation users among `users`.
 
-    `full` ranks the target against the whole catalogue (minus the user's other items) instead of
-    100 sampled negatives."""
+    `protocol`: `sampled` ranks the target among 100 sampled negatives, `full` against the whole
+    catalogue minus the user's other items (metrics named `full:*`), `both` reports both from the
+    same user vectors."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     split = LeaveOneOut.of(data, users)
     eval_users = split.eval_users()
     cases = [split.case(int(u), stage) for u in eval_users]
     histories = [h for h, _ in cases]
     targets = np.array([t for _, t in cases], dtype=np.int64)
-    if not full:
-        cand = np.concatenate([targets[:, None], negatives_for(data, eval_users, stage, seed)], axis=1)
-        return {v: metrics_from_scores(score_cases(ckpt, histories, cand, v)) for v in variants}
-    catalogue = np.arange(data.n_items + 1, dtype=np.int64)
-    out: dict[str, dict[str, list]] = {v: {} for v in variants}
-    for start in range(0, len(cases), 512):  # (512, n_items + 1) scores at a time bounds memory
-        rows = slice(start, start + 512)
-        hist = histories[rows]
-        cand = np.broadcast_to(catalogue, (len(hist), len(catalogue)))
-        for v in variants:
-            scores = full_ranking_scores(score_cases(ckpt, hist, cand, v), targets[rows],
-                                         [data.sequences[int(u)] for u in eval_users[rows]])
-            for m, vals in metrics_from_scores(scores).items():
-                out[v].setdefault(m, []).append(vals)
-    return {v: {m: np.concatenate(parts) for m, parts in ms.items()} for v, ms in out.items()}
+    chunk = max(1, 2**23 // (data.n_items + 1))  # (chunk, n_items + 1) float32 full-ranking scores: ~32 MiB at a time
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for v in variants:
+        vectors = user_vectors(ckpt, histories, v)  # (U, d)
+        table = item_table(ckpt, v)  # (n_items + 1, d)
+        out[v] = {}
+        if protocol in ("sampled", "both"):
+            cand = np.concatenate([targets[:, None], negatives_for(data, eval_users, stage, seed)], axis=1)
+            out[v].update(metrics_from_scores(score_cases(ckpt, histories, cand, v, vectors)))
+        if protocol in ("full", "both"):
+            parts: dict[str, list] = {}
+            for start in range(0, len(cases), chunk):
+                rows = slice(start, start + chunk)
+                scores = (vectors[rows] @ table.T).numpy()  # (chunk, n_items + 1)
+                exclude = [data.sequences[int(u)] for u in eval_users[rows]]
+                for m, vals in full_ranking_metrics(scores, targets[rows], exclude).items():
+                    parts.setdefault(m, []).append(vals)
+            out[v].update({m: np.concatenate(vals) for m, vals in parts.items()})
+    return out
 
 
 def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | None = None,
-             stage: str = "test", seed: int = 0, full: bool = False) -> dict:
+             stage: str = "test", seed: int = 0, protocol: str = "sampled") -> dict:
     """The `paramcast evaluate --json` document: variant -> metric -> {value, ci}, plus paired diffs."""
     if data.n_items != ckpt.device_model.cfg.n_items:
+        from paramcast.common.errors import InvalidInput
+
         raise InvalidInput("data", f"has {data.n_items} items but model {ckpt.model_id} was trained on "
                                    f"{ckpt.device_model.cfg.n_items}; evaluate on the data it was trained on")
     if variants is None:
-        variants = DEFAULT_VARIANTS if ckpt.generator is not None else ("static",)
+        variants = tuple(v for v in DEFAULT_VARIANTS
+                         if (v == "static") or (v == "cloud" and ckpt.cloud_model is not None)
+                         or (v != "cloud" and ckpt.generator is not None))
     cold_raw = set(ckpt.meta.get("split", {}).get("cold_users", []))
     is_cold = np.array([u in cold_raw for u in data.user_raw_ids])
     warm, cold = np.nonzero(~is_cold)[0], np.nonzero(is_cold)[0]
     report: dict = {}
-    warm_metrics = per_user_metrics(ckpt, data, warm, stage, variants, seed, full)
+    warm_metrics = per_user_metrics(ckpt, data, warm, stage, variants, seed, protocol)
     for v, m in warm_metrics.items():
         report[v] = summarize(m, seed=seed)
     if "generated" in warm_metrics:
         report["generated-static"] = paired_difference(warm_metrics["generated"], warm_metrics["static"], seed)
+    if "cloud" in warm_metrics:
+        report["cloud-static"] = paired_difference(warm_metrics["cloud"], warm_metrics["static"], seed)
+    if "cloud" in warm_metrics and "generated" in warm_metrics:
+        report["gap_closed"] = gap_closed(warm_metrics["generated"], warm_metrics["static"], warm_metrics["cloud"],
+                                          seed=seed)
     if len(cold):
-        cold_variants = [v for v in ("static", "generated") if v in variants]
-        cold_metrics = per_user_metrics(ckpt, data, cold, stage, cold_variants, seed, full)
+        cold_variants = [v for v in ("static", "generated", "cloud") if v in variants]
+        cold_metrics = per_user_metrics(ckpt, data, cold, stage, cold_variants, seed, protocol)
         for v, m in cold_metrics.items():
             report[f"cold:{v}"] = summarize(m, seed=seed)
         if "generated" in cold_metrics:

@@ -1,24 +1,31 @@
-"""The cloud hypernetwork: behaviour window -> per-device low-rank deltas and slimming masks.
+"""The cloud hypernetwork: what the cloud model knows about a user -> per-device deltas and masks.
 
 DUET (WWW 2023) generates a device model's parameters from the sample it will serve; APG and
 MetaNetwork keep the generated part small with low-rank factors; DIET (KDD 2024) picks a per-device
-subnet. Here one encoder reads the window (the last N items the device saw), and per-slot heads
-emit A (d_in x r), B (r x d_out) with W = W0 + A B, plus per-group unit scores whose top units at a
-keep ratio form the device's subnet. Nothing here looks at a user id: a user never seen in training
-gets an update from the items alone.
+subnet. A generator that reads only the device's window with a model no stronger than the device's
+has nothing to add (measured: generated - static within noise), so this one is built on the cloud
+model: its encoder reads the user's whole history (up to `window` items, with the items' side
+features) and its last state, together with the device model's own user state for the same window
+(the cloud can always compute it), feeds a small MLP whose per-slot heads emit A (d_in x r) and
+B (r x d_out), W = W0 + A B, and per-group unit scores whose top units at a keep ratio form the
+device's subnet. It is trained by distillation (cloud/distill.py): the device model plus the delta,
+on the device's short window, should rank items as the cloud model does. Nothing here looks at a
+user id: a user never seen in training gets an update from its history alone.
 
-Shapes: B = devices in a batch, N = window length, g = generator width, r = rank.
+Shapes: B = devices in a batch, N = history length the generator reads, D = cloud width,
+d = device width, w = MLP width, r = rank.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from paramcast.cloud.model import Adapters, Masks, left_pad
+from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
+from paramcast.cloud.model import Adapters, DeviceModel, Masks, left_pad
 
 KEEP_RATIOS = (0.25, 0.5, 0.75)  # subnet sizes trained for and reported
 
@@ -28,20 +35,21 @@ class GeneratorConfig:
     n_items: int
     slot_shapes: dict[str, tuple[int, int]]  # slot -> (d_in, d_out), from DeviceModel.slot_shapes()
     unit_groups: dict[str, int]  # group -> n_units, from DeviceModel.unit_groups()
-    window: int = 50
-    width: int = 64
-    # Item embeddings: a frozen copy of the device model's table (dimension `item_dim`) projected to
-    # `width`. The generator then learns only how to read a window, not what items are, which is
-    # what keeps it from overfitting the few sequences per user that training has.
-    item_dim: int = 64
-    shared_items: bool = True  # False: learn a table of its own (item_dim wide) from scratch
-    n_layers: int = 1
-    n_heads: int = 2
+    cloud: dict = field(default_factory=dict)  # the encoder's CloudModelConfig, as a dict
+    device_dim: int = 64  # width of the device model's user state, the generator's second input
+    width: int = 256
     rank: int = 4
-    dropout: float = 0.3
+    dropout: float = 0.1
+    # False: the cloud encoder stays the frozen teacher; True: distillation fine-tunes a copy of it.
+    tune_encoder: bool = False
 
     def __post_init__(self) -> None:  # JSON round trips turn tuples into lists
         self.slot_shapes = {k: tuple(v) for k, v in self.slot_shapes.items()}  # type: ignore[misc]
+
+    @property
+    def window(self) -> int:
+        """History items a request's window is cut to: what the cloud encoder reads."""
+        return int(self.cloud["max_len"])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,58 +78,46 @@ class Generator(nn.Module):
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         self.cfg = cfg
-        g = cfg.width
-        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.item_dim, padding_idx=0)
-        self.item_emb.weight.requires_grad_(not cfg.shared_items)
-        if not cfg.shared_items:
-            nn.init.normal_(self.item_emb.weight, std=cfg.item_dim**-0.5)
-        self.in_proj = nn.Linear(cfg.item_dim, g)
-        self.pos_emb = nn.Embedding(cfg.window, g)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            g, cfg.n_heads, dim_feedforward=2 * g, dropout=cfg.dropout, activation="gelu",
-            batch_first=True, norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
-        self.ln = nn.LayerNorm(2 * g)
+        self.encoder = CloudModel(CloudModelConfig(**cfg.cloud))  # weights come from the cloud model
+        self.encoder.requires_grad_(cfg.tune_encoder)
+        D, d, w = self.encoder.cfg.hidden, cfg.device_dim, cfg.width
+        self.ln_in = nn.LayerNorm(D + d)
+        self.mlp = nn.Sequential(nn.Linear(D + d, w), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(w, w), nn.GELU())
         # Factor heads. B-heads start at zero so an untrained generator reproduces the static model
         # exactly (LoRA's initialisation, per sample).
         self.a_heads = nn.ModuleDict()
         self.b_heads = nn.ModuleDict()
         for slot, (d_in, d_out) in cfg.slot_shapes.items():
             key = slot.replace(".", "_")
-            self.a_heads[key] = nn.Linear(2 * g, d_in * cfg.rank)
-            b_head = nn.Linear(2 * g, cfg.rank * d_out)
+            self.a_heads[key] = nn.Linear(w, d_in * cfg.rank)
+            b_head = nn.Linear(w, cfg.rank * d_out)
             nn.init.zeros_(b_head.weight)
             nn.init.zeros_(b_head.bias)
             self.b_heads[key] = b_head
         self.unit_heads = nn.ModuleDict(
-            {group.replace(".", "_"): nn.Linear(2 * g, n) for group, n in cfg.unit_groups.items()}
+            {group.replace(".", "_"): nn.Linear(w, n) for group, n in cfg.unit_groups.items()}
         )
 
     @torch.no_grad()
-    def share_item_embeddings(self, table: torch.Tensor) -> None:
-        """Copy the device model's (n_items + 1, item_dim) item table in (it stays frozen)."""
-        assert table.shape == self.item_emb.weight.shape, (table.shape, self.item_emb.weight.shape)
-        self.item_emb.weight.copy_(table)
+    def load_encoder(self, cloud: CloudModel) -> None:
+        """Start the encoder from the trained cloud model's weights (features included)."""
+        self.encoder.load_state_dict(cloud.state_dict())
 
-    def context(self, window: torch.Tensor) -> torch.Tensor:
-        """(B, N) item ids, left-padded -> (B, 2g): last-position state and mean over the window."""
-        B, N = window.shape
-        assert N == self.cfg.window, f"window length {N} != {self.cfg.window}"
-        pad = window == 0  # (B, N)
-        pos = torch.arange(N, device=window.device)
-        x = self.in_proj(self.item_emb(window)) + self.pos_emb(pos)  # (B, N, g)
-        # A fully padded window (no history yet) would give NaN attention; let it see its last slot.
-        pad = pad.clone()
-        pad[:, -1] = False
-        x = self.encoder(x, src_key_padding_mask=pad)  # (B, N, g)
-        keep = (~pad).unsqueeze(-1).to(x.dtype)
-        mean = (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # (B, g)
-        return self.ln(torch.cat([x[:, -1], mean], dim=-1))  # (B, 2g)
+    def train(self, mode: bool = True) -> Generator:
+        super().train(mode)
+        if not self.cfg.tune_encoder:
+            self.encoder.eval()  # a frozen teacher runs without dropout
+        return self
 
-    def forward(self, window: torch.Tensor) -> Generated:
-        c = self.context(window)
+    def context(self, window: torch.Tensor, device_state: torch.Tensor) -> torch.Tensor:
+        """(B, N) history ids, left-padded, and (B, d) device user states -> (B, w)."""
+        assert window.shape[1] <= self.cfg.window, f"window length {window.shape[1]} > {self.cfg.window}"
+        with torch.set_grad_enabled(self.cfg.tune_encoder and torch.is_grad_enabled()):
+            cloud_state = self.encoder.encode(window)[:, -1]  # (B, D)
+        return self.mlp(self.ln_in(torch.cat([cloud_state, device_state], dim=-1)))  # (B, w)
+
+    def forward(self, window: torch.Tensor, device_state: torch.Tensor) -> Generated:
+        c = self.context(window, device_state)
         B, r = c.shape[0], self.cfg.rank
         adapters: Adapters = {}
         for slot, (d_in, d_out) in self.cfg.slot_shapes.items():
@@ -138,18 +134,27 @@ class Generator(nn.Module):
     def generated_parameters_per_device(self) -> int:
         return sum(self.cfg.rank * (d_in + d_out) for d_in, d_out in self.cfg.slot_shapes.values())
 
-    def flops_per_bundle(self) -> int:
-        """Multiply-adds x2 of one generation (input projection, encoder layers, heads); lookups are free."""
-        g, N, L = self.cfg.width, self.cfg.window, self.cfg.n_layers
-        proj = 2 * N * self.cfg.item_dim * g
-        per_layer = 2 * N * (4 * g * g + 2 * N * g + 2 * g * 2 * g)  # qkv+proj, attention, ffn
-        heads = 2 * 2 * g * sum(self.cfg.rank * (a + b) for a, b in self.cfg.slot_shapes.values())
-        units = 2 * 2 * g * sum(self.cfg.unit_groups.values())
-        return int(proj + L * per_layer + heads + units)
+    def flops_per_bundle(self, device_state_flops: int = 0) -> int:
+        """Multiply-adds x2 of one generation: the encoder over a full window, the MLP, the heads,
+        plus `device_state_flops` for the device model's state (DeviceModel.flops_per_user(0))."""
+        D, d, w = self.encoder.cfg.hidden, self.cfg.device_dim, self.cfg.width
+        mlp = 2 * ((D + d) * w + w * w)
+        heads = 2 * w * sum(self.cfg.rank * (a + b) for a, b in self.cfg.slot_shapes.values())
+        units = 2 * w * sum(self.cfg.unit_groups.values())
+        return int(self.encoder.flops_per_request(0) + mlp + heads + units + device_state_flops)
+
+
+def build_generator(device_model: DeviceModel, cloud_model: CloudModel, **overrides) -> Generator:
+    """A generator for `device_model`'s slots and groups whose encoder starts as `cloud_model`."""
+    cfg = GeneratorConfig(n_items=device_model.cfg.n_items, slot_shapes=device_model.slot_shapes(),
+                          unit_groups=device_model.unit_groups(), cloud=cloud_model.cfg.to_dict(),
+                          device_dim=device_model.cfg.hidden, **overrides)
+    gen = Generator(cfg).to(next(cloud_model.parameters()).device)
+    gen.load_encoder(cloud_model)
+    return gen
 
 
 def window_batch(histories: list, window: int) -> torch.Tensor:
-    """Last `window` items of each history, left-padded -> (B, window) int64."""
-    return left_pad(histories, window)
-
-
+    """Last `window` items of each history, left-padded to the longest kept one -> (B, <= window)
+    int64. Positions are right-aligned, so trimming the padding changes no state, only the cost."""
+    return left_pad(histories, window, trim=True)

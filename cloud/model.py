@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +58,19 @@ class AdapterLinear(nn.Module):
         return y
 
 
+class BlockConfig(Protocol):
+    """What a block reads from a model config (the device and the cloud model share the block)."""
+
+    hidden: int
+    n_heads: int
+    ffn_units: int
+    dropout: float
+
+
 class Block(nn.Module):
     """Pre-LN causal self-attention + point-wise feed-forward (SASRec's block)."""
 
-    def __init__(self, cfg: DeviceModelConfig):
+    def __init__(self, cfg: BlockConfig):
         super().__init__()
         assert cfg.hidden % cfg.n_heads == 0
         self.n_heads = cfg.n_heads
@@ -143,6 +153,10 @@ class DeviceModel(nn.Module):
 
     def user_states(self, seq: torch.Tensor, adapters: Adapters | None = None, masks: Masks | None = None):
         return self.head(self.encode(seq, masks), adapters, masks)  # (B, L, d)
+
+    def output_table(self) -> torch.Tensor:
+        """(n_items + 1, d) the vectors user states are scored against (the tied item table)."""
+        return self.item_emb.weight
 
     def score(
         self, seq: torch.Tensor, candidates: torch.Tensor, adapters: Adapters | None = None,

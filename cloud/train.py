@@ -1,12 +1,18 @@
-"""Training: the static device model first, then the generator with the static weights frozen.
+"""Training: the static device model, the cloud model, then the generator that distils the cloud
+model into per-device deltas, with both models frozen.
 
-Stage 1 trains SASRec with softmax cross-entropy over the catalogue (or over shared sampled
-negatives for very large catalogues); Klenitskiy & Vasilev (RecSys 2023) showed this reaches the
-original binary-loss quality in far fewer epochs. Stage 2 is DUET's setting: the device model is
-frozen and the generator learns to emit deltas (and masks) from a window of the user's past that
-ends at a random cut; the loss is the next items after the cut, so the generator learns what a
-fresh or slightly stale delta should do. Both stages stop early on validation NDCG@10 and keep the
-best weights; runs are reproducible for a seed.
+The static stage trains the device model (SASRec sized for a device) with one of the losses in
+cloud/losses.py (`TrainConfig.loss`; the default, cloud/presets.py DEFAULT_LOSS, is the one
+validation chose on both evaluation protocols). The cloud stage trains the cloud model
+(cloud/cloud_model.py: whole history, wider, deeper, side features) the same way on the same users.
+The generator stage is DUET's setting with a teacher: the device model is frozen and the generator,
+reading the cloud model's view of the history up to a random cut plus the device's own state
+there, emits a delta (and masks); the loss is cross-entropy on the next items after the cut plus
+the KL divergence from the cloud model's next-item distribution at those positions, so the device
+with its delta ranks as the cloud does, and keeps doing so for a while as its window moves on.
+Every stage validates on a fixed validation sample (every `eval_every` epochs for the sequence
+models), stops after `patience` epochs without a better validation NDCG@10 and keeps the best
+weights; runs are reproducible for a seed.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ from tqdm import tqdm
 
 from paramcast.cloud import distributed
 from paramcast.cloud.checkpoint import Checkpoint
-from paramcast.cloud.generator import KEEP_RATIOS, Generator, GeneratorConfig, window_batch
+from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
+from paramcast.cloud.generator import KEEP_RATIOS, Generator, build_generator, window_batch
+from paramcast.cloud.losses import LossConfig, sequence_loss
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
-from paramcast.common.evaluation import LeaveOneOut
+from paramcast.cloud.presets import DEFAULT_LOSS
+from paramcast.common.evaluation import FULL_PREFIX, LeaveOneOut
 from paramcast.common.interactions import InteractionLog
 
 log = logging.getLogger(__name__)
@@ -38,20 +47,34 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 5  # evaluations without validation improvement before stopping
-    loss: str = "auto"  # "ce" (full softmax), "sampled" (shared negatives), "auto": ce up to 50k items
-    n_negatives: int = 1024
+    patience: int = 5  # epochs without validation improvement before stopping
+    eval_every: int = 1  # stage-1 epochs between validations (the last epoch is always validated)
+    select: str = "sampled"  # protocol whose validation NDCG@10 early stopping maximises: sampled | full
+    valid_full: bool = True  # the static stage also records full-ranking validation NDCG@10
+    loss: str = "auto"  # cloud/losses.py: bce | gbce | sampled | ce | a mixture x+y; auto = DEFAULT_LOSS
+    n_negatives: int = 0  # 0 = the loss's default (cloud/losses.py DEFAULT_NEGATIVES)
+    gbce_t: float = 0.75
+    logq: bool = False
+    mix_weight: float = 1.0
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # 0 = all cores
+    threads: int = 0  # torch CPU threads; 0 = every core this process may run on
     cold_fraction: float = 0.1  # users held out of training entirely, for cold-start evaluation
     valid_users: int = 0  # 0 = all; otherwise a fixed sample of validation users for early stopping
     # generator stage
     gen_epochs: int = 30
-    gen_lr: float = 1e-4  # the factor heads move the whole head at once; larger steps oscillate
+    gen_lr: float = 1e-3  # the MLP generator: 1e-3 led 3e-4 on validation in the first epochs on ml-100k
     gen_batch_size: int = 32
     gen_patience: int = 5
     horizon: int = 4  # next items after the cut that a generated delta is trained on
+    gen_cuts: int = 4  # cut points drawn per training sequence and epoch (each a generator sample)
+    gen_staleness: int = 0  # up to this many interactions between a delta's window and its use
+    cloud_batch_size: int = 32  # 0 = batch_size. Long sequences make a batch costly; measured on ml-100k, 32 left
+    # the popularity plateau within 6 epochs where 128 was still on it after 9, at the same cost per epoch
+    cloud_lr: float = 0.0  # 0 = lr
+    side_features: bool = True  # the cloud model reads the items' side features where the data has them
+    distill_weight: float = 1.0  # weight of KL(cloud || device + delta) beside the true next items
+    distill_temperature: float = 1.0
     # Last training items per user kept from stage 1 and used only as stage-2 targets: the generator
     # then learns on transitions the frozen device model never fitted, as it will be used online.
     gen_holdout: int = 0
@@ -64,6 +87,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def loss_config(self, n_items: int) -> LossConfig:
+        """The loss to train with; `auto` is DEFAULT_LOSS, except that a full softmax over more than
+        CE_MAX_ITEMS items falls back to sampled softmax with logQ correction."""
+        name = DEFAULT_LOSS if self.loss == "auto" else self.loss
+        logq = self.logq
+        if self.loss == "auto" and "ce" in name.split("+") and n_items > CE_MAX_ITEMS:
+            name, logq = name.replace("ce", "sampled"), True
+        cfg = LossConfig(name=name, n_negatives=self.n_negatives, gbce_t=self.gbce_t, logq=logq,
+                         mix_weight=self.mix_weight)
+        cfg.components()  # fails early, naming the loss, if it is unknown
+        return cfg
+
+
+CE_MAX_ITEMS = 50_000
+
+
+def resolve_threads(threads: int) -> int:
+    """Torch CPU threads, set explicitly: `threads`, or every core this process may run on."""
+    if threads <= 0:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,21 +137,6 @@ def split_users(log_: InteractionLog, cold_fraction: float, seed: int) -> tuple[
     return warm, cold
 
 
-def _ce_loss(states: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor, cfg: TrainConfig,
-             n_items: int, gen: torch.Generator | None) -> torch.Tensor:
-    """Cross-entropy of (P, d) user states against (P,) target items."""
-    use_full = cfg.loss == "ce" or (cfg.loss == "auto" and n_items <= 50_000)
-    if use_full:
-        logits = states @ item_emb.T  # (P, n_items + 1)
-        logits[:, 0] = float("-inf")  # padding is never a target
-        return F.cross_entropy(logits, targets)
-    negs = torch.randint(1, n_items + 1, (cfg.n_negatives,), generator=gen).to(states.device)  # (K,)
-    pos = (states * item_emb[targets]).sum(-1, keepdim=True)  # (P, 1)
-    neg = states @ item_emb[negs].T  # (P, K)
-    neg = neg.masked_fill(negs[None, :] == targets[:, None], float("-inf"))  # a sampled positive is no negative
-    return F.cross_entropy(torch.cat([pos, neg], dim=1), torch.zeros_like(targets))
-
-
 class Trainer:
     """Holds the data views both stages use; `fit()` runs stage 1 then stage 2."""
 
@@ -114,8 +145,8 @@ class Trainer:
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
         self.dist = distributed.context(cfg.device)  # distributed: a world of one outside torchrun
         self.torch_device = self.dist.torch_device(resolve_device(cfg.device))
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.threads = resolve_threads(cfg.threads)
+        self.loss_cfg = cfg.loss_config(data.n_items)
         seed_everything(cfg.seed)
         self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
         self.split = LeaveOneOut.of(data, self.warm)
@@ -126,10 +157,15 @@ class Trainer:
         if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
             rng = np.random.default_rng(cfg.seed)
             self.valid_users = np.sort(rng.choice(self.valid_users, cfg.valid_users, replace=False))
-        self.evaluator = evaluator  # (bundle, users, stage, variants) -> {variant: per-user metrics}
-        self.rng = np.random.default_rng(self.dist.rank_seed(cfg.seed))  # distributed: per-rank steps
-        self.torch_gen = torch.Generator().manual_seed(self.dist.rank_seed(cfg.seed))
-        self.history: dict[str, list] = {"static": [], "generator": []}
+        # (checkpoint, data, users, stage, variants, protocol=) -> {variant: per-user metrics}
+        self.evaluator = evaluator
+        seed = self.dist.rank_seed(cfg.seed)  # distributed: per-rank step randomness (rank 0: cfg.seed)
+        self.rng = np.random.default_rng(seed)
+        self.torch_gen = torch.Generator().manual_seed(seed)
+        # Negatives are drawn on the device that uses them.
+        self.negatives_gen = torch.Generator(device=self.torch_device).manual_seed(seed + 1)
+        self.history: dict[str, list] = {"static": [], "cloud": [], "generator": []}
+        self.best_epoch: dict[str, int] = {}
 
     # -- stage 1 ----------------------------------------------------------------------------------
     def _batch_order(self, seqs: list[np.ndarray], bs: int) -> list[np.ndarray]:
@@ -149,23 +185,25 @@ class Trainer:
             batches.extend(part[i:i + bs] for i in range(0, len(part), bs))
         return self.dist.shard([batches[i] for i in rng.permutation(len(batches))])
 
-    def _static_batches(self):
-        L = self.model_cfg.max_len
-        for idx in self._batch_order(self.static_seqs, self.cfg.batch_size):
-            x = left_pad([self.static_seqs[i] for i in idx], L + 1, trim=True)  # (B, T+1)
-            yield x[:, :-1], x[:, 1:]  # inputs, next items
+    def _sequence_batches(self, seqs: list[np.ndarray], max_len: int, batch_size: int):
+        for idx in self._batch_order(seqs, batch_size):
+            x = left_pad([seqs[i] for i in idx], max_len + 1, trim=True)  # (B, T+1)
+            yield x[:, :-1], x[:, 1:], x  # inputs, next items, the row's own items (never its negatives)
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
-             step, epochs: int, patience: int, validate, train_modes) -> float:
-        """The loop both stages share: Adam over `params`, one validation per epoch, early stopping.
+             step, epochs: int, patience: int, validate, train_modes, every: int = 1) -> float:
+        """The loop both stages share: Adam over `params`, validation every `every` epochs (and after
+        the last), early stopping after `patience` epochs without improvement.
 
-        `step(batch)` returns the loss; `validate()` the selection score; `train_modes(on)` switches
-        the modules being trained. The best state of `selected` is restored at the end, and an
-        untrained start (epoch 0) competes too when `stage` is the generator's."""
+        `step(batch)` returns the loss; `validate()` a dict of validation scores whose "select" entry
+        is maximised; `train_modes(on)` switches the modules being trained. The best state of
+        `selected` is restored at the end, and an untrained start (epoch 0) competes too when
+        `stage` is the generator's."""
         cfg = self.cfg
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-        best = validate() if stage == "generator" else float("-inf")
-        untrained, best_state, bad = best, copy.deepcopy(selected.state_dict()), 0
+        best = validate()["select"] if stage == "generator" else float("-inf")
+        untrained, best_state, best_epoch = best, copy.deepcopy(selected.state_dict()), 0
+        every = max(1, every)
         for epoch in range(1, epochs + 1):
             train_modes(True)
             t0, total = time.perf_counter(), 0.0
@@ -181,38 +219,62 @@ class Trainer:
                 total += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             train_modes(False)
-            epoch_loss = self.dist.mean(total / max(steps, 1))  # distributed: averaged over ranks
-            score = validate()
-            seconds = time.perf_counter() - t0
-            self.history[stage].append({"epoch": epoch, "loss": epoch_loss, "valid_ndcg@10": score,
-                                        "seconds": seconds})
-            log.info("%s epoch %d loss %.4f valid ndcg@10 %.4f (best %.4f, at start %.4f, %.1fs)", stage, epoch,
-                     epoch_loss, score, max(best, score), untrained, seconds)
-            if score > best:
-                best, best_state, bad = score, copy.deepcopy(selected.state_dict()), 0
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
+            loss_mean = self.dist.mean(total / max(steps, 1))  # distributed: averaged over ranks
+            record: dict = {"epoch": epoch, "loss": loss_mean, "train_seconds": time.perf_counter() - t0}
+            if epoch % every == 0 or epoch == epochs:
+                scores = validate()
+                record.update({f"valid_{k}": v for k, v in scores.items() if k != "select"})
+                score = scores["select"]
+                log.info("%s epoch %d loss %.4f valid %s (best %.4f at epoch %d, at start %.4f, %.1fs)", stage,
+                         epoch, record["loss"], {k: round(v, 4) for k, v in scores.items()}, max(best, score),
+                         epoch if score > best else best_epoch, untrained, time.perf_counter() - t0)
+                if score > best:
+                    best, best_state, best_epoch = score, copy.deepcopy(selected.state_dict()), epoch
+            record["seconds"] = time.perf_counter() - t0
+            self.history[stage].append(record)
+            if epoch - best_epoch >= patience:
+                break
         selected.load_state_dict(best_state)
+        self.best_epoch[stage] = best_epoch
         return best
 
-    def train_static(self) -> DeviceModel:
+    def _train_next_item(self, stage: str, model: DeviceModel | CloudModel, seqs: list[np.ndarray], max_len: int,
+                         random_masks: bool, ckpt: Checkpoint, variant: str, batch_size: int, lr: float) -> None:
+        """Next-item training of one model on `seqs` (the static and the cloud stage), validated as
+        `variant` of `ckpt`."""
         cfg, dev = self.cfg, self.torch_device
-        model = DeviceModel(self.model_cfg).to(dev)
 
         def step(batch) -> torch.Tensor:
-            inp, tgt = (t.to(dev) for t in batch)
-            masks = self._random_masks(model, len(inp)) if self.rng.random() < cfg.slim_train_prob else None
+            inp, tgt, own = (t.to(dev) for t in batch)
+            masks = None
+            if random_masks and self.rng.random() < cfg.slim_train_prob:
+                assert isinstance(model, DeviceModel)
+                masks = self._random_masks(model, len(inp))
             states = model.user_states(inp, None, masks)  # (B, L, d)
-            keep = tgt > 0
-            return _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items, self.torch_gen)
+            return sequence_loss(self.loss_cfg, states, model.output_table(), tgt, own, self.data.n_items,
+                                 self.negatives_gen)
 
-        ddp_step = self.dist.data_parallel(step, model)  # distributed: gradients averaged across ranks
-        self._fit("static", model, list(model.parameters()), cfg.lr, self._static_batches,
-                  -(-len(self.static_seqs) // cfg.batch_size), ddp_step, cfg.epochs, cfg.patience,
-                  lambda: self._valid_ndcg(Checkpoint("train", model), ["static"]), model.train)
+        protocol = "both" if cfg.valid_full else cfg.select
+        # distributed: gradients averaged across ranks (the cloud model's may skip unused parameters)
+        ddp_step = self.dist.data_parallel(step, model, sometimes_unused=stage == "cloud")
+        self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
+                  -(-len(seqs) // batch_size), ddp_step, cfg.epochs, cfg.patience,
+                  lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every)
+
+    def train_static(self) -> DeviceModel:
+        model = DeviceModel(self.model_cfg).to(self.torch_device)
+        self._train_next_item("static", model, self.static_seqs, self.model_cfg.max_len, True,
+                              Checkpoint("train", model), "static", self.cfg.batch_size, self.cfg.lr)
         return model.eval()
+
+    def train_cloud(self, device_model: DeviceModel, cloud_cfg: CloudModelConfig) -> CloudModel:
+        """The cloud model, on every training item (the generator's holdout is a device-side matter)."""
+        features = self.data.item_features if self.cfg.side_features else {}
+        cloud = CloudModel.for_data(cloud_cfg, features).to(self.torch_device)
+        self._train_next_item("cloud", cloud, self.train_seqs, cloud_cfg.max_len, False,
+                              Checkpoint("train", device_model, cloud_model=cloud), "cloud",
+                              self.cfg.cloud_batch_size or self.cfg.batch_size, self.cfg.cloud_lr or self.cfg.lr)
+        return cloud.eval()
 
     def _random_masks(self, model: DeviceModel, batch: int) -> dict[str, torch.Tensor]:
         """Per-sample random subnets at one keep ratio drawn from KEEP_RATIOS."""
@@ -224,49 +286,67 @@ class Trainer:
             masks[group] = torch.zeros(batch, n).scatter_(-1, top, 1.0).to(self.torch_device)
         return masks
 
-    # -- stage 2 ----------------------------------------------------------------------------------
-    def _generator_batches(self, window: int):
-        """(window, device inputs, targets with only post-cut positions kept) per batch."""
-        L, S = self.model_cfg.max_len, self.cfg.horizon
+    # -- generator stage ----------------------------------------------------------------------
+    def _generator_batches(self, window: int, cloud_len: int):
+        """(history window, device window, device inputs, cloud inputs, targets) per batch.
+
+        A cut c is drawn per sequence and a staleness o in [0, gen_staleness]; the generator sees
+        s[:c - o] (its last `window` items) and the device model's state there, as a device asking
+        o interactions ago would have sent; the loss covers the `horizon` positions from the cut,
+        where the device runs on its own window with that delta."""
+        L, S, stale = self.model_cfg.max_len, self.cfg.horizon, self.cfg.gen_staleness
         h = self.cfg.gen_holdout
-        for idx in self._batch_order(self.train_seqs, self.cfg.gen_batch_size):
+        repeated = [s for s in self.train_seqs for _ in range(self.cfg.gen_cuts)]
+        for idx in self._batch_order(repeated, self.cfg.gen_batch_size):
             windows, inputs, targets = [], [], []
             for i in idx:
-                s = self.train_seqs[i]
+                s = repeated[i]
                 low = max(1, len(s) - h) if h else 1  # with a holdout, only its items are targets
-                cut = int(self.rng.integers(low, len(s)))  # the window is s[:cut]
+                cut = int(self.rng.integers(low, len(s)))  # targets start after s[:cut]
                 end = min(len(s), cut + S)
-                windows.append(s[:cut])
+                age = int(self.rng.integers(0, stale + 1)) if stale else 0
+                windows.append(s[:max(1, cut - age)])
                 inputs.append(s[:end - 1])
                 t = s[1:end].copy()
                 t[: cut - 1] = 0  # targets before the cut would leak into the window
                 targets.append(t)
-            yield window_batch(windows, window), left_pad(inputs, L, trim=True), left_pad(targets, L, trim=True)
+            yield (window_batch(windows, window), left_pad(windows, L, trim=True), left_pad(inputs, L, trim=True),
+                   left_pad(inputs, cloud_len, trim=True), left_pad(targets, L, trim=True))
 
-    def train_generator(self, model: DeviceModel) -> Generator:
+    def train_generator(self, model: DeviceModel, cloud: CloudModel) -> Generator:
         cfg, dev = self.cfg, self.torch_device
-        gcfg = GeneratorConfig(n_items=self.data.n_items, slot_shapes=model.slot_shapes(),
-                               unit_groups=model.unit_groups(), item_dim=model.cfg.hidden, **self.gen_overrides)
-        gen = Generator(gcfg).to(dev)
-        if gcfg.shared_items:
-            gen.share_item_embeddings(model.item_emb.weight)
+        gen = build_generator(model, cloud, **self.gen_overrides)
+        gcfg = gen.cfg
         params = [p for p in gen.parameters() if p.requires_grad]
         if cfg.joint:
             params += list(model.parameters())
         else:
             model.requires_grad_(False)
+        cloud.requires_grad_(False)
         # Selection: the generator makes deltas and subnets, so it is judged on both when it learns both.
         selection = ["generated"] + (["slimmed@0.5"] if cfg.slim_prob > 0 else [])
+        T = cfg.distill_temperature
 
         def step(batch) -> torch.Tensor:
-            win, inp, tgt = (t.to(dev) for t in batch)
-            out = gen(win)
+            win, dev_win, inp, cloud_inp, tgt = (t.to(dev) for t in batch)
+            with torch.no_grad():
+                device_state = model.user_states(dev_win)[:, -1]  # (B, d): the base model at the cut
+                teacher = cloud.encode(cloud_inp)[:, -inp.shape[1]:]  # (B, T, D), aligned on the right
+            out = gen(win, device_state)
             masks = None
             if self.rng.random() < cfg.slim_prob:
                 masks = out.masks(float(self.rng.choice(KEEP_RATIOS)), straight_through=True)
-            states = model.user_states(inp, out.adapters, masks)  # (B, L, d)
+            states = model.user_states(inp, out.adapters, masks)  # (B, T, d)
             keep = tgt > 0
-            return _ce_loss(states[keep], tgt[keep], model.item_emb.weight, cfg, self.data.n_items, self.torch_gen)
+            # Column 0 (padding) is never a target: drop it rather than mask it, so the KL has no -inf.
+            student = (states[keep] @ model.output_table().T)[:, 1:]  # (P, n_items)
+            loss = F.cross_entropy(student, tgt[keep] - 1)
+            if cfg.distill_weight > 0:
+                with torch.no_grad():
+                    target_logp = F.log_softmax((teacher[keep] @ cloud.output_table().T)[:, 1:] / T, dim=-1)
+                kl = F.kl_div(F.log_softmax(student / T, dim=-1), target_logp, log_target=True, reduction="batchmean")
+                loss = loss + cfg.distill_weight * T * T * kl
+            return loss
 
         def train_modes(on: bool) -> None:
             gen.train(on)
@@ -274,32 +354,64 @@ class Trainer:
 
         train_modes(False)
         ddp_step = self.dist.data_parallel(step, gen, model, sometimes_unused=True)  # distributed: averaged gradients
-        self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window),
-                  -(-len(self.train_seqs) // cfg.gen_batch_size), ddp_step, cfg.gen_epochs, cfg.gen_patience,
-                  lambda: self._valid_ndcg(Checkpoint("train", model, gen), selection), train_modes)
+        self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window, cloud.cfg.max_len),
+                  -(-len(self.train_seqs) * cfg.gen_cuts // cfg.gen_batch_size), ddp_step, cfg.gen_epochs,
+                  cfg.gen_patience,
+                  lambda: self._validate(Checkpoint("train", model, gen, cloud_model=cloud), selection, cfg.select),
+                  train_modes)
         model.requires_grad_(True)
+        cloud.requires_grad_(True)
         return gen.eval()
 
-    def _valid_ndcg(self, ckpt: Checkpoint, variants: list[str]) -> float:
-        """Mean validation NDCG@10 over `variants` (each averaged over the validation users)."""
+    def _validate(self, ckpt: Checkpoint, variants: list[str], protocol: str) -> dict[str, float]:
+        """Validation NDCG@10 per protocol (averaged over `variants`, each over the validation users),
+        and under "select" the one early stopping maximises."""
         users = self.valid_users
         if self.dist.enabled and len(users) >= self.dist.world:  # distributed: each rank scores its share
             users = np.asarray(self.dist.shard(users))
-        per_variant = self.evaluator(ckpt, self.data, users, "valid", variants)
-        # distributed: means over every rank's users, so all ranks see the same score
-        return float(np.mean(self.dist.means([per_variant[v]["ndcg@10"] for v in variants])))
+        per_variant = self.evaluator(ckpt, self.data, users, "valid", variants, protocol=protocol)
+        scores = {}
+        for name, metric in (("ndcg@10", "ndcg@10"), ("full:ndcg@10", FULL_PREFIX + "ndcg@10")):
+            if metric in per_variant[variants[0]]:
+                # distributed: means over every rank's users, so all ranks see the same score
+                scores[name] = float(np.mean(self.dist.means([per_variant[v][metric] for v in variants])))
+        scores["select"] = scores["full:ndcg@10" if self.cfg.select == "full" else "ndcg@10"]
+        return scores
 
 
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
-          gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "generator")) -> Checkpoint:
-    """Run the stages and return the checkpoint (the caller saves it)."""
+          gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "cloud", "generator"),
+          cloud_cfg: CloudModelConfig | None = None, start: Checkpoint | None = None) -> Checkpoint:
+    """Run the stages and return the checkpoint (the caller saves it). The generator stage needs
+    a cloud model: the one it reads and distils. `start` supplies already trained models: its device
+    model replaces the static stage (so the base version stays), its cloud model the cloud stage
+    unless that stage is asked for."""
     from paramcast.cloud.evaluate import per_user_metrics
 
+    has_cloud = "cloud" in stages or (start is not None and start.cloud_model is not None)
+    if "generator" in stages and not has_cloud:
+        raise ValueError("the generator stage distils the cloud model: add the cloud stage")
     t0 = time.perf_counter()
-    trainer = Trainer(data, model_cfg, gen_cfg or {}, cfg, per_user_metrics)
-    model = trainer.train_static()
-    t_static = time.perf_counter() - t0
-    gen = trainer.train_generator(model) if "generator" in stages else None
+    device_cfg = model_cfg if start is None else start.device_model.cfg
+    trainer = Trainer(data, device_cfg, gen_cfg or {}, cfg, per_user_metrics)
+    seconds = {}
+    if start is None:
+        model = trainer.train_static()
+        seconds["static"] = time.perf_counter() - t0
+    else:
+        model = start.device_model.to(trainer.torch_device).eval()
+    cloud = start.cloud_model.to(trainer.torch_device).eval() if start is not None and start.cloud_model else None
+    if "cloud" in stages:
+        t1 = time.perf_counter()
+        cloud = trainer.train_cloud(model, cloud_cfg or CloudModelConfig(n_items=data.n_items))
+        seconds["cloud"] = time.perf_counter() - t1
+    gen = None
+    if "generator" in stages:
+        assert cloud is not None
+        t1 = time.perf_counter()
+        gen = trainer.train_generator(model, cloud)
+        seconds["generator"] = time.perf_counter() - t1
+    seconds["total"] = time.perf_counter() - t0
     meta = {
         "data": {"name": data.name, "source": data.source, "n_items": data.n_items, "users": data.n_users,
                  "interactions": data.n_interactions},
@@ -307,15 +419,18 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
         "split": {"cold_fraction": cfg.cold_fraction, "seed": cfg.seed,
                   "cold_users": [data.user_raw_ids[u] for u in trainer.cold]},
         "train_config": cfg.to_dict(),
-        "history": trainer.history,
-        "seconds": {"static": t_static, "total": time.perf_counter() - t0},
-        "torch_threads": torch.get_num_threads(),
+        "history": trainer.history if start is None else {**start.meta.get("history", {}), **{
+            k: v for k, v in trainer.history.items() if v}},
+        "best_epoch": trainer.best_epoch if start is None else {**start.meta.get("best_epoch", {}),
+                                                                 **trainer.best_epoch},
+        "loss": trainer.loss_cfg.to_dict(),
+        "seconds": seconds,
+        "torch_threads": trainer.threads,
         "cpu_count": os.cpu_count(),
     }
     if trainer.dist.enabled:  # distributed: the job's shape, and proof that the ranks ended equal
-        trainer.dist.check_in_sync(*(m for m in (model, gen) if m is not None))
+        trainer.dist.check_in_sync(*(m for m in (model, gen, cloud) if m is not None))
         meta["distributed"] = trainer.dist.describe()
     model_id = f"sasrec-{data.name}"
-    return Checkpoint(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta)
-
-
+    return Checkpoint(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta,
+                       cloud.cpu() if cloud is not None else None)

@@ -1,11 +1,16 @@
 """The field's evaluation protocol (SASRec, Kang & McAuley 2018), on numpy only.
 
 Leave-one-out per user in time order: the last item is the test target, the second-to-last the
-validation target, the rest is training. Users with fewer than 3 interactions only train. A case
-ranks the true item among `n_negatives` items sampled uniformly, with a fixed seed, from those the
-user never interacted with (or, optionally, against the full catalogue). Metrics are averaged over
-users; confidence intervals come from a bootstrap over users, and paired differences between two
-variants are bootstrapped on the per-user differences so the interval reflects the pairing.
+validation target, the rest is training. Users with fewer than 3 interactions only train. Two
+protocols rank a case's true item:
+- `sampled`: among `n_negatives` items sampled uniformly, with a fixed seed, from those the user
+  never interacted with (the field's protocol; metrics `hr@10`, `ndcg@10`, `mrr`, `auc`);
+- `full`: among the whole catalogue, the user's other items excluded (what a deployed recommender
+  does; Krichene & Rendle, KDD 2020, showed sampled metrics can invert a comparison; metrics
+  `full:hr@10`, `full:ndcg@10`, `full:mrr`).
+Metrics are averaged over users; confidence intervals come from a bootstrap over users, and paired
+differences between two variants are bootstrapped on the per-user differences so the interval
+reflects the pairing.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from paramcast.common.interactions import InteractionLog
 
 STAGES = ("valid", "test")
 METRICS = ("hr@10", "ndcg@10", "mrr", "auc")
+PROTOCOLS = ("sampled", "full", "both")
+FULL_PREFIX = "full:"  # metric names of the full-catalogue protocol, beside the sampled ones
 
 
 @dataclass
@@ -78,6 +85,13 @@ def sample_negatives(
     return out
 
 
+def metrics_from_ranks(rank: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
+    """Per-user HR@k, NDCG@k and MRR from 0-based ranks of the true item."""
+    hit = rank < k
+    ndcg = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
+    return {f"hr@{k}": hit.astype(np.float64), f"ndcg@{k}": ndcg, "mrr": 1.0 / (rank + 1.0)}
+
+
 def metrics_from_scores(scores: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
     """Per-user metrics from (U, 1 + C) scores whose column 0 is the true item.
 
@@ -87,10 +101,8 @@ def metrics_from_scores(scores: np.ndarray, k: int = 10) -> dict[str, np.ndarray
     pos = scores[:, :1]
     neg = scores[:, 1:]
     rank = (neg >= pos).sum(axis=1)  # 0 = true item ranked first
-    hit = rank < k
-    ndcg = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
     auc = ((pos > neg).sum(axis=1) + 0.5 * (pos == neg).sum(axis=1)) / neg.shape[1]
-    return {f"hr@{k}": hit.astype(np.float64), f"ndcg@{k}": ndcg, "mrr": 1.0 / (rank + 1.0), "auc": auc}
+    return {**metrics_from_ranks(rank, k), "auc": auc}
 
 
 def bootstrap_ci(
@@ -131,17 +143,45 @@ def paired_difference(
     return summarize({m: a[m] - b[m] for m in a if m in b}, seed=seed)
 
 
-def full_ranking_scores(scores: np.ndarray, targets: np.ndarray, exclude: list[np.ndarray]) -> np.ndarray:
-    """Turn (U, n_items + 1) catalogue scores into (U, 1 + n_items - 1) rows for `metrics_from_scores`.
+def gap_closed(generated: dict[str, np.ndarray], static: dict[str, np.ndarray], cloud: dict[str, np.ndarray],
+               n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """(generated - static) / (cloud - static) per metric: the share of the cloud's lead over the
+    device model that the generated delta carries. The bootstrap resamples users once for both
+    differences, so the interval reflects the pairing; it is wide (or NaN) where cloud - static is
+    itself indistinguishable from zero."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for m in generated:
+        num = np.asarray(generated[m] - static[m], dtype=np.float64)
+        den = np.asarray(cloud[m] - static[m], dtype=np.float64)
+        idx = rng.integers(0, len(num), size=(n_boot, len(num)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = float(num.mean() / den.mean())
+            ratios = num[idx].mean(axis=1) / den[idx].mean(axis=1)
+        lo, hi = np.quantile(ratios, [0.025, 0.975]) if np.isfinite(ratios).all() else (np.nan, np.nan)
+        out[m] = {"value": value, "ci": [float(lo), float(hi)], "users": int(len(num))}
+    return out
 
-    Column 0 holds the target's score; the padding id and the user's other seen items are pushed to
-    -inf so they never outrank it (the usual full-ranking protocol).
-    """
-    scores = scores.astype(np.float64, copy=True)
+
+def full_ranks(scores: np.ndarray, targets: np.ndarray, exclude: list[np.ndarray]) -> np.ndarray:
+    """0-based rank of each target among the whole catalogue, from (U, n_items + 1) scores.
+
+    The padding id and the user's other items (`exclude[u]`, e.g. the whole sequence; the target
+    itself may be in it) never outrank the target, as in the usual full-ranking protocol; ties
+    count against the target. Vectorised: the excluded cells are set in one scatter."""
+    rows = np.arange(len(targets))
+    scores = np.array(scores, dtype=np.float32, copy=True)  # (U, V)
+    target_scores = scores[rows, targets].copy()  # (U,)
+    lengths = np.fromiter((len(e) for e in exclude), dtype=np.int64, count=len(exclude))
+    if lengths.sum():
+        scores[np.repeat(rows, lengths), np.concatenate(exclude).astype(np.int64)] = -np.inf
     scores[:, 0] = -np.inf
-    for row, seen in enumerate(exclude):
-        seen = seen[seen != targets[row]]
-        scores[row, seen] = -np.inf
-    pos = scores[np.arange(len(targets)), targets][:, None]
-    scores[np.arange(len(targets)), targets] = -np.inf  # the target appears once, in column 0
-    return np.concatenate([pos, scores[:, 1:]], axis=1)
+    scores[rows, targets] = -np.inf  # the target is compared with the others, not with itself
+    return (scores >= target_scores[:, None]).sum(axis=1)
+
+
+def full_ranking_metrics(scores: np.ndarray, targets: np.ndarray, exclude: list[np.ndarray],
+                         k: int = 10) -> dict[str, np.ndarray]:
+    """`full:hr@k`, `full:ndcg@k`, `full:mrr` per user (see `full_ranks`)."""
+    ranks = full_ranks(scores, targets, exclude)
+    return {FULL_PREFIX + name: vals for name, vals in metrics_from_ranks(ranks, k).items()}

@@ -2,8 +2,10 @@
 
 Runs the same code paths as `paramcast train` and `paramcast evaluate` in one process per seed and
 records, beside the variant metrics, training time, peak resident memory and model sizes. The top
-level of the JSON is the first seed's `paramcast evaluate --json` report; `seeds` holds every
-seed's headline numbers so the spread across seeds is visible.
+level of the JSON is the first seed's `paramcast evaluate --json` report; `seeds` lists every
+seed's headline numbers (static, generated, cloud, generated-static, gap_closed) so the spread
+across seeds is visible, and `cold:pooled` pools the cold users of every seed into one paired
+generated - static difference (one seed has too few cold users for a tight interval).
 
     python tools/bench_quality.py --data ../shared/data/amazon-beauty --seeds 42,43,44
 """
@@ -19,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-HEADLINE = ("static", "generated", "generated-static", "slimmed@0.5", "int8", "cold:generated-static")
+HEADLINE = ("static", "generated", "cloud", "generated-static", "cloud-static", "gap_closed", "slimmed@0.5",
+            "stale@20", "int8", "cold:generated-static")
+SEED_KEYS = ("static", "generated", "cloud", "generated-static", "gap_closed")
 
 
 def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
@@ -37,7 +41,7 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     subprocess.run([sys.executable, "-m", "paramcast.cli", "evaluate", "--model", str(out), "--data", args.data,
-                    "--json", "--out", str(report_file)], check=True, stdout=subprocess.DEVNULL)
+                    "--protocol", "both", "--json", "--out", str(report_file)], check=True, stdout=subprocess.DEVNULL)
     meta = json.loads((out / "checkpoint.json").read_text())
     return {"report": json.loads(report_file.read_text()), "checkpoint": meta, "wall_seconds": wall}
 
@@ -64,13 +68,16 @@ def sizes(model_dir: Path, data_path: str) -> dict:
         out[f"slimmed@{ratio}"] = {"parameters": small.n_parameters(), "flops_per_user_101": small.flops_per_user(),
                                    "non_embedding_parameters": small.n_parameters() - small.item_emb.weight.numel()}
     out["device"]["non_embedding_parameters"] = device.n_parameters() - device.item_emb.weight.numel()
+    if ckpt.cloud_model is not None:
+        out["cloud"] = {"parameters": ckpt.cloud_model.n_parameters(),
+                        "flops_per_request_101": ckpt.cloud_model.flops_per_request()}
     if gen is not None:
         windows = [s[-gen.cfg.window:] for s in data.sequences[:256]]
         bundles = generate_bundles(ckpt, windows)
         slim = generate_bundles(ckpt, windows, keep_ratio=0.5)
         out["generator"] = {"parameters": gen.n_parameters(),
                             "trainable_parameters": sum(p.numel() for p in gen.parameters() if p.requires_grad),
-                            "flops_per_bundle": gen.flops_per_bundle(),
+                            "flops_per_bundle": gen.flops_per_bundle(device.flops_per_user(0)),
                             "generated_parameters_per_device": gen.generated_parameters_per_device()}
         out["bytes_per_bundle"] = {enc: float(np.mean([len(encode_bundle(b, enc)) for b in bundles]))
                                    for enc in ENCODINGS}
@@ -79,6 +86,30 @@ def sizes(model_dir: Path, data_path: str) -> dict:
         n = gen.generated_parameters_per_device()
         out["bytes_per_generated_parameter"] = {enc: v / n for enc, v in out["bytes_per_bundle"].items()}
     return out
+
+
+def pooled_cold(model_dirs: list[Path], data_path: str) -> dict:
+    """generated - static over the cold users of every seed together (each seed holds out its own)."""
+    import numpy as np
+
+    from paramcast.cloud.checkpoint import load_checkpoint
+    from paramcast.cloud.evaluate import per_user_metrics
+    from paramcast.common.data import load_interactions
+    from paramcast.common.evaluation import paired_difference
+
+    data = load_interactions(data_path)
+    parts: dict[str, list] = {"generated": [], "static": []}
+    for d in model_dirs:
+        ckpt = load_checkpoint(d)
+        if ckpt.generator is None:
+            return {}
+        cold_raw = set(ckpt.meta["split"]["cold_users"])
+        cold = np.array([u for u in range(data.n_users) if data.user_raw_ids[u] in cold_raw], dtype=np.int64)
+        m = per_user_metrics(ckpt, data, cold, "test", ["static", "generated"])
+        for v in parts:
+            parts[v].append(m[v])
+    pooled = {v: {k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for v, ps in parts.items()}
+    return {"generated-static": paired_difference(pooled["generated"], pooled["static"]), "seeds": len(model_dirs)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,23 +126,30 @@ def main(argv: list[str] | None = None) -> int:
     runs = {int(s): run_seed(args, int(s), workdir) for s in args.seeds.split(",")}
     first = runs[min(runs)]
     doc = dict(first["report"])
-    doc["seeds"] = {
-        str(seed): {
-            "wall_seconds": r["wall_seconds"],
-            "static_seconds": r["checkpoint"]["meta"]["seconds"]["static"],
-            "peak_rss_mib": r["checkpoint"]["meta"].get("peak_rss_mib"),
-            "static_epochs": len(r["checkpoint"]["meta"]["history"]["static"]),
-            "generator_epochs": len(r["checkpoint"]["meta"]["history"]["generator"]),
-            **{v: {m: r["report"][v][m] for m in ("hr@10", "ndcg@10", "auc")} for v in HEADLINE if v in r["report"]},
+    doc["seeds"] = [
+        {
+            "seed": seed,
+            **{v: {m: r["report"][v][m] for m in ("hr@10", "ndcg@10", "auc", "full:hr@10", "full:ndcg@10")
+                   if m in r["report"][v]} for v in SEED_KEYS if v in r["report"]},
+            "details": {
+                "wall_seconds": r["wall_seconds"],
+                "seconds": r["checkpoint"]["meta"]["seconds"],
+                "peak_rss_mib": r["checkpoint"]["meta"].get("peak_rss_mib"),
+                "epochs": {stage: len(h) for stage, h in r["checkpoint"]["meta"]["history"].items()},
+                **{v: {m: r["report"][v][m] for m in ("hr@10", "ndcg@10", "auc") if m in r["report"][v]}
+                   for v in HEADLINE if v in r["report"] and v not in SEED_KEYS},
+            },
         }
-        for seed, r in runs.items()
-    }
+        for seed, r in sorted(runs.items())
+    ]
+    doc["cold:pooled"] = pooled_cold([workdir / f"seed{s}" for s in sorted(runs)], args.data)
     doc["sizes"] = sizes(workdir / f"seed{min(runs)}", args.data)
     doc["meta"] = {
         "dataset": name,
         "command": "python tools/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device_config": first["checkpoint"]["device_config"],
         "generator_config": first["checkpoint"]["generator_config"],
+        "cloud_config": first["checkpoint"].get("cloud_config"),
         "train_config": first["checkpoint"]["meta"]["train_config"],
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": first["checkpoint"]["meta"]["cpu_count"]},

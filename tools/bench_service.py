@@ -244,6 +244,43 @@ def make_requests(model: Path, data: Path, n: int, seed: int = 0) -> tuple[list[
     return requests, payload, info
 
 
+def in_process(model: Path, data: Path, batch: int, seconds: float, threads: int, device: str) -> dict:
+    """Bundles/s of the generator and the codec alone, in this process, at a fixed batch size: the
+    work one micro-batch of the service does (generate, then int8-encode every bundle), without
+    gRPC, queueing or the event loop. Windows are drawn as `make_requests` draws them."""
+    import torch
+
+    from paramcast.cloud.bundles import generate_batch
+    from paramcast.cloud.checkpoint import load_checkpoint
+    from paramcast.cloud.train import resolve_device
+    from paramcast.common.data import load_interactions
+
+    torch.set_num_threads(threads)
+    torch_device = resolve_device(device)
+    ckpt = load_checkpoint(model, map_location=torch_device)
+    assert ckpt.generator is not None
+    ckpt.generator.to(torch_device).eval()
+    ckpt.device_model.to(torch_device).eval()
+    log = load_interactions(data)
+    rng = np.random.default_rng(1)
+    window = ckpt.generator.cfg.window
+    windows = []
+    for _ in range(64 * batch):
+        seq = log.sequences[rng.integers(log.n_users)]
+        cut = int(rng.integers(1, len(seq) + 1))
+        windows.append(seq[max(0, cut - window):cut].astype(np.int64))
+    done, i, t0 = 0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or done == 0:
+        chunk = windows[i:i + batch] if i + batch <= len(windows) else windows[:batch]
+        i = (i + batch) % len(windows)
+        generate_batch(ckpt, chunk, torch_device=torch_device).encoded("int8")
+        done += len(chunk)
+    elapsed = time.perf_counter() - t0
+    return {"batch": batch, "bundles": done, "seconds": elapsed, "bundles_per_s": done / elapsed,
+            "torch_threads": threads, "device": str(torch_device),
+            "generator_flops_per_bundle": ckpt.generator.flops_per_bundle(ckpt.device_model.flops_per_user(0))}
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{batched_again['throughput_per_s']:.1f}/s", flush=True)
 
         soak_row = soak(args, model, requests) if args.soak_seconds > 0 else None
+        # The same work without the service around it, at the batch size the service reached.
+        mean_batch = max(1, round(batched_again["mean_batch_size"] or 1))
+        alone = in_process(model, args.data, mean_batch, args.seconds, args.threads, args.device)
+        print(f"in-process batch {mean_batch}: {alone['bundles_per_s']:.1f} bundles/s", flush=True)
 
     echo_by_c = {r["concurrency"]: r for r in results["echo"]}
     best = max(results["generate"], key=lambda r: r["throughput_per_s"])
@@ -370,11 +411,16 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "service-load",
         "batching_speedup": batched_again["throughput_per_s"] / no_batching["throughput_per_s"],
         "generate_vs_echo": best["throughput_per_s"] / echo_by_c[best["concurrency"]]["throughput_per_s"],
+        "service_vs_in_process": batched_again["throughput_per_s"] / alone["bundles_per_s"],
+        "in_process": alone,
         "soak_rss_growth": (soak_row["rss_final_mib"] / soak_row["rss_baseline_mib"] - 1) if soak_row else None,
         "soak_failed_calls": soak_row["failed_calls"] if soak_row else None,
         "definitions": {
             "batching_speedup": f"Generate throughput at concurrency {args.speedup_concurrency} with max batch "
                                 f"{args.max_batch} over the same with max batch 1 (measured back to back)",
+            "service_vs_in_process": f"Generate throughput at concurrency {args.speedup_concurrency} over the "
+                                     "generator + int8 codec in one process at the service's mean batch size "
+                                     "there (the service's own overhead; same torch threads)",
             "generate_vs_echo": "Generate throughput at its best concurrency over the echo server's throughput at "
                                 "that concurrency (same request and response bytes)",
             "soak_rss_growth": "median server RSS over the last rss_window_s seconds of the soak over the median "

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NOTES = ROOT / "benchmarks" / "notes"
 METRICS = ("hr@10", "ndcg@10", "auc")
+FULL_METRICS = ("full:hr@10", "full:ndcg@10")
 
 
 def load(name: str) -> dict | None:
@@ -37,15 +38,25 @@ def quality_section(doc: dict) -> str:
     meta = doc["meta"]
     name = meta["dataset"]
     out = [f"### {name}", "", f"Command: `{meta['command']}`", ""]
-    out.append("| variant | " + " | ".join(f"{m} [95% CI]" for m in METRICS) + " |")
-    out.append("|---|" + "---|" * len(METRICS))
+    # Full-catalogue columns where the report has them (`paramcast evaluate --protocol both`).
+    metrics = METRICS + tuple(m for m in FULL_METRICS if m in doc.get("static", {}))
+    out.append("| variant | " + " | ".join(f"{m} [95% CI]" for m in metrics) + " |")
+    out.append("|---|" + "---|" * len(metrics))
     for variant, ms in doc.items():
         if variant in ("seeds", "meta", "sizes") or not isinstance(ms, dict) or "ndcg@10" not in ms:
             continue
-        out.append(f"| `{variant}` | " + " | ".join(cell(ms[m]) for m in METRICS) + " |")
+        out.append(f"| `{variant}` | " + " | ".join(cell(ms[m]) if m in ms else "" for m in metrics) + " |")
+    first = doc["seeds"][0]["seed"]
     if "generated-static" in doc:
         rel = doc["generated-static"]["ndcg@10"]["value"] / doc["static"]["ndcg@10"]["value"]
-        out += ["", f"Relative NDCG@10 change of `generated` over `static` (seed {min(doc['seeds'])}): {rel:+.2%}."]
+        out += ["", f"Relative NDCG@10 change of `generated` over `static` (seed {first}): {rel:+.2%}."]
+    if "gap_closed" in doc:
+        out.append(f"Share of the cloud model's lead carried to the device (`gap_closed`, NDCG@10, seed {first}): "
+                   f"{cell(doc['gap_closed']['ndcg@10'], 2)}.")
+    pooled = doc.get("cold:pooled", {}).get("generated-static")
+    if pooled:
+        out.append(f"Cold users pooled over {doc['cold:pooled']['seeds']} seeds, generated - static NDCG@10: "
+                   f"{cell(pooled['ndcg@10'])} ({pooled['ndcg@10']['users']} users).")
     if "slimmed@0.5" in doc and "generated" in doc:
         rel = doc["slimmed@0.5"]["ndcg@10"]["value"] / doc["generated"]["ndcg@10"]["value"] - 1
         out.append(f"`slimmed@0.5` against unslimmed `generated`: {rel:+.2%} NDCG@10.")
@@ -53,13 +64,15 @@ def quality_section(doc: dict) -> str:
         diff = doc["int8"]["ndcg@10"]["value"] - doc["generated"]["ndcg@10"]["value"]
         out.append(f"int8 encoding against fp32 factors: {diff:+.5f} absolute NDCG@10.")
     out += ["", "Per seed (test split; paired differences bootstrapped over users):", ""]
-    cols = [v for v in ("static", "generated", "generated-static", "slimmed@0.5", "cold:generated-static")
-            if any(v in s for s in doc["seeds"].values())]
-    out.append("| seed | train s | static s | peak RSS MiB | " + " | ".join(f"{c} NDCG@10" for c in cols) + " |")
-    out.append("|---|---|---|---|" + "---|" * len(cols))
-    for seed, s in doc["seeds"].items():
-        out.append(f"| {seed} | {s['wall_seconds']:.0f} | {s['static_seconds']:.0f} | {s['peak_rss_mib']:.0f} | "
-                   + " | ".join(cell(s[c]["ndcg@10"]) if c in s else "" for c in cols) + " |")
+    cols = [v for v in ("static", "generated", "cloud", "generated-static", "gap_closed")
+            if any(v in s for s in doc["seeds"])]
+    out.append("| seed | train s | peak RSS MiB | " + " | ".join(f"{c} NDCG@10" for c in cols) + " |")
+    out.append("|---|---|---|" + "---|" * len(cols))
+    for s in doc["seeds"]:
+        d = s["details"]
+        out.append(f"| {s['seed']} | {d['wall_seconds']:.0f} | {d['peak_rss_mib']:.0f} | "
+                   + " | ".join(cell(s[c]["ndcg@10"], 2 if c == "gap_closed" else 4) if c in s else ""
+                                for c in cols) + " |")
     sizes = doc.get("sizes", {})
     if sizes:
         out += ["", "Sizes (trained bundle of the first seed):", "",
@@ -71,8 +84,12 @@ def quality_section(doc: dict) -> str:
                            f"{s['flops_per_user_101']:,} |")
         if "generator" in sizes:
             g = sizes["generator"]
+            if "cloud" in sizes:
+                c = sizes["cloud"]
+                out += ["", f"Cloud model: {c['parameters']:,} parameters, {c['flops_per_request_101']:,} FLOPs to "
+                        "score one full history x 101 (what serving every interaction from the cloud costs)."]
             out += ["", f"Generator: {g['parameters']:,} parameters ({g['trainable_parameters']:,} trained; the rest "
-                    f"is the device model's frozen item table), {g['flops_per_bundle']:,} FLOPs per bundle, "
+                    f"is its frozen copy of the cloud encoder), {g['flops_per_bundle']:,} FLOPs per bundle, "
                     f"{g['generated_parameters_per_device']:,} generated parameters per device.", "",
                     "| encoding | bytes per bundle | bytes per generated parameter | bytes with 0.5 masks |",
                     "|---|---|---|---|"]
@@ -80,9 +97,40 @@ def quality_section(doc: dict) -> str:
                 out.append(f"| {enc} | {b:.0f} | {sizes['bytes_per_generated_parameter'][enc]:.2f} | "
                            f"{sizes['bytes_per_bundle_with_masks@0.5'][enc]:.0f} |")
     cfg = meta["train_config"]
-    out += ["", f"Device model: {meta['device_config']}. Generator: {meta['generator_config']}. "
-            f"Training: {cfg}."]
+    out += ["", f"Device model: {meta['device_config']}. Cloud model: {meta.get('cloud_config')}. "
+            f"Generator: {meta['generator_config']}. Training: {cfg}."]
     return "\n".join(out) + "\n" + note(f"quality-{name}")
+
+
+def reference_section(doc: dict) -> str:
+    """Loss x protocol table of one `tools/bench_reference.py` run."""
+    out = [f"### {doc['dataset']}", "", f"Command: `{doc['meta']['command']}`", ""]
+    target = doc.get("target")
+    if target:
+        out += [f"Published reference (test, sampled protocol): HR@10 {target['hr@10']:.4f} / "
+                f"NDCG@10 {target['ndcg@10']:.4f}.", ""]
+    out += ["| loss | valid HR@10 | valid NDCG@10 | valid full NDCG@10 | test HR@10 [95% CI] | "
+            "test NDCG@10 [95% CI] | test full HR@10 | test full NDCG@10 [95% CI] | epochs (best) | s | "
+            "peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ci(r: dict, protocol: str, m: str) -> str:
+        lo, hi = r[protocol]["ci"][m]
+        return f"{r[protocol][m]:.4f} [{lo:.4f}, {hi:.4f}]"
+
+    for r in doc["losses"]:
+        v = r["valid"]
+        mark = " (best)" if r["loss"] == doc["best"] else ""
+        reach = " ✓" if r.get("reaches_target") else ""
+        out.append(f"| `{r['loss']}`{mark} | {v['sampled']['hr@10']:.4f} | {v['sampled']['ndcg@10']:.4f} | "
+                   f"{v['full']['ndcg@10']:.4f} | {ci(r, 'sampled', 'hr@10')}{reach} | {ci(r, 'sampled', 'ndcg@10')} | "
+                   f"{r['full']['hr@10']:.4f} | {ci(r, 'full', 'ndcg@10')} | {r['epochs']} ({r['best_epoch']}) | "
+                   f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+    sel = doc["selection"]
+    out += ["", f"Chosen on validation: **`{doc['best']}`** (rule: {sel['rule']}; qualifying: "
+            f"{', '.join(f'`{q}`' for q in sel['qualifying'])}). ✓ marks a test HR@10 and NDCG@10 at or above the "
+            "published reference's. Seconds are the wall time of `paramcast train` (validation included) at "
+            f"{doc['meta']['threads']} threads."]
+    return "\n".join(out) + "\n" + note(f"reference-{doc['dataset']}")
 
 
 def device_section(doc: dict) -> str:
@@ -136,6 +184,10 @@ def service_section(doc: dict) -> str:
                    f"{e.get('p50_ms', float('nan')):.2f} |")
     out += ["", f"- `batching_speedup` (concurrency 64, max batch 64 vs 1): **{doc['batching_speedup']:.2f}x**.",
             f"- `generate_vs_echo` (best concurrency): **{doc['generate_vs_echo']:.2f}**.",
+            *([f"- `service_vs_in_process` (concurrency 64 against the generator + codec alone at the service's "
+               f"mean batch of {doc['in_process']['batch']}, {doc['in_process']['bundles_per_s']:.0f} bundles/s, "
+               f"{doc['in_process']['generator_flops_per_bundle']:,} FLOPs per bundle): "
+               f"**{doc['service_vs_in_process']:.2f}**."] if "in_process" in doc else []),
             f"- Bytes per bundle: {doc['bytes_per_bundle']:.0f}.",
             f"- Soak: `soak_rss_growth` {doc['soak_rss_growth']:+.2%}, `soak_failed_calls` {doc['soak_failed_calls']}"
             + (f" over {doc['soak']['seconds']:.0f} s and {doc['soak']['calls']:,} calls." if "soak" in doc else ".")]
@@ -183,6 +235,21 @@ def scale_section(doc: dict) -> str:
             f"NDCG@10 1 process {train['quality']['1']:.4f}, 2 processes {train['quality']['2']:.4f}.",
             f"- Training commands: `{train['commands']['1']}` and `{train['commands']['2']}`."]
     return "\n".join(out) + "\n" + note("scale-out")
+
+
+def oracle_section(doc: dict, name: str) -> str:
+    out = [f"### {name}", "", f"Command: `{doc['command']}` ({doc['users']} validation users, {doc['steps']} Adam "
+           f"steps per fit). Static NDCG@10 {doc['static']['ndcg@10']:.4f}, cloud {doc['cloud']['ndcg@10']:.4f}.", "",
+           "| slot | rank | generated parameters | NDCG@10 | gap closed [95% CI] | NDCG@10 after int8 |",
+           "|---|---|---|---|---|---|"]
+    for r in doc["oracle"]:
+        lo, hi = r["gap_closed_ci"]
+        out.append(f"| {r['slot']} | {r['rank'] if r['rank'] is not None else '-'} | {r['parameters']} | "
+                   f"{r['ndcg@10']:.4f} | {r['gap_closed']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                   f"{r['int8_ndcg@10']:.4f} |" if "int8_ndcg@10" in r else
+                   f"| {r['slot']} | - | {r['parameters']} | {r['ndcg@10']:.4f} | {r['gap_closed']:.2f} "
+                   f"[{lo:.2f}, {hi:.2f}] | - |")
+    return "\n".join(out) + "\n" + note(f"oracle-{name}")
 
 
 def simulation_section(doc: dict, name: str) -> str:
@@ -257,12 +324,29 @@ def render() -> str:
              "absolute times are noisy; ratios are measured within one run).", note("summary")]
     quality = sorted(RESULTS.glob("quality-*.json"))
     if quality:
-        parts += ["## Quality (SASRec protocol: leave-one-out, 100 sampled negatives)", "",
-                  "`static` is the device model alone; `generated` adds a delta generated from the window ending at "
-                  "the evaluation point; `slimmed@k` also applies the generated subnet at keep ratio k; `stale@k` uses "
-                  "the delta generated k interactions earlier; `int8` is `generated` after the wire encoding; "
+        parts += ["## Quality (leave-one-out; 100 sampled negatives, and the full catalogue in `full:*` columns)", "",
+                  "`static` is the device model alone; `cloud` is the cloud model on the whole history (every "
+                  "interaction served by the cloud: the upper bound); `generated` adds a delta generated from the "
+                  "history ending at the evaluation point; `slimmed@k` also applies the generated subnet at keep "
+                  "ratio k; `stale@k` uses the delta generated k interactions earlier; `int8` is `generated` after "
+                  "the wire encoding; "
                   "`cold:*` are users held out of training entirely. Differences (`a-b`) are paired over users.", ""]
         parts += [quality_section(json.loads(p.read_text())) for p in quality]
+    oracle = sorted(RESULTS.glob("oracle-*.json"))
+    if oracle:
+        parts += ["## What the delta format can carry (oracle)", "",
+                  "Per-user factors fitted directly against the cloud model's next-item distribution on the device's "
+                  "own window (tools/bench_oracle.py; cloud/oracle.py); `gap closed` = (oracle - static) / "
+                  "(cloud - static) on the validation split.", ""]
+        parts += [oracle_section(json.loads(p.read_text()), p.stem.removeprefix("oracle-")) for p in oracle]
+    reference = sorted(RESULTS.glob("reference-*.json"))
+    if reference:
+        parts += ["## Training losses on both protocols (`paramcast train --preset sasrec-reference`)", "",
+                  "Sampled: the target among 100 unseen items sampled uniformly (SASRec's protocol). Full: the "
+                  "target among the whole catalogue, the user's other items excluded (`full:*` in "
+                  "`paramcast evaluate --protocol both`). Static device model, seed 42, every user in training.",
+                  note("reference")]
+        parts += [reference_section(json.loads(p.read_text())) for p in reference]
     sim = sorted(RESULTS.glob("simulation-*.json"))
     if sim:
         parts += ["## Request policies and simulation", ""]

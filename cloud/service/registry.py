@@ -59,6 +59,7 @@ class ModelRegistry:
         archive, vocabulary = _package_archive(ckpt, version, package_dir)
         generator = cast(Generator, ckpt.generator)  # Checkpoint types it as any nn.Module
         generator.to(self.torch_device).eval()
+        ckpt.device_model.to(self.torch_device).eval()  # the generator reads the device model's state per window
         served = ServedModel(
             model_id=ckpt.model_id,
             version=version,

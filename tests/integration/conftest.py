@@ -17,6 +17,7 @@ def trained_model(shared_data, tmp_path_factory) -> Path:
     import torch
 
     from paramcast.cloud.checkpoint import save_checkpoint
+    from paramcast.cloud.cloud_model import CloudModelConfig
     from paramcast.cloud.export import export_package
     from paramcast.cloud.model import DeviceModelConfig
     from paramcast.cloud.train import TrainConfig, train
@@ -29,7 +30,8 @@ def trained_model(shared_data, tmp_path_factory) -> Path:
         log, str(out),
         DeviceModelConfig(n_items=log.n_items, hidden=16, head_units=16, ffn_units=16, max_len=20),
         TrainConfig(epochs=1, gen_epochs=1, progress=False, threads=1),
-        {"window": 20, "width": 32, "n_layers": 1},
+        {"width": 32},
+        cloud_cfg=CloudModelConfig(n_items=log.n_items, hidden=16, n_blocks=1, ffn_units=16, max_len=30),
     )
     # One generator epoch may keep the zero-initialised B heads (early stopping keeps the best
     # weights, and B = 0 reproduces the static model); give them weight so every test below sees

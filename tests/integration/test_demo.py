@@ -21,6 +21,8 @@ def test_demo_trains_serves_and_reports_then_reuses_its_model(shared_data, tmp_p
     first = _demo(shared_data, tmp_path / "demo")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "[1/3] `paramcast train`" in first.stdout
+    assert "gain from fresh bundles (always - never): NDCG@10" in first.stdout
+    assert "bytes per device:" in first.stdout
     report_line = next(line for line in first.stdout.splitlines() if line.startswith("report: "))
     report = json.loads(Path(report_line.split(": ", 1)[1]).read_text())
     assert report["mode"] == "network" and report["network"]["started_server"]

@@ -9,7 +9,8 @@ from paramcast.common.data import load_interactions
 from paramcast.common.evaluation import (
     LeaveOneOut,
     bootstrap_ci,
-    full_ranking_scores,
+    full_ranking_metrics,
+    full_ranks,
     metrics_from_scores,
     paired_difference,
     sample_negatives,
@@ -87,9 +88,32 @@ def test_paired_difference_sees_a_consistent_small_gain():
     assert unpaired["ci"][0] < base.mean()  # unpaired intervals would overlap
 
 
-def test_full_ranking_excludes_seen_items_and_padding():
-    scores = np.array([[50.0, 10, 9, 3, 8]])  # items 0..4; the user saw 2 and 4; target 3
-    rows = full_ranking_scores(scores, np.array([3]), [np.array([2, 4, 3])])
-    m = metrics_from_scores(rows)
+def test_full_ranking_excludes_the_users_other_items_and_padding():
+    scores = np.array([[50.0, 10, 9, 3, 8],  # items 0..4; the user saw 2 and 4; target 3
+                       [0.0, 1, 5, 5, 2]])  # target 2 ties with unseen item 3
+    exclude = [np.array([2, 4, 3]), np.array([2])]
+    ranks = full_ranks(scores, np.array([3, 2]), exclude)
     # Padding (0) and seen items 2, 4 outscore the target but are excluded; unseen item 1 is not.
-    assert m["mrr"][0] == pytest.approx(1 / 2)
+    # A tie with an unseen item counts against the target.
+    assert ranks.tolist() == [1, 1]
+    assert full_ranks(scores, np.array([3, 2]), [np.array([], dtype=np.int64)] * 2).tolist() == [3, 1]
+    m = full_ranking_metrics(scores, np.array([3, 2]), exclude)
+    assert sorted(m) == ["full:hr@10", "full:mrr", "full:ndcg@10"]
+    assert m["full:mrr"].tolist() == pytest.approx([1 / 2, 1 / 2])
+    assert scores[0, 2] == 9  # the caller's scores are left as they were
+
+
+def test_gap_closed_is_the_share_of_the_cloud_lead_with_a_paired_interval():
+    from paramcast.common.evaluation import gap_closed
+
+    rng = np.random.default_rng(0)
+    static = {"ndcg@10": rng.random(500)}
+    cloud = {"ndcg@10": static["ndcg@10"] + 0.2 + 0.01 * rng.standard_normal(500)}
+    generated = {"ndcg@10": static["ndcg@10"] + 0.1 + 0.01 * rng.standard_normal(500)}
+    out = gap_closed(generated, static, cloud)["ndcg@10"]
+    assert abs(out["value"] - 0.5) < 0.01
+    lo, hi = out["ci"]
+    assert lo < out["value"] < hi and hi - lo < 0.05 and out["users"] == 500
+    # No cloud lead: the ratio has no meaning and says so with a non-finite interval or value.
+    flat = gap_closed(generated, static, {"ndcg@10": static["ndcg@10"].copy()})["ndcg@10"]
+    assert not np.isfinite(flat["value"])

@@ -8,15 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from paramcast.cloud.checkpoint import load_checkpoint, save_checkpoint
+from paramcast.cloud.bundles import generate_parameters
+from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.evaluate import evaluate
-from paramcast.cloud.generator import Generator, GeneratorConfig, window_batch
+from paramcast.cloud.generator import build_generator
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
 from paramcast.cloud.train import TrainConfig, split_users, train
 from paramcast.common.data import load_interactions
 
 TINY = dict(hidden=16, head_units=16, ffn_units=12, max_len=20, n_heads=2)
-TINY_GEN = {"window": 20, "width": 32, "n_layers": 1, "rank": 2}
+TINY_GEN = {"width": 32, "rank": 2}
+TINY_CLOUD = dict(hidden=16, n_blocks=1, n_heads=2, ffn_units=16, max_len=30)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,8 @@ def ml100k(shared_data):
 def tiny_checkpoint(ml100k):
     torch.set_num_threads(1)
     cfg = TrainConfig(epochs=2, gen_epochs=2, progress=False, threads=1, seed=5)
-    return train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN)
+    return train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN,
+                 cloud_cfg=CloudModelConfig(n_items=ml100k.n_items, **TINY_CLOUD))
 
 
 def test_trimmed_padding_computes_the_same_scores(ml100k):
@@ -57,28 +61,60 @@ def test_slimmed_model_equals_masked_model_and_is_smaller(ml100k):
     assert small.head_up.weight.shape == (16, 8)
 
 
-def test_untrained_generator_reproduces_the_static_model(ml100k):
+def tiny_models(ml100k) -> tuple[DeviceModel, CloudModel]:
+    torch.manual_seed(0)
     model = DeviceModel(DeviceModelConfig(n_items=ml100k.n_items, **TINY)).eval()
-    gen = Generator(GeneratorConfig(n_items=ml100k.n_items, slot_shapes=model.slot_shapes(),
-                                    unit_groups=model.unit_groups(), **TINY_GEN)).eval()
+    cloud = CloudModel.for_data(CloudModelConfig(n_items=ml100k.n_items, **TINY_CLOUD), ml100k.item_features).eval()
+    return model, cloud
+
+
+def test_untrained_generator_reproduces_the_static_model(ml100k):
+    model, cloud = tiny_models(ml100k)
+    ckpt = Checkpoint("tiny", model, build_generator(model, cloud, **TINY_GEN).eval())
     hist = [ml100k.sequences[u] for u in range(5)]
-    out = gen(window_batch(hist, 20))
+    adapters, masks = generate_parameters(ckpt, hist, 0.25)
     cand = torch.randint(1, ml100k.n_items + 1, (5, 7))
-    assert out.adapters["head.up"][0].shape == (5, 16, 2) and out.adapters["head.up"][1].shape == (5, 2, 16)
-    torch.testing.assert_close(model.score(left_pad(hist, 20), cand, out.adapters),
-                               model.score(left_pad(hist, 20), cand))
-    masks = out.masks(0.25)
+    assert adapters["head.up"][0].shape == (5, 16, 2) and adapters["head.up"][1].shape == (5, 2, 16)
+    torch.testing.assert_close(model.score(left_pad(hist, 20), cand, adapters), model.score(left_pad(hist, 20), cand))
+    assert masks is not None
     assert all(m.sum(-1).eq(round(0.25 * m.shape[-1])).all() for m in masks.values())
 
 
 def test_generator_does_not_depend_on_user_identity(ml100k):
     """Two users with the same window get the same delta: conditioning is on the sample only."""
-    model = DeviceModel(DeviceModelConfig(n_items=ml100k.n_items, **TINY))
-    gen = Generator(GeneratorConfig(n_items=ml100k.n_items, slot_shapes=model.slot_shapes(),
-                                    unit_groups=model.unit_groups(), **TINY_GEN)).eval()
+    model, cloud = tiny_models(ml100k)
+    ckpt = Checkpoint("tiny", model, build_generator(model, cloud, **TINY_GEN).eval())
     w = ml100k.sequences[0][:10]
-    a = gen(window_batch([w, ml100k.sequences[1], w], 20))
-    torch.testing.assert_close(a.adapters["head.down"][0][0], a.adapters["head.down"][0][2])
+    adapters, _ = generate_parameters(ckpt, [w, ml100k.sequences[1], w])
+    torch.testing.assert_close(adapters["head.down"][0][0], adapters["head.down"][0][2])
+
+
+def test_generator_reads_the_long_history_the_device_model_cannot(ml100k):
+    """Windows that agree on the device's last max_len items but differ before them get different
+    deltas: the cloud encoder sees what the device's window has already dropped."""
+    model, cloud = tiny_models(ml100k)
+    gen = build_generator(model, cloud, **TINY_GEN).eval()
+    with torch.no_grad():
+        for head in gen.b_heads.values():
+            head.weight.normal_(0, 0.05)
+    ckpt = Checkpoint("tiny", model, gen)
+    seq = ml100k.sequences[0]
+    a, b = seq[:30].copy(), seq[:30].copy()
+    b[:5] = ml100k.sequences[1][:5]  # differs only outside the device's 20-item window
+    adapters, _ = generate_parameters(ckpt, [a, b])
+    assert not torch.allclose(adapters["head.down"][1][0], adapters["head.down"][1][1])
+
+
+def test_cloud_model_uses_item_side_features(ml100k):
+    """Two items with the same embedding but different genres get different vectors."""
+    _, cloud = tiny_models(ml100k)
+    genres = ml100k.item_features["genres"]
+    i, j = 1, next(j for j in range(2, ml100k.n_items + 1) if (genres[j] != genres[1]).any())
+    with torch.no_grad():
+        cloud.item_emb.weight[j] = cloud.item_emb.weight[i]
+    v = cloud.item_vectors(torch.tensor([i, j]))
+    assert cloud.cfg.features["genres"] == [int(genres.sum(1).max()), 19]
+    assert not torch.allclose(v[0], v[1])
 
 
 def test_cold_users_are_held_out_of_training(ml100k):
@@ -89,7 +125,8 @@ def test_cold_users_are_held_out_of_training(ml100k):
 
 def test_training_is_reproducible_for_a_seed(ml100k, tiny_checkpoint):
     cfg = TrainConfig(epochs=2, gen_epochs=2, progress=False, threads=1, seed=5)
-    again = train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN)
+    again = train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN,
+                  cloud_cfg=CloudModelConfig(n_items=ml100k.n_items, **TINY_CLOUD))
     assert again.base_version == tiny_checkpoint.base_version
     reference = tiny_checkpoint.generator.state_dict()
     for k, a in again.generator.state_dict().items():
@@ -140,13 +177,33 @@ def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):
     out = tmp_path / "m"
     assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), "--epochs", "1",
                  "--gen-epochs", "1", "--hidden", "16", "--head-units", "16", "--ffn-units", "16", "--max-len", "20",
-                 "--window", "20", "--gen-width", "32", "--gen-layers", "1", "--threads", "1", "--no-progress"]) == 0
+                 "--window", "30", "--cloud-hidden", "16", "--cloud-blocks", "1", "--cloud-ffn-units", "16",
+                 "--gen-width", "32", "--threads", "1", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["generated_parameters_per_device"] == 4 * (16 + 16) * 2
+    assert summary["cloud_flops_per_request"] > 0 and summary["cloud_parameters"] > 0
     assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "ml-100k"), "--json",
-                 "--variants", "static,generated"]) == 0
+                 "--variants", "static,generated,cloud,oracle"]) == 0
     report = json.loads(capsys.readouterr().out)
+    for key in ("cloud", "cloud-static", "gap_closed", "oracle"):
+        assert np.isfinite(report[key]["ndcg@10"]["value"]), key
     assert 0.0 <= report["static"]["hr@10"]["value"] <= 1.0
     assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "amazon-beauty")]) == 2
     assert "items" in capsys.readouterr().err
     assert np.isfinite(report["generated-static"]["ndcg@10"]["value"])
+
+
+def test_generator_retrained_from_a_checkpoint_keeps_the_base_version(tmp_path, ml100k, tiny_checkpoint):
+    """`--start DIR --stages generator`: the device and cloud models are kept as they are, so devices
+    holding the package stay valid, and only the generator is trained again."""
+    save_checkpoint(tiny_checkpoint, tmp_path / "base")
+    start = load_checkpoint(tmp_path / "base")
+    cfg = TrainConfig(epochs=1, gen_epochs=1, progress=False, threads=1, seed=9)
+    again = train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN,
+                  stages=("generator",), start=start)
+    assert again.base_version == tiny_checkpoint.base_version
+    assert again.cloud_model is start.cloud_model
+    assert set(again.meta["history"]) >= {"static", "cloud", "generator"}
+    with pytest.raises(ValueError, match="cloud"):
+        train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN,
+              stages=("generator",), start=Checkpoint("x", start.device_model))

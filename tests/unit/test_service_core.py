@@ -19,7 +19,8 @@ from device_fixtures import RANK, tiny_checkpoint, tiny_package
 
 from paramcast.cloud.bundles import generate_bundles
 from paramcast.cloud.checkpoint import Checkpoint
-from paramcast.cloud.generator import Generator, GeneratorConfig
+from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
+from paramcast.cloud.generator import build_generator
 from paramcast.cloud.service.auth import RateLimiter, TokenAuth
 from paramcast.cloud.service.batcher import MicroBatcher
 from paramcast.cloud.service.core import GenerateCall, Limits, ServiceCore
@@ -51,8 +52,9 @@ def with_generator(ckpt: Checkpoint, seed: int = 0) -> Checkpoint:
     """The bundle plus a random generator whose B heads are non-zero (so deltas are not trivially 0)."""
     torch.manual_seed(seed)
     model = ckpt.device_model
-    gen = Generator(GeneratorConfig(n_items=model.cfg.n_items, slot_shapes=model.slot_shapes(),
-                                    unit_groups=model.unit_groups(), window=WINDOW, width=16, n_layers=1, rank=RANK))
+    cloud = CloudModel(CloudModelConfig(n_items=model.cfg.n_items, hidden=16, n_blocks=1, ffn_units=16,
+                                        max_len=WINDOW))
+    gen = build_generator(model, cloud, width=16, rank=RANK)
     with torch.no_grad():
         for head in gen.b_heads.values():
             head.weight.normal_(0, 0.05)
@@ -502,7 +504,8 @@ def test_a_failing_batch_fails_each_of_its_callers_and_the_batcher_goes_on():
 
 
 def test_full_queue_and_closed_batcher_refuse_work():
-    compute = Recorder(seconds=0.05)
+    # Item 0 must still be computing when the batcher closes, however slow the machine is.
+    compute = Recorder(seconds=5.0)
 
     async def main():
         batcher = MicroBatcher(compute, max_batch=1, max_delay_s=0.0, max_queue=2)

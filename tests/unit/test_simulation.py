@@ -11,7 +11,8 @@ import torch
 
 from paramcast.cloud.bundles import generate_bundles, generate_parameters
 from paramcast.cloud.checkpoint import Checkpoint, save_checkpoint
-from paramcast.cloud.generator import Generator, GeneratorConfig
+from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
+from paramcast.cloud.generator import build_generator
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
 from paramcast.common.evaluation import metrics_from_scores
 from paramcast.common.interactions import InteractionLog
@@ -44,8 +45,8 @@ def ckpt(data) -> Checkpoint:
     torch.manual_seed(0)
     model = DeviceModel(DeviceModelConfig(n_items=N_ITEMS, hidden=8, ffn_units=8, head_units=8, max_len=12,
                                           dropout=0.0)).eval()
-    gen = Generator(GeneratorConfig(n_items=N_ITEMS, slot_shapes=model.slot_shapes(), unit_groups=model.unit_groups(),
-                                    window=12, width=16, n_layers=1, rank=2, dropout=0.0)).eval()
+    cloud = CloudModel(CloudModelConfig(n_items=N_ITEMS, hidden=8, n_blocks=1, ffn_units=8, max_len=16, dropout=0.0))
+    gen = build_generator(model, cloud, width=16, rank=2, dropout=0.0).eval()
     with torch.no_grad():  # untrained B heads are zero (the static model); give deltas that change scores
         for head in gen.b_heads.values():
             head.weight.normal_(0, 0.5)
@@ -302,6 +303,24 @@ def test_simulate_command_reports_bad_policies(ckpt, tmp_path, capsys, data):
     pairs.write_text("".join(f"{u + 1} {i}\n" for u, seq in enumerate(data.sequences) for i in seq))
     assert main(["simulate", "--model", str(model_dir), "--data", str(pairs), "--policy", "drift:speed=1"]) == 2
     assert "no parameter 'speed'" in capsys.readouterr().err
+
+
+def test_headline_states_gain_gate_share_and_bytes():
+    from paramcast.simulation.report import headline
+
+    ci = lambda v, lo, hi: {"value": v, "ci": [lo, hi]}  # noqa: E731
+    report = {
+        "paired": [{"a": "always", "b": "never", "ndcg@10": ci(0.02, 0.01, 0.03)}],
+        "bars": {"evaluated": True, "gate": "loss:rate=0.1", "request_rate": 0.1, "gain_kept": ci(0.93, 0.8, 1.05)},
+        "policies": [{"name": "always", "bytes_per_device": 10_000},
+                     {"name": "loss:rate=0.1", "bytes_per_device": 1_000}],
+    }
+    lines = headline(report)
+    assert lines[0].startswith("gain from fresh bundles (always - never): NDCG@10 0.0200 [0.0100, 0.0300]")
+    assert "keeps 93% [80%, 105%]" in lines[1] and "(10.0%)" in lines[2]
+    report["paired"][0]["ndcg@10"] = ci(0.001, -0.002, 0.004)
+    lines = headline(report)
+    assert "not shown" in lines[0] and not any("keeps" in line for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------- shards

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from paramcast.cloud.export import export_package
     from paramcast.common.data import load_interactions
     from paramcast.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
-    from paramcast.simulation.report import plot, table, write_json
+    from paramcast.simulation.report import headline, plot, table, write_json
 
     t0 = time.perf_counter()
     if args.threads:
@@ -136,4 +136,7 @@ def run(args: argparse.Namespace) -> int:
     for f in files:
         print(f"plot:   {f}")
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    print()
+    for line in headline(report):
+        print(line)
     return 0

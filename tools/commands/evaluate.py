@@ -1,4 +1,4 @@
-"""`paramcast evaluate`: test metrics of every model variant under the SASRec protocol, with 95% CIs."""
+"""`paramcast evaluate`: test metrics of every model variant, sampled and/or full-catalogue ranking, with 95% CIs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 
 from paramcast.common.data import FORMATS, load_interactions
+from paramcast.common.evaluation import FULL_PREFIX, METRICS, PROTOCOLS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS)
     p.add_argument("--variants", help="comma list (default: all the bundle supports), e.g. static,generated,stale@5")
     p.add_argument("--stage", default="test", choices=("test", "valid"))
-    p.add_argument("--full-ranking", action="store_true", help="rank against the whole catalogue, not 100 negatives")
+    p.add_argument("--protocol", default="sampled", choices=PROTOCOLS,
+                   help="sampled: the target among 100 sampled unseen items (SASRec's); full: among the whole "
+                        "catalogue, the user's other items excluded (metrics full:*); both")
+    p.add_argument("--full-ranking", action="store_const", const="full", dest="protocol",
+                   help="the same as --protocol full")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives and the bootstrap")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="also write the JSON report to this file")
@@ -30,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.model)
     data = load_interactions(args.data, format=args.format)
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    report = evaluate(ckpt, data, variants, stage=args.stage, seed=args.seed, full=args.full_ranking)
+    report = evaluate(ckpt, data, variants, stage=args.stage, seed=args.seed, protocol=args.protocol)
     text = json.dumps(report, indent=2)
     if args.out:
         with open(args.out, "w") as f:
@@ -39,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def table(report: dict, metrics: tuple[str, ...] = ("hr@10", "ndcg@10", "mrr", "auc")) -> str:
+def table(report: dict) -> str:
+    present = {m for ms in report.values() for m in ms}
+    metrics = [m for m in (*METRICS, *(FULL_PREFIX + m for m in METRICS)) if m in present]
     rows = [f"{'variant':<24}" + "".join(f"{m:>26}" for m in metrics)]
     for variant, ms in report.items():
         cells = []

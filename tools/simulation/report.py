@@ -79,6 +79,32 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(report: dict) -> list[str]:
+    """The product's claim in three lines: what fresh bundles gain, how much of it the gate selected
+    on validation keeps at a 10% budget, and what that costs a device in bytes against `always`."""
+    fresh = next((d for d in report.get("paired", []) if d["a"] == "always" and d["b"] == "never"), None)
+    if fresh is None:
+        return []
+    significant = fresh["ndcg@10"]["ci"][0] > 0
+    lines = [f"gain from fresh bundles (always - never): NDCG@10 {_ci(fresh['ndcg@10'])}"
+             + ("" if significant else " - not shown (the CI includes zero)")]
+    bars = report.get("bars", {})
+    by_name = {p["name"]: p for p in report["policies"]}
+    always = by_name.get("always")
+    gate = by_name.get(bars.get("gate", "")) if bars.get("evaluated") else None
+    if gate is not None and "gain_kept" in bars and significant:
+        lines.append(f"the gate ({bars['gate']}, {bars['request_rate']:.1%} of steps) keeps "
+                     f"{bars['gain_kept']['value']:.0%} [{bars['gain_kept']['ci'][0]:.0%}, "
+                     f"{bars['gain_kept']['ci'][1]:.0%}] of it")
+    if always is not None and gate is not None and always["bytes_per_device"] > 0:
+        lines.append(f"bytes per device: {gate['bytes_per_device']:,.0f} with the gate, "
+                     f"{always['bytes_per_device']:,.0f} with always "
+                     f"({gate['bytes_per_device'] / always['bytes_per_device']:.1%})")
+    elif always is not None:
+        lines.append(f"bytes per device: {always['bytes_per_device']:,.0f} with always (no gate ran at a 10% budget)")
+    return lines
+
+
 def write_json(report: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,66 @@
+"""The oracle delta: per-user factors fitted directly against the cloud model's next-item distribution.
+
+It answers what the delta format can carry at all, whatever the generator: for each history the
+factors of the chosen slots at rank r are optimised, by gradient descent on the frozen device
+model, so that the device with that delta ranks the catalogue as the cloud model does (KL over the
+catalogue; the true next item is never used). `paramcast evaluate --variants ...,oracle` scores it
+beside `generated`; tools/bench_oracle.py sweeps slots and ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from paramcast.cloud.cloud_model import CloudModel
+from paramcast.cloud.model import Adapters, DeviceModel, left_pad
+
+
+def cloud_log_probs(cloud: CloudModel, histories: list) -> torch.Tensor:
+    """(U, n_items) log-probabilities of the cloud model's next item after each history."""
+    with torch.no_grad():
+        state = cloud.encode(left_pad(histories, cloud.cfg.max_len, trim=True))[:, -1]  # (U, D)
+        return F.log_softmax((state @ cloud.output_table().T)[:, 1:], dim=-1)
+
+
+def fit_oracle(model: DeviceModel, seq: torch.Tensor, teacher_logp: torch.Tensor, slots: list[str], rank: int,
+               steps: int = 300, lr: float = 0.05, seed: int = 0) -> Adapters:
+    """Per-user factors (U users at once; each user's delta is its own) minimising KL(teacher || device)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = model.slot_shapes()
+    U = seq.shape[0]
+    params = {}
+    for slot in slots:
+        d_in, d_out = shapes[slot]
+        a = (torch.randn(U, d_in, rank, generator=gen) / d_in**0.5).requires_grad_()  # (U, d_in, r)
+        b = torch.zeros(U, rank, d_out).requires_grad_()  # (U, r, d_out): starts at the static model
+        params[slot] = (a, b)
+    opt = torch.optim.Adam([t for pair in params.values() for t in pair], lr=lr)
+    with torch.no_grad():
+        backbone = model.encode(seq)  # the backbone is untouched by head deltas: run it once
+    table = model.output_table()
+    for _ in range(steps):
+        user = model.head(backbone, params)[:, -1]  # (U, d)
+        logp = F.log_softmax((user @ table.T)[:, 1:], dim=-1)
+        loss = F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {slot: (a.detach(), b.detach()) for slot, (a, b) in params.items()}
+
+
+def fit_state_offset(model: DeviceModel, seq: torch.Tensor, teacher_logp: torch.Tensor, steps: int = 300,
+                     lr: float = 0.05) -> torch.Tensor:
+    """Per-user (U, d) vector added to the device's user state, fitted the same way."""
+    with torch.no_grad():
+        base = model.user_states(seq)[:, -1]  # (U, d)
+    offset = torch.zeros_like(base).requires_grad_()
+    opt = torch.optim.Adam([offset], lr=lr)
+    table = model.output_table()
+    for _ in range(steps):
+        logp = F.log_softmax(((base + offset) @ table.T)[:, 1:], dim=-1)
+        loss = F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return offset.detach()

@@ -1,0 +1,103 @@
+"""Training loop and presets: early stopping in epochs keeps the best weights; the preset follows a rule."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from paramcast.cloud.model import DeviceModelConfig
+from paramcast.cloud.presets import DENSE_MEDIAN_LENGTH, preset, sequence_regime
+from paramcast.cloud.train import TrainConfig, Trainer
+from paramcast.common.data import load_interactions
+from paramcast.common.interactions import InteractionLog
+
+TINY = dict(hidden=16, head_units=16, ffn_units=12, max_len=20, n_heads=2)
+
+
+@pytest.fixture(scope="module")
+def ml100k(shared_data):
+    return load_interactions(shared_data / "ml-100k")
+
+
+def log_of(name: str, lengths: list[int], n_items: int = 500) -> InteractionLog:
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, n_items + 1, size=n) for n in lengths]
+    return InteractionLog(name, seqs, n_items, [str(i) for i in range(len(seqs))],
+                          [""] + [str(i) for i in range(1, n_items + 1)])
+
+
+def test_preset_follows_the_median_sequence_length_not_the_dataset_name(ml100k):
+    assert sequence_regime(ml100k)["dense"] and preset("sasrec-reference", ml100k)[0]["max_len"] == 200
+    short = log_of("ml-100k", [5, 6, 6, 7, 40])  # named like the dense log, but sparse
+    model, training = preset("sasrec-reference", short)
+    assert (model["max_len"], model["dropout"]) == (50, 0.5)
+    long = log_of("amazon-beauty", [DENSE_MEDIAN_LENGTH] * 3 + [3, 4])
+    model, _ = preset("sasrec-reference", long)
+    assert (model["max_len"], model["dropout"]) == (200, 0.2)
+    assert (model["hidden"], model["n_blocks"], model["n_heads"]) == (50, 2, 1)
+    assert {k: training[k] for k in ("lr", "batch_size", "cold_fraction", "slim_train_prob")} == {
+        "lr": 1e-3, "batch_size": 128, "cold_fraction": 0.0, "slim_train_prob": 0.0}
+    assert training["patience"] > training["eval_every"]  # patience counts epochs, several validations
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("bert4rec", short)
+
+
+def test_early_stopping_counts_epochs_and_keeps_the_best_weights(ml100k):
+    data = InteractionLog("part", ml100k.sequences[:60], ml100k.n_items, ml100k.user_raw_ids[:60],
+                          ml100k.item_raw_ids)
+    scripted = iter([0.10, 0.30, 0.20, 0.25, 0.90])  # validations at epochs 2, 4, 6, 8 (10 never runs)
+    seen: list[dict] = []
+
+    def evaluator(ckpt, data, users, stage, variants, protocol):
+        assert stage == "valid" and protocol == "both"
+        seen.append(copy.deepcopy(ckpt.device_model.state_dict()))
+        score = next(scripted)
+        return {v: {"ndcg@10": np.full(len(users), score), "full:ndcg@10": np.full(len(users), score / 10)}
+                for v in variants}
+
+    cfg = TrainConfig(epochs=40, patience=4, eval_every=2, progress=False, threads=1, seed=3, loss="bce",
+                      cold_fraction=0.0)
+    trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {}, cfg, evaluator)
+    model = trainer.train_static()
+    history = trainer.history["static"]
+    assert len(history) == 8 and len(seen) == 4  # stopped 4 epochs after the best (epoch 4)
+    assert [h["epoch"] for h in history if "valid_ndcg@10" in h] == [2, 4, 6, 8]
+    assert history[3]["valid_full:ndcg@10"] == pytest.approx(0.03)
+    assert trainer.best_epoch["static"] == 4
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, seen[1][name])  # the epoch-4 weights, not the last ones
+    assert any(not torch.equal(seen[1][n], seen[3][n]) for n in seen[1])  # training did move on
+
+
+def test_preset_cli_lets_explicit_flags_win_and_evaluate_reports_both_protocols(tmp_path, shared_data, capsys):
+    from paramcast.cli import main
+    from paramcast.cloud.presets import DEFAULT_LOSS
+
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), "--preset", "sasrec-reference",
+                 "--stages", "static", "--epochs", "1", "--hidden", "16", "--ffn-units", "16", "--head-units", "16",
+                 "--max-len", "20", "--threads", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    meta = json.loads((out / "checkpoint.json").read_text())
+    cfg = meta["device_config"]
+    assert (cfg["hidden"], cfg["max_len"]) == (16, 20)  # explicit flags
+    assert (cfg["n_blocks"], cfg["n_heads"], cfg["dropout"]) == (2, 1, 0.2)  # the preset, dense rule
+    train_cfg = meta["meta"]["train_config"]
+    assert (train_cfg["cold_fraction"], train_cfg["slim_train_prob"], train_cfg["lr"]) == (0.0, 0.0, 1e-3)
+    assert meta["meta"]["split"]["cold_users"] == []
+    assert meta["meta"]["loss"]["name"] == DEFAULT_LOSS  # the validated default when --loss is not given
+    assert meta["meta"]["preset"]["rule"]["dense"] is True
+
+    def report(*extra: str) -> dict:
+        assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "ml-100k"), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["static"]
+
+    sampled, both, full = report(), report("--protocol", "both"), report("--full-ranking")
+    assert set(both) == set(sampled) | {"full:hr@10", "full:ndcg@10", "full:mrr"}
+    assert both["ndcg@10"] == sampled["ndcg@10"]
+    assert set(full) == {"full:hr@10", "full:ndcg@10", "full:mrr"} and full["full:mrr"] == both["full:mrr"]
+    assert both["full:ndcg@10"]["value"] < both["ndcg@10"]["value"]  # the whole catalogue is harder than 100
