@@ -145,7 +145,7 @@ class Trainer:
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
         self.dist = distributed.context(cfg.device)  # distributed: a world of one outside torchrun
         self.torch_device = self.dist.torch_device(resolve_device(cfg.device))
-        self.threads = resolve_threads(cfg.threads)
+        self.threads = resolve_threads(self.dist.threads(cfg.threads))  # distributed: a share of the cores
         self.loss_cfg = cfg.loss_config(data.n_items)
         seed_everything(cfg.seed)
         self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
