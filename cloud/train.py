@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from paramcast.cloud import distributed
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.generator import KEEP_RATIOS, Generator, build_generator, window_batch
@@ -142,7 +143,8 @@ class Trainer:
     def __init__(self, data: InteractionLog, model_cfg: DeviceModelConfig, gen_cfg: dict, cfg: TrainConfig,
                  evaluator):
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
-        self.torch_device = resolve_device(cfg.device)
+        self.dist = distributed.context(cfg.device)  # distributed: a world of one outside torchrun
+        self.torch_device = self.dist.torch_device(resolve_device(cfg.device))
         self.threads = resolve_threads(cfg.threads)
         self.loss_cfg = cfg.loss_config(data.n_items)
         seed_everything(cfg.seed)
@@ -157,8 +159,8 @@ class Trainer:
             self.valid_users = np.sort(rng.choice(self.valid_users, cfg.valid_users, replace=False))
         # (checkpoint, data, users, stage, variants, protocol=) -> {variant: per-user metrics}
         self.evaluator = evaluator
-        self.rng = np.random.default_rng(cfg.seed)
-        self.torch_gen = torch.Generator().manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(self.dist.rank_seed(cfg.seed))  # distributed: per-rank steps
+        self.torch_gen = torch.Generator().manual_seed(self.dist.rank_seed(cfg.seed))
         # Negatives are drawn on the device that uses them.
         self.negatives_gen = torch.Generator(device=self.torch_device).manual_seed(cfg.seed + 1)
         self.history: dict[str, list] = {"static": [], "cloud": [], "generator": []}
@@ -171,14 +173,16 @@ class Trainer:
         sequences then pad to their own length instead of max_len (most of a sparse log's batch
         would otherwise be padding)."""
         lengths = np.array([len(s) for s in seqs])
-        order = self.rng.permutation(len(seqs))
+        rng = self.dist.shared_rng(self.rng)  # distributed: every rank shuffles alike, then takes its share
+        bs = self.dist.local_batch_size(bs)
+        order = rng.permutation(len(seqs))
         chunk = 32 * bs
         batches: list[np.ndarray] = []
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]
             part = part[np.argsort(lengths[part], kind="stable")]
             batches.extend(part[i:i + bs] for i in range(0, len(part), bs))
-        return [batches[i] for i in self.rng.permutation(len(batches))]
+        return self.dist.shard([batches[i] for i in rng.permutation(len(batches))])
 
     def _sequence_batches(self, seqs: list[np.ndarray], max_len: int, batch_size: int):
         for idx in self._batch_order(seqs, batch_size):
@@ -202,8 +206,11 @@ class Trainer:
         for epoch in range(1, epochs + 1):
             train_modes(True)
             t0, total = time.perf_counter(), 0.0
-            bar = tqdm(batches(), total=n_batches, desc=f"{stage} epoch {epoch}", disable=not cfg.progress, leave=False)
+            bar = tqdm(batches(), total=n_batches, desc=f"{stage} epoch {epoch}",
+                       disable=not (cfg.progress and self.dist.is_writer), leave=False)
+            steps = 0
             for batch in bar:
+                steps += 1
                 loss = step(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -211,7 +218,8 @@ class Trainer:
                 total += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             train_modes(False)
-            record: dict = {"epoch": epoch, "loss": total / n_batches, "train_seconds": time.perf_counter() - t0}
+            epoch_loss = self.dist.mean(total / max(steps, 1))  # distributed: averaged over ranks
+            record: dict = {"epoch": epoch, "loss": epoch_loss, "train_seconds": time.perf_counter() - t0}
             if epoch % every == 0 or epoch == epochs:
                 scores = validate()
                 record.update({f"valid_{k}": v for k, v in scores.items() if k != "select"})
@@ -246,8 +254,9 @@ class Trainer:
                                  self.negatives_gen)
 
         protocol = "both" if cfg.valid_full else cfg.select
+        ddp_step = self.dist.data_parallel(step, model)  # distributed: gradients averaged across ranks
         self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
-                  -(-len(seqs) // batch_size), step, cfg.epochs, cfg.patience,
+                  -(-len(seqs) // batch_size), ddp_step, cfg.epochs, cfg.patience,
                   lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every)
 
     def train_static(self) -> DeviceModel:
@@ -342,8 +351,10 @@ class Trainer:
             model.train(on and cfg.joint)
 
         train_modes(False)
+        ddp_step = self.dist.data_parallel(step, gen, model, sometimes_unused=True)  # distributed: averaged gradients
         self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window, cloud.cfg.max_len),
-                  -(-len(self.train_seqs) * cfg.gen_cuts // cfg.gen_batch_size), step, cfg.gen_epochs, cfg.gen_patience,
+                  -(-len(self.train_seqs) * cfg.gen_cuts // cfg.gen_batch_size), ddp_step, cfg.gen_epochs,
+                  cfg.gen_patience,
                   lambda: self._validate(Checkpoint("train", model, gen, cloud_model=cloud), selection, cfg.select),
                   train_modes)
         model.requires_grad_(True)
@@ -353,11 +364,15 @@ class Trainer:
     def _validate(self, ckpt: Checkpoint, variants: list[str], protocol: str) -> dict[str, float]:
         """Validation NDCG@10 per protocol (averaged over `variants`, each over the validation users),
         and under "select" the one early stopping maximises."""
-        per_variant = self.evaluator(ckpt, self.data, self.valid_users, "valid", variants, protocol=protocol)
+        users = self.valid_users
+        if self.dist.enabled and len(users) >= self.dist.world:  # distributed: each rank scores its share
+            users = np.asarray(self.dist.shard(users))
+        per_variant = self.evaluator(ckpt, self.data, users, "valid", variants, protocol=protocol)
         scores = {}
         for name, metric in (("ndcg@10", "ndcg@10"), ("full:ndcg@10", FULL_PREFIX + "ndcg@10")):
             if metric in per_variant[variants[0]]:
-                scores[name] = float(np.mean([np.mean(per_variant[v][metric]) for v in variants]))
+                # distributed: means over every rank's users, so all ranks see the same score
+                scores[name] = float(np.mean(self.dist.means([per_variant[v][metric] for v in variants])))
         scores["select"] = scores["full:ndcg@10" if self.cfg.select == "full" else "ndcg@10"]
         return scores
 
@@ -411,6 +426,9 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
         "torch_threads": trainer.threads,
         "cpu_count": os.cpu_count(),
     }
+    if trainer.dist.enabled:  # distributed: the job's shape, and proof that the ranks ended equal
+        trainer.dist.check_in_sync(*(m for m in (model, cloud, gen) if m is not None))
+        meta["distributed"] = trainer.dist.describe()
     model_id = f"sasrec-{data.name}"
     return Checkpoint(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta,
                        cloud.cpu() if cloud is not None else None)

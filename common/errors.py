@@ -82,7 +82,11 @@ class DeadlineExpired(ParamCastError):
     """The call's deadline passed while it waited for the generator; it was dropped before compute."""
 
 
-class ShuttingDown(ParamCastError):
+class Unavailable(ParamCastError):
+    """The service cannot answer this call now (a part of it is restarting or draining); safe to retry."""
+
+
+class ShuttingDown(Unavailable):
     """The server is draining and accepts no new work."""
 
 

@@ -29,8 +29,8 @@ from paramcast.common.errors import (
     PermissionDenied,
     RateLimited,
     RemoteError,
-    ShuttingDown,
     Unauthenticated,
+    Unavailable,
     VersionMismatch,
 )
 
@@ -62,7 +62,7 @@ _TABLE: tuple[tuple[type[BaseException], StatusCode, Callable[[str, Metadata], P
     (PermissionDenied, StatusCode.PERMISSION_DENIED, lambda m, _: PermissionDenied(m)),
     (RateLimited, StatusCode.RESOURCE_EXHAUSTED, _rate_limited),
     (DeadlineExpired, StatusCode.DEADLINE_EXCEEDED, _unavailable(StatusCode.DEADLINE_EXCEEDED)),
-    (ShuttingDown, StatusCode.UNAVAILABLE, _unavailable(StatusCode.UNAVAILABLE)),
+    (Unavailable, StatusCode.UNAVAILABLE, _unavailable(StatusCode.UNAVAILABLE)),
 )
 _FROM_STATUS = {code: make for _, code, make in _TABLE} | {StatusCode.CANCELLED: _unavailable(StatusCode.CANCELLED)}
 # Errors that mean the server itself is broken (e.g. a package file that no longer verifies):

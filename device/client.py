@@ -11,11 +11,13 @@
 `AsyncParamClient` is the client; `ParamClient` is the same client for blocking callers, run on an
 event loop of its own in a background thread. One client holds one channel for its whole life
 (connections, TLS sessions and HTTP/2 streams are reused), and any number of devices may share it:
-`device_id` and `token` can be given per call. Each call has a deadline. Transient failures
-(UNAVAILABLE: the server restarting, a connection reset) are retried by gRPC itself with
-exponential backoff and jitter, configured in the channel's service config (`service_config()`),
-so every gRPC stack that reads the same JSON behaves alike. A download that breaks mid-stream
-resumes from the bytes already verified and written, with its own backoff; one the server
+`device_id` and `token` can be given per call; `application` names the Ray Serve application to
+reach when the server is a Ray cluster running several (cloud/service/ray_proxy.py). Each call
+has a deadline. Transient failures (UNAVAILABLE: the server restarting, a connection reset) are
+retried by gRPC itself with exponential backoff and jitter, configured in the channel's service
+config (`service_config()`), so every gRPC stack that reads the same JSON behaves alike. A
+download that breaks mid-stream resumes from the bytes already verified and written, with its
+own backoff; one the server
 throttles (RESOURCE_EXHAUSTED with `retry-after-ms`: the device's download byte rate) waits as long
 as the server says and resumes, all within `download_timeout_s`; a package above
 `max_package_bytes` is refused before a byte is written (device/download.py). Errors reach the
@@ -123,8 +125,11 @@ def _credentials(tls: bool, root_certificates: bytes | None, client_certificate:
                                         certificate_chain=client_certificate)
 
 
-def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("authorization", f"Bearer {token}"),) if token else None
+def _metadata(token: str | None, application: str | None = None) -> tuple[tuple[str, str], ...] | None:
+    entries = [("authorization", f"Bearer {token}")] if token else []
+    if application:  # Ray Serve's proxy: which of the cluster's applications the call is for
+        entries.append(("application", application))
+    return tuple(entries) or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,8 +191,9 @@ class AsyncParamClient:
                  timeout_s: float = 5.0, download_timeout_s: float = 300.0, retry: RetryPolicy = RetryPolicy(),
                  reconnect_backoff_s: tuple[float, float] = (0.2, 10.0), gzip: bool = False, tls: bool = False,
                  root_certificates: bytes | None = None, client_certificate: bytes | None = None,
-                 client_key: bytes | None = None, max_resumes: int = 5, max_package_bytes: int = MAX_ARCHIVE_BYTES):
-        self.target, self.device_id, self.token = target, device_id, token
+                 client_key: bytes | None = None, max_resumes: int = 5, max_package_bytes: int = MAX_ARCHIVE_BYTES,
+                 application: str | None = None):
+        self.target, self.device_id, self.token, self.application = target, device_id, token, application
         # download_timeout_s bounds a whole download: every resume and every throttled wait.
         self.timeout_s, self.download_timeout_s, self.max_resumes = timeout_s, download_timeout_s, max_resumes
         self.max_package_bytes = max_package_bytes
@@ -211,7 +217,7 @@ class AsyncParamClient:
         started = time.perf_counter()
         try:
             response = await self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
-                                                metadata=_metadata(token or self.token))
+                                                metadata=_metadata(token or self.token, self.application))
         except grpc.RpcError as exc:
             raise self._refused(request.device_id, exc) from None
         return _fetched(response, request, started)
@@ -249,7 +255,7 @@ class AsyncParamClient:
                 request = pb.GetModelRequest(model_id=model_id, version=download.version, offset=download.offset,
                                              chunk_size=chunk_size)
                 stream = self.stub.GetModel(request, timeout=remaining(deadline),
-                                            metadata=_metadata(token or self.token))
+                                            metadata=_metadata(token or self.token, self.application))
                 async for msg in stream:
                     if download.accept(msg):
                         stream.cancel()
@@ -275,7 +281,8 @@ class AsyncParamClient:
 
         try:
             reply = await health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s,
+                metadata=_metadata(None, self.application))
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING

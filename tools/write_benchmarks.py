@@ -209,6 +209,49 @@ def oracle_section(doc: dict, name: str) -> str:
     return "\n".join(out) + "\n" + note(f"oracle-{name}")
 
 
+def scale_section(doc: dict) -> str:
+    svc, sim, train = doc["service"], doc["simulation"], doc["training"]
+    ray, plain = doc["ray_bundles_per_s"], doc["plain_bundles_per_s"]
+    kill = svc["replica_kill"]
+    q = doc["ddp_quality_delta"]
+    lo, hi = q["ci"]
+    out = ["## Scale-out (Ray Serve, the simulation on Ray, DDP training)", "", f"Command: `{doc['command']}`", "",
+           f"Machine: {doc['machine']['cpus']} cores, load average {doc['machine']['load_average_before'][0]:.1f} "
+           f"before the run. {doc['bound']}", "",
+           f"Each throughput is the median of {svc['settings']['rounds']} rounds taken in turn.", "",
+           f"| Generate at concurrency {svc['settings']['concurrency']} | bundles/s | p50 ms | p99 ms |",
+           "|---|---|---|---|",
+           f"| `paramcast serve` ({svc['settings']['plain_server']}) | {plain:.0f} | {svc['plain']['p50_ms']:.1f} | "
+           f"{svc['plain']['p99_ms']:.1f} |"]
+    for replicas, rate in ray.items():
+        row = svc["ray"][replicas]
+        label = f"{replicas} replica{'' if replicas == '1' else 's'}"
+        out.append(f"| Ray Serve, {label} ({svc['settings']['replica']}) | {rate:.0f} | {row['p50_ms']:.1f} | "
+                   f"{row['p99_ms']:.1f} |")
+    with_retries = kill["with_retries"]
+    out += ["", f"- `ray_bundles_per_s` 2 / 1 replicas: {ray['2'] / ray['1']:.2f}x; 1 replica / plain server: "
+            f"{ray['1'] / plain:.2f}x.",
+            f"- `replica_kill_failed_calls`: **{doc['replica_kill_failed_calls']}** of "
+            f"{with_retries['ok'] + with_retries['failed']:,} device calls (32 device clients with their default "
+            f"retry policy, {with_retries['in_flight_at_kill']} in flight when one of 2 replicas was killed; Serve "
+            f"had a new replica running {with_retries['replaced_after_s']:.1f} s after the kill). With gRPC retries "
+            f"off, the same kill failed {doc['replica_kill_failed_calls_without_retries']} calls.",
+            f"- Simulation ({sim['devices']['test']} test and {sim['devices']['validation']} validation devices in "
+            f"{sim['devices']['shards']['test']} + {sim['devices']['shards']['validation']} shards of "
+            f"{sim['config']['shard_devices']}): `ray_sim_identical` **{doc['ray_sim_identical']}**; "
+            f"`ray_sim_device_steps_per_s` 1 worker {doc['ray_sim_device_steps_per_s']['1']:,.0f}, 2 workers "
+            f"{doc['ray_sim_device_steps_per_s']['2']:,.0f}; in-process {sim['inprocess_device_steps_per_s']:,.0f} "
+            f"on the same shards and {sim['inprocess_one_shard_device_steps_per_s']:,.0f} with the devices as "
+            "one fleet.",
+            f"- `ddp_epoch_seconds` (static stage, validation included): 1 process "
+            f"{doc['ddp_epoch_seconds']['1']:.1f} s, 2 processes {doc['ddp_epoch_seconds']['2']:.1f} s. "
+            f"`ddp_quality_delta` ({q['metric']}, 2 processes minus 1, {q['users']} users): {q['value']:+.4f} "
+            f"[{lo:+.4f}, {hi:+.4f}] ({'within noise' if q['within_noise'] else 'outside noise'}); "
+            f"NDCG@10 1 process {train['quality']['1']:.4f}, 2 processes {train['quality']['2']:.4f}.",
+            f"- Training commands: `{train['commands']['1']}` and `{train['commands']['2']}`."]
+    return "\n".join(out) + "\n" + note("scale-out")
+
+
 def simulation_section(doc: dict, name: str) -> str:
     out = [f"### {name}", "", f"Command: `{doc.get('command', '')}`", "",
            "| policy | request rate | NDCG@10 [95% CI] | HR@10 | AUC | bytes per device |", "|---|---|---|---|---|---|"]
@@ -313,6 +356,8 @@ def render() -> str:
         parts.append(device_section(d))
     if (s := load("service-load.json")) is not None:
         parts.append(service_section(s))
+    if (s := load("scale-out.json")) is not None:
+        parts.append(scale_section(s))
     if (r := load("reliability.json")) is not None:
         parts.append(reliability_section(r))
     return "\n".join(parts)

@@ -121,7 +121,7 @@ class ServiceCore:
         # GetModel bytes per caller; None = unlimited.
         self.download_rates = RateLimiter(0, unit="bytes") if download_rates is None else download_rates
         self.limits = Limits() if limits is None else limits
-        self.batcher = MicroBatcher(self._compute, max_batch=self.limits.max_batch,
+        self.batcher = MicroBatcher(self.compute, max_batch=self.limits.max_batch,
                                     max_delay_s=self.limits.max_delay_ms / 1000, max_queue=self.limits.max_queue,
                                     observer=observer)
 
@@ -130,10 +130,19 @@ class ServiceCore:
               ) -> tuple[ServedModel, np.ndarray, float | None]:
         """Every check Generate makes before queueing: -> (model, window to generate from, keep ratio).
         `peer` is the caller's address (rates are counted per peer without tokens)."""
+        principal, device_id = self.identify(call, metadata)
+        self.rates.check(rate_key(principal, device_id, peer))
+        return self.validate(call)
+
+    def identify(self, call: GenerateCall, metadata: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+        """Authenticate the caller and authorize the device id the call names -> (principal, device id)."""
         principal = self.auth.authenticate(metadata)
         device_id = check_id("device_id", call.device_id)
         self.auth.authorize(principal, device_id)
-        self.rates.check(rate_key(principal, device_id, peer))
+        return principal, device_id
+
+    def validate(self, call: GenerateCall) -> tuple[ServedModel, np.ndarray, float | None]:
+        """Check every field and resolve the model -> (model, window to generate from, keep ratio)."""
         check_id("model_id", call.model_id)
         check_id("base_version", call.base_version)
         check_encoding(call.encoding)
@@ -170,8 +179,8 @@ class ServiceCore:
         served, window, keep_ratio = self.admit(call, metadata, peer)
         return await self.batcher.submit((served.key, keep_ratio), (window, call.encoding, call.device_id), deadline)
 
-    def _compute(self, key: tuple[tuple[str, str], float | None],
-                 items: list[tuple[np.ndarray, str, str]]) -> list[EncodedBundle]:
+    def compute(self, key: tuple[tuple[str, str], float | None],
+                items: list[tuple[np.ndarray, str, str]]) -> list[EncodedBundle]:
         """Runs in the batcher's worker thread: one generator pass for a batch of one model version,
         then one encoding pass over the stacked output, each bundle bound to the device that asked.
         Requests in a batch may ask for different encodings (the encoding is not part of the batch

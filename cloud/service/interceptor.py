@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -37,14 +38,18 @@ from paramcast.common.status import status_of, trailers_of
 log = logging.getLogger("paramcast.service")
 
 
-class _Malformed:
+class Malformed:
     """Stands in for a request whose bytes did not parse, so the handler can answer INVALID_ARGUMENT."""
 
     def __init__(self, type_name: str):
         self.type_name = type_name
 
+    def error(self) -> InvalidInput:
+        return InvalidInput("request", f"not a valid {self.type_name} message")
 
-def _safe_deserializer(deserialize: Callable[[bytes], object] | None, type_name: str):
+
+def safe_deserializer(deserialize: Callable[[bytes], object] | None, type_name: str):
+    """`deserialize` that returns a Malformed instead of raising on bytes that do not parse."""
     if deserialize is None:
         return None
 
@@ -52,9 +57,36 @@ def _safe_deserializer(deserialize: Callable[[bytes], object] | None, type_name:
         try:
             return deserialize(data)
         except Exception:  # any parser failure: the bytes are not a valid message of this type
-            return _Malformed(type_name)
+            return Malformed(type_name)
 
     return parse
+
+
+INCIDENT_PREFIX = "internal error (incident "  # every INTERNAL answer ParamCast writes starts so
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a call that raised is answered with."""
+
+    code: grpc.StatusCode
+    message: str
+    trailing_metadata: tuple[tuple[str, str], ...] = ()
+
+
+def answer_for(method: str, exc: BaseException) -> Answer:
+    """The status code, message and trailing metadata for an error a ParamService method raised.
+
+    Typed errors keep their own message (written for the caller) and their trailers (a rate-limited
+    device's wait); anything else becomes INTERNAL with an incident id, its traceback logged here
+    under that id and never sent.
+    """
+    code = status_of(exc)
+    if code is None:
+        incident = uuid.uuid4().hex[:12]
+        log.error("%s failed (incident %s)", method, incident, exc_info=exc)
+        return Answer(grpc.StatusCode.INTERNAL, f"{INCIDENT_PREFIX}{incident})")
+    return Answer(code, str(exc), tuple(trailers_of(exc) or ()))
 
 
 class CallRecorder:
@@ -106,7 +138,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method_path.startswith(self.prefix):
             return handler
         method = method_path[len(self.prefix):]
-        deserializer = _safe_deserializer(handler.request_deserializer, f"{method}Request")
+        deserializer = safe_deserializer(handler.request_deserializer, f"{method}Request")
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
@@ -126,8 +158,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                if isinstance(request, _Malformed):
-                    raise InvalidInput("request", f"not a valid {request.type_name} message")
+                if isinstance(request, Malformed):
+                    raise request.error()
                 return await behaviour(request, context)
             except BaseException as exc:
                 code, message = self._status(method, exc, context)
@@ -145,8 +177,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             sent = 0
             try:
-                if isinstance(request, _Malformed):
-                    raise InvalidInput("request", f"not a valid {request.type_name} message")
+                if isinstance(request, Malformed):
+                    raise request.error()
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
                         try:
@@ -179,12 +211,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED), None
         if isinstance(exc, grpc.aio.AbortError):
             return context.code() or grpc.StatusCode.UNKNOWN, None  # already answered
-        code = status_of(exc)
-        if code is None:
-            incident = uuid.uuid4().hex[:12]
-            log.error("%s failed (incident %s)", method, incident, exc_info=exc)
-            return grpc.StatusCode.INTERNAL, f"internal error (incident {incident})"
-        trailers = trailers_of(exc)
-        if trailers:  # machine-readable hints beside the status (a rate-limited device's wait)
-            context.set_trailing_metadata(trailers)
-        return code, str(exc)
+        answer = answer_for(method, exc)
+        if answer.trailing_metadata:  # machine-readable hints beside the status (a rate-limited device's wait)
+            context.set_trailing_metadata(answer.trailing_metadata)
+        return answer.code, answer.message

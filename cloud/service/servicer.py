@@ -10,15 +10,41 @@ import time
 
 import grpc
 
-from paramcast.cloud.service.core import GenerateCall, ServiceCore
+from paramcast.cloud.service.core import GenerateCall, ModelListing, PackageChunk, ServiceCore
 from paramcast.cloud.service.metrics import ServiceMetrics
 from paramcast.common.serde import encoded_to_proto, encoding_from_proto
 from paramcast.v1 import param_service_pb2 as pb
 from paramcast.v1 import param_service_pb2_grpc as pb_grpc
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+def metadata_of(context) -> dict[str, str]:
+    """A call's text metadata (a grpc.aio context or Ray Serve's copy of one); the last value of a key wins."""
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def generate_call(request: pb.GenerateRequest) -> GenerateCall:
+    return GenerateCall(
+        model_id=request.model_id,
+        base_version=request.base_version,
+        device_id=request.device_id,
+        window=request.window,
+        encoding=encoding_from_proto(request.encoding),
+        keep_ratio=request.keep_ratio,
+        catalogue_window=request.catalogue_window,
+    )
+
+
+def models_message(listing: list[ModelListing]) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(models=[
+        pb.ModelInfo(model_id=m.model_id, base_versions=m.base_versions, latest_version=m.latest_version)
+        for m in listing
+    ])
+
+
+def chunk_message(c: PackageChunk) -> pb.GetModelResponse:
+    return pb.GetModelResponse(model_id=c.model_id, version=c.version, total_size=c.total_size,
+                               archive_sha256=c.archive_sha256, offset=c.offset, data=c.data,
+                               chunk_sha256=c.chunk_sha256)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -42,36 +68,21 @@ class ParamServicer(pb_grpc.ParamServiceServicer):
         self.core, self.metrics = core, metrics
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        call = GenerateCall(
-            model_id=request.model_id,
-            base_version=request.base_version,
-            device_id=request.device_id,
-            window=request.window,
-            encoding=encoding_from_proto(request.encoding),
-            keep_ratio=request.keep_ratio,
-            catalogue_window=request.catalogue_window,
-        )
-        encoded = await self.core.generate(call, _metadata(context), _deadline(context),
-                                           peer_address(context.peer()))  # encoded in its batch
+        # encoded in its batch:
+        encoded = await self.core.generate(generate_call(request), metadata_of(context), _deadline(context),
+                                           peer_address(context.peer()))
         response = pb.GenerateResponse(bundle=encoded_to_proto(encoded))
         self.metrics.sent("Generate", response.ByteSize(), bundle=True)
         return response
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
         chunks = self.core.get_model(request.model_id, request.version, request.offset, request.chunk_size,
-                                     _metadata(context), peer_address(context.peer()))
+                                     metadata_of(context), peer_address(context.peer()))
         for c in chunks:
-            response = pb.GetModelResponse(
-                model_id=c.model_id, version=c.version, total_size=c.total_size, archive_sha256=c.archive_sha256,
-                offset=c.offset, data=c.data, chunk_sha256=c.chunk_sha256,
-            )
+            response = chunk_message(c)
             self.metrics.sent("GetModel", response.ByteSize())
             yield response
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,
                          ) -> pb.ListModelsResponse:
-        listing = self.core.list_models(_metadata(context))
-        return pb.ListModelsResponse(models=[
-            pb.ModelInfo(model_id=m.model_id, base_versions=m.base_versions, latest_version=m.latest_version)
-            for m in listing
-        ])
+        return models_message(self.core.list_models(metadata_of(context)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,28 @@ def serve_process():
     yield start
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster on 127.0.0.1 for the whole session (no dashboard, a small object store,
+    4 logical CPUs on however many cores there are), shut down at the end. Skips without Ray."""
+    pytest.importorskip("ray", reason="needs the ray extra")
+    from paramcast.cloud import ray_cluster as cluster
+
+    # Token auth protects clusters others can reach; this one is on loopback and lives for the
+    # session, so it neither needs a token nor writes one into the home directory.
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    cluster.connect(num_cpus=4, object_store_bytes=100 * 1024 * 1024)
+    try:
+        yield cluster
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        cluster.disconnect()
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous

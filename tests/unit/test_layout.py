@@ -50,8 +50,10 @@ def test_the_checker_sees_imports():
     assert offenders("cloud", ("paramcast.common.package",))  # cloud does use the package format
 
 
-# Protobuf stays at the edges: the codec, the gRPC servicer and server, the device's gRPC client.
-WIRE_MODULES = {"common/serde.py", "cloud/service/servicer.py", "cloud/service/server.py", "device/client.py"}
+# Protobuf stays at the edges: the codec, the gRPC servicer and server, the device's gRPC client,
+# and the same edge on Ray Serve (the handlers registered on its proxy, the replica that answers).
+WIRE_MODULES = {"common/serde.py", "cloud/service/servicer.py", "cloud/service/server.py", "device/client.py",
+                "cloud/service/ray_proxy.py", "cloud/service/ray_serve.py"}
 
 
 def test_generated_code_is_imported_only_at_the_wire():

@@ -321,3 +321,42 @@ def test_headline_states_gain_gate_share_and_bytes():
     report["paired"][0]["ndcg@10"] = ci(0.001, -0.002, 0.004)
     lines = headline(report)
     assert "not shown" in lines[0] and not any("keeps" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+def test_shards_hold_every_device_and_step_once_and_map_back(prepared):
+    from paramcast.simulation.shards import plan
+
+    tl, _ = prepared
+    shards = plan(tl, 7)
+    assert shards.n_shards == -(-tl.n_devices // 7)
+    assert sorted(np.concatenate(shards.rows).tolist()) == list(range(tl.n_devices))
+    assert sorted(np.concatenate(shards.steps).tolist()) == list(range(tl.n_steps))
+    for rows, steps, sub in zip(shards.rows, shards.steps, shards.tls, strict=True):
+        assert np.all(np.diff(tl.length[rows]) <= 0)  # each shard still replays longest first
+        np.testing.assert_array_equal(sub.candidates, tl.candidates[steps])
+        np.testing.assert_array_equal(sub.t, tl.t[steps])
+    asked = np.array([5, 0, tl.n_steps - 1, 17])
+    for (local, where), steps in zip(shards.local(asked), shards.steps, strict=True):
+        np.testing.assert_array_equal(steps[local], asked[where])
+    assert sum(len(where) for _, where in shards.local(asked)) == len(asked)
+    assert plan(tl, tl.n_devices).n_shards == 1
+
+
+def test_a_sharded_simulation_replays_each_shard_as_its_own_fleet(ckpt, data):
+    from paramcast.simulation.report import without_timings
+
+    cfg = dict(policies=["never", "always", "random-p", "drift", "ideal"], budgets=[0.2], devices="all",
+               n_negatives=20, progress=False)
+    one = simulate(ckpt, data, SimulationConfig(**cfg))
+    three = simulate(ckpt, data, SimulationConfig(**cfg, shard_devices=7))
+    assert one["devices"]["shards"] == {"test": 1, "validation": 1}
+    assert three["devices"]["shards"] == {"test": 3, "validation": 3}
+    a, b = without_timings(one), without_timings(three)
+    by = {p["name"]: p for p in b["policies"]}
+    for p in a["policies"]:
+        if p["name"] in ("never", "always"):  # no randomness and no calibration: the same steps scored alike
+            assert by[p["name"]]["request_rate"] == p["request_rate"]
+            assert by[p["name"]]["ndcg@10"]["value"] == pytest.approx(p["ndcg@10"]["value"], abs=1e-6)
+    assert without_timings(simulate(ckpt, data, SimulationConfig(**cfg, shard_devices=7))) == b  # reproducible

@@ -6,6 +6,15 @@ Once the server listens it prints one line, `paramcast serve ready on HOST:PORT`
 actually bound, so `--port 0` works for scripts and tests), and serves until SIGTERM or SIGINT,
 which drain in-flight calls for up to `--grace` seconds before exiting.
 
+    paramcast serve --engine ray --replicas 2 --model runs/ml-100k --tokens tokens.json   # a local Ray cluster
+    paramcast serve --engine ray --autoscale 1:8 --ray-address auto ...                  # the cluster on this node
+
+`--engine ray` serves the same ParamService as a Ray Serve application: replicas behind Serve's
+gRPC proxy on PORT, micro-batched with @serve.batch, on GPUs where the cluster has them; without
+`--ray-address` it starts a local cluster (no dashboard) for its lifetime. The proxy offers no
+TLS, gzip or metrics port of ParamCast's own, and listens on every interface, so it needs
+`--tokens` (or `--insecure`) whatever `--host` says (cloud/service/ray_proxy.py says what differs).
+
 Exposure: `--tokens` gate Generate and GetModel; health and reflection on the same port answer
 without them (`--no-reflection` turns reflection off), and the metrics port binds `--metrics-host`
 (loopback by default) with its own `--metrics-token` and serves HTTPS when TLS is on. Without
@@ -66,6 +75,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="allow serving without --tokens (or metrics without --metrics-token) on a non-loopback address")
     p.add_argument("--gzip", action="store_true", help="gzip responses for clients that accept it")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight calls on shutdown")
+    r = p.add_argument_group("--engine ray")
+    r.add_argument("--engine", choices=("grpc", "ray"), default="grpc",
+                   help="grpc: this process serves (default); ray: a Ray Serve application")
+    scale = r.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=None, metavar="N", help="replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", default=None, help="let Serve scale between MIN and MAX")
+    r.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help="join this Ray cluster (auto, HOST:PORT, ray://HOST:10001); default: start a local one")
+    r.add_argument("--ray-cpus", type=int, default=None, metavar="N", help="CPUs of a local cluster (default: all)")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="N")
+    r.add_argument("--gpus-per-replica", type=float, default=None, metavar="N",
+                   help="GPUs per replica (default: 1 when the cluster has GPUs and --device is not cpu)")
+    r.add_argument("--app-name", default="paramcast",
+                   help="Serve application name (clients send it as `application` metadata when a cluster "
+                        "runs several)")
     p.set_defaults(func=run)
 
 
@@ -78,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
     from paramcast.common.errors import InvalidInput
 
     log = logging.getLogger("paramcast.serve")
+    if args.engine == "ray":
+        return run_ray(args)
+    for flag in ("replicas", "autoscale", "ray_address", "gpus_per_replica"):
+        if getattr(args, flag) is not None:
+            raise InvalidInput(f"--{flag.replace('_', '-')}", "only applies with --engine ray")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InvalidInput("--tls-cert/--tls-key", "give both or neither")
     if args.tls_client_ca and not args.tls_cert:
@@ -135,3 +164,73 @@ def _read_token(path: str) -> str:
     if not token:
         raise InvalidInput("--metrics-token", f"{path} is empty")
     return token
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    """`--engine ray`: deploy on a Ray cluster, print the ready line, serve until a signal."""
+    import dataclasses
+    import os
+    import threading
+    from pathlib import Path
+
+    from paramcast.cloud import ray_cluster
+    from paramcast.cloud.service.core import Limits
+    from paramcast.cloud.service.ray_proxy import MAX_REQUEST_BYTES_ENV
+    from paramcast.common.errors import InvalidInput
+
+    log = logging.getLogger("paramcast.serve")
+    for flag, given in (("--tls-cert", args.tls_cert or args.tls_key or args.tls_client_ca), ("--gzip", args.gzip),
+                        ("--metrics-port", args.metrics_port is not None)):
+        if given:
+            raise InvalidInput(flag, "Ray Serve's gRPC proxy does not offer it; terminate TLS in front of the "
+                                     "proxy and read Serve's metrics from Ray (docs/scale-out.md)")
+    if args.download_rate > 0:
+        raise InvalidInput("--download-rate", "download budgets are not shared across Ray replicas; serve packages "
+                                              "from `paramcast serve` or leave it at 0 (docs/scale-out.md)")
+    if not args.tokens and not args.insecure:
+        raise InvalidInput("--tokens", "Ray Serve's gRPC proxy listens on every interface whatever --host says; "
+                                       "give --tokens, or --insecure to accept every caller")
+    ray = ray_cluster.require_ray()
+    from paramcast.cloud.service import ray_serve  # imports Ray Serve
+
+    scaling = ray_serve.Scaling(
+        replicas=args.replicas or 1,
+        autoscale=ray_serve.parse_autoscale(args.autoscale) if args.autoscale else None,
+        cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica or 0.0, grace_s=args.grace)
+    scaling.check()
+    limits = Limits(max_window_items=args.max_window, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                    max_queue=args.max_queue, ttl_ms=args.ttl_ms)
+    # Replicas run in other processes (other hosts, even): they get absolute paths.
+    config = ray_serve.ServiceConfig(
+        models=tuple(str(Path(m).resolve()) for m in args.model), limits=limits,
+        tokens_file=str(Path(args.tokens).resolve()) if args.tokens else None,
+        rate=args.rate_limit, burst=args.rate_burst, threads=args.threads)
+    if not args.tokens:
+        log.warning("no --tokens file (--insecure): every caller is accepted, on every interface")
+    # The proxies of a cluster started here inherit this process's environment.
+    os.environ[MAX_REQUEST_BYTES_ENV] = str(args.max_request_bytes)
+    started = ray_cluster.connect(args.ray_address, num_cpus=args.ray_cpus,
+                                  loopback=args.host in ("127.0.0.1", "localhost", "::1"))
+    try:
+        if args.gpus_per_replica is None and args.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1:
+            scaling = dataclasses.replace(scaling, gpus_per_replica=1.0)
+        if args.device == "cuda" and scaling.gpus_per_replica <= 0:
+            raise InvalidInput("--device", "cuda was asked for but the Ray cluster has no GPUs for the replicas")
+        port = ray_serve.start(args.port, reflection=not args.no_reflection)
+        ray_serve.deploy(config, scaling, name=args.app_name, port=port if started else None)
+        log.info("serving %s on Ray: %s, %s GPUs and %s CPUs per replica", ", ".join(config.models),
+                 f"autoscaling {scaling.autoscale[0]}..{scaling.autoscale[1]}" if scaling.autoscale
+                 else f"{scaling.replicas} replicas", scaling.gpus_per_replica, scaling.cpus_per_replica)
+        print(f"{READY_LINE}{args.host}:{port}", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        log.info("shutting down: Serve drains replicas for up to %.1f s", args.grace)
+        if started:
+            ray_serve.shutdown()
+        else:
+            ray_serve.undeploy(args.app_name)
+    finally:
+        ray_cluster.disconnect()
+    return 0

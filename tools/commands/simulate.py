@@ -11,6 +11,10 @@ generated from the window up to now. Gate thresholds are calibrated on validatio
 its own bundle store and gRPC client, many on one event loop - that requests from `paramcast serve`
 (started on loopback unless `--server` names one). Prints the policy table (or the JSON with
 `--json`); `--out DIR` writes simulation-<dataset>.json and the plots there.
+
+`--engine ray --workers N` runs the device shards (`--shard-devices` devices each) on N Ray
+actors, on a local cluster or the one `--ray-address` names; for a seed and shard size the
+report is the in-process one.
 """
 
 from __future__ import annotations
@@ -51,7 +55,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="after warm-up a device holds a bundle from its warm-up window (default) or nothing")
     p.add_argument("--encoding", choices=("int8", "fp16", "fp32"), default="int8", help="bundle wire encoding")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0 = torch's default; with --engine ray, per worker, default 1)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: every shard in this process (default); ray: shards on Ray actors")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="--engine ray: actors (default 2)")
+    p.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help="--engine ray: join this cluster (auto, HOST:PORT, ray://HOST:10001); default: a local one")
+    p.add_argument("--shard-devices", type=int, default=None, metavar="N",
+                   help="devices per shard, the unit engines spread (default 2048; part of the result's config)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--out", metavar="DIR", default=None, help="write simulation-<dataset>.json and PNG plots here")
     p.add_argument("--suffix", default="", help="appended to the output file names (e.g. -all)")
@@ -80,9 +92,21 @@ def run(args: argparse.Namespace) -> int:
         policies=args.policy or list(DEFAULT_POLICIES), budgets=args.budget, warmup=args.warmup,
         devices=args.devices, valid_fraction=args.valid_fraction, users=args.users, max_steps=args.max_steps,
         start=args.start, encoding=args.encoding, seed=args.seed, progress=not args.no_progress,
+        **({"shard_devices": args.shard_devices} if args.shard_devices else {}),
     )
-    result = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model,
-                            device_scoring=args.device_scoring)
+    engine = None
+    if args.engine == "ray":
+        from paramcast.cloud import ray_cluster
+        from paramcast.simulation.ray_engine import RayEngine
+
+        ray_cluster.connect(args.ray_address, num_cpus=None if args.ray_address else args.workers)
+        engine = RayEngine(ckpt, args.workers, cfg.encoding, threads=args.threads or 1)
+    try:
+        result = run_simulation(ckpt, data, cfg, mode=args.mode, server=args.server, model_dir=args.model,
+                                device_scoring=args.device_scoring, engine=engine)
+    finally:
+        if engine is not None:
+            ray_cluster.disconnect()
     report = result.report
     report["command"] = "paramcast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:

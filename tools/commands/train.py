@@ -1,5 +1,12 @@
 """`paramcast train`: the static device model, the cloud model, then the generator that distils the cloud model
-into per-device deltas, into a checkpoint."""
+into per-device deltas, into a checkpoint.
+
+    paramcast train --data ../shared/data/ml-100k --out runs/ml-100k
+    torchrun --standalone --nproc-per-node 2 -m paramcast.cli train --data ... --out runs/ml-100k
+
+Under `torchrun` every stage trains with DistributedDataParallel (cloud/distributed.py): gloo on
+CPU, NCCL on CUDA, the batch size is the global one, and only rank 0 writes the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -128,6 +135,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from paramcast.cloud import distributed
     from paramcast.cloud.checkpoint import load_checkpoint, save_checkpoint
     from paramcast.cloud.cloud_model import CloudModelConfig
     from paramcast.cloud.model import DeviceModelConfig
@@ -166,8 +176,14 @@ def run(args: argparse.Namespace) -> int:
                                  dropout=args.cloud_dropout)
     gen_cfg = {"rank": args.rank, "width": args.gen_width, "dropout": args.gen_dropout,
                "tune_encoder": args.tune_encoder}
+    ctx = distributed.context(args.device)  # a world of one unless started by torchrun
+    if not ctx.is_writer:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports for the job
     t0 = time.perf_counter()
     ckpt = train(data, args.out, model_cfg, cfg, gen_cfg, stages, cloud_cfg, start)
+    if not ctx.is_writer:
+        ctx.close()  # waits while rank 0 writes, then leaves with it
+        return 0
     if args.preset:
         ckpt.meta["preset"] = {"name": args.preset, "rule": sequence_regime(data)}
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -188,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
                        generator_flops_per_bundle=ckpt.generator.flops_per_bundle(
                            ckpt.device_model.flops_per_user(0)))
     print(json.dumps(summary, indent=2))
+    ctx.close()
     return 0
 
 

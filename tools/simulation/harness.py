@@ -11,6 +11,9 @@ decided on validation devices; test devices are only replayed and measured.
 A policy spec that fixes no rate (`every-k`, `random-p`, `drift`, ...) runs once per budget in
 `budgets`: `every-k` with k = 1/budget, `random-p` with p = budget, a gate calibrated to request
 on `budget` of the validation steps. `never` and `always` run once.
+
+Each set of devices is cut into shards (shards.py) that an engine runs: in this process by
+default, on Ray actors with `RayEngine` (ray_engine.py); the report does not depend on which.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from paramcast.common.interactions import InteractionLog
 from paramcast.device.ideal import GaussianMapper
 from paramcast.device.policy import Gate, Policy, RandomP
 from paramcast.device.policy_spec import PolicySpec, build_policy, format_spec, parse_policy
-from paramcast.simulation.cache import Scorer, StepCache, precompute
 from paramcast.simulation.calibration import calibrate_threshold, fit_gaussian_mapper
-from paramcast.simulation.replay import METRICS, STARTS, CacheSource, Run, Source, replay
+from paramcast.simulation.replay import METRICS, STARTS, Run
+from paramcast.simulation.shards import DEFAULT_SHARD_DEVICES, Engine, LocalEngine, Network, ShardPlan, merge, plan
 from paramcast.simulation.timelines import Timelines, build_timelines, split_devices
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class SimulationConfig:
     start: str = "bundle"  # after warm-up a device holds its enrolment bundle, or "base" (nothing)
     encoding: str = "int8"  # wire encoding of every bundle
     seed: int = 0
+    shard_devices: int = DEFAULT_SHARD_DEVICES  # devices per shard (shards.py); results depend on it, not on engines
     progress: bool = True
 
     def check(self) -> None:
@@ -69,14 +73,19 @@ class SimulationConfig:
             raise InvalidInput("start", f"must be one of {STARTS}, got {self.start!r}")
         if self.users is not None and self.users < 1:
             raise InvalidInput("users", f"must be >= 1, got {self.users}")
+        if self.shard_devices < 1:
+            raise InvalidInput("shard_devices", f"must be >= 1, got {self.shard_devices}")
 
 
 @dataclass
 class Prepared:
-    """Timelines and model caches of one device set."""
+    """One set of devices: its timelines, their shards (whose caches the engine holds), and the
+    wire size of one bundle."""
 
+    what: str  # "validation" or "test"
     tl: Timelines
-    cache: StepCache
+    shards: ShardPlan
+    bundle_bytes: int
 
 
 @dataclass
@@ -92,8 +101,10 @@ class Entry:
 class Simulation:
     """Holds the prepared validation and test devices; `run()` produces the report."""
 
-    def __init__(self, ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig, test_bundles: bool = True):
-        """`test_bundles=False`: the test devices get their bundles from a server, none are cached."""
+    def __init__(self, ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig, test_bundles: bool = True,
+                 engine: Engine | None = None):
+        """`test_bundles=False`: the test devices get their bundles from a server (`network`), none
+        are cached. `engine`: where the shards run (default: this process)."""
         cfg.check()
         if data.n_items != ckpt.device_model.cfg.n_items:
             raise InvalidInput("data", f"has {data.n_items} items but model {ckpt.model_id} was trained on "
@@ -102,7 +113,9 @@ class Simulation:
         self.specs = [parse_policy(p) for p in cfg.policies]
         if ckpt.generator is None and any(s.name != "never" for s in self.specs):
             raise InvalidInput("model", f"model {ckpt.model_id} has no generator; only `never` can run")
-        self.scorer = Scorer(ckpt.device_model)
+        self.engine: Engine = engine or LocalEngine(ckpt, cfg.encoding)
+        self.network: Network | None = None  # network mode: the server test devices call
+        self.item_emb = ckpt.device_model.item_emb.weight.detach().numpy().copy()
         self.timing: dict[str, float] = {}
         self.steps_replayed = 0
         self.replay_seconds = 0.0
@@ -121,15 +134,26 @@ class Simulation:
     def _prepare(self, users: np.ndarray, what: str, seed: int, bundles: bool = True) -> Prepared:
         t0 = time.perf_counter()
         tl = build_timelines(self.data, users, self.cfg.warmup, self.cfg.n_negatives, self.cfg.max_steps, seed)
-        log.info("%s devices: %d users, %d steps", what, tl.n_devices, tl.n_steps)
-        cache = precompute(self.ckpt, tl, self.cfg.encoding, progress=self.cfg.progress, bundles=bundles)
+        shards = plan(tl, self.cfg.shard_devices)
+        log.info("%s devices: %d users, %d steps, %d shards", what, tl.n_devices, tl.n_steps, shards.n_shards)
+        sizes = self.engine.prepare(what, shards, bundles)
         self.timing[f"prepare_{what}"] = time.perf_counter() - t0
-        return Prepared(tl, cache)
+        return Prepared(what, tl, shards, max(sizes, default=0))
 
     # -- replays --------------------------------------------------------------------------------
-    def replay(self, policy: Policy, on: Prepared, name: str, source: Source | None = None) -> Run:
-        run = replay(policy, on.tl, on.cache, self.scorer, source or CacheSource(on.cache, on.tl.n_devices),
-                     self.cfg.start, self.cfg.seed, name)
+    def replay(self, policy: Policy, on: Prepared, name: str, network: bool = False,
+               examples_at: list | None = None) -> Run:
+        """Every shard of `on` replayed under `policy`, merged back into one Run. `network`: the
+        test devices call `self.network`; `examples_at` (ShardPlan.local): also collect the IDEAL
+        mapper's examples, in run.extra["examples"]."""
+        t0 = time.perf_counter()
+        local = [steps for steps, _ in examples_at] if examples_at is not None else None
+        pieces = self.engine.replay(on.what, policy, self.cfg.start, self.cfg.seed, name,
+                                    self.network if network else None, local)
+        run = merge(on.shards, pieces, name, policy.describe(), time.perf_counter() - t0)
+        if examples_at is not None:
+            run.extra["examples"] = [(piece.examples, where) for piece, (_, where) in zip(pieces, examples_at,
+                                                                                           strict=True)]
         self.steps_replayed += on.tl.n_steps
         self.replay_seconds += run.seconds
         return run
@@ -138,24 +162,16 @@ class Simulation:
         """Fit the IDEAL distribution mapper on validation devices replayed under random-p at `rate`:
         what each step's fresh bundle would change in the user state, given how stale the held one is."""
         on = self.valid
-        run = self.replay(RandomP(rate), on, f"mapper examples (random-p:{rate:g})")
-        held = run.extra["held_row"]  # (N,) FactorTable row each step was scored with
-        tl, cache = on.tl, on.cache
         rng = np.random.default_rng(self.cfg.seed)
-        steps = np.arange(tl.n_steps)
+        steps = np.arange(on.tl.n_steps)
         if len(steps) > 50_000:  # plenty for a closed-form fit of a (2d + 1) x d map
             steps = np.sort(rng.choice(steps, 50_000, replace=False))
-        rows = held[steps]
-        enrolled = rows <= tl.n_devices  # enrolment bundle (or base) rather than a requested one
-        req_step = np.where(enrolled, -1, rows - 1 - tl.n_devices)
-        ref = np.where(enrolled[:, None], cache.enrol_behaviour[tl.device[steps]],
-                       cache.behaviour[np.maximum(req_step, 0)])
-        b = cache.behaviour[steps]
-        assert cache.table is not None
-        dummy = np.zeros((len(steps), 1), dtype=np.int64)
-        user_held, _ = self.scorer(b, cache.table.gather(rows), dummy)
-        user_fresh, _ = self.scorer(b, cache.table.gather(cache.fresh_row(steps, tl.n_devices)), dummy)
-        mapper = fit_gaussian_mapper(b, ref, user_fresh - user_held)
+        run = self.replay(RandomP(rate), on, f"mapper examples (random-p:{rate:g})", False, on.shards.local(steps))
+        d = self.item_emb.shape[1]
+        b, ref, delta = (np.empty((len(steps), d), np.float32) for _ in range(3))
+        for (b_s, ref_s, delta_s), where in run.extra["examples"]:  # each shard's examples, back in step order
+            b[where], ref[where], delta[where] = b_s, ref_s, delta_s
+        mapper = fit_gaussian_mapper(b, ref, delta)
         mapper.meta["fitted_on"] = f"validation devices under random-p:{rate:g}"
         log.info("ideal mapper: %d examples, mean R^2 %.3f", mapper.meta["examples"], mapper.meta["r2_mean"])
         return mapper
@@ -164,7 +180,7 @@ class Simulation:
         if spec.name == "ideal" and self.mapper is None:
             self.mapper = self.fit_mapper(min(self.cfg.budgets))
         window = self.ckpt.generator.cfg.window if self.ckpt.generator is not None else None
-        return build_policy(spec, self.mapper, self.valid.cache.item_emb, window)
+        return build_policy(spec, self.mapper, self.item_emb, window)
 
     def calibrate(self, spec: PolicySpec) -> tuple[Policy, dict]:
         """Build a policy; a gate given a rate gets its threshold from replays on validation devices."""
@@ -196,7 +212,7 @@ class Simulation:
                  valid_run.request_rate, target)
         return policy, info
 
-    def entries(self, source_for_test=None) -> list[Entry]:
+    def entries(self) -> list[Entry]:
         """Every (spec, budget) run on the test devices."""
         out = []
         todo = [(spec, budget) for spec in self.specs
@@ -206,18 +222,14 @@ class Simulation:
             s = spec.at_budget(budget) if budget is not None else spec
             bar.set_postfix_str(s.text)
             policy, valid = self.calibrate(s)
-            source = source_for_test() if source_for_test else None
-            run = self.replay(policy, self.test, s.text, source)
-            if source is not None and hasattr(source, "stats"):  # network mode: what crossed the wire
-                run.extra["network"] = source.stats.summary()
-                run.extra["bytes_per_device"] = source.received_bytes.astype(np.float64)
+            run = self.replay(policy, self.test, s.text, self.network is not None)  # network: what crossed the wire
             out.append(Entry(s, budget if budget is not None else _spec_rate(s), run, valid))
             log.info("%-28s rate %.4f ndcg@10 %.4f (%.1fs)", s.text, run.request_rate,
                      run.per_device(self.test.tl)["ndcg@10"].mean(), run.seconds)
         return out
 
-    def run(self, source_for_test=None) -> dict:
-        entries = self.entries(source_for_test)
+    def run(self) -> dict:
+        entries = self.entries()
         self.timing["total"] = time.perf_counter() - self._t0
         return build_report(self, entries)
 
@@ -270,7 +282,7 @@ def _over_time(run: Run, tl: Timelines, metric: str = "ndcg@10") -> dict:
 def build_report(sim: Simulation, entries: list[Entry]) -> dict:
     tl = sim.test.tl
     per_device = {e.spec.text: e.run.per_device(tl) for e in entries}
-    bundle_bytes = sim.valid.cache.bundle_bytes or sim.test.cache.bundle_bytes
+    bundle_bytes = sim.valid.bundle_bytes or sim.test.bundle_bytes
     enrol = 1 if sim.cfg.start == "bundle" else 0
     never = next((e for e in entries if e.spec.name == "never"), None)
     always = next((e for e in entries if e.spec.name == "always"), None)
@@ -336,7 +348,8 @@ def build_report(sim: Simulation, entries: list[Entry]) -> dict:
         "mode": "network" if any("network" in e.run.extra for e in entries) else "inprocess",
         "config": asdict(sim.cfg),
         "devices": {"test": tl.n_devices, "test_steps": tl.n_steps, "validation": sim.valid.tl.n_devices,
-                    "validation_steps": sim.valid.tl.n_steps, "pool": sim.cfg.devices},
+                    "validation_steps": sim.valid.tl.n_steps, "pool": sim.cfg.devices,
+                    "shards": {"test": sim.test.shards.n_shards, "validation": sim.valid.shards.n_shards}},
         "bundle_bytes": bundle_bytes,
         "policies": policies,
         "paired": paired,
@@ -349,6 +362,7 @@ def build_report(sim: Simulation, entries: list[Entry]) -> dict:
             "replay_device_steps_per_s": sim.steps_replayed / sim.replay_seconds if sim.replay_seconds else None,
             "seconds": {**sim.timing, "replay": sim.replay_seconds},
             "torch_threads": torch.get_num_threads(),
+            "engine": {"name": getattr(sim.engine, "name", type(sim.engine).__name__), "workers": sim.engine.workers},
         },
         "ideal_mapper": sim.mapper.meta if sim.mapper else None,
         "over_time": {e.spec.text: _over_time(e.run, tl) for e in entries},
@@ -396,9 +410,9 @@ def verdict_at_budget(policies: list[dict], paired: list[dict], selected: list[d
     return out
 
 
-def simulate(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig, source_for_test=None) -> dict:
+def simulate(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig, engine: Engine | None = None) -> dict:
     """Run a full simulation (see module docstring) and return the report dictionary."""
-    return Simulation(ckpt, data, cfg).run(source_for_test)
+    return run_simulation(ckpt, data, cfg, engine=engine).report
 
 
 @dataclass
@@ -408,59 +422,58 @@ class SimulationResult:
 
 
 def run_simulation(ckpt: Checkpoint, data: InteractionLog, cfg: SimulationConfig, mode: str = "inprocess",
-                   server: str | None = None, model_dir: str | None = None,
-                   serve_threads: int = 1, device_scoring: str = "agents") -> SimulationResult:
-    """`simulate` in either mode. Network mode replays the test devices as gRPC clients of `server`, or
-    of a `paramcast serve --model model_dir` started on loopback for the run (calibration on
-    validation devices stays in-process: it is offline tuning, not device traffic); with
-    `device_scoring="agents"` every test device is a device agent scoring on ONNX Runtime, with
-    "torch" the devices' scoring stays batched in torch. The result holds the report and the
-    fitted IDEAL mapper, if that gate ran."""
+                   server: str | None = None, model_dir: str | None = None, serve_threads: int = 1,
+                   device_scoring: str = "agents", engine: Engine | None = None) -> SimulationResult:
+    """`simulate` in either mode, on `engine` (default: this process), which is closed at the end.
+    Network mode replays the test devices as gRPC clients of `server`, or of a `paramcast serve
+    --model model_dir` started on loopback for the run (calibration on validation devices stays
+    offline: it is tuning, not device traffic); with `device_scoring="agents"` every test device
+    is a device agent scoring on ONNX Runtime, with "torch" the devices' scoring stays batched in
+    torch. The result holds the report and the fitted IDEAL mapper, if that gate ran."""
     if mode not in ("inprocess", "network"):
         raise InvalidInput("mode", f"must be 'inprocess' or 'network', got {mode!r}")
     if device_scoring not in DEVICE_SCORING:
         raise InvalidInput("device_scoring", f"must be one of {DEVICE_SCORING}, got {device_scoring!r}")
-    sim = Simulation(ckpt, data, cfg, test_bundles=mode == "inprocess")
-    if mode == "inprocess":
-        return SimulationResult(sim.run(), sim.mapper)
-    from paramcast.serve_process import ServeProcess
-    from paramcast.simulation.network import AgentSource, NetworkSource
-
-    if ckpt.generator is None:
+    if mode == "network" and ckpt.generator is None:
         raise InvalidInput("model", "network mode needs a model with a generator")
-    proc = None
-    if server is None:
-        if model_dir is None:
-            raise InvalidInput("server", "network mode needs a server address or a model directory to serve")
-        t0 = time.perf_counter()
-        # A fleet's burst must queue, not be refused: a deep queue and generator batches of up to 256.
-        proc = ServeProcess(["--model", str(model_dir), "--threads", str(serve_threads), "--max-batch", "256",
-                             "--max-delay-ms", "2.0", "--max-queue", "100000"])
-        server = proc.target
-        log.info("started paramcast serve on %s (%.1fs)", server, time.perf_counter() - t0)
+    if mode == "network" and server is None and model_dir is None:
+        raise InvalidInput("server", "network mode needs a server address or a model directory to serve")
     try:
-        g = ckpt.generator.cfg
+        sim = Simulation(ckpt, data, cfg, test_bundles=mode == "inprocess", engine=engine)
+    except BaseException:
+        if engine is not None:
+            engine.close()
+        raise
+    proc = None
+    try:
         with tempfile.TemporaryDirectory(prefix="paramcast-sim-") as tmp:
-            source: NetworkSource | AgentSource
-            if device_scoring == "agents":
-                source = AgentSource(server, sim.test.tl, device_package(ckpt, model_dir, f"{tmp}/package"),
-                                     g.window, cfg.encoding, root=f"{tmp}/devices")
-            else:
-                source = NetworkSource(server, sim.test.tl, ckpt.model_id, ckpt.base_version, g.slot_shapes,
-                                       g.rank, g.window, cfg.encoding)
+            if mode == "network":
+                from paramcast.serve_process import ServeProcess
+
+                if server is None:
+                    t0 = time.perf_counter()
+                    # A fleet's burst must queue, not be refused: a deep queue and generator batches of up to 256.
+                    proc = ServeProcess(["--model", str(model_dir), "--threads", str(serve_threads), "--max-batch",
+                                         "256", "--max-delay-ms", "2.0", "--max-queue", "100000"])
+                    server = proc.target
+                    log.info("started paramcast serve on %s (%.1fs)", server, time.perf_counter() - t0)
+                package = device_package(ckpt, model_dir, f"{tmp}/package") if device_scoring == "agents" else None
+                sim.network = Network(server, ckpt.model_id, ckpt.base_version, cfg.encoding, scoring=device_scoring,
+                                      package_dir=str(package.path) if package is not None else None)
             try:
-                report = sim.run(lambda: source)
+                report = sim.run()
             finally:
-                source.close()
+                sim.engine.close()  # the devices' clients and agents, before their folders go
     finally:
         if proc is not None:
             proc.stop()
-    test_steps = sim.test.tl.n_steps * len(report["policies"])
-    test_seconds = sum(p["seconds"] for p in report["policies"])
-    report["network"] = {"server": server, "started_server": proc is not None, "device_scoring": device_scoring,
-                         "devices": sim.test.tl.n_devices, "clients": sim.test.tl.n_devices,
-                         "device_steps": test_steps,
-                         "device_steps_per_s": test_steps / test_seconds if test_seconds else None}
+    if mode == "network":
+        test_steps = sim.test.tl.n_steps * len(report["policies"])
+        test_seconds = sum(p["seconds"] for p in report["policies"])
+        report["network"] = {"server": server, "started_server": proc is not None, "device_scoring": device_scoring,
+                             "devices": sim.test.tl.n_devices, "clients": sim.test.tl.n_devices,
+                             "device_steps": test_steps,
+                             "device_steps_per_s": test_steps / test_seconds if test_seconds else None}
     return SimulationResult(report, sim.mapper)
 
 

@@ -47,6 +47,22 @@ class NetworkStats:
     busy_seconds: float = 0.0  # wall time with calls in flight
     max_in_flight: int = 0
 
+    @classmethod
+    def merged(cls, parts: list[NetworkStats]) -> NetworkStats:
+        """The stats of several groups of devices (shards) as one fleet's: counts and wall time
+        with calls in flight add up, the largest number in flight at once is the largest of any."""
+        out = cls()
+        for p in parts:
+            out.calls += p.calls
+            out.failures += p.failures
+            for name, n in p.errors.items():
+                out.errors[name] = out.errors.get(name, 0) + n
+            out.latencies.extend(p.latencies)
+            out.bytes += p.bytes
+            out.busy_seconds += p.busy_seconds
+            out.max_in_flight = max(out.max_in_flight, p.max_in_flight)
+        return out
+
     def summary(self) -> dict:
         lat = np.array(self.latencies) * 1000.0
         return {
@@ -65,7 +81,8 @@ class _Fleet:
     """What both sources share: a device id and an `AsyncParamClient` per device on one event loop,
     the fleet's burst of calls, and the statistics of what crossed the wire."""
 
-    def __init__(self, target: str, tl: Timelines, window: int, device_prefix: str, timeout_s: float):
+    def __init__(self, target: str, tl: Timelines, window: int, device_prefix: str, timeout_s: float,
+                 application: str | None = None):
         self.target, self.tl, self.window, self.timeout_s = target, tl, window, timeout_s
         self.device_ids = [f"{device_prefix}-{tl.data.user_raw_ids[int(u)]}" for u in tl.users]
         self.received_bytes = np.zeros(tl.n_devices, dtype=np.int64)
@@ -73,7 +90,8 @@ class _Fleet:
         self._loop = LoopThread("sim-devices")
 
         async def make_clients():
-            return [AsyncParamClient(target, device_id=d, timeout_s=timeout_s) for d in self.device_ids]
+            return [AsyncParamClient(target, device_id=d, timeout_s=timeout_s, application=application)
+                    for d in self.device_ids]
 
         self.clients = self._loop.run(make_clients())
 
@@ -137,8 +155,8 @@ class NetworkSource(_Fleet):
 
     def __init__(self, target: str, tl: Timelines, model_id: str, base_version: str,
                  slot_shapes: dict[str, tuple[int, int]], rank: int, window: int, encoding: str = "int8",
-                 device_prefix: str = "sim", timeout_s: float = 30.0):
-        super().__init__(target, tl, window, device_prefix, timeout_s)
+                 device_prefix: str = "sim", timeout_s: float = 30.0, application: str | None = None):
+        super().__init__(target, tl, window, device_prefix, timeout_s, application)
         self.model_id, self.base_version, self.encoding = model_id, base_version, encoding
         D = tl.n_devices
         self.held = {slot: (np.zeros((D, d_in, rank), np.float32), np.zeros((D, rank, d_out), np.float32))
@@ -178,8 +196,9 @@ class AgentSource(_Fleet):
     """
 
     def __init__(self, target: str, tl: Timelines, package: DevicePackage, window: int, encoding: str = "int8",
-                 device_prefix: str = "sim", timeout_s: float = 30.0, root: str | Path | None = None):
-        super().__init__(target, tl, window, device_prefix, timeout_s)
+                 device_prefix: str = "sim", timeout_s: float = 30.0, root: str | Path | None = None,
+                 application: str | None = None):
+        super().__init__(target, tl, window, device_prefix, timeout_s, application)
         self._tmp = None if root is not None else tempfile.TemporaryDirectory(prefix="paramcast-agents-")
         folder = Path(root if root is not None else self._tmp.name)  # type: ignore[union-attr]
         shared = DeviceRuntime(package)

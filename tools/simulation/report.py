@@ -8,6 +8,24 @@ from pathlib import Path
 
 import numpy as np
 
+# What a report holds about the machine it ran on rather than about the policies: how long things
+# took, and the command line; two runs of one configuration differ only in these.
+_MACHINE_KEYS = ("device_steps_per_s", "throughput", "command", "files")
+_MACHINE_POLICY_KEYS = ("seconds",)
+_MACHINE_NETWORK_KEYS = ("latency_ms", "bundles_per_s")
+
+
+def without_timings(report: dict) -> dict:
+    """The report less its timings (and command line), for comparing two runs of one configuration."""
+    out = json.loads(json.dumps({k: v for k, v in report.items() if k not in _MACHINE_KEYS}))
+    for p in out.get("policies", []):
+        for k in _MACHINE_POLICY_KEYS:
+            p.pop(k, None)
+            p.get("validation", {}).pop(k, None)
+        for k in _MACHINE_NETWORK_KEYS:
+            p.get("network", {}).pop(k, None)
+    return out
+
 
 def _ci(x: dict) -> str:
     lo, hi = x["ci"]
