@@ -211,8 +211,8 @@ class Trainer:
                        disable=not (cfg.progress and self.dist.is_writer), leave=False)
             steps = 0
             for batch in bar:
-                loss = step(batch)
                 steps += 1
+                loss = step(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -255,8 +255,7 @@ class Trainer:
                                  self.negatives_gen)
 
         protocol = "both" if cfg.valid_full else cfg.select
-        # distributed: gradients averaged across ranks (the cloud model's may skip unused parameters)
-        ddp_step = self.dist.data_parallel(step, model, sometimes_unused=stage == "cloud")
+        ddp_step = self.dist.data_parallel(step, model)  # distributed: gradients averaged across ranks
         self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
                   -(-len(seqs) // batch_size), ddp_step, cfg.epochs, cfg.patience,
                   lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every)
@@ -429,7 +428,7 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
         "cpu_count": os.cpu_count(),
     }
     if trainer.dist.enabled:  # distributed: the job's shape, and proof that the ranks ended equal
-        trainer.dist.check_in_sync(*(m for m in (model, gen, cloud) if m is not None))
+        trainer.dist.check_in_sync(*(m for m in (model, cloud, gen) if m is not None))
         meta["distributed"] = trainer.dist.describe()
     model_id = f"sasrec-{data.name}"
     return Checkpoint(model_id, model.cpu(), gen.cpu() if gen is not None else None, meta,

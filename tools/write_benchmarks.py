@@ -194,6 +194,21 @@ def service_section(doc: dict) -> str:
     return "\n".join(out) + "\n" + note("service")
 
 
+def oracle_section(doc: dict, name: str) -> str:
+    out = [f"### {name}", "", f"Command: `{doc['command']}` ({doc['users']} validation users, {doc['steps']} Adam "
+           f"steps per fit). Static NDCG@10 {doc['static']['ndcg@10']:.4f}, cloud {doc['cloud']['ndcg@10']:.4f}.", "",
+           "| slot | rank | generated parameters | NDCG@10 | gap closed [95% CI] | NDCG@10 after int8 |",
+           "|---|---|---|---|---|---|"]
+    for r in doc["oracle"]:
+        lo, hi = r["gap_closed_ci"]
+        out.append(f"| {r['slot']} | {r['rank'] if r['rank'] is not None else '-'} | {r['parameters']} | "
+                   f"{r['ndcg@10']:.4f} | {r['gap_closed']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                   f"{r['int8_ndcg@10']:.4f} |" if "int8_ndcg@10" in r else
+                   f"| {r['slot']} | - | {r['parameters']} | {r['ndcg@10']:.4f} | {r['gap_closed']:.2f} "
+                   f"[{lo:.2f}, {hi:.2f}] | - |")
+    return "\n".join(out) + "\n" + note(f"oracle-{name}")
+
+
 def scale_section(doc: dict) -> str:
     svc, sim, train = doc["service"], doc["simulation"], doc["training"]
     ray, plain = doc["ray_bundles_per_s"], doc["plain_bundles_per_s"]
@@ -235,21 +250,6 @@ def scale_section(doc: dict) -> str:
             f"NDCG@10 1 process {train['quality']['1']:.4f}, 2 processes {train['quality']['2']:.4f}.",
             f"- Training commands: `{train['commands']['1']}` and `{train['commands']['2']}`."]
     return "\n".join(out) + "\n" + note("scale-out")
-
-
-def oracle_section(doc: dict, name: str) -> str:
-    out = [f"### {name}", "", f"Command: `{doc['command']}` ({doc['users']} validation users, {doc['steps']} Adam "
-           f"steps per fit). Static NDCG@10 {doc['static']['ndcg@10']:.4f}, cloud {doc['cloud']['ndcg@10']:.4f}.", "",
-           "| slot | rank | generated parameters | NDCG@10 | gap closed [95% CI] | NDCG@10 after int8 |",
-           "|---|---|---|---|---|---|"]
-    for r in doc["oracle"]:
-        lo, hi = r["gap_closed_ci"]
-        out.append(f"| {r['slot']} | {r['rank'] if r['rank'] is not None else '-'} | {r['parameters']} | "
-                   f"{r['ndcg@10']:.4f} | {r['gap_closed']:.2f} [{lo:.2f}, {hi:.2f}] | "
-                   f"{r['int8_ndcg@10']:.4f} |" if "int8_ndcg@10" in r else
-                   f"| {r['slot']} | - | {r['parameters']} | {r['ndcg@10']:.4f} | {r['gap_closed']:.2f} "
-                   f"[{lo:.2f}, {hi:.2f}] | - |")
-    return "\n".join(out) + "\n" + note(f"oracle-{name}")
 
 
 def simulation_section(doc: dict, name: str) -> str:
