@@ -21,14 +21,13 @@ Shapes: B = batch, L = sequence length (left-padded with 0), d = hidden, C = can
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from paramcast.cloud.model import Block
+from paramcast.cloud.model import Block, sequence_inputs
 
 
 @dataclass
@@ -114,15 +113,8 @@ class CloudModel(nn.Module):
 
     def encode(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, L) item ids, left-padded with 0 -> (B, L, d) user states (zero at padding)."""
-        B, L = seq.shape
-        assert L <= self.cfg.max_len, f"sequence length {L} > max_len {self.cfg.max_len}"
-        keep = (seq > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)  # (B, L, 1)
-        pos = torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=seq.device)  # right-aligned
-        x = self.item_vectors(seq) * math.sqrt(self.cfg.hidden) + self.pos_emb(pos)  # (B, L, d)
-        x = self.emb_drop(x) * keep
-        causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # (L, L)
-        visible = causal[None, :, :] & (seq > 0)[:, None, :]  # (B, L, L)
-        attn_bias = torch.where(visible, 0.0, -1e9).to(x.dtype).unsqueeze(1)  # (B, 1, L, L)
+        x, keep, attn_bias = sequence_inputs(seq, self.item_vectors(seq), self.pos_emb, self.emb_drop,
+                                             self.cfg.max_len)
         for block in self.blocks:
             x = block(x, attn_bias, None) * keep
         return self.ln_f(x)  # (B, L, d)

@@ -128,17 +128,7 @@ class DeviceModel(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     def encode(self, seq: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
         """(B, L) item ids, left-padded with 0 -> (B, L, d) backbone states (zero at padding)."""
-        B, L = seq.shape
-        assert L <= self.cfg.max_len, f"sequence length {L} > max_len {self.cfg.max_len}"
-        keep = (seq > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)  # (B, L, 1)
-        pos = torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=seq.device)  # right-aligned
-        x = self.item_emb(seq) * math.sqrt(self.cfg.hidden) + self.pos_emb(pos)  # (B, L, d)
-        x = self.emb_drop(x) * keep
-        # Additive bias: a query sees itself and earlier non-padding keys. A large finite negative
-        # (not -inf) keeps fully padded rows finite; they are zeroed by `keep` below.
-        causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # (L, L)
-        visible = causal[None, :, :] & (seq > 0)[:, None, :]  # (B, L, L)
-        attn_bias = torch.where(visible, 0.0, -1e9).to(x.dtype).unsqueeze(1)  # (B, 1, L, L)
+        x, keep, attn_bias = sequence_inputs(seq, self.item_emb(seq), self.pos_emb, self.emb_drop, self.cfg.max_len)
         for i, block in enumerate(self.blocks):
             x = block(x, attn_bias, None if masks is None else masks.get(f"block{i}.ffn")) * keep
         return self.ln_f(x)  # (B, L, d)
@@ -213,6 +203,24 @@ class DeviceModel(nn.Module):
         m = self.head_up.weight.shape[1]
         flops += 2 * 2 * d * m  # head, last position only
         return int(flops + 2 * n_candidates * d)
+
+
+def sequence_inputs(seq: torch.Tensor, items: torch.Tensor, pos_emb: nn.Embedding, drop: nn.Dropout,
+                    max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every encoder feeds its blocks: (B, L) ids, left-padded with 0, and their (B, L, d) item
+    vectors -> scaled item + position embeddings (B, L, d), the non-padding mask (B, L, 1), and the
+    additive causal attention bias (B, 1, L, L)."""
+    B, L = seq.shape
+    assert L <= max_len, f"sequence length {L} > max_len {max_len}"
+    keep = (seq > 0).unsqueeze(-1).to(items.dtype)  # (B, L, 1)
+    pos = torch.arange(max_len - L, max_len, device=seq.device)  # right-aligned
+    x = drop(items * math.sqrt(items.shape[-1]) + pos_emb(pos)) * keep  # (B, L, d)
+    # Additive bias: a query sees itself and earlier non-padding keys. A large finite negative
+    # (not -inf) keeps fully padded rows finite; they are zeroed by `keep` after every block.
+    causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # (L, L)
+    visible = causal[None, :, :] & (seq > 0)[:, None, :]  # (B, L, L)
+    attn_bias = torch.where(visible, 0.0, -1e9).to(x.dtype).unsqueeze(1)  # (B, 1, L, L)
+    return x, keep, attn_bias
 
 
 def slice_adapters(adapters: Adapters, keep: dict[str, torch.Tensor]) -> Adapters:
