@@ -18,6 +18,7 @@ What a world of N changes, in both stages:
 - validation users are split across ranks and the metric sums all-reduced: every rank gets the
   same validation score, so early stopping stops all of them at the same epoch;
 - per-step randomness (masks, cuts, negatives) is seeded per rank;
+- without `--threads`, each rank takes its share of the host's cores, not all of them;
 - only rank 0 shows progress and writes the model bundle; the others check their weights equal
   rank 0's before exiting (`check_in_sync`).
 """
@@ -43,6 +44,7 @@ class Context:
     world: int = 1
     local_rank: int = 0
     backend: str | None = None  # None: not distributed
+    local_world: int = 1  # ranks on this host
 
     @property
     def enabled(self) -> bool:
@@ -62,6 +64,14 @@ class Context:
         if self.enabled and device.type == "cuda":
             return torch.device("cuda", self.local_rank)
         return device
+
+    def threads(self, threads: int) -> int:
+        """Torch threads for this rank when `threads` (0 = every core) is what one process would
+        take: the host's cores split between its ranks, so they do not oversubscribe them."""
+        if threads or not self.enabled:
+            return threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // self.local_world)
 
     def rank_seed(self, seed: int) -> int:
         """A per-rank seed for per-step randomness; rank 0 keeps `seed`."""
@@ -178,11 +188,12 @@ def context(device: str = "auto") -> Context:
         _CONTEXT = Context()
         return _CONTEXT
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     on_cuda = device != "cpu" and torch.cuda.is_available()
     backend = "nccl" if on_cuda else "gloo"
     if on_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    _CONTEXT = Context(rank, world, local_rank, backend)
+    _CONTEXT = Context(rank, world, local_rank, backend, local_world)
     return _CONTEXT

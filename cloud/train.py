@@ -145,7 +145,7 @@ class Trainer:
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
         self.dist = distributed.context(cfg.device)  # distributed: a world of one outside torchrun
         self.torch_device = self.dist.torch_device(resolve_device(cfg.device))
-        self.threads = resolve_threads(cfg.threads)
+        self.threads = resolve_threads(self.dist.threads(cfg.threads))  # distributed: a share of the cores
         self.loss_cfg = cfg.loss_config(data.n_items)
         seed_everything(cfg.seed)
         self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
@@ -159,10 +159,11 @@ class Trainer:
             self.valid_users = np.sort(rng.choice(self.valid_users, cfg.valid_users, replace=False))
         # (checkpoint, data, users, stage, variants, protocol=) -> {variant: per-user metrics}
         self.evaluator = evaluator
-        self.rng = np.random.default_rng(self.dist.rank_seed(cfg.seed))  # distributed: per-rank steps
-        self.torch_gen = torch.Generator().manual_seed(self.dist.rank_seed(cfg.seed))
+        seed = self.dist.rank_seed(cfg.seed)  # distributed: per-rank step randomness (rank 0: cfg.seed)
+        self.rng = np.random.default_rng(seed)
+        self.torch_gen = torch.Generator().manual_seed(seed)
         # Negatives are drawn on the device that uses them.
-        self.negatives_gen = torch.Generator(device=self.torch_device).manual_seed(cfg.seed + 1)
+        self.negatives_gen = torch.Generator(device=self.torch_device).manual_seed(seed + 1)
         self.history: dict[str, list] = {"static": [], "cloud": [], "generator": []}
         self.best_epoch: dict[str, int] = {}
 
@@ -218,8 +219,8 @@ class Trainer:
                 total += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             train_modes(False)
-            epoch_loss = self.dist.mean(total / max(steps, 1))  # distributed: averaged over ranks
-            record: dict = {"epoch": epoch, "loss": epoch_loss, "train_seconds": time.perf_counter() - t0}
+            loss_mean = self.dist.mean(total / max(steps, 1))  # distributed: averaged over ranks
+            record: dict = {"epoch": epoch, "loss": loss_mean, "train_seconds": time.perf_counter() - t0}
             if epoch % every == 0 or epoch == epochs:
                 scores = validate()
                 record.update({f"valid_{k}": v for k, v in scores.items() if k != "select"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 def _torchrun(args: list[str], tmp_path: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     # --standalone: a rendezvous on localhost with a port the OS picks, so parallel runs never collide.
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+    # --tee 3: each rank's own output reaches ours (prefixed with its rank), so a failure shows its cause.
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--tee", "3",
                            f"--nproc-per-node={nproc}", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -33,6 +35,13 @@ def test_a_world_of_one_changes_nothing():
     assert ctx.shared_rng(rng) is rng and ctx.rank_seed(7) == 7 and ctx.local_batch_size(128) == 128
     assert ctx.shard([3, 1, 2]) == [3, 1, 2] and ctx.data_parallel(step) is step
     assert ctx.mean(0.25) == 0.25 and ctx.means([np.array([1.0, 2.0])]) == [1.5]
+    assert ctx.threads(0) == 0 and ctx.threads(3) == 3  # a single process keeps what it was given
+
+
+def test_ranks_on_one_host_share_its_cores():
+    two = Context(rank=1, world=4, local_rank=1, backend="gloo", local_world=2)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    assert two.threads(0) == max(1, cores // 2) and two.threads(5) == 5
 
 
 HELPERS = textwrap.dedent("""
@@ -73,7 +82,7 @@ def test_helpers_agree_across_two_processes(tmp_path):
     script = tmp_path / "helpers.py"
     script.write_text(HELPERS)
     done = _torchrun([str(script), str(tmp_path)], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["world"], r1["world"], r0["backend"]) == (2, 2, "gloo")
     assert r0["order"] == r1["order"]  # one shuffle for every rank, although their own generators differ
@@ -83,21 +92,22 @@ def test_helpers_agree_across_two_processes(tmp_path):
     assert r0["moved"] and r0["weight"] == r1["weight"]  # gradients were averaged, not kept per rank
 
 
-def test_torchrun_trains_both_stages_with_two_processes(shared_data, tmp_path):
+def test_torchrun_trains_every_stage_with_two_processes(shared_data, tmp_path):
     out = tmp_path / "model"
     done = _torchrun(["-m", "paramcast.cli", "train", "--data", str(shared_data / "ml-100k"), "--out", str(out),
                       "--device", "cpu", "--epochs", "1", "--gen-epochs", "1", "--hidden", "16",
                       "--head-units", "16", "--ffn-units", "16", "--max-len", "20", "--window", "20",
+                      "--cloud-hidden", "16", "--cloud-blocks", "1", "--cloud-ffn-units", "16",
                       "--gen-width", "32", "--valid-users", "100", "--no-progress"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # Only rank 0 wrote: one bundle, one summary on stdout.
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.json", "checkpoint.pt"]
-    summary = json.loads(done.stdout[done.stdout.index("{"):])
-    assert done.stdout.count('"model_id"') == 1
+    printed = re.sub(r"(?m)^\[[^\]]+\]:", "", done.stdout)  # --tee prefixes every line with its rank
+    summary = json.loads(printed[printed.index("{"):])
+    assert printed.count('"model_id"') == 1
     meta = json.loads((out / "checkpoint.json").read_text())["meta"]
     assert meta["distributed"] == {"world_size": 2, "backend": "gloo"}  # and the ranks ended in sync
-    assert [h["epoch"] for h in meta["history"]["static"]] == [1]
-    assert len(meta["history"]["generator"]) == 1
+    assert [len(meta["history"][stage]) for stage in ("static", "cloud", "generator")] == [1, 1, 1]
 
     from paramcast.cloud.checkpoint import load_checkpoint
 
