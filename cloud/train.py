@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,6 +68,7 @@ class TrainConfig:
     slim_train_prob: float = 0.25
     joint: bool = False  # also fine-tune the device model in stage 2 (not DUET's default)
     progress: bool = True
+    resume: bool = False  # stage 1 saves its progress in the output folder and continues from it if found
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,8 +126,9 @@ class Trainer:
     """Holds the data views both stages use; `fit()` runs stage 1 then stage 2."""
 
     def __init__(self, data: InteractionLog, model_cfg: DeviceModelConfig, gen_cfg: dict, cfg: TrainConfig,
-                 evaluator):
+                 evaluator, progress_path: Path | None = None):
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
+        self.progress_path = progress_path  # where stage 1 saves its progress, to resume after an interruption
         self.torch_device = resolve_device(cfg.device)
         self.threads = resolve_threads(cfg.threads)
         self.loss_cfg = cfg.loss_config(data.n_items)
@@ -184,7 +187,15 @@ class Trainer:
         best = validate()["select"] if stage == "generator" else float("-inf")
         untrained, best_state, best_epoch = best, copy.deepcopy(selected.state_dict()), 0
         every = max(1, every)
-        for epoch in range(1, epochs + 1):
+        start = 1
+        progress = self.progress_path if stage == "static" else None
+        if progress is not None and (saved := self._load_progress(progress)) is not None:
+            selected.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            best, best_state, best_epoch = saved["best"], saved["best_state"], saved["best_epoch"]
+            start = saved["epoch"] + 1
+            log.info("%s: resumed after epoch %d from %s", stage, saved["epoch"], progress)
+        for epoch in range(start, epochs + 1):
             train_modes(True)
             t0, total = time.perf_counter(), 0.0
             bar = tqdm(batches(), total=n_batches, desc=f"{stage} epoch {epoch}", disable=not cfg.progress, leave=False)
@@ -197,7 +208,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             train_modes(False)
             record: dict = {"epoch": epoch, "loss": total / n_batches, "train_seconds": time.perf_counter() - t0}
-            if epoch % every == 0 or epoch == epochs:
+            validated = epoch % every == 0 or epoch == epochs
+            if validated:
                 scores = validate()
                 record.update({f"valid_{k}": v for k, v in scores.items() if k != "select"})
                 score = scores["select"]
@@ -210,9 +222,47 @@ class Trainer:
             self.history[stage].append(record)
             if epoch - best_epoch >= patience:
                 break
+            if validated and progress is not None:
+                self._save_progress(progress, epoch, selected, opt, best, best_state, best_epoch)
         selected.load_state_dict(best_state)
         self.best_epoch[stage] = best_epoch
+        if progress is not None:
+            progress.unlink(missing_ok=True)
         return best
+
+    # -- resuming an interrupted stage 1 ----------------------------------------------------------
+    def _progress_key(self) -> dict:
+        """What a saved run must match to be resumed: the data, the model and the training settings."""
+        train_cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in ("progress", "resume", "threads")}
+        return {"data": [self.data.name, self.data.n_users, self.data.n_items, self.data.n_interactions],
+                "model": self.model_cfg.to_dict(), "train": train_cfg}
+
+    def _save_progress(self, path: Path, epoch: int, selected: torch.nn.Module, opt: torch.optim.Optimizer,
+                       best: float, best_state: dict, best_epoch: int) -> None:
+        """Everything the loop needs to continue exactly as if it had not stopped (CPU random streams
+        included), written atomically after each validation."""
+        state = {"key": self._progress_key(), "epoch": epoch, "model": selected.state_dict(), "opt": opt.state_dict(),
+                 "best": best, "best_state": best_state, "best_epoch": best_epoch, "history": self.history["static"],
+                 "rng": self.rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
+                 "negatives_gen": self.negatives_gen.get_state(), "torch_rng": torch.get_rng_state()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _load_progress(self, path: Path) -> dict | None:
+        if not path.exists():
+            return None
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] != self._progress_key():
+            log.warning("not resuming from %s: it was saved for other data or settings", path)
+            return None
+        self.history["static"] = saved["history"]
+        self.rng.bit_generator.state = saved["rng"]
+        self.torch_gen.set_state(saved["torch_gen"])
+        self.negatives_gen.set_state(saved["negatives_gen"])
+        torch.set_rng_state(saved["torch_rng"])
+        return saved
 
     def train_static(self) -> DeviceModel:
         cfg, dev = self.cfg, self.torch_device
@@ -315,7 +365,8 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
     from paramcast.cloud.evaluate import per_user_metrics
 
     t0 = time.perf_counter()
-    trainer = Trainer(data, model_cfg, gen_cfg or {}, cfg, per_user_metrics)
+    progress = Path(out) / "static-progress.pt" if cfg.resume else None
+    trainer = Trainer(data, model_cfg, gen_cfg or {}, cfg, per_user_metrics, progress)
     model = trainer.train_static()
     t_static = time.perf_counter() - t0
     gen = trainer.train_generator(model) if "generator" in stages else None

@@ -71,7 +71,7 @@ def run_loss(args: argparse.Namespace, loss: str, workdir: Path) -> dict:
     history = meta["history"]["static"]
     return {"loss": loss, "epochs": len(history), "best_epoch": meta["best_epoch"]["static"],
             "seconds": float((out / "wall_seconds").read_text()), "train_seconds": meta["seconds"]["static"],
-            "cpu_seconds": meta.get("cpu_seconds"),
+            "cpu_seconds": meta.get("cpu_seconds"), "threads": meta["torch_threads"],
             "peak_rss_mib": meta["peak_rss_mib"], **test, "valid": valid,
             "loss_config": meta["loss"], "history": history}
 

@@ -101,3 +101,42 @@ def test_preset_cli_lets_explicit_flags_win_and_evaluate_reports_both_protocols(
     assert both["ndcg@10"] == sampled["ndcg@10"]
     assert set(full) == {"full:hr@10", "full:ndcg@10", "full:mrr"} and full["full:mrr"] == both["full:mrr"]
     assert both["full:ndcg@10"]["value"] < both["ndcg@10"]["value"]  # the whole catalogue is harder than 100
+
+
+def test_an_interrupted_stage_resumes_to_the_same_model(ml100k, tmp_path):
+    data = InteractionLog("part", ml100k.sequences[:40], ml100k.n_items, ml100k.user_raw_ids[:40],
+                          ml100k.item_raw_ids)
+    model_cfg = DeviceModelConfig(n_items=data.n_items, **TINY)
+
+    class Interrupted(Exception):
+        pass
+
+    def evaluator(stop_after: int | None):
+        calls = iter(range(100))
+
+        def evaluate(ckpt, data, users, stage, variants, protocol):
+            if next(calls) == stop_after:
+                raise Interrupted  # as if the process were killed during the second validation
+            score = float(ckpt.device_model.item_emb.weight[1:5].detach().sum())  # depends on the weights
+            return {v: {"ndcg@10": np.full(len(users), score), "full:ndcg@10": np.zeros(len(users))} for v in variants}
+        return evaluate
+
+    cfg = TrainConfig(epochs=6, patience=100, eval_every=2, progress=False, threads=1, seed=4, loss="bce",
+                      cold_fraction=0.0)
+    whole = Trainer(data, model_cfg, {}, cfg, evaluator(None))
+    expected = whole.train_static().state_dict()
+    progress = tmp_path / "static-progress.pt"
+    with pytest.raises(Interrupted):
+        Trainer(data, model_cfg, {}, cfg, evaluator(1), progress).train_static()
+    assert progress.exists()  # saved after the first validation (epoch 2)
+    resumed = Trainer(data, model_cfg, {}, cfg, evaluator(None), progress)
+    got = resumed.train_static().state_dict()
+    assert [h["epoch"] for h in resumed.history["static"]] == list(range(1, 7))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor)
+    assert not progress.exists()  # a finished stage leaves nothing to resume
+    with pytest.raises(Interrupted):
+        Trainer(data, model_cfg, {}, cfg, evaluator(1), progress).train_static()
+    other = Trainer(data, model_cfg, {}, TrainConfig(**{**cfg.to_dict(), "lr": 5e-3}), evaluator(None), progress)
+    other.train_static()
+    assert other.history["static"][0]["epoch"] == 1  # saved under other settings: started afresh

@@ -57,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "lr 1e-3, batch 128, every user in training, no unit dropout; max-len/dropout 200/0.2 when "
                         "the median user sequence has >= 30 items, else 50/0.5); flags given explicitly win")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="save stage-1 progress in --out after each validation and continue from it if present")
     m = p.add_argument_group("device model")
     _option(m, "--hidden", int, 64)
     _option(m, "--blocks", int, 2)
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                       horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint, gen_holdout=args.gen_holdout,
                       slim_train_prob=args.slim_train_prob, eval_every=args.eval_every, select=args.select,
                       gbce_t=args.gbce_t, logq=args.logq, mix_weight=args.mix_weight,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, resume=args.resume)
     gen_cfg = {"window": args.window, "rank": args.rank, "width": args.gen_width, "n_layers": args.gen_layers,
                "dropout": args.gen_dropout}
     t0 = time.perf_counter()
