@@ -52,7 +52,8 @@ def checkpoint_meta(out: Path) -> Path:
 
 
 def run_loss(args: argparse.Namespace, loss: str, workdir: Path) -> dict:
-    """Train and evaluate one loss; a finished run in `workdir` is reused, so losses can be added."""
+    """Train and evaluate one loss; a finished run in `workdir` is reused, so losses can be added, and an
+    interrupted one continues where its last validation left it (`paramcast train --resume`)."""
     out = workdir / loss.replace("+", "-")
     reports = {stage: out / f"evaluate-{stage}.json" for stage in ("valid", "test")}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -60,7 +61,7 @@ def run_loss(args: argparse.Namespace, loss: str, workdir: Path) -> dict:
         t0 = time.perf_counter()
         _cli("-v", "train", "--data", args.data, "--out", str(out), "--preset", "sasrec-reference",  # -v: epoch log
              "--stages", "static", "--loss", loss, "--seed", str(args.seed), "--threads", str(args.threads),
-             "--no-progress", *args.train_args, env=env)
+             "--no-progress", "--resume", *args.train_args, env=env)
         (out / "wall_seconds").write_text(f"{time.perf_counter() - t0}\n")
     for stage, path in reports.items():
         if not path.exists():

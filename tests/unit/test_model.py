@@ -150,3 +150,14 @@ def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):
     assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "amazon-beauty")]) == 2
     assert "items" in capsys.readouterr().err
     assert np.isfinite(report["generated-static"]["ndcg@10"]["value"])
+
+
+def test_embedding_initialisations():
+    scaled = DeviceModel(DeviceModelConfig(n_items=3000, hidden=50, max_len=200))
+    xavier = DeviceModel(DeviceModelConfig(n_items=3000, hidden=50, max_len=200, init="xavier"))
+    assert float(scaled.item_emb.weight[1:].std()) == pytest.approx(50**-0.5, rel=0.05)
+    assert float(xavier.item_emb.weight[1:].std()) == pytest.approx((2 / (3001 + 50)) ** 0.5, rel=0.05)
+    assert float(xavier.pos_emb.weight.std()) == pytest.approx((2 / (200 + 50)) ** 0.5, rel=0.1)
+    assert not xavier.item_emb.weight[0].any()  # padding stays zero
+    with pytest.raises(ValueError, match="unknown init"):
+        DeviceModel(DeviceModelConfig(n_items=10, init="orthogonal"))

@@ -34,12 +34,12 @@ def _preset_name(value: str) -> str:
 
 # Options a --preset may set: registered with default None so that an explicit flag is told apart
 # from an unset one; run() fills the unset ones from the preset, then from these defaults.
-DEFAULTS: dict[str, int | float] = {}
+DEFAULTS: dict[str, int | float | str] = {}
 
 
-def _option(group, flag: str, kind: type, default: int | float, help: str = "") -> None:
+def _option(group, flag: str, kind: type, default: int | float | str, help: str = "", **kwargs) -> None:
     DEFAULTS[flag.lstrip("-").replace("-", "_")] = default
-    group.add_argument(flag, type=kind, default=None, help=f"{help} (default: {default})".lstrip())
+    group.add_argument(flag, type=kind, default=None, help=f"{help} (default: {default})".lstrip(), **kwargs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(m, "--head-units", int, 128)
     _option(m, "--max-len", int, 50)
     _option(m, "--dropout", float, 0.5)
+    _option(m, "--init", str, "scaled", choices=("scaled", "xavier"),
+            help="embedding initialisation: scaled N(0, 1/d) items, or xavier-normal as the SASRec reference")
     t = p.add_argument_group("static stage")
     _option(t, "--epochs", int, 200, help="upper bound; early stopping on validation NDCG@10")
     _option(t, "--batch-size", int, 128)
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     apply_preset(args, data)
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
                                   ffn_units=args.ffn_units, head_units=args.head_units, max_len=args.max_len,
-                                  dropout=args.dropout)
+                                  dropout=args.dropout, init=args.init)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                       loss=args.loss, n_negatives=args.negatives, seed=args.seed, device=args.device,
                       threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
