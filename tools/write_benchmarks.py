@@ -90,7 +90,9 @@ def quality_section(doc: dict) -> str:
 
 def reference_section(doc: dict) -> str:
     """Loss x protocol table of one `tools/bench_reference.py` run."""
-    out = [f"### {doc['dataset']}", "", f"Command: `{doc['meta']['command']}`", ""]
+    variant = doc.get("variant")
+    title = doc["dataset"] + (f" ({' '.join(variant['train_args'])})" if variant else "")
+    out = [f"### {title}", "", f"Command: `{doc['meta']['command']}`", ""]
     target = doc.get("target")
     if target:
         out += [f"Published reference (test, sampled protocol): HR@10 {target['hr@10']:.4f} / "
@@ -112,12 +114,17 @@ def reference_section(doc: dict) -> str:
                    f"{v['full']['ndcg@10']:.4f} | {ci(r, 'sampled', 'hr@10')}{reach} | {ci(r, 'sampled', 'ndcg@10')} | "
                    f"{r['full']['hr@10']:.4f} | {ci(r, 'full', 'ndcg@10')} | {r['epochs']} ({r['best_epoch']}) | "
                    f"{r['seconds']:.0f} | {cpu} ({r.get('threads', '?')}) | {r['peak_rss_mib']:.0f} |")
+    if "popularity" in doc:
+        v, t = doc["popularity"]["valid"], doc["popularity"]["test"]
+        out.append(f"| popularity (no training) | {v['sampled']['hr@10']:.4f} | {v['sampled']['ndcg@10']:.4f} | "
+                   f"{v['full']['ndcg@10']:.4f} | {ci(t, 'sampled', 'hr@10')} | {ci(t, 'sampled', 'ndcg@10')} | "
+                   f"{t['full']['hr@10']:.4f} | {ci(t, 'full', 'ndcg@10')} | – | – | – | – |")
     sel = doc["selection"]
     out += ["", f"Chosen on validation: **`{doc['best']}`** (rule: {sel['rule']}; qualifying: "
             f"{', '.join(f'`{q}`' for q in sel['qualifying'])}). ✓ marks a test HR@10 and NDCG@10 at or above the "
             "published reference's. Wall seconds are those of `paramcast train` (validation included) on the "
             "shared machine; CPU seconds (user + system) are its own work, whatever the others ran beside it."]
-    return "\n".join(out) + "\n" + note(f"reference-{doc['dataset']}")
+    return "\n".join(out) + "\n" + note(f"reference-{doc['dataset']}" + (f"-{variant['suffix']}" if variant else ""))
 
 
 def device_section(doc: dict) -> str:

@@ -140,3 +140,16 @@ def test_an_interrupted_stage_resumes_to_the_same_model(ml100k, tmp_path):
     other = Trainer(data, model_cfg, {}, TrainConfig(**{**cfg.to_dict(), "lr": 5e-3}), evaluator(None), progress)
     other.train_static()
     assert other.history["static"][0]["epoch"] == 1  # saved under other settings: started afresh
+
+
+def test_popularity_baseline_ranks_by_training_counts():
+    from paramcast.cloud.evaluate import popularity_metrics
+
+    # Item 1 is everyone's favourite in training; user 0's test target is item 1, user 1's is item 9.
+    seqs = [np.array([1, 2, 3, 1]), np.array([1, 4, 5, 9]), np.array([1, 6, 7, 8])]
+    n_items = 120
+    data = InteractionLog("tiny", seqs, n_items, ["a", "b", "c"], [""] + [str(i) for i in range(1, n_items + 1)])
+    m = popularity_metrics(data, np.arange(3), "test", protocol="both")
+    # The most trained-on item ranks first; that user 0 saw it before does not exclude it as the target.
+    assert m["full:hr@10"][0] == 1.0 and m["hr@10"][0] == 1.0
+    assert m["full:mrr"][1] < 0.2  # item 9 never appears in training: it ties with the unseen tail
