@@ -127,15 +127,6 @@ def user_vectors(ckpt: Checkpoint, histories: Sequence[np.ndarray], variant: str
     return out
 
 
-@torch.no_grad()
-def score_cases(ckpt: Checkpoint, histories: Sequence[np.ndarray], candidates: np.ndarray, variant: str,
-                users: torch.Tensor | None = None) -> np.ndarray:
-    """(U, C) scores of `candidates` for each history under `variant` (`users`: its vectors, if known)."""
-    users = user_vectors(ckpt, histories, variant) if users is None else users  # (U, d)
-    items = item_table(ckpt, variant)[torch.as_tensor(candidates)]  # (U, C, d)
-    return torch.einsum("ucd,ud->uc", items, users).numpy()
-
-
 def per_user_metrics(ckpt: Checkpoint, data: InteractionLog, users: np.ndarray, stage: str,
                      variants: Sequence[str], seed: int = 0,
                      protocol: str = "sampled") -> dict[str, dict[str, np.ndarray]]:
@@ -144,31 +135,47 @@ def per_user_metrics(ckpt: Checkpoint, data: InteractionLog, users: np.ndarray, 
     `protocol`: `sampled` ranks the target among 100 sampled negatives, `full` against the whole
     catalogue minus the user's other items (metrics named `full:*`), `both` reports both from the
     same user vectors."""
+    split = LeaveOneOut.of(data, users)
+    histories = [split.case(int(u), stage)[0] for u in split.eval_users()]
+    return {v: _vector_metrics(user_vectors(ckpt, histories, v), item_table(ckpt, v), data, split, stage, seed,
+                               protocol) for v in variants}
+
+
+def popularity_metrics(data: InteractionLog, users: np.ndarray, stage: str, seed: int = 0,
+                       protocol: str = "sampled") -> dict[str, np.ndarray]:
+    """The same metrics for a model-free baseline: every user gets the items most often seen in training.
+
+    A yardstick for how hard a split is: when the test targets are rarer in training than the
+    validation ones, this baseline (and any model trained on the same split) scores lower on test."""
+    split = LeaveOneOut.of(data, users)
+    counts = np.bincount(np.concatenate([split.train_sequence(int(u)) for u in range(data.n_users)]),
+                         minlength=data.n_items + 1).astype(np.float32)
+    table = torch.from_numpy(counts)[:, None]  # (n_items + 1, 1): a one-dimensional "embedding"
+    vectors = torch.ones(len(split.eval_users()), 1)
+    return _vector_metrics(vectors, table, data, split, stage, seed, protocol)
+
+
+def _vector_metrics(vectors: torch.Tensor, table: torch.Tensor, data: InteractionLog, split: LeaveOneOut, stage: str,
+                    seed: int, protocol: str) -> dict[str, np.ndarray]:
+    """Per-user metrics of scores `vectors @ table.T` (users (U, d), items (n_items + 1, d)) under `protocol`."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
-    split = LeaveOneOut.of(data, users)
     eval_users = split.eval_users()
-    cases = [split.case(int(u), stage) for u in eval_users]
-    histories = [h for h, _ in cases]
-    targets = np.array([t for _, t in cases], dtype=np.int64)
-    chunk = max(1, 2**23 // (data.n_items + 1))  # (chunk, n_items + 1) float32 full-ranking scores: ~32 MiB at a time
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for v in variants:
-        vectors = user_vectors(ckpt, histories, v)  # (U, d)
-        table = item_table(ckpt, v)  # (n_items + 1, d)
-        out[v] = {}
-        if protocol in ("sampled", "both"):
-            cand = np.concatenate([targets[:, None], negatives_for(data, eval_users, stage, seed)], axis=1)
-            out[v].update(metrics_from_scores(score_cases(ckpt, histories, cand, v, vectors)))
-        if protocol in ("full", "both"):
-            parts: dict[str, list] = {}
-            for start in range(0, len(cases), chunk):
-                rows = slice(start, start + chunk)
-                scores = (vectors[rows] @ table.T).numpy()  # (chunk, n_items + 1)
-                exclude = [data.sequences[int(u)] for u in eval_users[rows]]
-                for m, vals in full_ranking_metrics(scores, targets[rows], exclude).items():
-                    parts.setdefault(m, []).append(vals)
-            out[v].update({m: np.concatenate(vals) for m, vals in parts.items()})
+    targets = np.array([split.case(int(u), stage)[1] for u in eval_users], dtype=np.int64)
+    out: dict[str, np.ndarray] = {}
+    if protocol in ("sampled", "both"):
+        cand = torch.as_tensor(np.concatenate([targets[:, None], negatives_for(data, eval_users, stage, seed)], 1))
+        out.update(metrics_from_scores(torch.einsum("ucd,ud->uc", table[cand], vectors).numpy()))
+    if protocol in ("full", "both"):
+        chunk = max(1, 2**23 // len(table))  # (chunk, n_items + 1) float32 scores: ~32 MiB at a time
+        parts: dict[str, list] = {}
+        for start in range(0, len(eval_users), chunk):
+            rows = slice(start, start + chunk)
+            scores = (vectors[rows] @ table.T).numpy()  # (chunk, n_items + 1)
+            exclude = [data.sequences[int(u)] for u in eval_users[rows]]
+            for m, vals in full_ranking_metrics(scores, targets[rows], exclude).items():
+                parts.setdefault(m, []).append(vals)
+        out.update({m: np.concatenate(vals) for m, vals in parts.items()})
     return out
 
 

@@ -36,6 +36,9 @@ class DeviceModelConfig:
     head_units: int = 128
     max_len: int = 50
     dropout: float = 0.5
+    # Embedding initialisation: "scaled" (items N(0, 1/d), positions N(0, 0.02^2)) or "xavier" (the
+    # SASRec reference's xavier-normal: item and position rows start at comparable, small scales).
+    init: str = "scaled"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,10 +113,16 @@ class DeviceModel(nn.Module):
         # The user-side head: a residual bottleneck whose two linear layers are the adapter slots.
         self.head_up = AdapterLinear(d, cfg.head_units)
         self.head_down = AdapterLinear(cfg.head_units, d)
-        nn.init.normal_(self.item_emb.weight, std=d**-0.5)
+        if cfg.init == "xavier":
+            nn.init.xavier_normal_(self.item_emb.weight)
+            nn.init.xavier_normal_(self.pos_emb.weight)
+        elif cfg.init == "scaled":
+            nn.init.normal_(self.item_emb.weight, std=d**-0.5)
+            nn.init.normal_(self.pos_emb.weight, std=0.02)
+        else:
+            raise ValueError(f"unknown init {cfg.init!r}; known: scaled, xavier")
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
 
     # -- what the generator and the exporter need to know -------------------------------------
     def slot_shapes(self) -> dict[str, tuple[int, int]]:

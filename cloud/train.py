@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,6 +85,7 @@ class TrainConfig:
     slim_train_prob: float = 0.25
     joint: bool = False  # also fine-tune the device model in stage 2 (not DUET's default)
     progress: bool = True
+    resume: bool = False  # the static and cloud stages save progress in the output folder and continue from it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,11 +143,12 @@ class Trainer:
     """Holds the data views both stages use; `fit()` runs stage 1 then stage 2."""
 
     def __init__(self, data: InteractionLog, model_cfg: DeviceModelConfig, gen_cfg: dict, cfg: TrainConfig,
-                 evaluator):
+                 evaluator, progress_dir: Path | None = None):
         self.data, self.cfg, self.model_cfg, self.gen_overrides = data, cfg, model_cfg, gen_cfg
         self.dist = distributed.context(cfg.device)  # distributed: a world of one outside torchrun
         self.torch_device = self.dist.torch_device(resolve_device(cfg.device))
         self.threads = resolve_threads(self.dist.threads(cfg.threads))  # distributed: a share of the cores
+        self.progress_dir = progress_dir  # where the next-item stages save progress, to resume after an interruption
         self.loss_cfg = cfg.loss_config(data.n_items)
         seed_everything(cfg.seed)
         self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
@@ -191,9 +194,12 @@ class Trainer:
             yield x[:, :-1], x[:, 1:], x  # inputs, next items, the row's own items (never its negatives)
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
-             step, epochs: int, patience: int, validate, train_modes, every: int = 1) -> float:
+             step, epochs: int, patience: int, validate, train_modes, every: int = 1,
+             resume_key: dict | None = None) -> float:
         """The loop both stages share: Adam over `params`, validation every `every` epochs (and after
-        the last), early stopping after `patience` epochs without improvement.
+        the last), early stopping after `patience` epochs without improvement. With `resume_key` (the
+        model's configuration) and a progress folder, progress is saved after each validation and a
+        run interrupted with the same key continues from it.
 
         `step(batch)` returns the loss; `validate()` a dict of validation scores whose "select" entry
         is maximised; `train_modes(on)` switches the modules being trained. The best state of
@@ -204,7 +210,18 @@ class Trainer:
         best = validate()["select"] if stage == "generator" else float("-inf")
         untrained, best_state, best_epoch = best, copy.deepcopy(selected.state_dict()), 0
         every = max(1, every)
-        for epoch in range(1, epochs + 1):
+        start, progress, key = 1, None, {}
+        if self.progress_dir is not None and resume_key is not None:
+            rank = f"-rank{self.dist.rank}" if self.dist.enabled else ""  # each rank resumes its own streams
+            progress = self.progress_dir / f"{stage}-progress{rank}.pt"
+            key = self._progress_key(stage, resume_key)
+        if progress is not None and (saved := self._load_progress(progress, key)) is not None:
+            selected.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            best, best_state, best_epoch = saved["best"], saved["best_state"], saved["best_epoch"]
+            start = saved["epoch"] + 1
+            log.info("%s: resumed after epoch %d from %s", stage, saved["epoch"], progress)
+        for epoch in range(start, epochs + 1):
             train_modes(True)
             t0, total = time.perf_counter(), 0.0
             bar = tqdm(batches(), total=n_batches, desc=f"{stage} epoch {epoch}",
@@ -221,7 +238,8 @@ class Trainer:
             train_modes(False)
             loss_mean = self.dist.mean(total / max(steps, 1))  # distributed: averaged over ranks
             record: dict = {"epoch": epoch, "loss": loss_mean, "train_seconds": time.perf_counter() - t0}
-            if epoch % every == 0 or epoch == epochs:
+            validated = epoch % every == 0 or epoch == epochs
+            if validated:
                 scores = validate()
                 record.update({f"valid_{k}": v for k, v in scores.items() if k != "select"})
                 score = scores["select"]
@@ -234,9 +252,47 @@ class Trainer:
             self.history[stage].append(record)
             if epoch - best_epoch >= patience:
                 break
+            if validated and progress is not None:
+                self._save_progress(progress, stage, key, epoch, selected, opt, best, best_state, best_epoch)
         selected.load_state_dict(best_state)
         self.best_epoch[stage] = best_epoch
+        if progress is not None:
+            progress.unlink(missing_ok=True)
         return best
+
+    # -- resuming an interrupted stage --------------------------------------------------------------
+    def _progress_key(self, stage: str, model_key: dict) -> dict:
+        """What a saved stage must match to be resumed: the data, the model and the training settings."""
+        train_cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in ("progress", "resume", "threads")}
+        data = [self.data.name, self.data.n_users, self.data.n_items, self.data.n_interactions]
+        return {"stage": stage, "data": data, "model": model_key, "train": train_cfg, "world": self.dist.world}
+
+    def _save_progress(self, path: Path, stage: str, key: dict, epoch: int, selected: torch.nn.Module,
+                       opt: torch.optim.Optimizer, best: float, best_state: dict, best_epoch: int) -> None:
+        """Everything the loop needs to continue exactly as if it had not stopped (CPU random streams
+        included), written atomically after each validation."""
+        state = {"key": key, "epoch": epoch, "model": selected.state_dict(), "opt": opt.state_dict(),
+                 "best": best, "best_state": best_state, "best_epoch": best_epoch, "history": self.history[stage],
+                 "rng": self.rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
+                 "negatives_gen": self.negatives_gen.get_state(), "torch_rng": torch.get_rng_state()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _load_progress(self, path: Path, key: dict) -> dict | None:
+        if not path.exists():
+            return None
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] != key:
+            log.warning("not resuming from %s: it was saved for other data or settings", path)
+            return None
+        self.history[key["stage"]] = saved["history"]
+        self.rng.bit_generator.state = saved["rng"]
+        self.torch_gen.set_state(saved["torch_gen"])
+        self.negatives_gen.set_state(saved["negatives_gen"])
+        torch.set_rng_state(saved["torch_rng"])
+        return saved
 
     def _train_next_item(self, stage: str, model: DeviceModel | CloudModel, seqs: list[np.ndarray], max_len: int,
                          random_masks: bool, ckpt: Checkpoint, variant: str, batch_size: int, lr: float) -> None:
@@ -258,7 +314,7 @@ class Trainer:
         ddp_step = self.dist.data_parallel(step, model)  # distributed: gradients averaged across ranks
         self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
                   -(-len(seqs) // batch_size), ddp_step, cfg.epochs, cfg.patience,
-                  lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every)
+                  lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every, model.cfg.to_dict())
 
     def train_static(self) -> DeviceModel:
         model = DeviceModel(self.model_cfg).to(self.torch_device)
@@ -392,7 +448,7 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
         raise ValueError("the generator stage distils the cloud model: add the cloud stage")
     t0 = time.perf_counter()
     device_cfg = model_cfg if start is None else start.device_model.cfg
-    trainer = Trainer(data, device_cfg, gen_cfg or {}, cfg, per_user_metrics)
+    trainer = Trainer(data, device_cfg, gen_cfg or {}, cfg, per_user_metrics, Path(out) if cfg.resume else None)
     seconds = {}
     if start is None:
         model = trainer.train_static()

@@ -52,7 +52,8 @@ def checkpoint_meta(out: Path) -> Path:
 
 
 def run_loss(args: argparse.Namespace, loss: str, workdir: Path) -> dict:
-    """Train and evaluate one loss; a finished run in `workdir` is reused, so losses can be added."""
+    """Train and evaluate one loss; a finished run in `workdir` is reused, so losses can be added, and an
+    interrupted one continues where its last validation left it (`paramcast train --resume`)."""
     out = workdir / loss.replace("+", "-")
     reports = {stage: out / f"evaluate-{stage}.json" for stage in ("valid", "test")}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -60,7 +61,7 @@ def run_loss(args: argparse.Namespace, loss: str, workdir: Path) -> dict:
         t0 = time.perf_counter()
         _cli("-v", "train", "--data", args.data, "--out", str(out), "--preset", "sasrec-reference",  # -v: epoch log
              "--stages", "static", "--loss", loss, "--seed", str(args.seed), "--threads", str(args.threads),
-             "--no-progress", *args.train_args, env=env)
+             "--no-progress", "--resume", *args.train_args, env=env)
         (out / "wall_seconds").write_text(f"{time.perf_counter() - t0}\n")
     for stage, path in reports.items():
         if not path.exists():
@@ -71,9 +72,24 @@ def run_loss(args: argparse.Namespace, loss: str, workdir: Path) -> dict:
     history = meta["history"]["static"]
     return {"loss": loss, "epochs": len(history), "best_epoch": meta["best_epoch"]["static"],
             "seconds": float((out / "wall_seconds").read_text()), "train_seconds": meta["seconds"]["static"],
-            "cpu_seconds": meta.get("cpu_seconds"),
+            "cpu_seconds": meta.get("cpu_seconds"), "threads": meta["torch_threads"],
             "peak_rss_mib": meta["peak_rss_mib"], **test, "valid": valid,
             "loss_config": meta["loss"], "history": history}
+
+
+def popularity_baseline(data_path: str, seed: int = 0) -> dict:
+    """Validation and test figures of the model-free popularity ranking, both protocols: how hard
+    each split is before any model is trained."""
+    import numpy as np
+
+    from paramcast.cloud.evaluate import popularity_metrics
+    from paramcast.common.data import load_interactions
+    from paramcast.common.evaluation import summarize
+
+    data = load_interactions(data_path)
+    users = np.arange(data.n_users)
+    return {stage: figures({"static": summarize(popularity_metrics(data, users, stage, seed, "both"), seed=seed)})
+            for stage in ("valid", "test")}
 
 
 def choose(results: list[dict]) -> tuple[str, list[str]]:
@@ -95,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", help="HR@10,NDCG@10 the published reference reaches on this test split")
     p.add_argument("--workdir", default="runs/reference")
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--suffix", default="", help="results file reference-<dataset>[-suffix].json, for variant runs")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `paramcast train` flags after --")
     args = p.parse_args(argv)
     args.train_args = [a for a in args.train_args if a != "--"]
     name = Path(args.data.rstrip("/")).name
-    workdir = Path(args.workdir) / name
+    workdir = Path(args.workdir) / (name + (f"-{args.suffix}" if args.suffix else ""))
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
     results = [run_loss(args, loss, workdir) for loss in losses]
     target = None
@@ -115,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         "selection": {"rule": f"validation sampled HR@10 and NDCG@10 >= the {REFERENCE_LOSS} run's; then the "
                               "highest validation full-ranking NDCG@10", "qualifying": qualifying},
         "target": target,
+        "variant": {"suffix": args.suffix, "train_args": args.train_args} if args.suffix else None,
+        "popularity": popularity_baseline(args.data),
         "losses": results,
         "meta": {"command": "python tools/bench_reference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "seed": args.seed, "threads": args.threads,
                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}},
     }
     Path(args.results).mkdir(parents=True, exist_ok=True)
-    path = Path(args.results) / f"reference-{name}.json"
+    path = Path(args.results) / f"reference-{name}{f'-{args.suffix}' if args.suffix else ''}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(path)
     return 0

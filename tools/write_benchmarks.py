@@ -104,14 +104,16 @@ def quality_section(doc: dict) -> str:
 
 def reference_section(doc: dict) -> str:
     """Loss x protocol table of one `tools/bench_reference.py` run."""
-    out = [f"### {doc['dataset']}", "", f"Command: `{doc['meta']['command']}`", ""]
+    variant = doc.get("variant")
+    title = doc["dataset"] + (f" ({' '.join(variant['train_args'])})" if variant else "")
+    out = [f"### {title}", "", f"Command: `{doc['meta']['command']}`", ""]
     target = doc.get("target")
     if target:
         out += [f"Published reference (test, sampled protocol): HR@10 {target['hr@10']:.4f} / "
                 f"NDCG@10 {target['ndcg@10']:.4f}.", ""]
     out += ["| loss | valid HR@10 | valid NDCG@10 | valid full NDCG@10 | test HR@10 [95% CI] | "
-            "test NDCG@10 [95% CI] | test full HR@10 | test full NDCG@10 [95% CI] | epochs (best) | s | "
-            "peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "test NDCG@10 [95% CI] | test full HR@10 | test full NDCG@10 [95% CI] | epochs (best) | wall s | "
+            "CPU s (threads) | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ci(r: dict, protocol: str, m: str) -> str:
         lo, hi = r[protocol]["ci"][m]
@@ -121,16 +123,22 @@ def reference_section(doc: dict) -> str:
         v = r["valid"]
         mark = " (best)" if r["loss"] == doc["best"] else ""
         reach = " ✓" if r.get("reaches_target") else ""
+        cpu = f"{r['cpu_seconds']:.0f}" if r.get("cpu_seconds") is not None else "–"
         out.append(f"| `{r['loss']}`{mark} | {v['sampled']['hr@10']:.4f} | {v['sampled']['ndcg@10']:.4f} | "
                    f"{v['full']['ndcg@10']:.4f} | {ci(r, 'sampled', 'hr@10')}{reach} | {ci(r, 'sampled', 'ndcg@10')} | "
                    f"{r['full']['hr@10']:.4f} | {ci(r, 'full', 'ndcg@10')} | {r['epochs']} ({r['best_epoch']}) | "
-                   f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+                   f"{r['seconds']:.0f} | {cpu} ({r.get('threads', '?')}) | {r['peak_rss_mib']:.0f} |")
+    if "popularity" in doc:
+        v, t = doc["popularity"]["valid"], doc["popularity"]["test"]
+        out.append(f"| popularity (no training) | {v['sampled']['hr@10']:.4f} | {v['sampled']['ndcg@10']:.4f} | "
+                   f"{v['full']['ndcg@10']:.4f} | {ci(t, 'sampled', 'hr@10')} | {ci(t, 'sampled', 'ndcg@10')} | "
+                   f"{t['full']['hr@10']:.4f} | {ci(t, 'full', 'ndcg@10')} | – | – | – | – |")
     sel = doc["selection"]
     out += ["", f"Chosen on validation: **`{doc['best']}`** (rule: {sel['rule']}; qualifying: "
             f"{', '.join(f'`{q}`' for q in sel['qualifying'])}). ✓ marks a test HR@10 and NDCG@10 at or above the "
-            "published reference's. Seconds are the wall time of `paramcast train` (validation included) at "
-            f"{doc['meta']['threads']} threads."]
-    return "\n".join(out) + "\n" + note(f"reference-{doc['dataset']}")
+            "published reference's. Wall seconds are those of `paramcast train` (validation included) on the "
+            "shared machine; CPU seconds (user + system) are its own work, whatever the others ran beside it."]
+    return "\n".join(out) + "\n" + note(f"reference-{doc['dataset']}" + (f"-{variant['suffix']}" if variant else ""))
 
 
 def device_section(doc: dict) -> str:

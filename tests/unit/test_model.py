@@ -207,3 +207,14 @@ def test_generator_retrained_from_a_checkpoint_keeps_the_base_version(tmp_path, 
     with pytest.raises(ValueError, match="cloud"):
         train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, TINY_GEN,
               stages=("generator",), start=Checkpoint("x", start.device_model))
+
+
+def test_embedding_initialisations():
+    scaled = DeviceModel(DeviceModelConfig(n_items=3000, hidden=50, max_len=200))
+    xavier = DeviceModel(DeviceModelConfig(n_items=3000, hidden=50, max_len=200, init="xavier"))
+    assert float(scaled.item_emb.weight[1:].detach().std()) == pytest.approx(50**-0.5, rel=0.05)
+    assert float(xavier.item_emb.weight[1:].detach().std()) == pytest.approx((2 / (3001 + 50)) ** 0.5, rel=0.05)
+    assert float(xavier.pos_emb.weight.detach().std()) == pytest.approx((2 / (200 + 50)) ** 0.5, rel=0.1)
+    assert not xavier.item_emb.weight[0].any()  # padding stays zero
+    with pytest.raises(ValueError, match="unknown init"):
+        DeviceModel(DeviceModelConfig(n_items=10, init="orthogonal"))

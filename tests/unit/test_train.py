@@ -101,3 +101,55 @@ def test_preset_cli_lets_explicit_flags_win_and_evaluate_reports_both_protocols(
     assert both["ndcg@10"] == sampled["ndcg@10"]
     assert set(full) == {"full:hr@10", "full:ndcg@10", "full:mrr"} and full["full:mrr"] == both["full:mrr"]
     assert both["full:ndcg@10"]["value"] < both["ndcg@10"]["value"]  # the whole catalogue is harder than 100
+
+
+def test_an_interrupted_stage_resumes_to_the_same_model(ml100k, tmp_path):
+    data = InteractionLog("part", ml100k.sequences[:40], ml100k.n_items, ml100k.user_raw_ids[:40],
+                          ml100k.item_raw_ids)
+    model_cfg = DeviceModelConfig(n_items=data.n_items, **TINY)
+
+    class Interrupted(Exception):
+        pass
+
+    def evaluator(stop_after: int | None):
+        calls = iter(range(100))
+
+        def evaluate(ckpt, data, users, stage, variants, protocol):
+            if next(calls) == stop_after:
+                raise Interrupted  # as if the process were killed during the second validation
+            score = float(ckpt.device_model.item_emb.weight[1:5].detach().sum())  # depends on the weights
+            return {v: {"ndcg@10": np.full(len(users), score), "full:ndcg@10": np.zeros(len(users))} for v in variants}
+        return evaluate
+
+    cfg = TrainConfig(epochs=6, patience=100, eval_every=2, progress=False, threads=1, seed=4, loss="bce",
+                      cold_fraction=0.0)
+    whole = Trainer(data, model_cfg, {}, cfg, evaluator(None))
+    expected = whole.train_static().state_dict()
+    progress = tmp_path / "static-progress.pt"  # the static stage's file in the progress folder
+    with pytest.raises(Interrupted):
+        Trainer(data, model_cfg, {}, cfg, evaluator(1), tmp_path).train_static()
+    assert progress.exists()  # saved after the first validation (epoch 2)
+    resumed = Trainer(data, model_cfg, {}, cfg, evaluator(None), tmp_path)
+    got = resumed.train_static().state_dict()
+    assert [h["epoch"] for h in resumed.history["static"]] == list(range(1, 7))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor)
+    assert not progress.exists()  # a finished stage leaves nothing to resume
+    with pytest.raises(Interrupted):
+        Trainer(data, model_cfg, {}, cfg, evaluator(1), tmp_path).train_static()
+    other = Trainer(data, model_cfg, {}, TrainConfig(**{**cfg.to_dict(), "lr": 5e-3}), evaluator(None), tmp_path)
+    other.train_static()
+    assert other.history["static"][0]["epoch"] == 1  # saved under other settings: started afresh
+
+
+def test_popularity_baseline_ranks_by_training_counts():
+    from paramcast.cloud.evaluate import popularity_metrics
+
+    # Item 1 is everyone's favourite in training; user 0's test target is item 1, user 1's is item 9.
+    seqs = [np.array([1, 2, 3, 1]), np.array([1, 4, 5, 9]), np.array([1, 6, 7, 8])]
+    n_items = 120
+    data = InteractionLog("tiny", seqs, n_items, ["a", "b", "c"], [""] + [str(i) for i in range(1, n_items + 1)])
+    m = popularity_metrics(data, np.arange(3), "test", protocol="both")
+    # The most trained-on item ranks first; that user 0 saw it before does not exclude it as the target.
+    assert m["full:hr@10"][0] == 1.0 and m["hr@10"][0] == 1.0
+    assert m["full:mrr"][1] < 0.2  # item 9 never appears in training: it ties with the unseen tail

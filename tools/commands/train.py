@@ -42,12 +42,12 @@ def _preset_name(value: str) -> str:
 
 # Options a --preset may set: registered with default None so that an explicit flag is told apart
 # from an unset one; run() fills the unset ones from the preset, then from these defaults.
-DEFAULTS: dict[str, int | float] = {}
+DEFAULTS: dict[str, int | float | str] = {}
 
 
-def _option(group, flag: str, kind: type, default: int | float, help: str = "") -> None:
+def _option(group, flag: str, kind: type, default: int | float | str, help: str = "", **kwargs) -> None:
     DEFAULTS[flag.lstrip("-").replace("-", "_")] = default
-    group.add_argument(flag, type=kind, default=None, help=f"{help} (default: {default})".lstrip())
+    group.add_argument(flag, type=kind, default=None, help=f"{help} (default: {default})".lstrip(), **kwargs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "lr 1e-3, batch 128, every user in training, no unit dropout; max-len/dropout 200/0.2 when "
                         "the median user sequence has >= 30 items, else 50/0.5); flags given explicitly win")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="save the static and cloud stages' progress in --out after each validation and continue "
+                        "from it if present")
     # Defaults sized for a phone: DUET's device model (hidden 32, one block) over a 50-item window.
     m = p.add_argument_group("device model")
     _option(m, "--hidden", int, 32)
@@ -78,6 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(m, "--head-units", int, 64)
     _option(m, "--max-len", int, 50, help="the device's window: items its model reads")
     _option(m, "--dropout", float, 0.5)
+    _option(m, "--init", str, "scaled", choices=("scaled", "xavier"),
+            help="embedding initialisation: scaled N(0, 1/d) items, or xavier-normal as the SASRec reference")
     c = p.add_argument_group("cloud model (the generator's encoder and teacher)")
     c.add_argument("--cloud-hidden", type=int, default=64)
     c.add_argument("--cloud-blocks", type=int, default=2)
@@ -158,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     apply_preset(args, data)
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
                                   ffn_units=args.ffn_units, head_units=args.head_units, max_len=args.max_len,
-                                  dropout=args.dropout)
+                                  dropout=args.dropout, init=args.init)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                       loss=args.loss, n_negatives=args.negatives, seed=args.seed, device=args.device,
                       threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
@@ -170,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                       cloud_batch_size=args.cloud_batch_size, cloud_lr=args.cloud_lr,
                       side_features=not args.no_side_features, gen_cuts=args.gen_cuts,
                       gen_staleness=args.gen_staleness,
-                      distill_temperature=args.distill_temperature, progress=not args.no_progress)
+                      distill_temperature=args.distill_temperature, progress=not args.no_progress, resume=args.resume)
     cloud_cfg = CloudModelConfig(n_items=data.n_items, hidden=args.cloud_hidden, n_blocks=args.cloud_blocks,
                                  n_heads=args.cloud_heads, ffn_units=args.cloud_ffn_units, max_len=args.window,
                                  dropout=args.cloud_dropout)
