@@ -27,6 +27,11 @@ PRESETS = ("sasrec-reference",)
 # full-ranking validation NDCG@10 among those that also reach the public reference under the
 # sampled protocol (benchmarks/results/reference-*.json, written by tools/bench_reference.py).
 DEFAULT_LOSS = "ce"
+# The preset's loss, by the same rule over the reference configuration: `sampled` had the best
+# validation full-ranking NDCG@10 on ml-100k (0.1044 vs ce 0.0827) and qualifies on amazon-beauty,
+# where gbce's 0.0577 and its 0.0563 overlap. The device defaults keep `ce`: at hidden 32 and one
+# block, ml-100k validation NDCG@10 was 0.4114 (full 0.0838) with ce against 0.3774 (0.0669) sampled.
+PRESET_LOSS = "sampled"
 
 
 def sequence_regime(data: InteractionLog) -> dict:
@@ -48,5 +53,5 @@ def preset(name: str, data: InteractionLog) -> tuple[dict, dict]:
     # learning: validate every 5 epochs on a fixed sample of at most 10,000 users (the reference's
     # evaluation size) and stop after 20 epochs without a better validation NDCG@10.
     train = {"lr": 1e-3, "batch_size": 128, "cold_fraction": 0.0, "slim_train_prob": 0.0,
-             "epochs": 200, "eval_every": 5, "patience": 20, "valid_users": 10_000}
+             "epochs": 200, "eval_every": 5, "patience": 20, "valid_users": 10_000, "loss": PRESET_LOSS}
     return model, train

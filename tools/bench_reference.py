@@ -6,8 +6,10 @@ only, then `paramcast evaluate --protocol both` scores it on the validation and 
 The loss named `best` is chosen on VALIDATION alone, by a rule that needs no published figures, so
 the same command works on a dataset nobody has measured:
 
-    qualify: validation HR@10 and NDCG@10 under the sampled protocol at least those of `bce`, the
-             reference's own loss, trained by the same command (bce always qualifies);
+    qualify: validation NDCG@10 under the sampled protocol at least that of `bce`, the reference's
+             own loss, trained by the same command (bce always qualifies). NDCG@10 alone: requiring
+             HR@10 too let a loss whose full-ranking NDCG@10 is half the others' win on a sparse log
+             (amazon-beauty) by a HR@10 margin inside its CI;
     best:    the qualifying loss with the highest full-ranking validation NDCG@10.
 
 Test figures are recorded beside, never used to choose. With --target HR,NDCG (the published
@@ -97,7 +99,7 @@ def choose(results: list[dict]) -> tuple[str, list[str]]:
     by_loss = {r["loss"]: r for r in results}
     ref = by_loss.get(REFERENCE_LOSS)
     qualifying = [r["loss"] for r in results if ref is None
-                  or all(r["valid"]["sampled"][m] >= ref["valid"]["sampled"][m] for m in ("hr@10", "ndcg@10"))]
+                  or r["valid"]["sampled"]["ndcg@10"] >= ref["valid"]["sampled"]["ndcg@10"]]
     best = max(qualifying, key=lambda name: by_loss[name]["valid"]["full"]["ndcg@10"])
     return best, qualifying
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "dataset": name,
         "best": best,
-        "selection": {"rule": f"validation sampled HR@10 and NDCG@10 >= the {REFERENCE_LOSS} run's; then the "
+        "selection": {"rule": f"validation sampled NDCG@10 >= the {REFERENCE_LOSS} run's; then the "
                               "highest validation full-ranking NDCG@10", "qualifying": qualifying},
         "target": target,
         "variant": {"suffix": args.suffix, "train_args": args.train_args} if args.suffix else None,

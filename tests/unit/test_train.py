@@ -46,6 +46,21 @@ def test_preset_follows_the_median_sequence_length_not_the_dataset_name(ml100k):
         preset("bert4rec", short)
 
 
+def test_preset_sets_its_loss_unless_one_is_given(ml100k):
+    from paramcast.cli import build_parser
+    from paramcast.cloud.presets import DEFAULT_LOSS, PRESET_LOSS
+    from paramcast.commands.train import apply_preset
+
+    def parsed(*flags: str):
+        args = build_parser().parse_args(["train", "--data", "x", "--out", "y", *flags])
+        apply_preset(args, ml100k)
+        return args
+
+    assert parsed("--preset", "sasrec-reference").loss == PRESET_LOSS
+    assert parsed("--preset", "sasrec-reference", "--loss", "bce").loss == "bce"
+    assert parsed().loss == "auto" and TrainConfig(loss="auto").loss_config(ml100k.n_items).name == DEFAULT_LOSS
+
+
 def test_early_stopping_counts_epochs_and_keeps_the_best_weights(ml100k):
     data = InteractionLog("part", ml100k.sequences[:60], ml100k.n_items, ml100k.user_raw_ids[:60],
                           ml100k.item_raw_ids)
@@ -75,7 +90,7 @@ def test_early_stopping_counts_epochs_and_keeps_the_best_weights(ml100k):
 
 def test_preset_cli_lets_explicit_flags_win_and_evaluate_reports_both_protocols(tmp_path, shared_data, capsys):
     from paramcast.cli import main
-    from paramcast.cloud.presets import DEFAULT_LOSS
+    from paramcast.cloud.presets import PRESET_LOSS
 
     out = tmp_path / "m"
     assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), "--preset", "sasrec-reference",
@@ -89,7 +104,7 @@ def test_preset_cli_lets_explicit_flags_win_and_evaluate_reports_both_protocols(
     train_cfg = meta["meta"]["train_config"]
     assert (train_cfg["cold_fraction"], train_cfg["slim_train_prob"], train_cfg["lr"]) == (0.0, 0.0, 1e-3)
     assert meta["meta"]["split"]["cold_users"] == []
-    assert meta["meta"]["loss"]["name"] == DEFAULT_LOSS  # the validated default when --loss is not given
+    assert meta["meta"]["loss"]["name"] == PRESET_LOSS  # the preset's validated loss when --loss is not given
     assert meta["meta"]["preset"]["rule"]["dense"] is True
 
     def report(*extra: str) -> dict:
@@ -153,3 +168,18 @@ def test_popularity_baseline_ranks_by_training_counts():
     # The most trained-on item ranks first; that user 0 saw it before does not exclude it as the target.
     assert m["full:hr@10"][0] == 1.0 and m["hr@10"][0] == 1.0
     assert m["full:mrr"][1] < 0.2  # item 9 never appears in training: it ties with the unseen tail
+
+
+def test_reference_loss_choice_uses_validation_only():
+    from paramcast.bench_reference import choose
+
+    def run(loss, hr, ndcg, full, test_full=0.0):
+        return {"loss": loss, "valid": {"sampled": {"hr@10": hr, "ndcg@10": ndcg}, "full": {"ndcg@10": full}},
+                "full": {"ndcg@10": test_full}}
+
+    # gbce matches bce's sampled NDCG@10 with a lower HR@10 and twice its full-ranking NDCG@10: it wins.
+    # sampled has the best full ranking but a lower sampled NDCG@10 than bce: it does not qualify.
+    results = [run("bce", 0.48, 0.324, 0.028), run("gbce", 0.46, 0.326, 0.057), run("sampled", 0.47, 0.320, 0.090),
+               run("ce", 0.45, 0.330, 0.050, test_full=0.9)]  # test figures never choose
+    assert choose(results) == ("gbce", ["bce", "gbce", "ce"])
+    assert choose(results[2:]) == ("sampled", ["sampled", "ce"])  # without the reference loss every loss qualifies

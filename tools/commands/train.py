@@ -228,3 +228,5 @@ def apply_preset(args: argparse.Namespace, data) -> None:
     for dest, default in DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, chosen.get(dest, default))
+    if args.loss == "auto" and "loss" in chosen:  # --loss given explicitly wins
+        args.loss = chosen["loss"]
