@@ -104,7 +104,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     device_model.eval()
     generator = None
     if payload["generator_config"] is not None:
-        generator = Generator(GeneratorConfig(**payload["generator_config"]))
+        # A generator saved before the cloud-expectation input existed was built without it.
+        generator = Generator(GeneratorConfig(**{"cloud_expectation": False, **payload["generator_config"]}))
         generator.load_state_dict(payload["generator_state"])
         generator.eval()
     cloud = None

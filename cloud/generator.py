@@ -6,10 +6,13 @@ subnet. A generator that reads only the device's window with a model no stronger
 has nothing to add (measured: generated - static within noise), so this one is built on the cloud
 model: its encoder reads the user's whole history (up to `window` items, with the items' side
 features) and its last state, together with the device model's own user state for the same window
-(the cloud can always compute it), feeds a small MLP whose per-slot heads emit A (d_in x r) and
-B (r x d_out), W = W0 + A B, and per-group unit scores whose top units at a keep ratio form the
-device's subnet. It is trained by distillation (cloud/distill.py): the device model plus the delta,
-on the device's short window, should rank items as the cloud model does. Nothing here looks at a
+(the cloud can always compute it) and the cloud's expected next item in the device's item space
+(the cloud's next-item distribution averaged over the frozen device item table: the direction the
+device's user state should move in, given to the MLP instead of learnt by it), feeds a small MLP
+whose per-slot heads emit A (d_in x r) and B (r x d_out), W = W0 + A B, and per-group unit scores
+whose top units at a keep ratio form the device's subnet. It is trained by distillation (the
+generator stage of cloud/train.py): the device model plus the delta, on the device's short window,
+should rank items as the cloud model does. Nothing here looks at a
 user id: a user never seen in training gets an update from its history alone.
 
 Shapes: B = devices in a batch, N = history length the generator reads, D = cloud width,
@@ -42,6 +45,9 @@ class GeneratorConfig:
     dropout: float = 0.1
     # False: the cloud encoder stays the frozen teacher; True: distillation fine-tunes a copy of it.
     tune_encoder: bool = False
+    # The cloud's expected next item in device item space as a third input (measured on ml-100k
+    # validation: see BENCHMARKS.md, generator inputs).
+    cloud_expectation: bool = True
 
     def __post_init__(self) -> None:  # JSON round trips turn tuples into lists
         self.slot_shapes = {k: tuple(v) for k, v in self.slot_shapes.items()}  # type: ignore[misc]
@@ -81,8 +87,11 @@ class Generator(nn.Module):
         self.encoder = CloudModel(CloudModelConfig(**cfg.cloud))  # weights come from the cloud model
         self.encoder.requires_grad_(cfg.tune_encoder)
         D, d, w = self.encoder.cfg.hidden, cfg.device_dim, cfg.width
-        self.ln_in = nn.LayerNorm(D + d)
-        self.mlp = nn.Sequential(nn.Linear(D + d, w), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(w, w), nn.GELU())
+        n_in = D + d * (2 if cfg.cloud_expectation else 1)
+        # The frozen device model's item table (set by build_generator), for the cloud's expectation.
+        self.register_buffer("device_items", torch.zeros(cfg.n_items + 1, d) if cfg.cloud_expectation else None)
+        self.ln_in = nn.LayerNorm(n_in)
+        self.mlp = nn.Sequential(nn.Linear(n_in, w), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(w, w), nn.GELU())
         # Factor heads. B-heads start at zero so an untrained generator reproduces the static model
         # exactly (LoRA's initialisation, per sample).
         self.a_heads = nn.ModuleDict()
@@ -114,7 +123,11 @@ class Generator(nn.Module):
         assert window.shape[1] <= self.cfg.window, f"window length {window.shape[1]} > {self.cfg.window}"
         with torch.set_grad_enabled(self.cfg.tune_encoder and torch.is_grad_enabled()):
             cloud_state = self.encoder.encode(window)[:, -1]  # (B, D)
-        return self.mlp(self.ln_in(torch.cat([cloud_state, device_state], dim=-1)))  # (B, w)
+        inputs = [cloud_state, device_state]
+        if self.cfg.cloud_expectation:
+            p = torch.softmax(cloud_state @ self.encoder.output_table()[1:].T, dim=-1)  # (B, n_items)
+            inputs.append(p @ self.device_items[1:])  # (B, d)
+        return self.mlp(self.ln_in(torch.cat(inputs, dim=-1)))  # (B, w)
 
     def forward(self, window: torch.Tensor, device_state: torch.Tensor) -> Generated:
         c = self.context(window, device_state)
@@ -138,7 +151,9 @@ class Generator(nn.Module):
         """Multiply-adds x2 of one generation: the encoder over a full window, the MLP, the heads,
         plus `device_state_flops` for the device model's state (DeviceModel.flops_per_user(0))."""
         D, d, w = self.encoder.cfg.hidden, self.cfg.device_dim, self.cfg.width
-        mlp = 2 * ((D + d) * w + w * w)
+        n_in = D + d * (2 if self.cfg.cloud_expectation else 1)
+        expectation = 2 * self.cfg.n_items * (D + d) if self.cfg.cloud_expectation else 0
+        mlp = 2 * (n_in * w + w * w) + expectation
         heads = 2 * w * sum(self.cfg.rank * (a + b) for a, b in self.cfg.slot_shapes.values())
         units = 2 * w * sum(self.cfg.unit_groups.values())
         return int(self.encoder.flops_per_request(0) + mlp + heads + units + device_state_flops)
@@ -151,6 +166,9 @@ def build_generator(device_model: DeviceModel, cloud_model: CloudModel, **overri
                           device_dim=device_model.cfg.hidden, **overrides)
     gen = Generator(cfg).to(next(cloud_model.parameters()).device)
     gen.load_encoder(cloud_model)
+    if cfg.cloud_expectation:
+        with torch.no_grad():
+            gen.device_items.copy_(device_model.item_emb.weight)
     return gen
 
 

@@ -79,6 +79,9 @@ class TrainConfig:
     # Last training items per user kept from stage 1 and used only as stage-2 targets: the generator
     # then learns on transitions the frozen device model never fitted, as it will be used online.
     gen_holdout: int = 0
+    # Cuts are drawn from this share of each sequence on: a request carries a device's history so
+    # far, which at serving time is mostly longer than the device's window.
+    gen_cut_from: float = 0.0
     slim_prob: float = 0.5  # share of generator batches trained under a random keep-ratio mask
     # Share of stage-1 batches run under random unit masks (structured dropout), so the frozen device
     # model already tolerates the subnets the generator will pick (DIET trains its subnets jointly).
@@ -154,8 +157,13 @@ class Trainer:
         self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
         self.split = LeaveOneOut.of(data, self.warm)
         self.train_seqs = [s for s in self.split.train_sequences() if len(s) >= 2]
+        # With a holdout, the device and the cloud model fit each sequence without its last h items,
+        # and the generator learns only there: where both make genuine predictions. On the items a
+        # model was trained on, the cloud model's distribution is memorised (measured on ml-100k:
+        # NDCG@10 0.56 on the last training item against 0.46 on validation, the device model's 0.46
+        # and 0.42), so distilling it there teaches deltas larger than held-out data supports.
         h = cfg.gen_holdout
-        self.static_seqs = [s[: len(s) - h] for s in self.train_seqs if len(s) - h >= 2] if h else self.train_seqs
+        self.fit_seqs = [s[: len(s) - h] for s in self.train_seqs if len(s) - h >= 2] if h else self.train_seqs
         self.valid_users = self.split.eval_users()
         if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
             rng = np.random.default_rng(cfg.seed)
@@ -318,15 +326,15 @@ class Trainer:
 
     def train_static(self) -> DeviceModel:
         model = DeviceModel(self.model_cfg).to(self.torch_device)
-        self._train_next_item("static", model, self.static_seqs, self.model_cfg.max_len, True,
+        self._train_next_item("static", model, self.fit_seqs, self.model_cfg.max_len, True,
                               Checkpoint("train", model), "static", self.cfg.batch_size, self.cfg.lr)
         return model.eval()
 
     def train_cloud(self, device_model: DeviceModel, cloud_cfg: CloudModelConfig) -> CloudModel:
-        """The cloud model, on every training item (the generator's holdout is a device-side matter)."""
+        """The cloud model, on the same sequences as the device model (the generator's holdout kept out)."""
         features = self.data.item_features if self.cfg.side_features else {}
         cloud = CloudModel.for_data(cloud_cfg, features).to(self.torch_device)
-        self._train_next_item("cloud", cloud, self.train_seqs, cloud_cfg.max_len, False,
+        self._train_next_item("cloud", cloud, self.fit_seqs, cloud_cfg.max_len, False,
                               Checkpoint("train", device_model, cloud_model=cloud), "cloud",
                               self.cfg.cloud_batch_size or self.cfg.batch_size, self.cfg.cloud_lr or self.cfg.lr)
         return cloud.eval()
@@ -350,13 +358,14 @@ class Trainer:
         o interactions ago would have sent; the loss covers the `horizon` positions from the cut,
         where the device runs on its own window with that delta."""
         L, S, stale = self.model_cfg.max_len, self.cfg.horizon, self.cfg.gen_staleness
-        h = self.cfg.gen_holdout
+        h, cfg_from = self.cfg.gen_holdout, self.cfg.gen_cut_from
         repeated = [s for s in self.train_seqs for _ in range(self.cfg.gen_cuts)]
         for idx in self._batch_order(repeated, self.cfg.gen_batch_size):
             windows, inputs, targets = [], [], []
             for i in idx:
                 s = repeated[i]
                 low = max(1, len(s) - h) if h else 1  # with a holdout, only its items are targets
+                low = max(low, min(len(s) - 1, int(cfg_from * len(s))))
                 cut = int(self.rng.integers(low, len(s)))  # targets start after s[:cut]
                 end = min(len(s), cut + S)
                 age = int(self.rng.integers(0, stale + 1)) if stale else 0

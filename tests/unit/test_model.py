@@ -16,6 +16,7 @@ from paramcast.cloud.generator import build_generator
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
 from paramcast.cloud.train import TrainConfig, split_users, train
 from paramcast.common.data import load_interactions
+from paramcast.common.interactions import InteractionLog
 
 TINY = dict(hidden=16, head_units=16, ffn_units=12, max_len=20, n_heads=2)
 TINY_GEN = {"width": 32, "rank": 2}
@@ -103,6 +104,47 @@ def test_generator_reads_the_long_history_the_device_model_cannot(ml100k):
     b[:5] = ml100k.sequences[1][:5]  # differs only outside the device's 20-item window
     adapters, _ = generate_parameters(ckpt, [a, b])
     assert not torch.allclose(adapters["head.down"][1][0], adapters["head.down"][1][1])
+
+
+def test_generator_reads_the_cloud_expectation_in_device_item_space(ml100k, tmp_path):
+    """The third input is the cloud's next-item distribution averaged over the frozen device item
+    table; a generator saved before that input existed still loads, without it."""
+    model, cloud = tiny_models(ml100k)
+    gen = build_generator(model, cloud, **TINY_GEN).eval()
+    torch.testing.assert_close(gen.device_items, model.item_emb.weight.detach())
+    window, state = left_pad([ml100k.sequences[0][:25]], 30), torch.zeros(1, 16)
+    with torch.no_grad():
+        before = gen.context(window, state)
+        gen.device_items[1:] += 1.0  # the expectation moves by exactly 1 in every coordinate
+        assert not torch.allclose(before, gen.context(window, state))
+    plain = build_generator(model, cloud, **TINY_GEN, cloud_expectation=False)
+    assert plain.device_items is None and plain.flops_per_bundle() < gen.flops_per_bundle()
+    ckpt = Checkpoint("old", model, plain, cloud_model=cloud)
+    save_checkpoint(ckpt, tmp_path / "old")
+    payload = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=False)
+    del payload["generator_config"]["cloud_expectation"]  # as written before the input existed
+    torch.save(payload, tmp_path / "old" / "checkpoint.pt")
+    assert load_checkpoint(tmp_path / "old").generator.cfg.cloud_expectation is False
+
+
+def test_generator_cuts_follow_the_holdout_and_the_cut_range(ml100k):
+    """With a holdout of h, both next-item models fit each sequence without its last h items and
+    every generator cut lies among them; --gen-cut-from keeps cuts in a sequence's later part."""
+    from paramcast.cloud.train import Trainer
+
+    seqs = [s[:42] for s in ml100k.sequences if len(s) >= 42][:30]  # training part: 40 items each
+    data = InteractionLog("part", seqs, ml100k.n_items, [str(i) for i in range(len(seqs))], ml100k.item_raw_ids)
+    model_cfg = DeviceModelConfig(n_items=data.n_items, **TINY)
+    for h, share, lowest in ((3, 0.0, 37), (0, 0.75, 30), (0, 0.0, 1)):
+        cfg = TrainConfig(gen_holdout=h, gen_cut_from=share, gen_batch_size=8, progress=False, threads=1,
+                          cold_fraction=0.0)
+        trainer = Trainer(data, model_cfg, {}, cfg, None)
+        assert {len(s) for s in trainer.train_seqs} == {40}
+        assert {len(s) for s in trainer.fit_seqs} == {40 - h}
+        cuts = [int(row.count_nonzero()) for batch in trainer._generator_batches(100, 100) for row in batch[0]]
+        assert min(cuts) >= lowest and max(cuts) <= 39
+        if lowest == 1:
+            assert min(cuts) < 30  # without a range, cuts reach a sequence's first part
 
 
 def test_cloud_model_uses_item_side_features(ml100k):

@@ -280,6 +280,14 @@ def test_ideal_gate_one_device_path_matches_the_fleet_path_at_device_size_and_be
         with np.errstate(over="ignore", invalid="ignore"):  # the overflow the fallback is for
             one, fleet = gate.score_one(v, 0, 1), float(gate.score(v, np.ones(1, np.int64))[0])
         assert np.isfinite(one) and one == pytest.approx(fleet, abs=1e-5)
+    # Score changes beyond float64's exponent: the single path falls back to the capped fleet form.
+    wild = IdealGate(GaussianMapper(mapper.w_mean * 1000, mapper.w_log_var), gate.item_emb * 10, threshold=0.1)
+    wild.start(1, 0, rng.normal(size=(1, d)).astype(np.float32))
+    v = StepView(np.array([0]), b, b, rng.normal(size=(1, n_cand)).astype(np.float32),
+                 rng.integers(1, n_items, size=(1, n_cand)), np.array([3]))
+    with np.errstate(over="ignore", invalid="ignore"):
+        one, fleet = wild.score_one(v, 0, 1), float(wild.score(v, np.ones(1, np.int64))[0])
+    assert np.isfinite(one) and one == pytest.approx(fleet, abs=1e-5) and one > 0.5
 
 
 def test_mapper_save_and_load(tmp_path):

@@ -123,9 +123,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--gen-dropout", type=float, default=0.1)
     g.add_argument("--tune-encoder", action="store_true",
                    help="fine-tune the generator's copy of the cloud encoder (default: frozen teacher)")
+    g.add_argument("--no-cloud-expectation", action="store_true",
+                   help="the generator does not read the cloud's expected next item in device item space")
     g.add_argument("--distill-weight", type=float, default=1.0,
                    help="weight of KL(cloud model || device + delta) beside the true next items")
     g.add_argument("--distill-temperature", type=float, default=1.0)
+    g.add_argument("--gen-cut-from", type=float, default=0.0,
+                   help="draw the generator's cut points from this share of each sequence on (0: anywhere)")
     g.add_argument("--gen-holdout", type=int, default=0,
                    help="last training items per user kept from stage 1 as stage-2-only targets")
     g.add_argument("--horizon", type=int, default=4, help="next items after the cut a delta is trained on")
@@ -169,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
                       threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
                       gen_epochs=args.gen_epochs, gen_lr=args.gen_lr, gen_patience=args.gen_patience,
                       horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint, gen_holdout=args.gen_holdout,
+                      gen_cut_from=args.gen_cut_from,
                       slim_train_prob=args.slim_train_prob, eval_every=args.eval_every, select=args.select,
                       gbce_t=args.gbce_t, logq=args.logq, mix_weight=args.mix_weight,
                       distill_weight=args.distill_weight,
@@ -180,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                                  n_heads=args.cloud_heads, ffn_units=args.cloud_ffn_units, max_len=args.window,
                                  dropout=args.cloud_dropout)
     gen_cfg = {"rank": args.rank, "width": args.gen_width, "dropout": args.gen_dropout,
-               "tune_encoder": args.tune_encoder}
+               "tune_encoder": args.tune_encoder, "cloud_expectation": not args.no_cloud_expectation}
     ctx = distributed.context(args.device)  # a world of one unless started by torchrun
     if not ctx.is_writer:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports for the job
