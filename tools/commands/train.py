@@ -116,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(t, "--valid-users", int, 0, help="validation users for early stopping (0 = all)")
     g = p.add_argument_group("generator stage")
     g.add_argument("--gen-epochs", type=int, default=30)
-    g.add_argument("--gen-lr", type=float, default=1e-3)
+    g.add_argument("--gen-lr", type=float, default=3e-4)
     g.add_argument("--gen-patience", type=int, default=5)
     g.add_argument("--rank", type=int, default=4, help="rank r of generated factors")
     g.add_argument("--gen-width", type=int, default=256, help="width of the generator's MLP")
