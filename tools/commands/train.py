@@ -119,8 +119,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--gen-lr", type=float, default=3e-4)
     g.add_argument("--gen-patience", type=int, default=5)
     g.add_argument("--rank", type=int, default=4, help="rank r of generated factors")
-    g.add_argument("--gen-width", type=int, default=256, help="width of the generator's MLP")
-    g.add_argument("--gen-dropout", type=float, default=0.1)
+    g.add_argument("--gen-width", type=int, default=128, help="width of the generator's MLP")
+    g.add_argument("--gen-dropout", type=float, default=0.3)
     g.add_argument("--tune-encoder", action="store_true",
                    help="fine-tune the generator's copy of the cloud encoder (default: frozen teacher)")
     g.add_argument("--no-cloud-expectation", action="store_true",
