@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default=None, help="dataset format (default: detected)")
     p.add_argument("--policy", nargs="+", metavar="NAME[:params]", default=None,
                    help="policies to replay, e.g. never always every-k:10 random-p:0.1 drift:rate=0.1 "
-                        "(default: never always every-k random-p drift window loss ideal window:pace=1.5,burst=3)")
+                        "(default: never always every-k random-p drift window loss ideal drift:pace=1 "
+                        "window:pace=1.5,burst=3 ideal:pace=1.25)")
     p.add_argument("--budget", nargs="+", type=float, default=[0.1], metavar="RATE",
                    help="request budgets (requests per device-step) for policies whose rate is not given: "
                         "every-k gets k = 1/RATE, random-p p = RATE, gates are calibrated to RATE (default 0.1)")

@@ -43,8 +43,10 @@ from paramcast.simulation.timelines import Timelines, build_timelines, split_dev
 log = logging.getLogger(__name__)
 
 DEVICE_SCORING = ("agents", "torch")  # network mode: device agents on ONNX Runtime, or batched torch scoring
+# The gates each plain and paced (a paced gate asks only with requests in hand, so it spends its
+# budget evenly over time): validation chooses among them.
 DEFAULT_POLICIES = ("never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal",
-                    "window:pace=1.5,burst=3")
+                    "drift:pace=1", "window:pace=1.5,burst=3", "ideal:pace=1.25")
 
 
 @dataclass
