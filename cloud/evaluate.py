@@ -7,7 +7,8 @@ A variant names which parameters score each case:
                      (cloud/oracle.py): what the delta format could carry with a perfect generator;
 - `generated`        a delta generated from the window ending at the evaluation point;
 - `slimmed@<keep>`   the generated delta plus the generated subnet at keep ratio <keep>;
-- `stale@<k>`        the delta generated k interactions before the evaluation point;
+- `stale@<k>`        the delta generated k interactions before the evaluation point (none, i.e.
+                     the base model, for a history that was empty then);
 - `int8` / `fp16`    the generated delta after that wire encoding and back.
 Every variant is scored on the same users with the same sampled negatives, so per-user
 differences are paired. `protocol` picks the sampled protocol, full-catalogue ranking, or both
@@ -118,9 +119,15 @@ def user_vectors(ckpt: Checkpoint, histories: Sequence[np.ndarray], variant: str
                 adapters = fit_oracle(model, left_pad(hist, L, trim=True), cloud_log_probs(cloud, hist),
                                       list(model.slot_shapes()), rank)
         elif kind != "static":
-            windows = [h[: len(h) - int(arg)] if kind == "stale" and arg else h for h in hist]  # type: ignore[arg-type]
+            back = int(arg) if kind == "stale" else 0  # type: ignore[arg-type]
+            windows = [h[: max(0, len(h) - back)] for h in hist]
             keep = float(arg) if kind == "slimmed" else None  # type: ignore[arg-type]
             adapters, masks = generate_parameters(ckpt, windows, keep)
+            if kind == "stale":
+                # k interactions ago a shorter history was empty: the device held no bundle yet and
+                # scores with the base model, as a device does before its first request.
+                held = torch.tensor([len(w) > 0 for w in windows], dtype=torch.float32)[:, None, None]
+                adapters = {slot: (a, b * held) for slot, (a, b) in adapters.items()}
             if kind == "encoded":
                 adapters = _encoded(adapters, str(arg))
         out[torch.as_tensor(rows)] = model.user_states(left_pad(hist, L, trim=True), adapters, masks)[:, -1, :]

@@ -85,6 +85,8 @@ class Generated:
 
 
 class Generator(nn.Module):
+    device_items: torch.Tensor | None  # a buffer: (n_items + 1, d) with the cloud expectation, else None
+
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         self.cfg = cfg
@@ -128,7 +130,7 @@ class Generator(nn.Module):
         with torch.set_grad_enabled(self.cfg.tune_encoder and torch.is_grad_enabled()):
             cloud_state = self.encoder.encode(window)[:, -1]  # (B, D)
         inputs = [cloud_state, device_state]
-        if self.cfg.cloud_expectation:
+        if self.device_items is not None:
             p = torch.softmax(cloud_state @ self.encoder.output_table()[1:].T, dim=-1)  # (B, n_items)
             inputs.append(p @ self.device_items[1:])  # (B, d)
         return self.mlp(self.ln_in(torch.cat(inputs, dim=-1)))  # (B, w)
@@ -170,7 +172,7 @@ def build_generator(device_model: DeviceModel, cloud_model: CloudModel, **overri
                           device_dim=device_model.cfg.hidden, **overrides)
     gen = Generator(cfg).to(next(cloud_model.parameters()).device)
     gen.load_encoder(cloud_model)
-    if cfg.cloud_expectation:
+    if gen.device_items is not None:
         with torch.no_grad():
             gen.device_items.copy_(device_model.item_emb.weight)
     return gen

@@ -147,6 +147,24 @@ def test_generator_cuts_follow_the_holdout_and_the_cut_range(ml100k):
             assert min(cuts) < 30  # without a range, cuts reach a sequence's first part
 
 
+def test_a_stale_delta_older_than_the_history_is_no_delta(ml100k):
+    """stale@k for a history of k items or fewer: the device held no bundle k interactions ago, so
+    it scores with the base model; a longer history gets the delta generated k items back."""
+    from paramcast.cloud.evaluate import user_vectors
+
+    model, cloud = tiny_models(ml100k)
+    gen = build_generator(model, cloud, **TINY_GEN).eval()
+    with torch.no_grad():
+        for head in gen.b_heads.values():
+            head.weight.normal_(0, 0.05)
+    ckpt = Checkpoint("tiny", model, gen, cloud_model=cloud)
+    short, long = ml100k.sequences[0][:4], ml100k.sequences[1][:30]
+    static = user_vectors(ckpt, [short, long], "static")
+    stale = user_vectors(ckpt, [short, long], "stale@5")
+    torch.testing.assert_close(stale[0], static[0])
+    assert not torch.allclose(stale[1], static[1])
+
+
 def test_cloud_model_uses_item_side_features(ml100k):
     """Two items with the same embedding but different genres get different vectors."""
     _, cloud = tiny_models(ml100k)
