@@ -205,10 +205,9 @@ def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | N
     warm_metrics = per_user_metrics(ckpt, data, warm, stage, variants, seed, protocol)
     for v, m in warm_metrics.items():
         report[v] = summarize(m, seed=seed)
-    if "generated" in warm_metrics:
-        report["generated-static"] = paired_difference(warm_metrics["generated"], warm_metrics["static"], seed)
-    if "cloud" in warm_metrics:
-        report["cloud-static"] = paired_difference(warm_metrics["cloud"], warm_metrics["static"], seed)
+    for v in list(warm_metrics):  # what a delta, the cloud, or a delta k interactions old adds to the device
+        if "static" in warm_metrics and (v in ("generated", "cloud") or v.startswith("stale@")):
+            report[f"{v}-static"] = paired_difference(warm_metrics[v], warm_metrics["static"], seed)
     if "cloud" in warm_metrics and "generated" in warm_metrics:
         report["gap_closed"] = gap_closed(warm_metrics["generated"], warm_metrics["static"], warm_metrics["cloud"],
                                           seed=seed)

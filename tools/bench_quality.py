@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 HEADLINE = ("static", "generated", "cloud", "generated-static", "cloud-static", "gap_closed", "slimmed@0.5",
-            "stale@20", "int8", "cold:generated-static")
+            "stale@20", "stale@20-static", "int8", "cold:generated-static")
 SEED_KEYS = ("static", "generated", "cloud", "generated-static", "gap_closed")
 
 

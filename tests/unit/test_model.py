@@ -201,7 +201,7 @@ def test_checkpoint_round_trip_and_report_layout(tmp_path, ml100k, tiny_checkpoi
     assert info["device_config"]["hidden"] == 16 and info["generator_config"]["rank"] == 2
     assert len(info["meta"]["split"]["cold_users"]) == round(0.1 * ml100k.n_users)
     report = evaluate(loaded, ml100k, ["static", "generated", "slimmed@0.5", "stale@5", "int8"])
-    for key in ("static", "generated", "slimmed@0.5", "stale@5", "int8", "generated-static",
+    for key in ("static", "generated", "slimmed@0.5", "stale@5", "int8", "generated-static", "stale@5-static",
                 "cold:static", "cold:generated", "cold:generated-static"):
         assert set(report[key]) >= {"hr@10", "ndcg@10", "auc"}, key
         lo, hi = report[key]["ndcg@10"]["ci"]
