@@ -361,14 +361,14 @@ class Trainer:
         o interactions ago would have sent; the loss covers the `horizon` positions from the cut,
         where the device runs on its own window with that delta."""
         L, S, stale = self.model_cfg.max_len, self.cfg.horizon, self.cfg.gen_staleness
-        h, cfg_from = self.cfg.gen_holdout, self.cfg.gen_cut_from
+        h, share = self.cfg.gen_holdout, self.cfg.gen_cut_from
         repeated = [s for s in self.train_seqs for _ in range(self.cfg.gen_cuts)]
         for idx in self._batch_order(repeated, self.cfg.gen_batch_size):
             windows, inputs, targets = [], [], []
             for i in idx:
                 s = repeated[i]
                 low = max(1, len(s) - h) if h else 1  # with a holdout, only its items are targets
-                low = max(low, min(len(s) - 1, int(cfg_from * len(s))))
+                low = max(low, min(len(s) - 1, int(share * len(s))))  # --gen-cut-from
                 cut = int(self.rng.integers(low, len(s)))  # targets start after s[:cut]
                 end = min(len(s), cut + S)
                 age = int(self.rng.integers(0, stale + 1)) if stale else 0

@@ -14,6 +14,7 @@ import argparse
 import json
 import resource
 import time
+from collections.abc import Callable
 
 from paramcast.common.data import FORMATS, load_interactions
 
@@ -45,7 +46,8 @@ def _preset_name(value: str) -> str:
 DEFAULTS: dict[str, int | float | str] = {}
 
 
-def _option(group, flag: str, kind: type, default: int | float | str, help: str = "", **kwargs) -> None:
+def _option(group, flag: str, kind: Callable[[str], object], default: int | float | str, help: str = "",
+            **kwargs) -> None:
     DEFAULTS[flag.lstrip("-").replace("-", "_")] = default
     group.add_argument(flag, type=kind, default=None, help=f"{help} (default: {default})".lstrip(), **kwargs)
 
@@ -102,10 +104,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(t, "--eval-every", int, 1, help="epochs between validations")
     t.add_argument("--select", default="sampled", choices=("sampled", "full"),
                    help="protocol whose validation NDCG@10 early stopping maximises")
-    t.add_argument("--loss", default="auto", type=_loss_name,
-                   help="bce | gbce | sampled | ce | a mixture x+y (e.g. ce+bce); auto: the validated default, "
-                        "cloud/presets.py DEFAULT_LOSS (a full softmax over more than 50k items falls back to "
-                        "sampled + logQ)")
+    _option(t, "--loss", _loss_name, "auto",
+            help="bce | gbce | sampled | ce | a mixture x+y (e.g. ce+bce); auto: the validated default, "
+                 "cloud/presets.py DEFAULT_LOSS (a full softmax over more than 50k items falls back to "
+                 "sampled + logQ); a preset sets its own")
     t.add_argument("--negatives", type=int, default=0,
                    help="uniform negatives: per position for bce (default 1), per sequence for gbce and sampled "
                         "(default 256)")
@@ -233,5 +235,3 @@ def apply_preset(args: argparse.Namespace, data) -> None:
     for dest, default in DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, chosen.get(dest, default))
-    if args.loss == "auto" and "loss" in chosen:  # --loss given explicitly wins
-        args.loss = chosen["loss"]
