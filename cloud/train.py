@@ -85,6 +85,8 @@ class TrainConfig:
     # Cuts are drawn from this share of each sequence on: a request carries a device's history so
     # far, which at serving time is mostly longer than the device's window.
     gen_cut_from: float = 0.0
+    # Share of the warm users kept out of the cloud stage and used by the generator stage alone.
+    gen_users: float = 0.0
     slim_prob: float = 0.5  # share of generator batches trained under a random keep-ratio mask
     # Share of stage-1 batches run under random unit masks (structured dropout), so the frozen device
     # model already tolerates the subnets the generator will pick (DIET trains its subnets jointly).
@@ -167,6 +169,17 @@ class Trainer:
         # and 0.42), so distilling it there teaches deltas larger than held-out data supports.
         h = cfg.gen_holdout
         self.fit_seqs = [s[: len(s) - h] for s in self.train_seqs if len(s) - h >= 2] if h else self.train_seqs
+        # With a share of generator users, the cloud model never fits those users' sequences and the
+        # generator learns on them alone: its encoder and teacher then see each training sequence as
+        # they see a device at serving time, one they never fitted (on ml-100k the generator closes
+        # about half of the cloud's lead for warm users and none of it for cold ones).
+        held = np.zeros(len(self.train_seqs), bool)
+        if cfg.gen_users > 0:
+            n_held = int(round(cfg.gen_users * len(held)))
+            held[np.random.default_rng(cfg.seed + 2).choice(len(held), n_held, replace=False)] = True
+        self.gen_seqs = [s for s, g in zip(self.train_seqs, held) if g] if held.any() else self.train_seqs
+        self.cloud_seqs = [s[: len(s) - h] for s, g in zip(self.train_seqs, held)
+                           if not g and len(s) - h >= 2] if held.any() else self.fit_seqs
         self.valid_users = self.split.eval_users()
         if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
             rng = np.random.default_rng(cfg.seed)
@@ -334,10 +347,10 @@ class Trainer:
         return model.eval()
 
     def train_cloud(self, device_model: DeviceModel, cloud_cfg: CloudModelConfig) -> CloudModel:
-        """The cloud model, on the same sequences as the device model (the generator's holdout kept out)."""
+        """The cloud model, on the device model's sequences less the generator's holdout and users."""
         features = self.data.item_features if self.cfg.side_features else {}
         cloud = CloudModel.for_data(cloud_cfg, features).to(self.torch_device)
-        self._train_next_item("cloud", cloud, self.fit_seqs, cloud_cfg.max_len, False,
+        self._train_next_item("cloud", cloud, self.cloud_seqs, cloud_cfg.max_len, False,
                               Checkpoint("train", device_model, cloud_model=cloud), "cloud",
                               self.cfg.cloud_batch_size or self.cfg.batch_size, self.cfg.cloud_lr or self.cfg.lr)
         return cloud.eval()
@@ -362,7 +375,7 @@ class Trainer:
         where the device runs on its own window with that delta."""
         L, S, stale = self.model_cfg.max_len, self.cfg.horizon, self.cfg.gen_staleness
         h, share = self.cfg.gen_holdout, self.cfg.gen_cut_from
-        repeated = [s for s in self.train_seqs for _ in range(self.cfg.gen_cuts)]
+        repeated = [s for s in self.gen_seqs for _ in range(self.cfg.gen_cuts)]
         for idx in self._batch_order(repeated, self.cfg.gen_batch_size):
             windows, inputs, targets = [], [], []
             for i in idx:
@@ -422,7 +435,7 @@ class Trainer:
         train_modes(False)
         ddp_step = self.dist.data_parallel(step, gen, model, sometimes_unused=True)  # distributed: averaged gradients
         self._fit("generator", gen, params, cfg.gen_lr, lambda: self._generator_batches(gcfg.window, cloud.cfg.max_len),
-                  -(-len(self.train_seqs) * cfg.gen_cuts // cfg.gen_batch_size), ddp_step, cfg.gen_epochs,
+                  -(-len(self.gen_seqs) * cfg.gen_cuts // cfg.gen_batch_size), ddp_step, cfg.gen_epochs,
                   cfg.gen_patience,
                   lambda: self._validate(Checkpoint("train", model, gen, cloud_model=cloud), selection, cfg.select),
                   train_modes)

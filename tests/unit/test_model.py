@@ -147,6 +147,23 @@ def test_generator_cuts_follow_the_holdout_and_the_cut_range(ml100k):
             assert min(cuts) < 30  # without a range, cuts reach a sequence's first part
 
 
+def test_generator_users_are_kept_out_of_the_cloud_stage(ml100k):
+    """--gen-users: a share of the warm users is fitted by the device model only; the cloud model
+    never sees their sequences and the generator's cuts come from them alone."""
+    from paramcast.cloud.train import Trainer
+
+    seqs = [s[:42] for s in ml100k.sequences if len(s) >= 42][:40]
+    data = InteractionLog("part", seqs, ml100k.n_items, [str(i) for i in range(len(seqs))], ml100k.item_raw_ids)
+    cfg = TrainConfig(gen_users=0.25, gen_batch_size=8, progress=False, threads=1, cold_fraction=0.0)
+    trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {}, cfg, None)
+    key = {tuple(s) for s in trainer.train_seqs}.__contains__
+    gen, cloud = {tuple(s) for s in trainer.gen_seqs}, {tuple(s) for s in trainer.cloud_seqs}
+    assert len(gen) == 10 and len(cloud) == 30 and not gen & cloud and all(map(key, gen | cloud))
+    assert trainer.fit_seqs == trainer.train_seqs  # the device model still fits every warm user
+    starts = {tuple(row[row > 0][:3].tolist()) for batch in trainer._generator_batches(100, 100) for row in batch[0]}
+    assert starts <= {s[:3] for s in gen}
+
+
 def test_a_stale_delta_older_than_the_history_is_no_delta(ml100k):
     """stale@k for a history of k items or fewer: the device held no bundle k interactions ago, so
     it scores with the base model; a longer history gets the delta generated k items back."""
