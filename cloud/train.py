@@ -177,8 +177,8 @@ class Trainer:
         if cfg.gen_users > 0:
             n_held = int(round(cfg.gen_users * len(held)))
             held[np.random.default_rng(cfg.seed + 2).choice(len(held), n_held, replace=False)] = True
-        self.gen_seqs = [s for s, g in zip(self.train_seqs, held) if g] if held.any() else self.train_seqs
-        self.cloud_seqs = [s[: len(s) - h] for s, g in zip(self.train_seqs, held)
+        self.gen_seqs = [s for s, g in zip(self.train_seqs, held, strict=True) if g] if held.any() else self.train_seqs
+        self.cloud_seqs = [s[: len(s) - h] for s, g in zip(self.train_seqs, held, strict=True)
                            if not g and len(s) - h >= 2] if held.any() else self.fit_seqs
         self.valid_users = self.split.eval_users()
         if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
