@@ -183,3 +183,15 @@ def test_reference_loss_choice_uses_validation_only():
                run("ce", 0.45, 0.330, 0.050, test_full=0.9)]  # test figures never choose
     assert choose(results) == ("gbce", ["bce", "gbce", "ce"])
     assert choose(results[2:]) == ("sampled", ["sampled", "ce"])  # without the reference loss every loss qualifies
+
+
+@pytest.mark.parametrize("extra", [["--gen-users", "1.5", "--stages", "static,cloud"],
+                                   ["--gen-users", "0.2", "--stages", "static"]])
+def test_a_generator_user_share_outside_its_range_or_without_a_cloud_stage_is_refused(tmp_path, shared_data,
+                                                                                      capsys, extra):
+    from paramcast.cli import main
+
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), *extra, "--no-progress"]) == 2
+    assert "--gen-users" in capsys.readouterr().err
+    assert not out.exists()  # refused before any training or writing

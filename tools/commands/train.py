@@ -167,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
     if "generator" in stages and "cloud" not in stages and (start is None or start.cloud_model is None):
         raise InvalidInput("--stages", "the generator distils the cloud model: add 'cloud' or --start a model "
                                        "checkpoint that has one")
+    if not 0.0 <= args.gen_users < 1.0:
+        raise InvalidInput("--gen-users", f"is a share of the warm users, in [0, 1); got {args.gen_users}")
+    if args.gen_users and "cloud" not in stages:
+        raise InvalidInput("--gen-users", "keeps users out of the cloud stage: add 'cloud' to --stages")
     data = load_interactions(args.data, format=args.format)
     apply_preset(args, data)
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
