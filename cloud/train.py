@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim import swa_utils
 from tqdm import tqdm
 
 from paramcast.cloud import distributed
@@ -70,6 +71,7 @@ class TrainConfig:
     gen_lr: float = 3e-4
     gen_batch_size: int = 32
     gen_patience: int = 5
+    gen_ema: float = 0.0  # > 0: validate and keep an exponential moving average of the generator's weights
     horizon: int = 4  # next items after the cut that a generated delta is trained on
     gen_cuts: int = 4  # cut points drawn per training sequence and epoch (each a generator sample)
     gen_staleness: int = 0  # up to this many interactions between a delta's window and its use
@@ -219,7 +221,7 @@ class Trainer:
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
              step, epochs: int, patience: int, validate, train_modes, every: int = 1,
-             resume_key: dict | None = None) -> float:
+             resume_key: dict | None = None, ema: float = 0.0) -> float:
         """The loop both stages share: Adam over `params`, validation every `every` epochs (and after
         the last), early stopping after `patience` epochs without improvement. With `resume_key` (the
         model's configuration) and a progress folder, progress is saved after each validation and a
@@ -228,9 +230,13 @@ class Trainer:
         `step(batch)` returns the loss; `validate()` a dict of validation scores whose "select" entry
         is maximised; `train_modes(on)` switches the modules being trained. The best state of
         `selected` is restored at the end, and an untrained start (epoch 0) competes too when
-        `stage` is the generator's."""
+        `stage` is the generator's. With `ema` > 0, validation (and the state kept) uses an
+        exponential moving average of `selected`'s weights with that decay per step instead of the
+        last step's weights."""
         cfg = self.cfg
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+        averaged = swa_utils.AveragedModel(selected, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(ema),
+                                           use_buffers=True) if ema > 0 else None
         best = validate()["select"] if stage == "generator" else float("-inf")
         untrained, best_state, best_epoch = best, copy.deepcopy(selected.state_dict()), 0
         every = max(1, every)
@@ -257,6 +263,8 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if averaged is not None:
+                    averaged.update_parameters(selected)
                 total += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             train_modes(False)
@@ -264,6 +272,9 @@ class Trainer:
             record: dict = {"epoch": epoch, "loss": loss_mean, "train_seconds": time.perf_counter() - t0}
             validated = epoch % every == 0 or epoch == epochs
             if validated:
+                if averaged is not None:  # validate the average; the optimiser goes on from the last weights
+                    last = copy.deepcopy(selected.state_dict())
+                    selected.load_state_dict(averaged.module.state_dict())
                 scores = validate()
                 record.update({f"valid_{k}": v for k, v in scores.items() if k != "select"})
                 score = scores["select"]
@@ -272,6 +283,8 @@ class Trainer:
                          epoch if score > best else best_epoch, untrained, time.perf_counter() - t0)
                 if score > best:
                     best, best_state, best_epoch = score, copy.deepcopy(selected.state_dict()), epoch
+                if averaged is not None:
+                    selected.load_state_dict(last)
             record["seconds"] = time.perf_counter() - t0
             self.history[stage].append(record)
             if epoch - best_epoch >= patience:
@@ -438,7 +451,7 @@ class Trainer:
                   -(-len(self.gen_seqs) * cfg.gen_cuts // cfg.gen_batch_size), ddp_step, cfg.gen_epochs,
                   cfg.gen_patience,
                   lambda: self._validate(Checkpoint("train", model, gen, cloud_model=cloud), selection, cfg.select),
-                  train_modes)
+                  train_modes, ema=cfg.gen_ema)
         model.requires_grad_(True)
         cloud.requires_grad_(True)
         return gen.eval()

@@ -88,6 +88,39 @@ def test_early_stopping_counts_epochs_and_keeps_the_best_weights(ml100k):
     assert any(not torch.equal(seen[1][n], seen[3][n]) for n in seen[1])  # training did move on
 
 
+def test_a_moving_average_is_validated_and_kept_while_training_goes_on_from_the_last_weights(ml100k):
+    """`ema`: validation sees (and early stopping keeps) the exponential moving average of the
+    weights after every step, and the next epoch continues from the last step's weights."""
+    data = InteractionLog("part", ml100k.sequences[:20], ml100k.n_items, ml100k.user_raw_ids[:20],
+                          ml100k.item_raw_ids)
+    trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {},
+                      TrainConfig(progress=False, threads=1, cold_fraction=0.0), None)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    at_step: list[torch.Tensor] = []  # the weights each step starts from
+    validated: list[torch.Tensor] = []
+    scores = iter([0.0, 1.0, 0.5])  # before training, epoch 1 (the best), epoch 2
+
+    def step(i):
+        at_step.append(layer.weight.detach().clone())
+        return ((layer(x[i:i + 1]) - 1.0) ** 2).sum()
+
+    def validate():
+        validated.append(layer.weight.detach().clone())
+        return {"select": next(scores)}
+
+    trainer._fit("generator", layer, list(layer.parameters()), 0.1, lambda: iter(range(4)), 4, step, 2, 5,
+                 validate, lambda on: None, ema=0.5)
+    after = at_step[1:5]  # the weights after each of epoch 1's four steps
+    average = after[0]
+    for w in after[1:]:
+        average = 0.5 * average + 0.5 * w
+    torch.testing.assert_close(validated[1], average)
+    assert not torch.allclose(after[-1], average)  # so epoch 2 started from the last weights, not the average
+    torch.testing.assert_close(layer.weight.detach(), average)  # the best validation's state is kept
+
+
 def test_preset_cli_lets_explicit_flags_win_and_evaluate_reports_both_protocols(tmp_path, shared_data, capsys):
     from paramcast.cli import main
     from paramcast.cloud.presets import PRESET_LOSS

@@ -134,6 +134,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="draw the generator's cut points from this share of each sequence on (0: anywhere)")
     g.add_argument("--gen-holdout", type=int, default=0,
                    help="last training items per user kept from stage 1 as stage-2-only targets")
+    g.add_argument("--gen-ema", type=float, default=0.0,
+                   help="decay per step of a moving average of the generator's weights, validated and kept "
+                        "instead of the last step's (0: off)")
     g.add_argument("--gen-users", type=float, default=0.0,
                    help="share of the warm users the cloud model does not fit and the generator learns on alone")
     g.add_argument("--horizon", type=int, default=4, help="next items after the cut a delta is trained on")
@@ -181,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
                       threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
                       gen_epochs=args.gen_epochs, gen_lr=args.gen_lr, gen_patience=args.gen_patience,
                       horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint, gen_holdout=args.gen_holdout,
-                      gen_cut_from=args.gen_cut_from, gen_users=args.gen_users,
+                      gen_cut_from=args.gen_cut_from, gen_users=args.gen_users, gen_ema=args.gen_ema,
                       slim_train_prob=args.slim_train_prob, eval_every=args.eval_every, select=args.select,
                       gbce_t=args.gbce_t, logq=args.logq, mix_weight=args.mix_weight,
                       distill_weight=args.distill_weight,
