@@ -170,18 +170,22 @@ class Trainer:
         # NDCG@10 0.56 on the last training item against 0.46 on validation, the device model's 0.46
         # and 0.42), so distilling it there teaches deltas larger than held-out data supports.
         h = cfg.gen_holdout
-        self.fit_seqs = [s[: len(s) - h] for s in self.train_seqs if len(s) - h >= 2] if h else self.train_seqs
+
+        def fitted(seqs: list[np.ndarray]) -> list[np.ndarray]:  # what a next-item stage fits: less the holdout
+            return [s[: len(s) - h] for s in seqs if len(s) - h >= 2] if h else seqs
+
+        self.fit_seqs = fitted(self.train_seqs)
         # With a share of generator users, the cloud model never fits those users' sequences and the
-        # generator learns on them alone: its encoder and teacher then see each training sequence as
-        # they see a device at serving time, one they never fitted (on ml-100k the generator closes
-        # about half of the cloud's lead for warm users and none of it for cold ones).
-        held = np.zeros(len(self.train_seqs), bool)
+        # generator learns on them alone, so its encoder and teacher see every training sequence as
+        # they see a device's at serving time. Measured on ml-100k it lost more (a weaker cloud
+        # model) than it gained (benchmarks/notes/quality-ml-100k.md), so it is off by default.
+        self.gen_seqs, self.cloud_seqs = self.train_seqs, self.fit_seqs
         if cfg.gen_users > 0:
-            n_held = int(round(cfg.gen_users * len(held)))
-            held[np.random.default_rng(cfg.seed + 2).choice(len(held), n_held, replace=False)] = True
-        self.gen_seqs = [s for s, g in zip(self.train_seqs, held, strict=True) if g] if held.any() else self.train_seqs
-        self.cloud_seqs = [s[: len(s) - h] for s, g in zip(self.train_seqs, held, strict=True)
-                           if not g and len(s) - h >= 2] if held.any() else self.fit_seqs
+            held = np.zeros(len(self.train_seqs), bool)
+            held[np.random.default_rng(cfg.seed + 2).choice(len(held), int(round(cfg.gen_users * len(held))),
+                                                            replace=False)] = True
+            self.gen_seqs = [s for s, g in zip(self.train_seqs, held, strict=True) if g]
+            self.cloud_seqs = fitted([s for s, g in zip(self.train_seqs, held, strict=True) if not g])
         self.valid_users = self.split.eval_users()
         if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
             rng = np.random.default_rng(cfg.seed)
