@@ -18,6 +18,11 @@ POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Never, Always, EveryK, RandomP, DriftGate, WindowGate, LossGate, IdealGate)
 }
 GATES = tuple(name for name, cls in POLICIES.items() if issubclass(cls, Gate))
+# What `paramcast simulate` and `paramcast demo` compare unless told otherwise: the baselines and
+# the gates each plain and paced (a paced gate asks only with requests in hand, so it spends its
+# budget evenly over time); validation chooses among them.
+DEFAULT_POLICIES = ("never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal",
+                    "drift:pace=1", "window:pace=1.5,burst=3", "ideal:pace=1.25")
 
 
 @dataclass(frozen=True)

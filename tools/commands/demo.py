@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     from paramcast.cloud.checkpoint import checkpoint_file, load_checkpoint
     from paramcast.cloud.export import export_package
     from paramcast.common.data import load_interactions
-    from paramcast.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
+    from paramcast.device.policy_spec import DEFAULT_POLICIES
+    from paramcast.simulation.harness import SimulationConfig, run_simulation
     from paramcast.simulation.report import headline, plot, table, write_json
 
     t0 = time.perf_counter()

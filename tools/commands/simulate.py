@@ -24,6 +24,8 @@ import json
 import shlex
 import sys
 
+from paramcast.device.policy_spec import DEFAULT_POLICIES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simulate", help="replay real users as devices under request policies",
@@ -34,8 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default=None, help="dataset format (default: detected)")
     p.add_argument("--policy", nargs="+", metavar="NAME[:params]", default=None,
                    help="policies to replay, e.g. never always every-k:10 random-p:0.1 drift:rate=0.1 "
-                        "(default: never always every-k random-p drift window loss ideal drift:pace=1 "
-                        "window:pace=1.5,burst=3 ideal:pace=1.25)")
+                        f"(default: {' '.join(DEFAULT_POLICIES)})")
     p.add_argument("--budget", nargs="+", type=float, default=[0.1], metavar="RATE",
                    help="request budgets (requests per device-step) for policies whose rate is not given: "
                         "every-k gets k = 1/RATE, random-p p = RATE, gates are calibrated to RATE (default 0.1)")
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.common.data import load_interactions
-    from paramcast.simulation.harness import DEFAULT_POLICIES, SimulationConfig, run_simulation
+    from paramcast.simulation.harness import SimulationConfig, run_simulation
     from paramcast.simulation.report import plot, table, write_json
 
     if args.threads:

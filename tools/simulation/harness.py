@@ -34,7 +34,7 @@ from paramcast.common.evaluation import bootstrap_ci, paired_difference, summari
 from paramcast.common.interactions import InteractionLog
 from paramcast.device.ideal import GaussianMapper
 from paramcast.device.policy import Gate, Policy, RandomP
-from paramcast.device.policy_spec import PolicySpec, build_policy, format_spec, parse_policy
+from paramcast.device.policy_spec import DEFAULT_POLICIES, PolicySpec, build_policy, format_spec, parse_policy
 from paramcast.simulation.calibration import calibrate_threshold, fit_gaussian_mapper
 from paramcast.simulation.replay import METRICS, STARTS, Run
 from paramcast.simulation.shards import DEFAULT_SHARD_DEVICES, Engine, LocalEngine, Network, ShardPlan, merge, plan
@@ -43,10 +43,6 @@ from paramcast.simulation.timelines import Timelines, build_timelines, split_dev
 log = logging.getLogger(__name__)
 
 DEVICE_SCORING = ("agents", "torch")  # network mode: device agents on ONNX Runtime, or batched torch scoring
-# The gates each plain and paced (a paced gate asks only with requests in hand, so it spends its
-# budget evenly over time): validation chooses among them.
-DEFAULT_POLICIES = ("never", "always", "every-k", "random-p", "drift", "window", "loss", "ideal",
-                    "drift:pace=1", "window:pace=1.5,burst=3", "ideal:pace=1.25")
 
 
 @dataclass
