@@ -2,14 +2,15 @@
 
 A distribution mapper turns what the device knows - its behaviour embedding now and when the held
 bundle was generated - into a Gaussian over the change a fresh bundle would make to the user
-state; draws from it re-score the last candidates, and the gate's score is the expected
-disagreement with the current scores. Numpy only, like every gate; the mapper's weights are
-fitted offline on validation devices (`paramcast.simulation.calibration.fit_gaussian_mapper`) and
-shipped to devices as a small .npz file.
+state; the gate's score is how far that change would move the items' scores relative to one
+another, in expectation under the Gaussian, computed in closed form. Numpy only, like every gate;
+the mapper's weights are fitted offline on validation devices
+(`paramcast.simulation.calibration.fit_gaussian_mapper`) and shipped to devices as a small .npz file.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,103 +65,83 @@ class GaussianMapper:
 
 
 class IdealGate(Gate):
-    """Expected disagreement between the current scores and scores under sampled fresh user states.
+    """Expected spread of the score change a fresh bundle would make, over the item catalogue.
 
-    The mapper turns (behaviour now, behaviour at the held bundle) into a Gaussian over the change
-    a fresh bundle would make to the user state; `samples` draws re-score the last candidates
-    (user state + change, dotted with their embeddings), and the score is the mean total
-    variation distance between the softmax over candidates now and under each draw: the share of
-    the recommendation mass that would move if the device asked now. Needs the item embedding
-    table the scores are dot products with (`item_embeddings(package)` reads it from a package).
+    The mapper turns (behaviour now, behaviour at the held bundle) into a Gaussian N(mean,
+    diag(var)) over the change a fresh bundle would make to the user state; the change moves item
+    i's score by e_i . change (e_i its embedding, what scores dot with). The score is the root of
+    the expected variance of those moves across the catalogue,
 
-    For speed the mapper is applied in a factored form: with x = [b - ref, b, 1],
-    mean = b @ (W_diff + W_b) - (ref @ W_diff - w_1), where the bracket is fixed while a bundle is
-    held and computed when it arrives; and with z = [log(|b - ref|^2 + eps), 1],
-    sd = exp(log_var / 2) = exp(w_1 / 2) * (|b - ref|^2 + eps) ** (w_0 / 2).
+        sqrt(E[Var_i(e_i . change)]) = sqrt(mean' S mean + sum_k S_kk var_k),   S = Cov_i(e_i),
+
+    in score units. A move shared by every item leaves the ranking as it is, hence the variance;
+    the expectation is exact, so no draws are taken (a sampled estimate over the candidates needs
+    some twenty numpy calls per step, several times what this gate may cost a device).
+
+    For speed everything per step is one product: with x = [b - ref, b, 1],
+    mean = b @ (W_diff + W_b) - (ref @ W_diff - w_1), the bracket fixed while a bundle is held;
+    with S = L L', mean' S mean = |mean @ L|^2; so [mean @ L, b - ref] = b @ [(W_diff + W_b) L, I]
+    - [(ref @ W_diff - w_1) L, ref], and the variance term is sum_k S_kk exp(w_lv1_k)
+    (|b - ref|^2 + eps) ** w_lv0_k (the mapper's log-variance, z = [log(|b - ref|^2 + eps), 1]).
     """
 
     name = "ideal"
-    params = {**Gate.params, "samples": int}
 
     def __init__(self, mapper: GaussianMapper, item_emb: np.ndarray, threshold: float | None = None,
-                 rate: float | None = None, min_interval: int = 1, pace: float = 0.0, burst: float = 1.0,
-                 samples: int = 8):
+                 rate: float | None = None, min_interval: int = 1, pace: float = 0.0, burst: float = 1.0):
         super().__init__(threshold, rate, min_interval, pace, burst)
-        if samples < 1:
-            raise InvalidInput("samples", f"must be >= 1, got {samples}")
         d = item_emb.shape[1]
         if mapper.w_mean.shape != (2 * d + 1, d) or mapper.w_log_var.shape != (2, d):
             raise InvalidInput("mapper", f"expects hidden size {mapper.hidden}, items have {d}")
-        self.mapper, self.samples = mapper, samples
-        self.item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)  # (n_items + 1, d)
-        w = mapper.w_mean.astype(np.float32)
-        self.w_diff, self.w_b = w[:d], w[:d] + w[d:2 * d]  # (d, d) each
-        self.w_const = w[2 * d]  # (d,)
-        self.sd_exp = (0.5 * mapper.w_log_var[0]).astype(np.float32)  # (d,)
-        self.sd_scale = np.exp(0.5 * mapper.w_log_var[1]).astype(np.float32)  # (d,)
-        self.ref = np.zeros((0, d), np.float32)  # (N, d) behaviour at the held bundle
-        self.ref_term = np.zeros((0, d), np.float32)  # (N, d) ref @ W_diff - w_1
-        self.draws = np.zeros((0, samples, d), np.float32)  # (N, S, d) standard normals
-        self._rows = np.zeros((samples + 1, d), np.float32)  # score_one's changes: none, then each draw
+        if len(item_emb) < 3:
+            raise InvalidInput("item_emb", f"needs at least two items besides padding, got {len(item_emb) - 1}")
+        self.mapper = mapper
+        self.item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)  # (n_items + 1, d); row 0 pads
+        cov = np.cov(self.item_emb[1:].astype(np.float64), rowvar=False)  # (d, d) S over the catalogue
+        lam, vec = np.linalg.eigh(cov)
+        root = vec * np.sqrt(np.maximum(lam, 0.0))  # L: S = L L'
+        w = mapper.w_mean.astype(np.float64)
+        self.w_diff, self.w_const = w[:d], w[2 * d]  # (d, d), (d,)
+        self.w_cat = np.concatenate([(w[:d] + w[d:2 * d]) @ root, np.eye(d)], axis=1).astype(np.float32)  # (d, 2d)
+        self.root = root
+        self.sel = np.zeros((2 * d, 2), np.float32)  # sums the squares of each half of [mean @ L, b - ref]
+        self.sel[:d, 0] = self.sel[d:, 1] = 1.0
+        self.var_weight = np.diag(cov) * np.exp(mapper.w_log_var[1].astype(np.float64))  # (d,) S_kk exp(w_lv1)
+        self.var_power = mapper.w_log_var[0].astype(np.float64)  # (d,)
+        self.ref_cat = np.zeros((0, 2 * d), np.float32)  # (N, 2d) [(ref @ W_diff - w_1) L, ref] per device
 
     def start(self, n_devices: int, seed: int = 0, behaviour: np.ndarray | None = None,
               seen: np.ndarray | None = None) -> None:
         super().start(n_devices, seed, behaviour, seen)
-        d = self.item_emb.shape[1]
-        self.ref = np.zeros((n_devices, d), np.float32)
-        self.ref_term = np.zeros((n_devices, d), np.float32)
-        self.draws = self.rng.standard_normal((n_devices, self.samples, d), dtype=np.float32)
+        self.ref_cat = np.zeros((n_devices, self.w_cat.shape[1]), np.float32)
         if behaviour is not None:
             self._set_ref(np.arange(n_devices), behaviour)
 
     def _set_ref(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
-        ref = np.asarray(behaviour, dtype=np.float32)
-        self.ref[devices] = ref
-        self.ref_term[devices] = ref @ self.w_diff - self.w_const
+        ref = np.asarray(behaviour, dtype=np.float64)
+        d = ref.shape[1]
+        self.ref_cat[devices, :d] = (ref @ self.w_diff - self.w_const) @ self.root
+        self.ref_cat[devices, d:] = ref
 
     def applied(self, devices: np.ndarray, behaviour: np.ndarray) -> None:
         super().applied(devices, behaviour)
         self._set_ref(devices, behaviour)
-        # Fresh draws per bundle: within one bundle's life the gate compares like with like
-        # (common random numbers), and no normals are drawn on the per-step path.
-        self.draws[devices] = self.rng.standard_normal((len(devices), *self.draws.shape[1:]), dtype=np.float32)
 
     def score(self, view: StepView, age: np.ndarray) -> np.ndarray:
-        dev, b, s = view.devices, view.behaviour, view.scores
-        diff = b - self.ref[dev]  # (n, d)
-        mean = b @ self.w_b - self.ref_term[dev]  # (n, d)
-        sd = self.sd_scale * (np.einsum("nd,nd->n", diff, diff)[:, None] + _EPS) ** self.sd_exp  # (n, d)
-        change = mean[:, None, :] + sd[:, None, :] * self.draws[dev]  # (n, S, d)
-        emb = self.item_emb.take(view.candidates, axis=0)  # (n, C, d)
-        moved = change @ emb.transpose(0, 2, 1)  # (n, S, C): score change of each candidate per draw
-        p = np.exp(s - s.max(axis=1, keepdims=True))
-        p = (p / p.sum(axis=1, keepdims=True))[:, None, :]  # (n, 1, C) softmax now
-        q = p * np.exp(np.minimum(moved, 60.0))  # softmax(s + moved) up to its sum; the cap keeps float32 finite
-        q /= q.sum(axis=2, keepdims=True)  # (n, S, C)
-        return 0.5 * np.abs(q - p).sum(axis=2).mean(axis=1)  # (n,) mean total variation
+        y = view.behaviour @ self.w_cat - self.ref_cat[view.devices]  # (n, 2d): [mean @ L, b - ref]
+        sq = (y * y) @ self.sel  # (n, 2): mean' S mean, |b - ref|^2
+        spread = np.power(sq[:, 1:].astype(np.float64) + _EPS, self.var_power) @ self.var_weight  # (n,)
+        return np.sqrt(sq[:, 0] + spread)
 
     def score_one(self, view: StepView, device: int, age: int) -> float:
-        # A device's per-step path, written for the fewest numpy calls (each costs about a
-        # microsecond on arrays this small): one matrix product scores the candidates now (row 0,
-        # a zero change) and under every draw (rows 1..S); the exponential is taken in float64,
-        # so no max needs subtracting; the total variation is 1 - sum(min(q, p)).
-        b = view.behaviour[0]
-        diff = b - self.ref[device]  # (d,)
-        rows = self._rows  # (S + 1, d): row 0 stays zero
-        np.multiply(self.draws[device], self.sd_scale * (float(diff @ diff) + _EPS) ** self.sd_exp, out=rows[1:])
-        rows[1:] += b @ self.w_b - self.ref_term[device]  # mean + sd * draw
-        logits = rows @ self.item_emb.take(view.candidates[0], axis=0).T  # (S + 1, C)
-        logits += view.scores[0]
-        q = np.exp(logits, dtype=np.float64)
-        q /= q.sum(axis=1, keepdims=True)  # q[0] = p, the softmax now
-        tv = 1.0 - float(np.minimum(q[1:], q[0]).sum()) / self.samples
-        if 0.0 <= tv < 1.0:
-            return tv
-        # Scores or changes beyond float64's exponent (|logit| > ~700): the shifted, capped form.
-        return float(self.score(view, np.array([age]))[0])
+        # A device's per-step path: four numpy calls (each costs about a microsecond on arrays
+        # this small, more than the arithmetic it does), the rest in Python floats.
+        y = view.behaviour[0] @ self.w_cat - self.ref_cat[device]
+        shift, moved = (y * y @ self.sel).tolist()
+        return math.sqrt(shift + float(np.power(moved + _EPS, self.var_power) @ self.var_weight))
 
     def describe(self) -> dict:
-        return {**super().describe(), "samples": self.samples, "mapper": self.mapper.meta}
+        return {**super().describe(), "mapper": self.mapper.meta}
 
 
 ITEM_TABLE = "item_emb.weight"  # the device model's item embeddings, under their PyTorch name in the graph

@@ -29,10 +29,9 @@ the policy's primary parameter, e.g. `every-k:10`, `random-p:0.1`, `drift:rate=0
                 took) since the held bundle arrived (`decay` of the running mean)
   ideal         IDEAL-style (Lv et al., WWW 2024): a distribution mapper turns what the device
                 knows into a Gaussian over the change a fresh bundle would make to the user state;
-                `samples` draws from it re-score the candidates, and the gate is the expected
-                disagreement (total variation between the candidate distributions) with the
-                current scores (`device/ideal.py`; the mapper is fitted offline on validation
-                devices, `paramcast.simulation.calibration`).
+                the gate is how far that change would spread the items' scores apart, in
+                expectation, in closed form (`device/ideal.py`; the mapper is fitted offline on
+                validation devices, `paramcast.simulation.calibration`).
 
 Every gate takes `threshold=T` (request when its score exceeds T) or `rate=R` (the threshold is
 calibrated on validation devices so the fleet requests on R of its steps; a bare value means

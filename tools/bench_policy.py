@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paramcast.device.ideal import GaussianMapper, IdealGate, item_embeddings
+from paramcast.device.ideal import GaussianMapper, item_embeddings
 from paramcast.device.policy import Gate, Policy, StepView
 from paramcast.device.policy_spec import build_policy, parse_policy
 from paramcast.simulation.calibration import fit_gaussian_mapper
@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
             "decision_us": s, "fraction_of_scoring_call": s["p50"] / base,
             **({"gate_cost_vs_score": s["p50"] / base} if gate else {}),
             "batched_per_device_us": stats_us(batched)["p50"],
-            **({"samples": policy.samples} if isinstance(policy, IdealGate) else {}),
         }
     gates = {k: v for k, v in report["policies"].items() if "gate_cost_vs_score" in v}
     report["bar"] = {"gate_under_10_percent_of_scoring": all(v["gate_cost_vs_score"] <= 0.10

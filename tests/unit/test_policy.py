@@ -197,26 +197,44 @@ def _mapper(mean_scale: float, log_var: float) -> GaussianMapper:
 def test_ideal_gate_grows_with_predicted_change_and_uncertainty():
     emb = np.random.default_rng(0).normal(size=(6, D_HIDDEN)).astype(np.float32)
     ref = np.zeros((1, D_HIDDEN), np.float32)
-    scores = np.zeros((1, 5), np.float32)
 
     def score(mapper, behaviour):
-        g = IdealGate(mapper, emb, threshold=0.1, samples=64)
+        g = IdealGate(mapper, emb, threshold=0.1)
         g.start(1, 0, ref)
-        return g.score(view(1, behaviour=behaviour, scores=scores), np.ones(1, np.int64))[0]
+        return g.score(view(1, behaviour=behaviour), np.ones(1, np.int64))[0]
 
     still = np.zeros((1, D_HIDDEN), np.float32)
     moved = np.full((1, D_HIDDEN), 2.0, np.float32)
-    assert score(_mapper(1.0, -30.0), still) == pytest.approx(0.0, abs=1e-6)  # no change, no spread
-    assert score(_mapper(1.0, -30.0), moved) > 0.05  # a predicted change moves the distribution
+    assert score(_mapper(1.0, -30.0), still) == pytest.approx(0.0, abs=1e-5)  # no change, no spread
+    assert score(_mapper(1.0, -30.0), moved) > 0.5  # a predicted change moves the scores
     assert score(_mapper(0.0, 0.0), still) > score(_mapper(0.0, -4.0), still) > 0.0  # spread alone counts
-    g1, g2 = IdealGate(_mapper(0.0, 0.0), emb, threshold=0.1), IdealGate(_mapper(0.0, 0.0), emb, threshold=0.1)
-    g1.start(1, 7, ref)
-    g2.start(1, 7, ref)
-    v = view(1, behaviour=still, scores=scores)
-    assert g1.score(v, np.ones(1, np.int64)) == g2.score(v, np.ones(1, np.int64))  # seeded sampling
-    before = g1.draws.copy()
-    g1.applied(np.array([0]), still)
-    assert not np.array_equal(before, g1.draws)  # a new bundle, new draws
+    g = IdealGate(_mapper(1.0, -30.0), emb, threshold=0.1)
+    g.start(1, 0, ref)
+    before = g.score(view(1, behaviour=moved), np.ones(1, np.int64))[0]
+    g.applied(np.array([0]), moved)  # a bundle generated at this behaviour: nothing left to change
+    assert before > 0.5 and g.score(view(1, behaviour=moved), np.ones(1, np.int64))[0] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_ideal_gate_is_the_expected_spread_of_score_changes_over_the_catalogue():
+    """The closed form equals a Monte Carlo estimate of its definition: draws of the change from the
+    mapper's Gaussian, the variance across catalogue items of the score moves, averaged, rooted."""
+    rng = np.random.default_rng(2)
+    d, n_items = D_HIDDEN, 40
+    mapper = GaussianMapper(rng.normal(size=(2 * d + 1, d)).astype(np.float32) * 0.3,
+                            (rng.normal(size=(2, d)) * [[0.3], [0.5]]).astype(np.float32))
+    emb = rng.normal(size=(n_items + 1, d)).astype(np.float32)
+    ref, b = rng.normal(size=(1, d)).astype(np.float32), rng.normal(size=(1, d)).astype(np.float32)
+    g = IdealGate(mapper, emb, threshold=0.0)
+    g.start(1, 0, ref)
+    x, z = mapper_features(b, ref)
+    mean, log_var = mapper(x, z)
+    change = mean + np.exp(0.5 * log_var) * rng.normal(size=(200_000, d))  # (draws, d)
+    moves = change @ emb[1:].T.astype(np.float64)  # (draws, items): row 0 of the table is padding
+    expected = np.sqrt(moves.var(axis=1, ddof=1).mean())
+    assert g.score(view(1, behaviour=b), np.ones(1, np.int64))[0] == pytest.approx(expected, rel=0.01)
+    shifted = IdealGate(mapper, emb + 5.0, threshold=0.0)  # a move every item shares ranks nothing
+    shifted.start(1, 0, ref)
+    assert shifted.score(view(1, behaviour=b), np.ones(1, np.int64))[0] == pytest.approx(float(expected), rel=0.01)
 
 
 def test_ideal_gate_rejects_a_mapper_of_another_width():
@@ -240,54 +258,24 @@ def test_fit_gaussian_mapper_recovers_mean_and_heteroscedastic_variance():
     assert mapper.meta["r2_mean"] > 0.9
 
 
-def test_ideal_gate_fast_path_applies_the_mapper_exactly():
-    rng = np.random.default_rng(2)
-    n, d = 6, D_HIDDEN
-    mapper = GaussianMapper(rng.normal(size=(2 * d + 1, d)).astype(np.float32),
-                            rng.normal(size=(2, d)).astype(np.float32) * 0.3)
-    emb = rng.normal(size=(7, d)).astype(np.float32)
-    ref, b = rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
-    g = IdealGate(mapper, emb, threshold=0.0, samples=3)
-    g.start(n, 0, ref)
-    g.draws[:] = 0.0  # zero draws: every sample is the mean
-    v = view(n, behaviour=b, scores=rng.normal(size=(n, 5)))
-    x, z = mapper_features(b, ref)
-    mean, _ = mapper(x, z)
-    moved = np.einsum("nd,ncd->nc", mean, emb[v.candidates])
-    p = np.exp(v.scores) / np.exp(v.scores).sum(1, keepdims=True)
-    q = np.exp(v.scores + moved) / np.exp(v.scores + moved).sum(1, keepdims=True)
-    np.testing.assert_allclose(g.score(v, np.ones(n, np.int64)), 0.5 * np.abs(q - p).sum(1), rtol=1e-4, atol=1e-6)
-    g.draws[:] = 1.0  # unit draws: mean + sd
-    _, log_var = mapper(x, z)
-    moved = np.einsum("nd,ncd->nc", mean + np.exp(0.5 * log_var), emb[v.candidates])
-    q = np.exp(v.scores + moved) / np.exp(v.scores + moved).sum(1, keepdims=True)
-    np.testing.assert_allclose(g.score(v, np.ones(n, np.int64)), 0.5 * np.abs(q - p).sum(1), rtol=1e-3, atol=1e-5)
-
-
-def test_ideal_gate_one_device_path_matches_the_fleet_path_at_device_size_and_beyond_float_range():
-    """The single-device path (one product, float64 exponential) scores as the vectorised one does:
-    at a real model's size, and with scores too large for the exponential, where it falls back."""
+def test_ideal_gate_one_device_path_matches_the_fleet_path():
+    """The single-device path (one product, Python floats) scores as the vectorised one does, at a
+    real model's size, for devices at several distances from their held bundle."""
     rng = np.random.default_rng(4)
-    d, n_items, n_cand = 32, 300, 101
+    d, n_items, n_cand, n = 32, 300, 101, 5
     mapper = GaussianMapper(rng.normal(size=(2 * d + 1, d)).astype(np.float32) * 0.1,
                             rng.normal(size=(2, d)).astype(np.float32) * 0.3)
     gate = IdealGate(mapper, rng.normal(size=(n_items, d)).astype(np.float32) * 0.5, threshold=0.1)
-    gate.start(1, 0, rng.normal(size=(1, d)).astype(np.float32))
-    for scale in (1.0, 10.0, 2000.0):  # 2000: exp(score) is inf even in float64
-        b = rng.normal(size=(1, d)).astype(np.float32)
-        v = StepView(np.array([0]), b, b, (rng.normal(size=(1, n_cand)) * scale).astype(np.float32),
-                     rng.integers(1, n_items, size=(1, n_cand)), np.array([3]))
-        with np.errstate(over="ignore", invalid="ignore"):  # the overflow the fallback is for
-            one, fleet = gate.score_one(v, 0, 1), float(gate.score(v, np.ones(1, np.int64))[0])
-        assert np.isfinite(one) and one == pytest.approx(fleet, abs=1e-5)
-    # Score changes beyond float64's exponent: the single path falls back to the capped fleet form.
-    wild = IdealGate(GaussianMapper(mapper.w_mean * 1000, mapper.w_log_var), gate.item_emb * 10, threshold=0.1)
-    wild.start(1, 0, rng.normal(size=(1, d)).astype(np.float32))
-    v = StepView(np.array([0]), b, b, rng.normal(size=(1, n_cand)).astype(np.float32),
-                 rng.integers(1, n_items, size=(1, n_cand)), np.array([3]))
-    with np.errstate(over="ignore", invalid="ignore"):
-        one, fleet = wild.score_one(v, 0, 1), float(wild.score(v, np.ones(1, np.int64))[0])
-    assert np.isfinite(one) and one == pytest.approx(fleet, abs=1e-5) and one > 0.5
+    gate.start(n, 0, rng.normal(size=(n, d)).astype(np.float32))
+    for scale in (0.0, 1.0, 10.0, 1000.0):
+        b = (gate.ref_cat[:, d:] + scale * rng.normal(size=(n, d))).astype(np.float32)
+        fleet = gate.score(StepView(np.arange(n), b, b, rng.normal(size=(n, n_cand)).astype(np.float32),
+                                    rng.integers(1, n_items, size=(n, n_cand)), np.full(n, 3)), np.ones(n, np.int64))
+        for i in range(n):
+            v = StepView(np.array([i]), b[i: i + 1], b[i: i + 1], np.zeros((1, n_cand), np.float32),
+                         rng.integers(1, n_items, size=(1, n_cand)), np.array([3]))
+            one = gate.score_one(v, i, 1)
+            assert np.isfinite(one) and one == pytest.approx(float(fleet[i]), rel=1e-4, abs=1e-6)
 
 
 def test_mapper_save_and_load(tmp_path):
@@ -344,7 +332,7 @@ def _paced(gate):
     lambda: _paced(DriftGate(rate=0.2, pace=1.5, burst=2.0)),
     lambda: WindowGate(threshold=0.3, size=6),
     lambda: IdealGate(_mapper(0.5, -2.0), np.random.default_rng(5).normal(size=(9, D_HIDDEN)).astype(np.float32),
-                      threshold=0.05, samples=4),
+                      threshold=0.85),
 ], ids=["every-k", "random-p", "always", "drift", "drift-l2", "loss", "drift-paced", "window", "ideal"])
 def test_one_device_at_a_time_decides_as_the_fleet_does(make):
     """The scalar path for a single device (what a phone runs) agrees with the vectorised one."""
