@@ -50,6 +50,11 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 5  # epochs without validation improvement before stopping
+    # > 0: the sequence models' learning rate is multiplied by lr_decay after lr_decay_after epochs
+    # without a better validation score (counted again from each decay); early stopping still
+    # waits `patience` epochs from the best one
+    lr_decay: float = 0.0
+    lr_decay_after: int = 10
     eval_every: int = 1  # stage-1 epochs between validations (the last epoch is always validated)
     select: str = "sampled"  # protocol whose validation NDCG@10 early stopping maximises: sampled | full
     valid_full: bool = True  # the static stage also records full-ranking validation NDCG@10
@@ -225,7 +230,7 @@ class Trainer:
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
              step, epochs: int, patience: int, validate, train_modes, every: int = 1,
-             resume_key: dict | None = None, ema: float = 0.0) -> float:
+             resume_key: dict | None = None, ema: float = 0.0, lr_decay: float = 0.0) -> float:
         """The loop both stages share: Adam over `params`, validation every `every` epochs (and after
         the last), early stopping after `patience` epochs without improvement. With `resume_key` (the
         model's configuration) and a progress folder, progress is saved after each validation and a
@@ -236,7 +241,8 @@ class Trainer:
         `selected` is restored at the end, and an untrained start (epoch 0) competes too when
         `stage` is the generator's. With `ema` > 0, validation (and the state kept) uses an
         exponential moving average of `selected`'s weights with that decay per step instead of the
-        last step's weights."""
+        last step's weights. With `lr_decay` > 0 the learning rate is multiplied by it after
+        `cfg.lr_decay_after` epochs without a better validation score (a plateau schedule)."""
         cfg = self.cfg
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
         averaged = swa_utils.AveragedModel(selected, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(ema),
@@ -245,6 +251,7 @@ class Trainer:
         untrained, best_state, best_epoch = best, copy.deepcopy(selected.state_dict()), 0
         every = max(1, every)
         start, progress, key = 1, None, {}
+        decayed = 0  # the epoch the plateau count starts from: the best, or the last decay if later
         if self.progress_dir is not None and resume_key is not None:
             rank = f"-rank{self.dist.rank}" if self.dist.enabled else ""  # each rank resumes its own streams
             progress = self.progress_dir / f"{stage}-progress{rank}.pt"
@@ -253,7 +260,7 @@ class Trainer:
             selected.load_state_dict(saved["model"])
             opt.load_state_dict(saved["opt"])
             best, best_state, best_epoch = saved["best"], saved["best_state"], saved["best_epoch"]
-            start = saved["epoch"] + 1
+            start, decayed = saved["epoch"] + 1, saved.get("decayed", best_epoch)
             log.info("%s: resumed after epoch %d from %s", stage, saved["epoch"], progress)
         for epoch in range(start, epochs + 1):
             train_modes(True)
@@ -293,8 +300,17 @@ class Trainer:
             self.history[stage].append(record)
             if epoch - best_epoch >= patience:
                 break
+            decayed = max(decayed, best_epoch)
+            if validated and lr_decay > 0 and epoch - decayed >= cfg.lr_decay_after:
+                for group in opt.param_groups:
+                    group["lr"] *= lr_decay
+                decayed = epoch
+                log.info("%s epoch %d: learning rate %.2e (no better validation for %d epochs)", stage, epoch,
+                         opt.param_groups[0]["lr"], cfg.lr_decay_after)
+                record["lr"] = opt.param_groups[0]["lr"]
             if validated and progress is not None:
-                self._save_progress(progress, stage, key, epoch, selected, opt, best, best_state, best_epoch)
+                self._save_progress(progress, stage, key, epoch, selected, opt, best, best_state, best_epoch,
+                                    decayed)
         selected.load_state_dict(best_state)
         self.best_epoch[stage] = best_epoch
         if progress is not None:
@@ -309,11 +325,13 @@ class Trainer:
         return {"stage": stage, "data": data, "model": model_key, "train": train_cfg, "world": self.dist.world}
 
     def _save_progress(self, path: Path, stage: str, key: dict, epoch: int, selected: torch.nn.Module,
-                       opt: torch.optim.Optimizer, best: float, best_state: dict, best_epoch: int) -> None:
+                       opt: torch.optim.Optimizer, best: float, best_state: dict, best_epoch: int,
+                       decayed: int = 0) -> None:
         """Everything the loop needs to continue exactly as if it had not stopped (CPU random streams
         included), written atomically after each validation."""
         state = {"key": key, "epoch": epoch, "model": selected.state_dict(), "opt": opt.state_dict(),
-                 "best": best, "best_state": best_state, "best_epoch": best_epoch, "history": self.history[stage],
+                 "best": best, "best_state": best_state, "best_epoch": best_epoch, "decayed": decayed,
+                 "history": self.history[stage],
                  "rng": self.rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
                  "negatives_gen": self.negatives_gen.get_state(), "torch_rng": torch.get_rng_state()}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,7 +373,8 @@ class Trainer:
         ddp_step = self.dist.data_parallel(step, model)  # distributed: gradients averaged across ranks
         self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
                   -(-len(seqs) // batch_size), ddp_step, cfg.epochs, cfg.patience,
-                  lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every, model.cfg.to_dict())
+                  lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every, model.cfg.to_dict(),
+                  lr_decay=cfg.lr_decay)
 
     def train_static(self) -> DeviceModel:
         model = DeviceModel(self.model_cfg).to(self.torch_device)

@@ -88,6 +88,38 @@ def test_early_stopping_counts_epochs_and_keeps_the_best_weights(ml100k):
     assert any(not torch.equal(seen[1][n], seen[3][n]) for n in seen[1])  # training did move on
 
 
+def test_the_plateau_schedule_decays_the_rate_after_epochs_without_a_better_validation(ml100k):
+    """`lr_decay`: the rate drops by the factor once `lr_decay_after` epochs pass without a better
+    validation score, the count starting again from each decay and from each new best."""
+    data = InteractionLog("part", ml100k.sequences[:20], ml100k.n_items, ml100k.user_raw_ids[:20],
+                          ml100k.item_raw_ids)
+    trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {},
+                      TrainConfig(progress=False, threads=1, cold_fraction=0.0, lr_decay_after=2), None)
+    layer = torch.nn.Linear(3, 2)
+    rates: list[float] = []  # the learning rate each epoch's step ran at
+    opt_seen: list[torch.optim.Optimizer] = []
+    real_adam = torch.optim.Adam
+
+    def adam(*args, **kwargs):
+        opt_seen.append(real_adam(*args, **kwargs))
+        return opt_seen[-1]
+
+    scores = iter([1.0, 0.5, 0.5, 2.0, 0.5, 0.5, 0.5, 0.5, 0.5])  # the best at epochs 1 and 4
+
+    def step(i):
+        rates.append(opt_seen[0].param_groups[0]["lr"])
+        return layer(torch.ones(1, 3)).sum()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim, "Adam", adam)
+        trainer._fit("static", layer, list(layer.parameters()), 0.1, lambda: iter(range(1)), 1, step, 9, 100,
+                     lambda: {"select": next(scores)}, lambda on: None, lr_decay=0.5)
+    # epochs 2-3 without a better score: decay after 3; a new best at 4; 5-6: decay after 6; 7-8: after 8
+    assert rates == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025, 0.0125])
+    assert [h.get("lr") for h in trainer.history["static"]] == [None, None, 0.05, None, None, 0.025, None, 0.0125,
+                                                                None]
+
+
 def test_a_moving_average_is_validated_and_kept_while_training_goes_on_from_the_last_weights(ml100k):
     """`ema`: validation sees (and early stopping keeps) the exponential moving average of the
     weights after every step, and the next epoch continues from the last step's weights."""

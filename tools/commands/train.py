@@ -102,6 +102,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(t, "--lr", float, 1e-3)
     _option(t, "--patience", int, 5, help="epochs without validation improvement before stopping")
     _option(t, "--eval-every", int, 1, help="epochs between validations")
+    _option(t, "--lr-decay", float, 0.0,
+            help="multiply the learning rate by this after --lr-decay-after epochs without a better validation "
+                 "score, counted again from each decay (0: a constant rate)")
+    _option(t, "--lr-decay-after", int, 10, help="epochs without a better validation score before a decay")
     t.add_argument("--select", default="sampled", choices=("sampled", "full"),
                    help="protocol whose validation NDCG@10 early stopping maximises")
     _option(t, "--loss", _loss_name, "auto",
@@ -176,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("--gen-users", "keeps users out of the cloud stage: add 'cloud' to --stages")
     data = load_interactions(args.data, format=args.format)
     apply_preset(args, data)
+    if not 0.0 <= args.lr_decay < 1.0:
+        raise InvalidInput("--lr-decay", f"is a factor in [0, 1) (0: no decay); got {args.lr_decay}")
+    if args.lr_decay_after < 1:
+        raise InvalidInput("--lr-decay-after", f"must be at least one epoch; got {args.lr_decay_after}")
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
                                   ffn_units=args.ffn_units, head_units=args.head_units, max_len=args.max_len,
                                   dropout=args.dropout, init=args.init)
@@ -186,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
                       horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint, gen_holdout=args.gen_holdout,
                       gen_cut_from=args.gen_cut_from, gen_users=args.gen_users, gen_ema=args.gen_ema,
                       slim_train_prob=args.slim_train_prob, eval_every=args.eval_every, select=args.select,
+                      lr_decay=args.lr_decay, lr_decay_after=args.lr_decay_after,
                       gbce_t=args.gbce_t, logq=args.logq, mix_weight=args.mix_weight,
                       distill_weight=args.distill_weight,
                       cloud_batch_size=args.cloud_batch_size, cloud_lr=args.cloud_lr,
