@@ -52,9 +52,20 @@ class GeneratorConfig:
     # The cloud's expected next item in device item space as a third input (measured on ml-100k
     # validation: see BENCHMARKS.md, generator inputs).
     cloud_expectation: bool = True
+    # The direction in which the device's distillation loss falls fastest at its own state as a
+    # fourth input: E'(p_cloud - p_device) over the device item table E, the negative gradient of
+    # KL(cloud || device) with respect to the device's user state (needs cloud_expectation).
+    kl_gradient: bool = False
 
     def __post_init__(self) -> None:  # JSON round trips turn tuples into lists
         self.slot_shapes = {k: tuple(v) for k, v in self.slot_shapes.items()}  # type: ignore[misc]
+        if self.kl_gradient and not self.cloud_expectation:
+            raise ValueError("kl_gradient needs cloud_expectation (the cloud's side of the gradient)")
+
+    @property
+    def n_inputs(self) -> int:
+        """Width of the MLP's input: the cloud state, the device state, and the optional d-vectors."""
+        return int(self.cloud["hidden"]) + self.device_dim * (1 + self.cloud_expectation + self.kl_gradient)
 
     @property
     def window(self) -> int:
@@ -92,8 +103,8 @@ class Generator(nn.Module):
         self.cfg = cfg
         self.encoder = CloudModel(CloudModelConfig(**cfg.cloud))  # weights come from the cloud model
         self.encoder.requires_grad_(cfg.tune_encoder)
-        D, d, w = self.encoder.cfg.hidden, cfg.device_dim, cfg.width
-        n_in = D + d * (2 if cfg.cloud_expectation else 1)
+        d, w = cfg.device_dim, cfg.width
+        n_in = cfg.n_inputs
         # The frozen device model's item table (set by build_generator), for the cloud's expectation.
         self.register_buffer("device_items", torch.zeros(cfg.n_items + 1, d) if cfg.cloud_expectation else None)
         self.ln_in = nn.LayerNorm(n_in)
@@ -126,14 +137,24 @@ class Generator(nn.Module):
 
     def context(self, window: torch.Tensor, device_state: torch.Tensor) -> torch.Tensor:
         """(B, N) history ids, left-padded, and (B, d) device user states -> (B, w)."""
+        return self.mlp(self.ln_in(self.inputs(window, device_state)))
+
+    def inputs(self, window: torch.Tensor, device_state: torch.Tensor) -> torch.Tensor:
+        """What the MLP reads, (B, cfg.n_inputs): [cloud state, device state, cloud expectation,
+        KL gradient direction], the last two when configured."""
         assert window.shape[1] <= self.cfg.window, f"window length {window.shape[1]} > {self.cfg.window}"
         with torch.set_grad_enabled(self.cfg.tune_encoder and torch.is_grad_enabled()):
             cloud_state = self.encoder.encode(window)[:, -1]  # (B, D)
         inputs = [cloud_state, device_state]
         if self.device_items is not None:
+            items = self.device_items[1:]  # (n_items, d)
             p = torch.softmax(cloud_state @ self.encoder.output_table()[1:].T, dim=-1)  # (B, n_items)
-            inputs.append(p @ self.device_items[1:])  # (B, d)
-        return self.mlp(self.ln_in(torch.cat(inputs, dim=-1)))  # (B, w)
+            expected = p @ items  # (B, d)
+            inputs.append(expected)
+            if self.cfg.kl_gradient:
+                q = torch.softmax(device_state @ items.T, dim=-1)  # (B, n_items): the device model's own
+                inputs.append(expected - q @ items)
+        return torch.cat(inputs, dim=-1)
 
     def forward(self, window: torch.Tensor, device_state: torch.Tensor) -> Generated:
         c = self.context(window, device_state)
@@ -157,9 +178,10 @@ class Generator(nn.Module):
         """Multiply-adds x2 of one generation: the encoder over a full window, the MLP, the heads,
         plus `device_state_flops` for the device model's state (DeviceModel.flops_per_user(0))."""
         D, d, w = self.encoder.cfg.hidden, self.cfg.device_dim, self.cfg.width
-        n_in = D + d * (2 if self.cfg.cloud_expectation else 1)
+        n_in = self.cfg.n_inputs
         expectation = 2 * self.cfg.n_items * (D + d) if self.cfg.cloud_expectation else 0
-        mlp = 2 * (n_in * w + w * w) + expectation
+        gradient = 2 * self.cfg.n_items * 2 * d if self.cfg.kl_gradient else 0
+        mlp = 2 * (n_in * w + w * w) + expectation + gradient
         heads = 2 * w * sum(self.cfg.rank * (a + b) for a, b in self.cfg.slot_shapes.values())
         units = 2 * w * sum(self.cfg.unit_groups.values())
         return int(self.encoder.flops_per_request(0) + mlp + heads + units + device_state_flops)

@@ -127,6 +127,32 @@ def test_generator_reads_the_cloud_expectation_in_device_item_space(ml100k, tmp_
     assert load_checkpoint(tmp_path / "old").generator.cfg.cloud_expectation is False
 
 
+def test_the_kl_gradient_input_is_the_descent_direction_of_the_distillation_loss(ml100k, tmp_path):
+    """`kl_gradient`: the fourth input is -d KL(cloud || device) / d(device user state), checked
+    against autograd; it round-trips through a checkpoint, and needs the cloud expectation."""
+    import torch.nn.functional as F
+
+    model, cloud = tiny_models(ml100k)
+    gen = build_generator(model, cloud, **TINY_GEN, kl_gradient=True).eval()
+    window = left_pad([ml100k.sequences[0][:25], ml100k.sequences[1][:30]], 30)
+    state = torch.randn(2, 16, requires_grad=True)
+    with torch.no_grad():
+        got = gen.inputs(window, state)
+    d, D = 16, cloud.cfg.hidden
+    assert got.shape == (2, gen.cfg.n_inputs) == (2, D + 3 * d)
+    with torch.no_grad():
+        cloud_logp = F.log_softmax(cloud.encode(window)[:, -1] @ cloud.output_table()[1:].T, dim=-1)
+    device_logp = F.log_softmax(state @ model.item_emb.weight[1:].detach().T, dim=-1)
+    F.kl_div(device_logp, cloud_logp, log_target=True, reduction="sum").backward()
+    torch.testing.assert_close(got[:, -d:], -state.grad, rtol=1e-4, atol=1e-6)
+    without = build_generator(model, cloud, **TINY_GEN).eval()
+    torch.testing.assert_close(got[:, :D + 2 * d], without.inputs(window, state).detach())  # the rest as before
+    save_checkpoint(Checkpoint("klg", model, gen, cloud_model=cloud), tmp_path / "klg")
+    assert load_checkpoint(tmp_path / "klg").generator.cfg.kl_gradient is True
+    with pytest.raises(ValueError, match="cloud_expectation"):
+        build_generator(model, cloud, **TINY_GEN, kl_gradient=True, cloud_expectation=False)
+
+
 def test_generator_cuts_follow_the_holdout_and_the_cut_range(ml100k):
     """With a holdout of h, both next-item models fit each sequence without its last h items and
     every generator cut lies among them; --gen-cut-from keeps cuts in a sequence's later part."""

@@ -131,6 +131,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fine-tune the generator's copy of the cloud encoder (default: frozen teacher)")
     g.add_argument("--no-cloud-expectation", action="store_true",
                    help="the generator does not read the cloud's expected next item in device item space")
+    g.add_argument("--kl-gradient", action="store_true",
+                   help="the generator also reads E'(p_cloud - p_device), the direction in which the device's "
+                        "distillation loss falls fastest at its own state")
     g.add_argument("--distill-weight", type=float, default=1.0,
                    help="weight of KL(cloud model || device + delta) beside the true next items")
     g.add_argument("--distill-temperature", type=float, default=1.0)
@@ -205,7 +208,10 @@ def run(args: argparse.Namespace) -> int:
                                  n_heads=args.cloud_heads, ffn_units=args.cloud_ffn_units, max_len=args.window,
                                  dropout=args.cloud_dropout)
     gen_cfg = {"rank": args.rank, "width": args.gen_width, "dropout": args.gen_dropout,
-               "tune_encoder": args.tune_encoder, "cloud_expectation": not args.no_cloud_expectation}
+               "tune_encoder": args.tune_encoder, "cloud_expectation": not args.no_cloud_expectation,
+               "kl_gradient": args.kl_gradient}
+    if args.kl_gradient and args.no_cloud_expectation:
+        raise InvalidInput("--kl-gradient", "needs the cloud's expectation: drop --no-cloud-expectation")
     ctx = distributed.context(args.device)  # a world of one unless started by torchrun
     if not ctx.is_writer:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports for the job
