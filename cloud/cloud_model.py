@@ -39,6 +39,7 @@ class CloudModelConfig:
     ffn_units: int = 128
     max_len: int = 200
     dropout: float = 0.2
+    block: str = "pre-ln"  # model.Block.STYLES
     # feature name -> [ids per item (table width), vocabulary size]; filled from the data
     features: dict[str, list[int]] = field(default_factory=dict)
 

@@ -39,6 +39,7 @@ class DeviceModelConfig:
     # Embedding initialisation: "scaled" (items N(0, 1/d), positions N(0, 0.02^2)) or "xavier" (the
     # SASRec reference's xavier-normal: item and position rows start at comparable, small scales).
     init: str = "scaled"
+    block: str = "pre-ln"  # Block.STYLES
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,14 +69,31 @@ class BlockConfig(Protocol):
     n_heads: int
     ffn_units: int
     dropout: float
+    block: str
 
 
 class Block(nn.Module):
-    """Pre-LN causal self-attention + point-wise feed-forward (SASRec's block)."""
+    """Causal self-attention + point-wise feed-forward, in one of two arrangements (`cfg.block`):
+
+    - "pre-ln": x + Attn(LN(x)), then x + FFN(LN(x)) with GELU: the residual stream is never
+      normalised inside the stack (the usual pre-LN transformer);
+    - "sasrec": the original SASRec's (Kang & McAuley's code, and the public PyTorch port): queries
+      from LN(x), keys and values from x itself, the residual added to the normalised queries,
+      then LN before a ReLU feed-forward with its own residual, dropout after both of its layers.
+      The stream is re-normalised in every block.
+
+    Both keep the same parameters under the same names, so slimming, export and the adapter slots
+    do not depend on the arrangement.
+    """
+
+    STYLES = ("pre-ln", "sasrec")
 
     def __init__(self, cfg: BlockConfig):
         super().__init__()
         assert cfg.hidden % cfg.n_heads == 0
+        if cfg.block not in self.STYLES:
+            raise ValueError(f"unknown block {cfg.block!r}; known: {', '.join(self.STYLES)}")
+        self.sasrec = cfg.block == "sasrec"
         self.n_heads = cfg.n_heads
         self.ln1 = nn.LayerNorm(cfg.hidden)
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
@@ -88,13 +106,23 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, unit_mask: torch.Tensor | None) -> torch.Tensor:
         B, L, d = x.shape
         h = self.n_heads
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)  # 3 x (B, L, d)
+        normed = self.ln1(x)
+        if self.sasrec:  # queries from the normalised stream, keys and values from the stream itself
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(normed, w[:d], b[:d])
+            k, v = F.linear(x, w[d:], b[d:]).split(d, dim=-1)
+        else:
+            q, k, v = self.qkv(normed).split(d, dim=-1)  # 3 x (B, L, d)
         q, k, v = (t.reshape(B, L, h, d // h).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d/h)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(d // h) + attn_bias  # (B, h, L, L)
         att = self.drop(att.softmax(dim=-1))
         y = (att @ v).transpose(1, 2).reshape(B, L, d)  # (B, L, d)
-        x = x + self.drop(self.proj(y))
-        u = F.gelu(self.ffn_in(self.ln2(x)))  # (B, L, f)
+        if self.sasrec:
+            x = self.ln2(normed + self.proj(y))
+            u = F.relu(self.drop(self.ffn_in(x)))  # (B, L, f)
+        else:
+            x = x + self.drop(self.proj(y))
+            u = F.gelu(self.ffn_in(self.ln2(x)))  # (B, L, f)
         if unit_mask is not None:
             u = u * unit_mask[:, None, :]  # switch off dropped feed-forward units
         return x + self.drop(self.ffn_out(u))

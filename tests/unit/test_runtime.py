@@ -69,6 +69,43 @@ def test_onnx_runtime_matches_pytorch(runtime, users, encoding, keep_ratio, mask
         np.testing.assert_allclose(runtime.score(history, candidates), row, atol=ATOL, rtol=0)
 
 
+def test_the_sasrec_block_exports_and_scores_as_in_pytorch(users, tmp_path):
+    """The original SASRec block arrangement (Block docstring) goes through export and the runtime
+    like the default one: base, adapted and slimmed scores match PyTorch."""
+    from dataclasses import replace
+
+    from paramcast.cloud.checkpoint import Checkpoint
+    from paramcast.cloud.export import export_package
+    from paramcast.cloud.model import DeviceModel, slice_adapters
+
+    torch.manual_seed(3)
+    model = DeviceModel(replace(TINY, block="sasrec"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        model.item_emb.weight[0].zero_()
+    model.eval()
+    ckpt = Checkpoint("tiny-sasrec", model)
+    rt = DeviceRuntime(DevicePackage.load(export_package(ckpt, tmp_path / "pkg")))
+    history = left_pad([h for h, _ in users], TINY.max_len)
+    candidates = torch.from_numpy(np.stack([c for _, c in users]))
+    bundle = random_bundle(seed=5)
+    bundle = DeltaBundle(ckpt.model_id, ckpt.base_version, bundle.factors, random_keep(0.5))
+    adapters = {s: (torch.from_numpy(a)[None], torch.from_numpy(b)[None]) for s, (a, b) in bundle.factors.items()}
+    keep = {g: torch.as_tensor(m) for g, m in bundle.masks.items()}
+    with torch.no_grad():
+        base = model.score(history, candidates).numpy()
+        slimmed = model.slimmed(keep).score(history, candidates, slice_adapters(adapters, keep)).numpy()
+    np.testing.assert_allclose(rt.score([h for h, _ in users], candidates.numpy()), base, atol=ATOL)
+    rt.apply(bundle)
+    np.testing.assert_allclose(rt.score([h for h, _ in users], candidates.numpy()), slimmed, atol=ATOL)
+    assert not np.allclose(base, slimmed, atol=1e-3)
+    with torch.no_grad():  # and it is another function than the default block of the same weights
+        default = DeviceModel(TINY)
+        default.load_state_dict(model.state_dict())
+        assert not np.allclose(default.eval().score(history, candidates).numpy(), base, atol=1e-3)
+
+
 def test_parity_is_not_vacuous(runtime, users):
     """Adapters and slimming change the scores far beyond the tolerance, so parity tests them."""
     base = runtime.score([h for h, _ in users], np.stack([c for _, c in users]))

@@ -83,6 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(m, "--head-units", int, 64)
     _option(m, "--max-len", int, 50, help="the device's window: items its model reads")
     _option(m, "--dropout", float, 0.5)
+    _option(m, "--block", str, "pre-ln", choices=("pre-ln", "sasrec"),
+            help="the device model's block arrangement: pre-ln, or the original SASRec's (cloud/model.py Block)")
     _option(m, "--init", str, "scaled", choices=("scaled", "xavier"),
             help="embedding initialisation: scaled N(0, 1/d) items, or xavier-normal as the SASRec reference")
     c = p.add_argument_group("cloud model (the generator's encoder and teacher)")
@@ -189,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("--lr-decay-after", f"must be at least one epoch; got {args.lr_decay_after}")
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
                                   ffn_units=args.ffn_units, head_units=args.head_units, max_len=args.max_len,
-                                  dropout=args.dropout, init=args.init)
+                                  dropout=args.dropout, init=args.init, block=args.block)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                       loss=args.loss, n_negatives=args.negatives, seed=args.seed, device=args.device,
                       threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
