@@ -36,8 +36,10 @@ class DeviceModelConfig:
     head_units: int = 128
     max_len: int = 50
     dropout: float = 0.5
-    # Embedding initialisation: "scaled" (items N(0, 1/d), positions N(0, 0.02^2)) or "xavier" (the
-    # SASRec reference's xavier-normal: item and position rows start at comparable, small scales).
+    # Initialisation: "scaled" (items N(0, 1/d), positions N(0, 0.02^2)), "xavier" (xavier-normal
+    # item and position embeddings: they start at comparable, small scales), or "reference"
+    # (xavier-normal for every weight matrix, embeddings included, as the public SASRec PyTorch
+    # reference initialises; vectors - biases, layer norms - keep their defaults).
     init: str = "scaled"
     block: str = "pre-ln"  # Block.STYLES
 
@@ -147,8 +149,12 @@ class DeviceModel(nn.Module):
         elif cfg.init == "scaled":
             nn.init.normal_(self.item_emb.weight, std=d**-0.5)
             nn.init.normal_(self.pos_emb.weight, std=0.02)
+        elif cfg.init == "reference":
+            for param in self.parameters():
+                if param.dim() == 2:
+                    nn.init.xavier_normal_(param)
         else:
-            raise ValueError(f"unknown init {cfg.init!r}; known: scaled, xavier")
+            raise ValueError(f"unknown init {cfg.init!r}; known: scaled, xavier, reference")
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 

@@ -319,5 +319,11 @@ def test_embedding_initialisations():
     assert float(xavier.item_emb.weight[1:].detach().std()) == pytest.approx((2 / (3001 + 50)) ** 0.5, rel=0.05)
     assert float(xavier.pos_emb.weight.detach().std()) == pytest.approx((2 / (200 + 50)) ** 0.5, rel=0.1)
     assert not xavier.item_emb.weight[0].any()  # padding stays zero
+    ref = DeviceModel(DeviceModelConfig(n_items=3000, hidden=50, max_len=200, ffn_units=50, init="reference"))
+    assert float(ref.item_emb.weight[1:].detach().std()) == pytest.approx((2 / (3001 + 50)) ** 0.5, rel=0.05)
+    qkv = ref.blocks[0].qkv.weight.detach()  # (150, 50): every matrix, not only the embeddings
+    assert float(qkv.std()) == pytest.approx((2 / (150 + 50)) ** 0.5, rel=0.1)
+    assert float(xavier.blocks[0].qkv.weight.detach().std()) == pytest.approx(150**-0.5, rel=0.1)  # nn.Linear's
+    assert not ref.item_emb.weight[0].any() and torch.equal(ref.ln_f.weight, torch.ones(50))
     with pytest.raises(ValueError, match="unknown init"):
         DeviceModel(DeviceModelConfig(n_items=10, init="orthogonal"))

@@ -85,8 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(m, "--dropout", float, 0.5)
     _option(m, "--block", str, "pre-ln", choices=("pre-ln", "sasrec"),
             help="the device model's block arrangement: pre-ln, or the original SASRec's (cloud/model.py Block)")
-    _option(m, "--init", str, "scaled", choices=("scaled", "xavier"),
-            help="embedding initialisation: scaled N(0, 1/d) items, or xavier-normal as the SASRec reference")
+    _option(m, "--init", str, "scaled", choices=("scaled", "xavier", "reference"),
+            help="initialisation: scaled N(0, 1/d) items; xavier-normal embeddings; or xavier-normal for "
+                 "every weight matrix, as the public SASRec reference (cloud/model.py DeviceModelConfig)")
     c = p.add_argument_group("cloud model (the generator's encoder and teacher)")
     c.add_argument("--cloud-hidden", type=int, default=64)
     c.add_argument("--cloud-blocks", type=int, default=2)
