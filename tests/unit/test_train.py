@@ -38,7 +38,7 @@ def test_preset_follows_the_median_sequence_length_not_the_dataset_name(ml100k):
     long = log_of("amazon-beauty", [DENSE_MEDIAN_LENGTH] * 3 + [3, 4])
     model, _ = preset("sasrec-reference", long)
     assert (model["max_len"], model["dropout"]) == (200, 0.2)
-    assert (model["hidden"], model["n_blocks"], model["n_heads"]) == (50, 2, 1)
+    assert (model["hidden"], model["n_blocks"], model["n_heads"], model["block"]) == (50, 2, 1, "sasrec")
     assert {k: training[k] for k in ("lr", "batch_size", "cold_fraction", "slim_train_prob")} == {
         "lr": 1e-3, "batch_size": 128, "cold_fraction": 0.0, "slim_train_prob": 0.0}
     assert training["patience"] > training["eval_every"]  # patience counts epochs, several validations
@@ -165,7 +165,7 @@ def test_preset_cli_lets_explicit_flags_win_and_evaluate_reports_both_protocols(
     meta = json.loads((out / "checkpoint.json").read_text())
     cfg = meta["device_config"]
     assert (cfg["hidden"], cfg["max_len"]) == (16, 20)  # explicit flags
-    assert (cfg["n_blocks"], cfg["n_heads"], cfg["dropout"]) == (2, 1, 0.2)  # the preset, dense rule
+    assert (cfg["n_blocks"], cfg["n_heads"], cfg["dropout"], cfg["block"]) == (2, 1, 0.2, "sasrec")  # the preset
     train_cfg = meta["meta"]["train_config"]
     assert (train_cfg["cold_fraction"], train_cfg["slim_train_prob"], train_cfg["lr"]) == (0.0, 0.0, 1e-3)
     assert meta["meta"]["split"]["cold_users"] == []
