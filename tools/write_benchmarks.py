@@ -347,14 +347,17 @@ def render() -> str:
                   "own window (tools/bench_oracle.py; cloud/oracle.py); `gap closed` = (oracle - static) / "
                   "(cloud - static) on the validation split.", ""]
         parts += [oracle_section(json.loads(p.read_text()), p.stem.removeprefix("oracle-")) for p in oracle]
-    reference = sorted(RESULTS.glob("reference-*.json"))
+    # Each dataset's preset table first, then its variants (files reference-<dataset>-<suffix>.json).
+    reference = sorted((json.loads(p.read_text()) for p in RESULTS.glob("reference-*.json")),
+                       key=lambda doc: (doc["dataset"], doc.get("variant") is not None,
+                                        (doc.get("variant") or {}).get("suffix", "")))
     if reference:
         parts += ["## Training losses on both protocols (`paramcast train --preset sasrec-reference`)", "",
                   "Sampled: the target among 100 unseen items sampled uniformly (SASRec's protocol). Full: the "
                   "target among the whole catalogue, the user's other items excluded (`full:*` in "
                   "`paramcast evaluate --protocol both`). Static device model, seed 42, every user in training.",
                   note("reference")]
-        parts += [reference_section(json.loads(p.read_text())) for p in reference]
+        parts += [reference_section(doc) for doc in reference]
     sim = sorted(RESULTS.glob("simulation-*.json"))
     if sim:
         parts += ["## Request policies and simulation", ""]
