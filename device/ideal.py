@@ -98,8 +98,8 @@ class IdealGate(Gate):
         if len(item_emb) < 3:
             raise InvalidInput("item_emb", f"needs at least two items besides padding, got {len(item_emb) - 1}")
         self.mapper = mapper
-        self.item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)  # (n_items + 1, d); row 0 pads
-        cov = np.cov(self.item_emb[1:].astype(np.float64), rowvar=False)  # (d, d) S over the catalogue
+        # (d, d) S over the catalogue; row 0 of the table is padding, never scored
+        cov = np.cov(np.asarray(item_emb, dtype=np.float64)[1:], rowvar=False)
         lam, vec = np.linalg.eigh(cov)
         root = vec * np.sqrt(np.maximum(lam, 0.0))  # L: S = L L'
         w = mapper.w_mean.astype(np.float64)
