@@ -230,7 +230,8 @@ class Trainer:
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
              step, epochs: int, patience: int, validate, train_modes, every: int = 1,
-             resume_key: dict | None = None, ema: float = 0.0, lr_decay: float = 0.0) -> float:
+             resume_key: dict | None = None, ema: float = 0.0, lr_decay: float = 0.0,
+             lr_decay_after: int = 10) -> float:
         """The loop both stages share: Adam over `params`, validation every `every` epochs (and after
         the last), early stopping after `patience` epochs without improvement. With `resume_key` (the
         model's configuration) and a progress folder, progress is saved after each validation and a
@@ -242,7 +243,7 @@ class Trainer:
         `stage` is the generator's. With `ema` > 0, validation (and the state kept) uses an
         exponential moving average of `selected`'s weights with that decay per step instead of the
         last step's weights. With `lr_decay` > 0 the learning rate is multiplied by it after
-        `cfg.lr_decay_after` epochs without a better validation score (a plateau schedule)."""
+        `lr_decay_after` epochs without a better validation score (a plateau schedule)."""
         cfg = self.cfg
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
         averaged = swa_utils.AveragedModel(selected, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(ema),
@@ -301,12 +302,12 @@ class Trainer:
             if epoch - best_epoch >= patience:
                 break
             decayed = max(decayed, best_epoch)
-            if validated and lr_decay > 0 and epoch - decayed >= cfg.lr_decay_after:
+            if validated and lr_decay > 0 and epoch - decayed >= lr_decay_after:
                 for group in opt.param_groups:
                     group["lr"] *= lr_decay
                 decayed = epoch
                 log.info("%s epoch %d: learning rate %.2e (no better validation for %d epochs)", stage, epoch,
-                         opt.param_groups[0]["lr"], cfg.lr_decay_after)
+                         opt.param_groups[0]["lr"], lr_decay_after)
                 record["lr"] = opt.param_groups[0]["lr"]
             if validated and progress is not None:
                 self._save_progress(progress, stage, key, epoch, selected, opt, best, best_state, best_epoch,
@@ -374,7 +375,7 @@ class Trainer:
         self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
                   -(-len(seqs) // batch_size), ddp_step, cfg.epochs, cfg.patience,
                   lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every, model.cfg.to_dict(),
-                  lr_decay=cfg.lr_decay)
+                  lr_decay=cfg.lr_decay, lr_decay_after=cfg.lr_decay_after)
 
     def train_static(self) -> DeviceModel:
         model = DeviceModel(self.model_cfg).to(self.torch_device)

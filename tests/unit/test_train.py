@@ -94,7 +94,7 @@ def test_the_plateau_schedule_decays_the_rate_after_epochs_without_a_better_vali
     data = InteractionLog("part", ml100k.sequences[:20], ml100k.n_items, ml100k.user_raw_ids[:20],
                           ml100k.item_raw_ids)
     trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {},
-                      TrainConfig(progress=False, threads=1, cold_fraction=0.0, lr_decay_after=2), None)
+                      TrainConfig(progress=False, threads=1, cold_fraction=0.0), None)
     layer = torch.nn.Linear(3, 2)
     rates: list[float] = []  # the learning rate each epoch's step ran at
     opt_seen: list[torch.optim.Optimizer] = []
@@ -113,7 +113,7 @@ def test_the_plateau_schedule_decays_the_rate_after_epochs_without_a_better_vali
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.optim, "Adam", adam)
         trainer._fit("static", layer, list(layer.parameters()), 0.1, lambda: iter(range(1)), 1, step, 9, 100,
-                     lambda: {"select": next(scores)}, lambda on: None, lr_decay=0.5)
+                     lambda: {"select": next(scores)}, lambda on: None, lr_decay=0.5, lr_decay_after=2)
     # epochs 2-3 without a better score: decay after 3; a new best at 4; 5-6: decay after 6; 7-8: after 8
     assert rates == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025, 0.0125])
     assert [h.get("lr") for h in trainer.history["static"]] == [None, None, 0.05, None, None, 0.025, None, 0.0125,
