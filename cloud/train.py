@@ -56,6 +56,11 @@ class TrainConfig:
     lr_decay: float = 0.0
     lr_decay_after: int = 10
     eval_every: int = 1  # stage-1 epochs between validations (the last epoch is always validated)
+    # How the next-item stages weigh target positions. "batch": each batch's loss is the mean over its
+    # own positions, so a batch of short sequences moves the weights as far as a batch of long ones.
+    # "position": every target position of an epoch weighs the same (the objective of batches drawn
+    # without regard to length), which length-bucketed batches otherwise tilt towards short histories.
+    loss_weighting: str = "batch"
     select: str = "sampled"  # protocol whose validation NDCG@10 early stopping maximises: sampled | full
     valid_full: bool = True  # the static stage also records full-ranking validation NDCG@10
     loss: str = "auto"  # cloud/losses.py: bce | gbce | sampled | ce | a mixture x+y; auto = DEFAULT_LOSS
@@ -226,7 +231,11 @@ class Trainer:
     def _sequence_batches(self, seqs: list[np.ndarray], max_len: int, batch_size: int):
         for idx in self._batch_order(seqs, batch_size):
             x = left_pad([seqs[i] for i in idx], max_len + 1, trim=True)  # (B, T+1)
-            yield x[:, :-1], x[:, 1:], x  # inputs, next items, the row's own items (never its negatives)
+            inputs = x[:, :-1]
+            # A sequence's first item is a target of nothing: where the input is padding the state
+            # is the same constant for every row, and whether a row's first item sits behind padding
+            # or is cut off depends on the longest row it was batched with.
+            yield inputs, x[:, 1:] * (inputs > 0), x  # inputs, next items, the row's own items (never its negatives)
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
              step, epochs: int, patience: int, validate, train_modes, every: int = 1,
@@ -360,6 +369,11 @@ class Trainer:
         `variant` of `ckpt`."""
         cfg, dev = self.cfg, self.torch_device
 
+        n_batches = -(-len(seqs) // batch_size)
+        # "position" weighting: a batch's mean is scaled by its share of the epoch's target positions
+        # (times the world, since data-parallel ranks average their gradients).
+        positions_per_batch = sum(min(len(s), max_len + 1) - 1 for s in seqs) / max(n_batches, 1)
+
         def step(batch) -> torch.Tensor:
             inp, tgt, own = (t.to(dev) for t in batch)
             masks = None
@@ -367,13 +381,16 @@ class Trainer:
                 assert isinstance(model, DeviceModel)
                 masks = self._random_masks(model, len(inp))
             states = model.user_states(inp, None, masks)  # (B, L, d)
-            return sequence_loss(self.loss_cfg, states, model.output_table(), tgt, own, self.data.n_items,
+            loss = sequence_loss(self.loss_cfg, states, model.output_table(), tgt, own, self.data.n_items,
                                  self.negatives_gen)
+            if cfg.loss_weighting == "position":
+                loss = loss * (int((tgt > 0).sum()) * self.dist.world / positions_per_batch)
+            return loss
 
         protocol = "both" if cfg.valid_full else cfg.select
         ddp_step = self.dist.data_parallel(step, model)  # distributed: gradients averaged across ranks
         self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
-                  -(-len(seqs) // batch_size), ddp_step, cfg.epochs, cfg.patience,
+                  n_batches, ddp_step, cfg.epochs, cfg.patience,
                   lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every, model.cfg.to_dict(),
                   lr_decay=cfg.lr_decay, lr_decay_after=cfg.lr_decay_after)
 

@@ -39,8 +39,8 @@ def test_preset_follows_the_median_sequence_length_not_the_dataset_name(ml100k):
     model, _ = preset("sasrec-reference", long)
     assert (model["max_len"], model["dropout"]) == (200, 0.2)
     assert (model["hidden"], model["n_blocks"], model["n_heads"], model["block"]) == (50, 2, 1, "sasrec")
-    assert {k: training[k] for k in ("lr", "batch_size", "cold_fraction", "slim_train_prob")} == {
-        "lr": 1e-3, "batch_size": 128, "cold_fraction": 0.0, "slim_train_prob": 0.0}
+    assert {k: training[k] for k in ("lr", "batch_size", "cold_fraction", "slim_train_prob", "loss_weighting")} == {
+        "lr": 1e-3, "batch_size": 128, "cold_fraction": 0.0, "slim_train_prob": 0.0, "loss_weighting": "position"}
     assert training["patience"] > training["eval_every"]  # patience counts epochs, several validations
     with pytest.raises(ValueError, match="unknown preset"):
         preset("bert4rec", short)
@@ -260,3 +260,44 @@ def test_a_generator_user_share_outside_its_range_or_without_a_cloud_stage_is_re
     assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), *extra, "--no-progress"]) == 2
     assert "--gen-users" in capsys.readouterr().err
     assert not out.exists()  # refused before any training or writing
+
+
+def test_position_weighting_makes_an_epoch_of_bucketed_batches_the_mean_over_every_target(ml100k):
+    """Length-bucketed batches averaged one by one tilt an epoch towards short histories; with
+    `loss_weighting="position"` the batch losses of an epoch average to the per-position mean over
+    every training target, as batches drawn without regard to length would."""
+    from paramcast.cloud.losses import full_softmax_loss
+    from paramcast.cloud.model import DeviceModel, left_pad
+
+    lengths = [3, 4, 5, 6, 30, 40, 60, 80] * 6  # short and long histories: bucketing separates them
+    seqs = [np.asarray(s[:n]) for s, n in zip(ml100k.sequences, lengths, strict=False)]
+    data = InteractionLog("part", seqs, ml100k.n_items, ml100k.user_raw_ids[:len(seqs)], ml100k.item_raw_ids)
+    model_cfg = DeviceModelConfig(n_items=data.n_items, **TINY)
+    torch.manual_seed(0)
+    model = DeviceModel(model_cfg).eval()  # no dropout: a batch's loss is a function of its sequences
+
+    def epoch_mean(weighting: str) -> tuple[float, float]:
+        cfg = TrainConfig(progress=False, threads=1, cold_fraction=0.0, loss="ce", batch_size=4,
+                          slim_train_prob=0.0, loss_weighting=weighting)
+        trainer = Trainer(data, model_cfg, {}, cfg, None)
+        seen: dict = {}
+
+        def capture(stage, selected, params, lr, batches, n_batches, step, *args, **kwargs):
+            with torch.no_grad():
+                losses = [float(step(b)) for b in batches()]
+            seen.update(mean=sum(losses) / n_batches, n=len(losses), n_batches=n_batches)
+
+        trainer._fit = capture
+        trainer._train_next_item("static", model, trainer.fit_seqs, model_cfg.max_len, False, None, "static",
+                                 cfg.batch_size, cfg.lr)
+        assert seen["n"] == seen["n_batches"]
+        x = left_pad(trainer.fit_seqs, model_cfg.max_len + 1)
+        targets = x[:, 1:] * (x[:, :-1] > 0)  # every item that follows one the model has read
+        with torch.no_grad():
+            everything = full_softmax_loss(model.user_states(x[:, :-1]), model.output_table(), targets)
+        return seen["mean"], float(everything)
+
+    by_position, everything = epoch_mean("position")
+    assert by_position == pytest.approx(everything, rel=1e-4)
+    by_batch, _ = epoch_mean("batch")
+    assert abs(by_batch - everything) > 1e-2  # the tilt the weighting removes is there to remove

@@ -109,6 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help="multiply the learning rate by this after --lr-decay-after epochs without a better validation "
                  "score, counted again from each decay (0: a constant rate)")
     _option(t, "--lr-decay-after", int, 10, help="epochs without a better validation score before a decay")
+    _option(t, "--loss-weighting", str, "batch", choices=("batch", "position"),
+            help="batch: each batch's loss is the mean over its positions; position: every target position of "
+                 "an epoch weighs the same, however the length-bucketed batches group them")
     t.add_argument("--select", default="sampled", choices=("sampled", "full"),
                    help="protocol whose validation NDCG@10 early stopping maximises")
     _option(t, "--loss", _loss_name, "auto",
@@ -200,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
                       horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint, gen_holdout=args.gen_holdout,
                       gen_cut_from=args.gen_cut_from, gen_users=args.gen_users, gen_ema=args.gen_ema,
                       slim_train_prob=args.slim_train_prob, eval_every=args.eval_every, select=args.select,
+                      loss_weighting=args.loss_weighting,
                       lr_decay=args.lr_decay, lr_decay_after=args.lr_decay_after,
                       gbce_t=args.gbce_t, logq=args.logq, mix_weight=args.mix_weight,
                       distill_weight=args.distill_weight,
