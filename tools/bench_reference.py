@@ -94,6 +94,31 @@ def popularity_baseline(data_path: str, seed: int = 0) -> dict:
             for stage in ("valid", "test")}
 
 
+def paired_against(data_path: str, workdir: Path, best: str, others: list[str], seed: int = 0) -> dict:
+    """{loss: best - loss} on the validation users, paired per user and bootstrapped, both protocols:
+    whether the choice's margins are larger than the noise of one validation split."""
+    import numpy as np
+
+    from paramcast.cloud.checkpoint import load_checkpoint
+    from paramcast.cloud.evaluate import per_user_metrics
+    from paramcast.common.data import load_interactions
+    from paramcast.common.evaluation import paired_difference
+
+    data = load_interactions(data_path)
+    users = np.arange(data.n_users)
+
+    def metrics(loss: str) -> dict:
+        ckpt = load_checkpoint(workdir / loss.replace("+", "-"))
+        return per_user_metrics(ckpt, data, users, "valid", ["static"], seed, "both")["static"]
+
+    chosen = metrics(best)
+    out = {}
+    for loss in others:
+        diff = paired_difference(chosen, metrics(loss), seed=seed)
+        out[loss] = {k: diff[k] for k in ("hr@10", "ndcg@10", "full:hr@10", "full:ndcg@10")}
+    return out
+
+
 def choose(results: list[dict]) -> tuple[str, list[str]]:
     """(best loss, qualifying losses) by the rule in the module docstring, on validation only."""
     by_loss = {r["loss"]: r for r in results}
@@ -132,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": name,
         "best": best,
         "selection": {"rule": f"validation sampled NDCG@10 >= the {REFERENCE_LOSS} run's; then the "
-                              "highest validation full-ranking NDCG@10", "qualifying": qualifying},
+                              "highest validation full-ranking NDCG@10", "qualifying": qualifying,
+                      "paired_valid": paired_against(args.data, workdir, best, [r["loss"] for r in results
+                                                                                if r["loss"] != best])},
         "target": target,
         "variant": {"suffix": args.suffix, "train_args": args.train_args} if args.suffix else None,
         "popularity": popularity_baseline(args.data),

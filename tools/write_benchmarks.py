@@ -138,6 +138,14 @@ def reference_section(doc: dict) -> str:
             f"{', '.join(f'`{q}`' for q in sel['qualifying'])}). ✓ marks a test HR@10 and NDCG@10 at or above the "
             "published reference's. Wall seconds are those of `paramcast train` (validation included) on the "
             "shared machine; CPU seconds (user + system) are its own work, whatever the others ran beside it."]
+    paired = sel.get("paired_valid")
+    if paired:
+        out += ["", f"`{doc['best']}` minus each other loss on the validation users "
+                    "(paired per user, 95% bootstrap CI):",
+                "", "| against | HR@10 | NDCG@10 | full HR@10 | full NDCG@10 |", "|---|---|---|---|---|"]
+        for loss, d in paired.items():
+            out.append(f"| `{loss}` | " + " | ".join(cell(d[m]) for m in ("hr@10", "ndcg@10", "full:hr@10",
+                                                                           "full:ndcg@10")) + " |")
     return "\n".join(out) + "\n" + note(f"reference-{doc['dataset']}" + (f"-{variant['suffix']}" if variant else ""))
 
 
