@@ -281,8 +281,9 @@ def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):
     assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), "--epochs", "1",
                  "--gen-epochs", "1", "--hidden", "16", "--head-units", "16", "--ffn-units", "16", "--max-len", "20",
                  "--window", "30", "--cloud-hidden", "16", "--cloud-blocks", "1", "--cloud-ffn-units", "16",
-                 "--gen-width", "32", "--threads", "1", "--no-progress"]) == 0
+                 "--cloud-block", "sasrec", "--gen-width", "32", "--threads", "1", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert load_checkpoint(out).cloud_model.blocks[0].sasrec  # --cloud-block reaches the cloud model
     assert summary["generated_parameters_per_device"] == 4 * (16 + 16) * 2
     assert summary["cloud_flops_per_request"] > 0 and summary["cloud_parameters"] > 0
     assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "ml-100k"), "--json",

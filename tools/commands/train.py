@@ -94,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--cloud-heads", type=int, default=2)
     c.add_argument("--cloud-ffn-units", type=int, default=128)
     c.add_argument("--cloud-dropout", type=float, default=0.2)
+    c.add_argument("--cloud-block", default="pre-ln", choices=("pre-ln", "sasrec"),
+                   help="the cloud model's block arrangement (as --block for the device model)")
     c.add_argument("--cloud-batch-size", type=int, default=32, help="0 = --batch-size")
     c.add_argument("--no-side-features", action="store_true", help="the cloud model ignores item side features")
     c.add_argument("--cloud-lr", type=float, default=0.0, help="0 = --lr")
@@ -213,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
                       distill_temperature=args.distill_temperature, progress=not args.no_progress, resume=args.resume)
     cloud_cfg = CloudModelConfig(n_items=data.n_items, hidden=args.cloud_hidden, n_blocks=args.cloud_blocks,
                                  n_heads=args.cloud_heads, ffn_units=args.cloud_ffn_units, max_len=args.window,
-                                 dropout=args.cloud_dropout)
+                                 dropout=args.cloud_dropout, block=args.cloud_block)
     gen_cfg = {"rank": args.rank, "width": args.gen_width, "dropout": args.gen_dropout,
                "tune_encoder": args.tune_encoder, "cloud_expectation": not args.no_cloud_expectation,
                "kl_gradient": args.kl_gradient}
