@@ -39,8 +39,8 @@ def test_preset_follows_the_median_sequence_length_not_the_dataset_name(ml100k):
     model, _ = preset("sasrec-reference", long)
     assert (model["max_len"], model["dropout"]) == (200, 0.2)
     assert (model["hidden"], model["n_blocks"], model["n_heads"], model["block"]) == (50, 2, 1, "sasrec")
-    assert {k: training[k] for k in ("lr", "batch_size", "cold_fraction", "slim_train_prob", "loss_weighting")} == {
-        "lr": 1e-3, "batch_size": 128, "cold_fraction": 0.0, "slim_train_prob": 0.0, "loss_weighting": "position"}
+    assert {k: training[k] for k in ("lr", "batch_size", "cold_fraction", "slim_train_prob")} == {
+        "lr": 1e-3, "batch_size": 128, "cold_fraction": 0.0, "slim_train_prob": 0.0}
     assert training["patience"] > training["eval_every"]  # patience counts epochs, several validations
     with pytest.raises(ValueError, match="unknown preset"):
         preset("bert4rec", short)

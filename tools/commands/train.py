@@ -111,9 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help="multiply the learning rate by this after --lr-decay-after epochs without a better validation "
                  "score, counted again from each decay (0: a constant rate)")
     _option(t, "--lr-decay-after", int, 10, help="epochs without a better validation score before a decay")
-    _option(t, "--loss-weighting", str, "batch", choices=("batch", "position"),
-            help="batch: each batch's loss is the mean over its positions; position: every target position of "
-                 "an epoch weighs the same, however the length-bucketed batches group them")
+    _option(t, "--loss-weighting", str, "position", choices=("position", "batch"),
+            help="position: every target position of an epoch weighs the same, however the length-bucketed "
+                 "batches group them; batch: each batch's loss is the mean over its own positions")
     t.add_argument("--select", default="sampled", choices=("sampled", "full"),
                    help="protocol whose validation NDCG@10 early stopping maximises")
     _option(t, "--loss", _loss_name, "auto",
