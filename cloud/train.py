@@ -126,6 +126,7 @@ class TrainConfig:
 
 
 CE_MAX_ITEMS = 50_000
+LOSS_WEIGHTINGS = ("position", "batch")
 
 
 def resolve_threads(threads: int) -> int:
@@ -172,6 +173,8 @@ class Trainer:
         self.threads = resolve_threads(self.dist.threads(cfg.threads))  # distributed: a share of the cores
         self.progress_dir = progress_dir  # where the next-item stages save progress, to resume after an interruption
         self.loss_cfg = cfg.loss_config(data.n_items)
+        if cfg.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {cfg.loss_weighting!r}; known: {', '.join(LOSS_WEIGHTINGS)}")
         seed_everything(cfg.seed)
         self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
         self.split = LeaveOneOut.of(data, self.warm)

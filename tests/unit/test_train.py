@@ -301,3 +301,5 @@ def test_position_weighting_makes_an_epoch_of_bucketed_batches_the_mean_over_eve
     assert by_position == pytest.approx(everything, rel=1e-4)
     by_batch, _ = epoch_mean("batch")
     assert abs(by_batch - everything) > 1e-2  # the tilt the weighting removes is there to remove
+    with pytest.raises(ValueError, match="loss weighting 'tokens'"):
+        Trainer(data, model_cfg, {}, TrainConfig(progress=False, threads=1, loss_weighting="tokens"), None)
