@@ -389,7 +389,8 @@ class Trainer:
             loss = sequence_loss(self.loss_cfg, states, model.output_table(), tgt, own, self.data.n_items,
                                  self.negatives_gen)
             if cfg.loss_weighting == "position":
-                loss = loss * (int((tgt > 0).sum()) * self.dist.world / positions_per_batch)
+                # a tensor factor: no host sync per step on an accelerator
+                loss = loss * ((tgt > 0).sum() * (self.dist.world / positions_per_batch))
             return loss
 
         protocol = "both" if cfg.valid_full else cfg.select
