@@ -25,6 +25,7 @@ What a world of N changes, in both stages:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -152,8 +153,12 @@ class Context:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group together (a rank tearing down while another still talks aborts)."""
+        """Leave the process group together (a rank tearing down while another still talks aborts).
+        DDP wrappers hold the group through reference cycles (their hooks), so a plain return does
+        not free them: collect them first, while the group they tear down with is still alive,
+        rather than at interpreter exit after it is gone."""
         if self.enabled and dist.is_initialized():
+            gc.collect()
             dist.barrier()
             dist.destroy_process_group()
 

@@ -57,18 +57,22 @@ HELPERS = textwrap.dedent("""
     out["shard"] = [int(x) for x in ctx.shard(list(range(11)))]
     out["mean"] = ctx.mean(float(ctx.rank))
     out["means"] = ctx.means([np.arange(ctx.rank + 1, dtype=float)])
+
+    def fit(model):  # as the trainer does: the DDP wrapper lives in a function that returns before close()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.full((4, 3), float(ctx.rank + 1))
+        step = ctx.data_parallel(lambda batch: (model(batch) ** 2).mean(), model)
+        for _ in range(3):
+            loss = step(x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
     # DDP: each rank fits a different batch, yet after the steps both hold the same weights
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     start = model.weight.detach().clone()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.full((4, 3), float(ctx.rank + 1))
-    step = ctx.data_parallel(lambda batch: (model(batch) ** 2).mean(), model)
-    for _ in range(3):
-        loss = step(x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(model)
     ctx.check_in_sync(model)
     out["moved"] = bool((model.weight.detach() != start).any())
     out["weight"] = model.weight.detach().flatten().tolist()
