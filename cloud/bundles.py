@@ -11,6 +11,7 @@ import torch
 from paramcast.cloud.checkpoint import Checkpoint
 from paramcast.cloud.generator import window_batch
 from paramcast.cloud.model import left_pad
+from paramcast.cloud.oracle import cloud_log_probs, fit_factors
 from paramcast.common.bundle import BundleBatch, DeltaBundle
 from paramcast.common.errors import InvalidInput
 
@@ -34,10 +35,12 @@ def check_window(window: Sequence[int] | np.ndarray, n_items: int, max_window: i
 
 @torch.no_grad()
 def generate_parameters(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ratio: float | None = None,
-                        torch_device: torch.device | str = "cpu"):
+                        torch_device: torch.device | str = "cpu", refine_steps: int | None = None):
     """One batched generator pass -> (adapters, masks) as torch tensors with a leading device axis.
 
-    `masks` is None when `keep_ratio` is None or >= 1 (no slimming)."""
+    `masks` is None when `keep_ratio` is None or >= 1 (no slimming). `refine_steps` (default: the
+    generator's own, GeneratorConfig.refine_steps) refines the factors against the cloud model,
+    under the masks a slimmed device will run."""
     gen = ckpt.generator
     if gen is None:
         raise InvalidInput("model", f"model {ckpt.model_id} has no generator; train it with both stages")
@@ -45,10 +48,17 @@ def generate_parameters(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ra
     win = window_batch(windows, gen.cfg.window).to(torch_device)  # (B, <= N)
     model = ckpt.device_model
     # The device model's own state for the window it will run on: what the delta is added to.
-    device_state = model.user_states(left_pad(windows, model.cfg.max_len, trim=True).to(torch_device))[:, -1]
+    device_window = left_pad(windows, model.cfg.max_len, trim=True).to(torch_device)
+    device_state = model.user_states(device_window)[:, -1]
     out = gen(win, device_state)  # device_state: (B, d)
     masks = out.masks(keep_ratio) if keep_ratio is not None and keep_ratio < 1.0 else None
-    return out.adapters, masks
+    steps = gen.cfg.refine_steps if refine_steps is None else refine_steps
+    if steps <= 0:
+        return out.adapters, masks
+    with torch.enable_grad():  # gradients reach the factors only: both models stay frozen
+        teacher = cloud_log_probs(gen.encoder, win)  # the generator's encoder is the cloud model
+        adapters = fit_factors(model, device_window, teacher, out.adapters, steps, gen.cfg.refine_lr, masks)
+    return adapters, masks
 
 
 def generate_batch(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ratio: float | None = None,

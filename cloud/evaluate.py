@@ -6,6 +6,8 @@ A variant names which parameters score each case:
 - `oracle`           a delta of the generator's shape fitted per history against the cloud model
                      (cloud/oracle.py): what the delta format could carry with a perfect generator;
 - `generated`        a delta generated from the window ending at the evaluation point;
+- `refined@<steps>`  the generated delta refined by <steps> steps against the cloud model
+                     (GeneratorConfig.refine_steps; `generated` uses the generator's own);
 - `slimmed@<keep>`   the generated delta plus the generated subnet at keep ratio <keep>;
 - `stale@<k>`        the delta generated k interactions before the evaluation point (none, i.e.
                      the base model, for a history that was empty then);
@@ -59,12 +61,14 @@ def _parse(variant: str) -> tuple[str, float | int | str | None]:
         return "slimmed", float(variant.split("@", 1)[1])
     if variant.startswith("stale@"):
         return "stale", int(variant.split("@", 1)[1])
+    if variant.startswith("refined@"):
+        return "refined", int(variant.split("@", 1)[1])
     if variant in ("int8", "fp16", "fp32"):
         return "encoded", variant
     if variant in ("static", "generated", "cloud", "oracle"):
         return variant, None
-    raise ValueError(f"unknown variant {variant!r}; known: static, generated, cloud, oracle, slimmed@K, stale@K, "
-                     "int8, fp16")
+    raise ValueError(f"unknown variant {variant!r}; known: static, generated, cloud, oracle, refined@K, slimmed@K, "
+                     "stale@K, int8, fp16")
 
 
 def _encoded(adapters, encoding: str):
@@ -122,7 +126,8 @@ def user_vectors(ckpt: Checkpoint, histories: Sequence[np.ndarray], variant: str
             back = int(arg) if kind == "stale" else 0  # type: ignore[arg-type]
             windows = [h[: max(0, len(h) - back)] for h in hist]
             keep = float(arg) if kind == "slimmed" else None  # type: ignore[arg-type]
-            adapters, masks = generate_parameters(ckpt, windows, keep)
+            refine = int(arg) if kind == "refined" else None  # type: ignore[arg-type]
+            adapters, masks = generate_parameters(ckpt, windows, keep, refine_steps=refine)
             if kind == "stale":
                 # k interactions ago a shorter history was empty: the device held no bundle yet and
                 # scores with the base model, as a device does before its first request.

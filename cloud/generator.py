@@ -56,6 +56,11 @@ class GeneratorConfig:
     # fourth input: E'(p_cloud - p_device) over the device item table E, the negative gradient of
     # KL(cloud || device) with respect to the device's user state (needs cloud_expectation).
     kl_gradient: bool = False
+    # Refinement at generation time: the generated factors then `refine_steps` of Adam (at
+    # `refine_lr`) on the distillation loss at the window's last position, the cloud model's
+    # next-item distribution as the target (cloud/oracle.py fit_factors). 0: the MLP's output as is.
+    refine_steps: int = 0
+    refine_lr: float = 0.05
 
     def __post_init__(self) -> None:  # JSON round trips turn tuples into lists
         self.slot_shapes = {k: tuple(v) for k, v in self.slot_shapes.items()}  # type: ignore[misc]
@@ -184,7 +189,19 @@ class Generator(nn.Module):
         mlp = 2 * (n_in * w + w * w) + expectation + gradient
         heads = 2 * w * sum(self.cfg.rank * (a + b) for a, b in self.cfg.slot_shapes.values())
         units = 2 * w * sum(self.cfg.unit_groups.values())
-        return int(self.encoder.flops_per_request(0) + mlp + heads + units + device_state_flops)
+        return int(self.encoder.flops_per_request(0) + mlp + heads + units + device_state_flops
+                   + self.refine_flops(self.cfg.refine_steps))
+
+    def refine_flops(self, steps: int) -> int:
+        """Multiply-adds x2 of `steps` refinement steps: the cloud's next-item distribution once
+        (from the encoder's state), then per step the head and the catalogue scores, forward and
+        backward (about three times the forward)."""
+        if steps <= 0:
+            return 0
+        D, d, n = self.encoder.cfg.hidden, self.cfg.device_dim, self.cfg.n_items
+        head = 2 * sum(a * b for a, b in self.cfg.slot_shapes.values())  # the head slots' base weights
+        lowrank = 2 * sum(self.cfg.rank * (a + b) for a, b in self.cfg.slot_shapes.values())
+        return int(2 * n * D + steps * 3 * (head + lowrank + 2 * n * d))
 
 
 def build_generator(device_model: DeviceModel, cloud_model: CloudModel, **overrides) -> Generator:

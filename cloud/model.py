@@ -42,6 +42,9 @@ class DeviceModelConfig:
     # reference initialises; vectors - biases, layer norms - keep their defaults).
     init: str = "scaled"
     block: str = "pre-ln"  # Block.STYLES
+    # "masked": queries see only real items; "visible": they also see the left padding of the
+    # max_len window, as the public SASRec reference does (sequence_inputs, PADDING_ATTENTION).
+    padding_attention: str = "masked"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,8 +118,11 @@ class Block(nn.Module):
             k, v = F.linear(x, w[d:], b[d:]).split(d, dim=-1)
         else:
             q, k, v = self.qkv(normed).split(d, dim=-1)  # 3 x (B, L, d)
-        q, k, v = (t.reshape(B, L, h, d // h).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d/h)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // h) + attn_bias  # (B, h, L, L)
+        if attn_bias.shape[-1] == L + 1:  # visible padding: its one shared key and value lead the keys
+            k, v = (torch.cat([pad.expand(B, 1, d), t], dim=1) for pad, t in zip(self._padding_key_value(), (k, v)))
+        q = q.reshape(B, L, h, d // h).transpose(1, 2)  # (B, h, L, d/h)
+        k, v = (t.reshape(B, t.shape[1], h, d // h).transpose(1, 2) for t in (k, v))  # (B, h, L', d/h)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // h) + attn_bias  # (B, h, L, L')
         att = self.drop(att.softmax(dim=-1))
         y = (att @ v).transpose(1, 2).reshape(B, L, d)  # (B, L, d)
         if self.sasrec:
@@ -128,6 +134,17 @@ class Block(nn.Module):
         if unit_mask is not None:
             u = u * unit_mask[:, None, :]  # switch off dropped feed-forward units
         return x + self.drop(self.ffn_out(u))
+
+    def _padding_key_value(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 1, d) key and value of a padding position: its state is zero (every block's output is
+        zeroed there), so both are what the projections make of zero, computed as for any key."""
+        d = self.proj.weight.shape[0]
+        zero = self.qkv.weight.new_zeros(1, 1, d)
+        if self.sasrec:
+            k, v = F.linear(zero, self.qkv.weight[d:], self.qkv.bias[d:]).split(d, dim=-1)
+        else:
+            _, k, v = self.qkv(self.ln1(zero)).split(d, dim=-1)
+        return k, v
 
 
 class DeviceModel(nn.Module):
@@ -171,7 +188,8 @@ class DeviceModel(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     def encode(self, seq: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
         """(B, L) item ids, left-padded with 0 -> (B, L, d) backbone states (zero at padding)."""
-        x, keep, attn_bias = sequence_inputs(seq, self.item_emb(seq), self.pos_emb, self.emb_drop, self.cfg.max_len)
+        x, keep, attn_bias = sequence_inputs(seq, self.item_emb(seq), self.pos_emb, self.emb_drop, self.cfg.max_len,
+                                             self.cfg.padding_attention)
         for i, block in enumerate(self.blocks):
             x = block(x, attn_bias, None if masks is None else masks.get(f"block{i}.ffn")) * keep
         return self.ln_f(x)  # (B, L, d)
@@ -248,13 +266,25 @@ class DeviceModel(nn.Module):
         return int(flops + 2 * n_candidates * d)
 
 
+PADDING_ATTENTION = ("masked", "visible")
+
+
 def sequence_inputs(seq: torch.Tensor, items: torch.Tensor, pos_emb: nn.Embedding, drop: nn.Dropout,
-                    max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    max_len: int, padding: str = "masked") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What every encoder feeds its blocks: (B, L) ids, left-padded with 0, and their (B, L, d) item
     vectors -> scaled item + position embeddings (B, L, d), the non-padding mask (B, L, 1), and the
-    additive causal attention bias (B, 1, L, L)."""
+    additive causal attention bias (B, 1, L, L).
+
+    `padding="visible"` lets queries also attend to the padding, as the public SASRec reference
+    does (it masks only the future): every padding position holds the zero state, so they share one
+    key and value, and n of them weigh what one key with log(n) added to its score weighs. The bias
+    then has a leading column, log(n) for n = max_len - real items (the padding of the reference's
+    max_len-wide window, whatever width a trimmed batch has), and Block puts that key first. A
+    window without padding gets -1e9 there."""
     B, L = seq.shape
     assert L <= max_len, f"sequence length {L} > max_len {max_len}"
+    if padding not in PADDING_ATTENTION:
+        raise ValueError(f"unknown padding attention {padding!r}; known: {', '.join(PADDING_ATTENTION)}")
     keep = (seq > 0).unsqueeze(-1).to(items.dtype)  # (B, L, 1)
     pos = torch.arange(max_len - L, max_len, device=seq.device)  # right-aligned
     x = drop(items * math.sqrt(items.shape[-1]) + pos_emb(pos)) * keep  # (B, L, d)
@@ -263,6 +293,10 @@ def sequence_inputs(seq: torch.Tensor, items: torch.Tensor, pos_emb: nn.Embeddin
     causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # (L, L)
     visible = causal[None, :, :] & (seq > 0)[:, None, :]  # (B, L, L)
     attn_bias = torch.where(visible, 0.0, -1e9).to(x.dtype).unsqueeze(1)  # (B, 1, L, L)
+    if padding == "visible":
+        n_pad = (max_len - (seq > 0).sum(dim=1)).to(x.dtype)  # (B,)
+        weight = torch.where(n_pad > 0, torch.log(n_pad.clamp(min=1.0)), torch.full_like(n_pad, -1e9))
+        attn_bias = torch.cat([weight[:, None, None, None].expand(B, 1, L, 1), attn_bias], dim=-1)  # (B, 1, L, 1+L)
     return x, keep, attn_bias
 
 

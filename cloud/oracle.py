@@ -13,35 +13,48 @@ import torch
 import torch.nn.functional as F
 
 from paramcast.cloud.cloud_model import CloudModel
-from paramcast.cloud.model import Adapters, DeviceModel, left_pad
+from paramcast.cloud.model import Adapters, DeviceModel, Masks, left_pad
 
 
-def cloud_log_probs(cloud: CloudModel, histories: list) -> torch.Tensor:
-    """(U, n_items) log-probabilities of the cloud model's next item after each history."""
+def cloud_log_probs(cloud: CloudModel, histories: list | torch.Tensor) -> torch.Tensor:
+    """(U, n_items) log-probabilities of the cloud model's next item after each history (a list, or
+    its window as a left-padded (U, N) tensor)."""
+    if not isinstance(histories, torch.Tensor):
+        histories = left_pad(histories, cloud.cfg.max_len, trim=True)
     with torch.no_grad():
-        state = cloud.encode(left_pad(histories, cloud.cfg.max_len, trim=True))[:, -1]  # (U, D)
+        state = cloud.encode(histories)[:, -1]  # (U, D)
         return F.log_softmax((state @ cloud.output_table().T)[:, 1:], dim=-1)
 
 
 def fit_oracle(model: DeviceModel, seq: torch.Tensor, teacher_logp: torch.Tensor, slots: list[str], rank: int,
                steps: int = 300, lr: float = 0.05, seed: int = 0) -> Adapters:
-    """Per-user factors (U users at once; each user's delta is its own) minimising KL(teacher || device)."""
+    """Per-user factors (U users at once; each user's delta is its own) minimising KL(teacher || device),
+    from the static model: A random, B zero."""
     gen = torch.Generator().manual_seed(seed)
     shapes = model.slot_shapes()
     U = seq.shape[0]
-    params = {}
-    for slot in slots:
-        d_in, d_out = shapes[slot]
-        a = (torch.randn(U, d_in, rank, generator=gen) / d_in**0.5).requires_grad_()  # (U, d_in, r)
-        b = torch.zeros(U, rank, d_out).requires_grad_()  # (U, r, d_out): starts at the static model
-        params[slot] = (a, b)
+    start = {slot: (torch.randn(U, shapes[slot][0], rank, generator=gen) / shapes[slot][0] ** 0.5,  # (U, d_in, r)
+                    torch.zeros(U, rank, shapes[slot][1]))  # (U, r, d_out)
+             for slot in slots}
+    return fit_factors(model, seq, teacher_logp, start, steps, lr)
+
+
+def fit_factors(model: DeviceModel, seq: torch.Tensor, teacher_logp: torch.Tensor, start: Adapters, steps: int,
+                lr: float = 0.05, masks: Masks | None = None) -> Adapters:
+    """`start`'s factors after `steps` of Adam on KL(teacher || device with them) at each history's
+    last position, every user's on its own (the loss is a sum over users). The device model stays
+    frozen; only head slots are fitted, so its backbone runs once."""
+    assert all(slot.startswith("head.") for slot in start), "fitting runs the backbone once: head slots only"
+    params = {slot: (a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_())
+              for slot, (a, b) in start.items()}
     opt = torch.optim.Adam([t for pair in params.values() for t in pair], lr=lr)
     with torch.no_grad():
-        backbone = model.encode(seq)  # the backbone is untouched by head deltas: run it once
+        backbone = model.encode(seq, masks)  # the backbone is untouched by head deltas: run it once
     table = model.output_table()
     for _ in range(steps):
-        user = model.head(backbone, params)[:, -1]  # (U, d)
+        user = model.head(backbone, params, masks)[:, -1]  # (U, d)
         logp = F.log_softmax((user @ table.T)[:, 1:], dim=-1)
+        # batchmean over users: each user's factors see their own KL (Adam's steps are scale-free).
         loss = F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -46,6 +46,37 @@ def test_trimmed_padding_computes_the_same_scores(ml100k):
     torch.testing.assert_close(full, trimmed, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("block", ["pre-ln", "sasrec"])
+def test_visible_padding_is_attention_over_every_zero_padding_state_of_the_window(ml100k, block):
+    """padding_attention="visible" stands for the reference's attention over all max_len positions,
+    padding included, at the cost of a trimmed batch: the same states as blocks run over the full
+    window with a causal-only mask (padding states zero after every block), on any batch width."""
+    from paramcast.cloud.model import sequence_inputs
+
+    torch.manual_seed(1)
+    model = DeviceModel(DeviceModelConfig(n_items=ml100k.n_items, **{**TINY, "n_blocks": 2}, block=block,
+                                          padding_attention="visible")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # non-zero biases: the padding's key and value matter
+    hist = [ml100k.sequences[u][:n] for u, n in [(0, 3), (1, 7), (2, 20), (3, 25)]]
+    full = left_pad(hist, 20)
+    with torch.no_grad():
+        x, keep, _ = sequence_inputs(full, model.item_emb(full), model.pos_emb, model.emb_drop, 20)
+        causal_only = torch.where(torch.ones(20, 20, dtype=torch.bool).tril(), 0.0, -1e9)[None, None]
+        for b in model.blocks:
+            x = b(x, causal_only, None) * keep
+        naive = model.ln_f(x)[:, -1]
+        visible = model.encode(left_pad(hist, 20, trim=True))[:, -1]
+        model.cfg.padding_attention = "masked"
+        masked_same_weights = model.encode(full)[:, -1]
+    torch.testing.assert_close(visible, naive, atol=1e-5, rtol=0)
+    torch.testing.assert_close(visible[2:], masked_same_weights[2:], atol=1e-5, rtol=0)  # full windows: no padding
+    assert (visible[:2] - masked_same_weights[:2]).abs().max() > 1e-3  # short ones see their padding
+    with pytest.raises(ValueError, match="padding attention"):
+        sequence_inputs(full, model.item_emb(full), model.pos_emb, model.emb_drop, 20, "sometimes")
+
+
 def test_slimmed_model_equals_masked_model_and_is_smaller(ml100k):
     torch.manual_seed(0)
     model = DeviceModel(DeviceModelConfig(n_items=ml100k.n_items, **TINY)).eval()
@@ -79,6 +110,38 @@ def test_untrained_generator_reproduces_the_static_model(ml100k):
     torch.testing.assert_close(model.score(left_pad(hist, 20), cand, adapters), model.score(left_pad(hist, 20), cand))
     assert masks is not None
     assert all(m.sum(-1).eq(round(0.25 * m.shape[-1])).all() for m in masks.values())
+
+
+def test_refinement_moves_generated_deltas_toward_the_cloud_model(ml100k, tiny_checkpoint):
+    """refine_steps > 0 (or the refined@K variant) starts from the generator's factors and lowers
+    each window's distillation loss against the cloud model; masks are the generator's either way."""
+    import torch.nn.functional as F
+
+    from paramcast.cloud.oracle import cloud_log_probs
+
+    ckpt, model = tiny_checkpoint, tiny_checkpoint.device_model.eval()
+    windows = [ml100k.sequences[u][: 10 + 7 * u] for u in range(8)]
+    teacher = cloud_log_probs(ckpt.generator.encoder, windows)
+
+    def kl(adapters, masks=None):
+        with torch.no_grad():
+            user = model.user_states(left_pad(windows, 20, trim=True), adapters, masks)[:, -1]
+            logp = F.log_softmax((user @ model.output_table().T)[:, 1:], dim=-1)
+            return (teacher.exp() * (teacher - logp)).sum(-1)  # (U,)
+
+    assert ckpt.generator.cfg.refine_steps == 0
+    generated, masks = generate_parameters(ckpt, windows, 0.5)
+    again, _ = generate_parameters(ckpt, windows, 0.5, refine_steps=0)
+    refined, refined_masks = generate_parameters(ckpt, windows, 0.5, refine_steps=30)
+    torch.testing.assert_close(again, generated)  # 0 steps: the generator's output untouched
+    assert all(torch.equal(masks[g], refined_masks[g]) for g in masks)
+    before, after = kl(generated, masks), kl(refined, masks)
+    assert (after < before).all() and after.mean() < 0.9 * before.mean()
+    ckpt.generator.cfg.refine_steps = 30  # the generator's own setting is the default
+    try:
+        torch.testing.assert_close(generate_parameters(ckpt, windows, 0.5)[0], refined)
+    finally:
+        ckpt.generator.cfg.refine_steps = 0
 
 
 def test_generator_does_not_depend_on_user_identity(ml100k):

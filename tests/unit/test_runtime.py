@@ -69,9 +69,11 @@ def test_onnx_runtime_matches_pytorch(runtime, users, encoding, keep_ratio, mask
         np.testing.assert_allclose(runtime.score(history, candidates), row, atol=ATOL, rtol=0)
 
 
-def test_the_sasrec_block_exports_and_scores_as_in_pytorch(users, tmp_path):
-    """The original SASRec block arrangement (Block docstring) goes through export and the runtime
-    like the default one: base, adapted and slimmed scores match PyTorch."""
+@pytest.mark.parametrize("padding", ["masked", "visible"])
+def test_the_sasrec_block_exports_and_scores_as_in_pytorch(users, tmp_path, padding):
+    """The original SASRec block arrangement (Block docstring), with padding masked or visible to
+    attention as in the reference (sequence_inputs), goes through export and the runtime like the
+    default one: base, adapted and slimmed scores match PyTorch."""
     from dataclasses import replace
 
     from paramcast.cloud.checkpoint import Checkpoint
@@ -79,7 +81,7 @@ def test_the_sasrec_block_exports_and_scores_as_in_pytorch(users, tmp_path):
     from paramcast.cloud.model import DeviceModel, slice_adapters
 
     torch.manual_seed(3)
-    model = DeviceModel(replace(TINY, block="sasrec"))
+    model = DeviceModel(replace(TINY, block="sasrec", padding_attention=padding))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -85,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(m, "--dropout", float, 0.5)
     _option(m, "--block", str, "pre-ln", choices=("pre-ln", "sasrec"),
             help="the device model's block arrangement: pre-ln, or the original SASRec's (cloud/model.py Block)")
+    _option(m, "--padding-attention", str, "masked", choices=("masked", "visible"),
+            help="masked: queries see only real items; visible: also the left padding of the --max-len window, "
+                 "as the public SASRec reference (cloud/model.py sequence_inputs)")
     _option(m, "--init", str, "scaled", choices=("scaled", "xavier", "reference"),
             help="initialisation: scaled N(0, 1/d) items; xavier-normal embeddings; or xavier-normal for "
                  "every weight matrix, as the public SASRec reference (cloud/model.py DeviceModelConfig)")
@@ -142,6 +145,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--kl-gradient", action="store_true",
                    help="the generator also reads E'(p_cloud - p_device), the direction in which the device's "
                         "distillation loss falls fastest at its own state")
+    g.add_argument("--refine-steps", type=int, default=0,
+                   help="Adam steps refining each generated delta against the cloud model's next-item distribution "
+                        "when a bundle is made (cloud/oracle.py fit_factors; `paramcast evaluate --variants "
+                        "refined@K` measures K without retraining)")
+    g.add_argument("--refine-lr", type=float, default=0.05, help="step size of that refinement")
     g.add_argument("--distill-weight", type=float, default=1.0,
                    help="weight of KL(cloud model || device + delta) beside the true next items")
     g.add_argument("--distill-temperature", type=float, default=1.0)
@@ -197,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("--lr-decay-after", f"must be at least one epoch; got {args.lr_decay_after}")
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
                                   ffn_units=args.ffn_units, head_units=args.head_units, max_len=args.max_len,
-                                  dropout=args.dropout, init=args.init, block=args.block)
+                                  dropout=args.dropout, init=args.init, block=args.block,
+                                  padding_attention=args.padding_attention)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                       loss=args.loss, n_negatives=args.negatives, seed=args.seed, device=args.device,
                       threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
@@ -218,7 +227,10 @@ def run(args: argparse.Namespace) -> int:
                                  dropout=args.cloud_dropout, block=args.cloud_block)
     gen_cfg = {"rank": args.rank, "width": args.gen_width, "dropout": args.gen_dropout,
                "tune_encoder": args.tune_encoder, "cloud_expectation": not args.no_cloud_expectation,
-               "kl_gradient": args.kl_gradient}
+               "kl_gradient": args.kl_gradient, "refine_steps": args.refine_steps, "refine_lr": args.refine_lr}
+    if args.refine_steps < 0 or args.refine_lr <= 0:
+        raise InvalidInput("--refine-steps", f"steps must be >= 0 and --refine-lr > 0; got {args.refine_steps}, "
+                                             f"{args.refine_lr}")
     if args.kl_gradient and args.no_cloud_expectation:
         raise InvalidInput("--kl-gradient", "needs the cloud's expectation: drop --no-cloud-expectation")
     ctx = distributed.context(args.device)  # a world of one unless started by torchrun
