@@ -56,7 +56,10 @@ def generate_parameters(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ra
     if steps <= 0:
         return out.adapters, masks
     with torch.enable_grad():  # gradients reach the factors only: both models stay frozen
-        teacher = cloud_log_probs(gen.encoder, win)  # the generator's encoder is the cloud model
+        # The generator's encoder is the cloud model; both windows end at the same item, so their
+        # last P positions are the same P prefixes of the history.
+        positions = min(gen.cfg.refine_positions, win.shape[1], device_window.shape[1])
+        teacher = cloud_log_probs(gen.encoder, win, positions)
         adapters = fit_factors(model, device_window, teacher, out.adapters, steps, gen.cfg.refine_lr, masks)
     return adapters, masks
 

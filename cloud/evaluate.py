@@ -191,9 +191,18 @@ def _vector_metrics(vectors: torch.Tensor, table: torch.Tensor, data: Interactio
     return out
 
 
+STAGES = ("test", "valid", "held-out")
+
+
 def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | None = None,
              stage: str = "test", seed: int = 0, protocol: str = "sampled") -> dict:
-    """The `paramcast evaluate --json` document: variant -> metric -> {value, ci}, plus paired diffs."""
+    """The `paramcast evaluate --json` document: variant -> metric -> {value, ci}, plus paired diffs.
+
+    `stage`: the test cases, the validation cases, or `held-out`: the validation cases of the warm
+    users that early stopping did not score (a model trained with --valid-users N below the number
+    of validation users), unbiased by the training's own choice of epochs."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     if data.n_items != ckpt.device_model.cfg.n_items:
         from paramcast.common.errors import InvalidInput
 
@@ -206,13 +215,28 @@ def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | N
     cold_raw = set(ckpt.meta.get("split", {}).get("cold_users", []))
     is_cold = np.array([u in cold_raw for u in data.user_raw_ids])
     warm, cold = np.nonzero(~is_cold)[0], np.nonzero(is_cold)[0]
+    if stage == "held-out":
+        from paramcast.cloud.train import early_stopping_users
+
+        config = ckpt.meta.get("train_config", {})
+        eval_users = LeaveOneOut.of(data, warm).eval_users()
+        scored = early_stopping_users(eval_users, int(config.get("valid_users", 0)), int(config.get("seed", 0)))
+        warm = np.setdiff1d(eval_users, scored)
+        if not len(warm):
+            from paramcast.common.errors import InvalidInput
+
+            raise InvalidInput("stage", f"model {ckpt.model_id}: early stopping scored every validation user; "
+                                        "train it with --valid-users below their number to hold some out")
+        stage, cold = "valid", cold[:0]  # cold users never trained anything: their validation is never biased
     report: dict = {}
     warm_metrics = per_user_metrics(ckpt, data, warm, stage, variants, seed, protocol)
     for v, m in warm_metrics.items():
         report[v] = summarize(m, seed=seed)
     for v in list(warm_metrics):  # what a delta, the cloud, or a delta k interactions old adds to the device
-        if "static" in warm_metrics and (v in ("generated", "cloud") or v.startswith("stale@")):
+        if "static" in warm_metrics and (v in ("generated", "cloud") or v.startswith(("stale@", "refined@"))):
             report[f"{v}-static"] = paired_difference(warm_metrics[v], warm_metrics["static"], seed)
+        if "generated" in warm_metrics and v.startswith("refined@"):
+            report[f"{v}-generated"] = paired_difference(warm_metrics[v], warm_metrics["generated"], seed)
     if "cloud" in warm_metrics and "generated" in warm_metrics:
         report["gap_closed"] = gap_closed(warm_metrics["generated"], warm_metrics["static"], warm_metrics["cloud"],
                                           seed=seed)

@@ -61,6 +61,7 @@ class GeneratorConfig:
     # next-item distribution as the target (cloud/oracle.py fit_factors). 0: the MLP's output as is.
     refine_steps: int = 0
     refine_lr: float = 0.05
+    refine_positions: int = 1  # the window's last positions whose cloud distributions the delta is fitted to
 
     def __post_init__(self) -> None:  # JSON round trips turn tuples into lists
         self.slot_shapes = {k: tuple(v) for k, v in self.slot_shapes.items()}  # type: ignore[misc]
@@ -201,7 +202,8 @@ class Generator(nn.Module):
         D, d, n = self.encoder.cfg.hidden, self.cfg.device_dim, self.cfg.n_items
         head = 2 * sum(a * b for a, b in self.cfg.slot_shapes.values())  # the head slots' base weights
         lowrank = 2 * sum(self.cfg.rank * (a + b) for a, b in self.cfg.slot_shapes.values())
-        return int(2 * n * D + steps * 3 * (head + lowrank + 2 * n * d))
+        P = self.cfg.refine_positions
+        return int(P * 2 * n * D + steps * 3 * P * (head + lowrank + 2 * n * d))
 
 
 def build_generator(device_model: DeviceModel, cloud_model: CloudModel, **overrides) -> Generator:

@@ -16,14 +16,16 @@ from paramcast.cloud.cloud_model import CloudModel
 from paramcast.cloud.model import Adapters, DeviceModel, Masks, left_pad
 
 
-def cloud_log_probs(cloud: CloudModel, histories: list | torch.Tensor) -> torch.Tensor:
+def cloud_log_probs(cloud: CloudModel, histories: list | torch.Tensor, positions: int = 0) -> torch.Tensor:
     """(U, n_items) log-probabilities of the cloud model's next item after each history (a list, or
-    its window as a left-padded (U, N) tensor)."""
+    its window as a left-padded (U, N) tensor); with `positions` P, (U, P, n_items) after each of
+    the history's last P prefixes."""
     if not isinstance(histories, torch.Tensor):
         histories = left_pad(histories, cloud.cfg.max_len, trim=True)
     with torch.no_grad():
-        state = cloud.encode(histories)[:, -1]  # (U, D)
-        return F.log_softmax((state @ cloud.output_table().T)[:, 1:], dim=-1)
+        states = cloud.encode(histories)  # (U, N, D)
+        state = states[:, -positions:] if positions else states[:, -1]  # (U, P, D) or (U, D)
+        return F.log_softmax((state @ cloud.output_table().T)[..., 1:], dim=-1)
 
 
 def fit_oracle(model: DeviceModel, seq: torch.Tensor, teacher_logp: torch.Tensor, slots: list[str], rank: int,
@@ -41,21 +43,30 @@ def fit_oracle(model: DeviceModel, seq: torch.Tensor, teacher_logp: torch.Tensor
 
 def fit_factors(model: DeviceModel, seq: torch.Tensor, teacher_logp: torch.Tensor, start: Adapters, steps: int,
                 lr: float = 0.05, masks: Masks | None = None) -> Adapters:
-    """`start`'s factors after `steps` of Adam on KL(teacher || device with them) at each history's
-    last position, every user's on its own (the loss is a sum over users). The device model stays
-    frozen; only head slots are fitted, so its backbone runs once."""
+    """`start`'s factors after `steps` of Adam on KL(teacher || device with them), every user's on
+    its own (the loss is a sum over users). `teacher_logp` is (U, n_items) for each history's last
+    position, or (U, P, n_items) for its last P positions (the KL averaged over those holding an
+    item): a delta fitted over several states of the window keeps fitting as the window moves on.
+    The device model stays frozen; only head slots are fitted, so its backbone runs once."""
     assert all(slot.startswith("head.") for slot in start), "fitting runs the backbone once: head slots only"
+    teacher = teacher_logp[:, None] if teacher_logp.dim() == 2 else teacher_logp  # (U, P, n_items)
+    P = teacher.shape[1]
+    assert P <= seq.shape[1], f"{P} positions fitted in a window of {seq.shape[1]}"
+    real = (seq[:, -P:] > 0).to(teacher.dtype)  # (U, P)
+    weight = real / real.sum(1, keepdim=True).clamp(min=1.0)
     params = {slot: (a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_())
               for slot, (a, b) in start.items()}
     opt = torch.optim.Adam([t for pair in params.values() for t in pair], lr=lr)
     with torch.no_grad():
-        backbone = model.encode(seq, masks)  # the backbone is untouched by head deltas: run it once
+        backbone = model.encode(seq, masks)[:, -P:]  # untouched by head deltas: run it once
     table = model.output_table()
+    target = teacher.exp()
     for _ in range(steps):
-        user = model.head(backbone, params, masks)[:, -1]  # (U, d)
-        logp = F.log_softmax((user @ table.T)[:, 1:], dim=-1)
-        # batchmean over users: each user's factors see their own KL (Adam's steps are scale-free).
-        loss = F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")
+        user = model.head(backbone, params, masks)  # (U, P, d)
+        logp = F.log_softmax((user @ table.T)[..., 1:], dim=-1)  # (U, P, n_items)
+        kl = (target * (teacher - logp)).sum(-1)  # (U, P)
+        # A mean over users: each user's factors see their own KL (Adam's steps are scale-free).
+        loss = (kl * weight).sum() / len(kl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

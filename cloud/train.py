@@ -152,6 +152,15 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def early_stopping_users(eval_users: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The validation users every stage's early stopping scores: all of them, or a fixed sample of
+    `n` (TrainConfig.valid_users). `paramcast evaluate --stage held-out` scores the others: choices
+    made after training are then not judged on the users that chose the training's epochs."""
+    if n and len(eval_users) > n:
+        return np.sort(np.random.default_rng(seed).choice(eval_users, n, replace=False))
+    return eval_users
+
+
 def split_users(log_: InteractionLog, cold_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(warm, cold) user indices; cold users are held out of both training stages."""
     users = np.arange(log_.n_users)
@@ -201,10 +210,7 @@ class Trainer:
                                                             replace=False)] = True
             self.gen_seqs = [s for s, g in zip(self.train_seqs, held, strict=True) if g]
             self.cloud_seqs = fitted([s for s, g in zip(self.train_seqs, held, strict=True) if not g])
-        self.valid_users = self.split.eval_users()
-        if cfg.valid_users and len(self.valid_users) > cfg.valid_users:
-            rng = np.random.default_rng(cfg.seed)
-            self.valid_users = np.sort(rng.choice(self.valid_users, cfg.valid_users, replace=False))
+        self.valid_users = early_stopping_users(self.split.eval_users(), cfg.valid_users, cfg.seed)
         # (checkpoint, data, users, stage, variants, protocol=) -> {variant: per-user metrics}
         self.evaluator = evaluator
         seed = self.dist.rank_seed(cfg.seed)  # distributed: per-rank step randomness (rank 0: cfg.seed)

@@ -11,7 +11,7 @@ import torch
 from paramcast.cloud.bundles import generate_parameters
 from paramcast.cloud.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
-from paramcast.cloud.evaluate import evaluate
+from paramcast.cloud.evaluate import evaluate, per_user_metrics
 from paramcast.cloud.generator import build_generator
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad, slice_adapters
 from paramcast.cloud.train import TrainConfig, split_users, train
@@ -142,6 +142,30 @@ def test_refinement_moves_generated_deltas_toward_the_cloud_model(ml100k, tiny_c
         torch.testing.assert_close(generate_parameters(ckpt, windows, 0.5)[0], refined)
     finally:
         ckpt.generator.cfg.refine_steps = 0
+
+
+def test_held_out_stage_scores_the_validation_users_early_stopping_did_not(ml100k, tiny_checkpoint):
+    import copy
+
+    from paramcast.cloud.train import early_stopping_users
+    from paramcast.common.errors import InvalidInput
+    from paramcast.common.evaluation import LeaveOneOut
+
+    with pytest.raises(InvalidInput, match="stage"):  # every validation user chose the epochs
+        evaluate(tiny_checkpoint, ml100k, ["static"], stage="held-out")
+    ckpt = copy.copy(tiny_checkpoint)
+    ckpt.meta = {**tiny_checkpoint.meta, "train_config": {**tiny_checkpoint.meta["train_config"], "valid_users": 300}}
+    report = evaluate(ckpt, ml100k, ["static", "generated", "refined@3"], stage="held-out")
+    cold_raw = set(ckpt.meta["split"]["cold_users"])
+    warm = np.array([u for u, raw in enumerate(ml100k.user_raw_ids) if raw not in cold_raw])
+    eval_users = LeaveOneOut.of(ml100k, warm).eval_users()
+    scored = early_stopping_users(eval_users, 300, ckpt.meta["train_config"]["seed"])
+    assert len(scored) == 300 and report["static"]["ndcg@10"]["users"] == len(eval_users) - 300
+    held = np.setdiff1d(eval_users, scored)
+    expected = per_user_metrics(ckpt, ml100k, held, "valid", ["static"])["static"]["ndcg@10"].mean()
+    assert report["static"]["ndcg@10"]["value"] == pytest.approx(float(expected))
+    assert not any(k.startswith("cold:") for k in report)  # cold users are scored on valid or test as before
+    assert {"refined@3-static", "refined@3-generated"} <= set(report)
 
 
 def test_generator_does_not_depend_on_user_identity(ml100k):
@@ -358,6 +382,14 @@ def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):
     assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "amazon-beauty")]) == 2
     assert "items" in capsys.readouterr().err
     assert np.isfinite(report["generated-static"]["ndcg@10"]["value"])
+    # --refine-steps changes every generated variant; refined@0 is the generator's output itself
+    assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "ml-100k"), "--json",
+                 "--variants", "static,generated,refined@0", "--refine-steps", "5"]) == 0
+    refined = json.loads(capsys.readouterr().out)
+    assert refined["refined@0"]["ndcg@10"]["value"] == report["generated"]["ndcg@10"]["value"]
+    assert refined["generated"]["ndcg@10"]["value"] != report["generated"]["ndcg@10"]["value"]
+    assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "ml-100k"), "--refine-steps", "-1"]) == 2
+    assert "--refine-steps" in capsys.readouterr().err
 
 
 def test_generator_retrained_from_a_checkpoint_keeps_the_base_version(tmp_path, ml100k, tiny_checkpoint):

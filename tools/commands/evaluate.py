@@ -16,7 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="the dataset the model was trained on")
     p.add_argument("--format", choices=FORMATS)
     p.add_argument("--variants", help="comma list (default: all the bundle supports), e.g. static,generated,stale@5")
-    p.add_argument("--stage", default="test", choices=("test", "valid"))
+    p.add_argument("--stage", default="test", choices=("test", "valid", "held-out"),
+                   help="held-out: validation cases of the users early stopping did not score (a model trained "
+                        "with --valid-users N), for choices made after training")
+    p.add_argument("--refine-steps", type=int,
+                   help="refinement steps of every generated delta (default: the generator's own; refined@K "
+                        "variants set their own)")
     p.add_argument("--protocol", default="sampled", choices=PROTOCOLS,
                    help="sampled: the target among 100 sampled unseen items (SASRec's); full: among the whole "
                         "catalogue, the user's other items excluded (metrics full:*); both")
@@ -31,10 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from paramcast.cloud.checkpoint import load_checkpoint
     from paramcast.cloud.evaluate import evaluate
+    from paramcast.common.errors import InvalidInput
 
     ckpt = load_checkpoint(args.model)
     data = load_interactions(args.data, format=args.format)
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    if args.refine_steps is not None:
+        if args.refine_steps < 0:
+            raise InvalidInput("--refine-steps", f"must be >= 0; got {args.refine_steps}")
+        if ckpt.generator is None:
+            raise InvalidInput("--refine-steps", f"model {ckpt.model_id} has no generator")
+        ckpt.generator.cfg.refine_steps = args.refine_steps
     report = evaluate(ckpt, data, variants, stage=args.stage, seed=args.seed, protocol=args.protocol)
     text = json.dumps(report, indent=2)
     if args.out:
