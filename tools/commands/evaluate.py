@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-steps", type=int,
                    help="refinement steps of every generated delta (default: the generator's own; refined@K "
                         "variants set their own)")
+    p.add_argument("--refine-positions", type=int,
+                   help="the window's last positions refinement fits (default: the generator's own)")
     p.add_argument("--protocol", default="sampled", choices=PROTOCOLS,
                    help="sampled: the target among 100 sampled unseen items (SASRec's); full: among the whole "
                         "catalogue, the user's other items excluded (metrics full:*); both")
@@ -47,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
         if ckpt.generator is None:
             raise InvalidInput("--refine-steps", f"model {ckpt.model_id} has no generator")
         ckpt.generator.cfg.refine_steps = args.refine_steps
+    if args.refine_positions is not None:
+        if args.refine_positions < 1 or ckpt.generator is None:
+            raise InvalidInput("--refine-positions", f"must be >= 1, for a model with a generator; got "
+                                                     f"{args.refine_positions}")
+        ckpt.generator.cfg.refine_positions = args.refine_positions
     report = evaluate(ckpt, data, variants, stage=args.stage, seed=args.seed, protocol=args.protocol)
     text = json.dumps(report, indent=2)
     if args.out:

@@ -150,6 +150,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "when a bundle is made (cloud/oracle.py fit_factors; `paramcast evaluate --variants "
                         "refined@K` measures K without retraining)")
     g.add_argument("--refine-lr", type=float, default=0.05, help="step size of that refinement")
+    g.add_argument("--refine-positions", type=int, default=1,
+                   help="the window's last positions whose cloud distributions refinement fits")
     g.add_argument("--distill-weight", type=float, default=1.0,
                    help="weight of KL(cloud model || device + delta) beside the true next items")
     g.add_argument("--distill-temperature", type=float, default=1.0)
@@ -227,10 +229,11 @@ def run(args: argparse.Namespace) -> int:
                                  dropout=args.cloud_dropout, block=args.cloud_block)
     gen_cfg = {"rank": args.rank, "width": args.gen_width, "dropout": args.gen_dropout,
                "tune_encoder": args.tune_encoder, "cloud_expectation": not args.no_cloud_expectation,
-               "kl_gradient": args.kl_gradient, "refine_steps": args.refine_steps, "refine_lr": args.refine_lr}
-    if args.refine_steps < 0 or args.refine_lr <= 0:
-        raise InvalidInput("--refine-steps", f"steps must be >= 0 and --refine-lr > 0; got {args.refine_steps}, "
-                                             f"{args.refine_lr}")
+               "kl_gradient": args.kl_gradient, "refine_steps": args.refine_steps, "refine_lr": args.refine_lr,
+               "refine_positions": args.refine_positions}
+    if args.refine_steps < 0 or args.refine_lr <= 0 or args.refine_positions < 1:
+        raise InvalidInput("--refine-steps", f"steps must be >= 0, --refine-lr > 0 and --refine-positions >= 1; got "
+                                             f"{args.refine_steps}, {args.refine_lr}, {args.refine_positions}")
     if args.kl_gradient and args.no_cloud_expectation:
         raise InvalidInput("--kl-gradient", "needs the cloud's expectation: drop --no-cloud-expectation")
     ctx = distributed.context(args.device)  # a world of one unless started by torchrun
