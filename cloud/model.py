@@ -119,7 +119,8 @@ class Block(nn.Module):
         else:
             q, k, v = self.qkv(normed).split(d, dim=-1)  # 3 x (B, L, d)
         if attn_bias.shape[-1] == L + 1:  # visible padding: its one shared key and value lead the keys
-            k, v = (torch.cat([pad.expand(B, 1, d), t], dim=1) for pad, t in zip(self._padding_key_value(), (k, v)))
+            pad_k, pad_v = self._padding_key_value()
+            k, v = torch.cat([pad_k.expand(B, 1, d), k], dim=1), torch.cat([pad_v.expand(B, 1, d), v], dim=1)
         q = q.reshape(B, L, h, d // h).transpose(1, 2)  # (B, h, L, d/h)
         k, v = (t.reshape(B, t.shape[1], h, d // h).transpose(1, 2) for t in (k, v))  # (B, h, L', d/h)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(d // h) + attn_bias  # (B, h, L, L')
