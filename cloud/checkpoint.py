@@ -104,10 +104,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     device_model.eval()
     generator = None
     if payload["generator_config"] is not None:
-        # A generator saved before the cloud-expectation input (or refinement) existed was built
-        # without it, and keeps making the bundles it made.
-        generator = Generator(GeneratorConfig(**{"cloud_expectation": False, "refine_steps": 0,
-                                                 **payload["generator_config"]}))
+        # A generator saved before the cloud-expectation input existed was built without it (one
+        # saved before refinement gets refine_steps' default, 0: the bundles it always made).
+        generator = Generator(GeneratorConfig(**{"cloud_expectation": False, **payload["generator_config"]}))
         generator.load_state_dict(payload["generator_state"])
         generator.eval()
     cloud = None

@@ -231,9 +231,12 @@ def run(args: argparse.Namespace) -> int:
                "tune_encoder": args.tune_encoder, "cloud_expectation": not args.no_cloud_expectation,
                "kl_gradient": args.kl_gradient, "refine_steps": args.refine_steps, "refine_lr": args.refine_lr,
                "refine_positions": args.refine_positions}
-    if args.refine_steps < 0 or args.refine_lr <= 0 or args.refine_positions < 1:
-        raise InvalidInput("--refine-steps", f"steps must be >= 0, --refine-lr > 0 and --refine-positions >= 1; got "
-                                             f"{args.refine_steps}, {args.refine_lr}, {args.refine_positions}")
+    if args.refine_steps < 0:
+        raise InvalidInput("--refine-steps", f"must be >= 0; got {args.refine_steps}")
+    if args.refine_lr <= 0:
+        raise InvalidInput("--refine-lr", f"must be > 0; got {args.refine_lr}")
+    if args.refine_positions < 1:
+        raise InvalidInput("--refine-positions", f"must be >= 1; got {args.refine_positions}")
     if args.kl_gradient and args.no_cloud_expectation:
         raise InvalidInput("--kl-gradient", "needs the cloud's expectation: drop --no-cloud-expectation")
     ctx = distributed.context(args.device)  # a world of one unless started by torchrun
