@@ -49,7 +49,7 @@ def generate_parameters(ckpt: Checkpoint, windows: Sequence[np.ndarray], keep_ra
     model = ckpt.device_model
     # The device model's own state for the window it will run on: what the delta is added to.
     device_window = left_pad(windows, model.cfg.max_len, trim=True).to(torch_device)
-    device_state = model.user_states(device_window)[:, -1]
+    device_state = model.base_state(device_window)
     out = gen(win, device_state)  # device_state: (B, d)
     masks = out.masks(keep_ratio) if keep_ratio is not None and keep_ratio < 1.0 else None
     steps = gen.cfg.refine_steps if refine_steps is None else refine_steps

@@ -88,7 +88,7 @@ def item_table(ckpt: Checkpoint, variant: str) -> torch.Tensor:
         if ckpt.cloud_model is None:
             raise ValueError(f"model {ckpt.model_id} has no cloud model; train it with the cloud stage")
         return ckpt.cloud_model.output_table().detach()
-    return ckpt.device_model.item_emb.weight.detach()
+    return ckpt.device_model.output_table().detach()
 
 
 @torch.no_grad()
@@ -109,7 +109,7 @@ def user_vectors(ckpt: Checkpoint, histories: Sequence[np.ndarray], variant: str
             hist = list(histories[start:start + batch])
             out[start:start + len(hist)] = cloud.encode(left_pad(hist, cloud.cfg.max_len, trim=True))[:, -1]
         return out
-    out = torch.empty(len(histories), model.cfg.hidden)
+    out = torch.empty(len(histories), model.user_dim)
     # Encode in order of history length so each chunk pads only to its own longest history.
     order = np.argsort([len(h) for h in histories], kind="stable")
     for start in range(0, len(order), batch):

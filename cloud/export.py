@@ -86,9 +86,9 @@ class ScoringGraph(nn.Module):
     def forward(self, history: torch.Tensor, candidates: torch.Tensor, *factors: torch.Tensor):
         adapters = {slot: (factors[2 * i], factors[2 * i + 1]) for i, slot in enumerate(self.slots)}
         behaviour = self.model.encode(history)[:, -1:, :]  # (B, 1, d)
-        user = self.model.head(behaviour, adapters)[:, 0, :]  # (B, d)
-        scores = (self.model.item_emb(candidates) * user[:, None, :]).sum(-1)  # (B, C)
-        return scores, user, behaviour[:, 0, :]
+        user = self.model.head(behaviour, adapters)[:, 0, :]  # (B, user_dim)
+        scores = (self.model.output_table()[candidates] * user[:, None, :]).sum(-1)  # (B, C)
+        return scores, user[:, : self.model.cfg.hidden], behaviour[:, 0, :]
 
 
 def slimming_plan(model: DeviceModel) -> dict[str, dict]:

@@ -7,6 +7,13 @@ m = head units, f = feed-forward units, r = adapter rank.
 Personalisation hooks (what the cloud generator targets):
 - adapter slots: `head.up` (d -> m) and `head.down` (m -> d); a slot's effective weight for sample
   b is `W0 + A[b] @ B[b]` with A (d_in x r) and B (r x d_out);
+- with a cloud item table (`cloud_items` > 0, attached by `carry_cloud_items` before the generator
+  is trained), a third slot `head.cloud` ((d + 1) -> k, base weight zero) maps the user state and a
+  constant into the cloud model's item space, and an item's score gains that vector's dot product
+  with the item's cloud vector. A head delta alone only moves the device's user state against the
+  device's own item table; this slot lets a bundle carry what the cloud model knows about the
+  items themselves (measured: benchmarks/notes/quality-ml-100k.md). Without factors it adds zero,
+  so the base model scores exactly as before;
 - unit groups that can be slimmed: `head` (m units) and `block{i}.ffn` (f units per block); a
   per-sample 0/1 mask over a group's units switches them off, and `slimmed()` builds the
   physically smaller model that a hard mask implies.
@@ -15,7 +22,7 @@ Personalisation hooks (what the cloud generator targets):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import torch
@@ -45,6 +52,8 @@ class DeviceModelConfig:
     # "masked": queries see only real items; "visible": they also see the left padding of the
     # max_len window, as the public SASRec reference does (sequence_inputs, PADDING_ATTENTION).
     padding_attention: str = "masked"
+    # Width of the cloud item table the device carries for the `head.cloud` slot (0: no table, no slot).
+    cloud_items: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,11 +184,34 @@ class DeviceModel(nn.Module):
             raise ValueError(f"unknown init {cfg.init!r}; known: scaled, xavier, reference")
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+        # The cloud model's item vectors (frozen: a buffer, part of the base weights and the package).
+        self.register_buffer("cloud_item_table", torch.zeros(cfg.n_items + 1, cfg.cloud_items)
+                             if cfg.cloud_items else None)
+
+    @torch.no_grad()
+    def carry_cloud_items(self, table: torch.Tensor) -> None:
+        """Carry the cloud model's (n_items + 1, k) item table, adding the `head.cloud` slot. The
+        static scores do not change (the slot adds zero without factors); the base version does,
+        since the table is part of what a device downloads."""
+        if table.shape[0] != self.cfg.n_items + 1:
+            raise ValueError(f"cloud item table has {table.shape[0]} rows, the model {self.cfg.n_items + 1}")
+        self.cfg = replace(self.cfg, cloud_items=int(table.shape[1]))
+        self.cloud_item_table = table.detach().clone().to(self.item_emb.weight)
+        self.cloud_item_table[0].zero_()
+
+    @property
+    def user_dim(self) -> int:
+        """Width of the vectors `user_states` returns and `output_table` holds: d, plus k with the
+        cloud table (the device's state, then its map into the cloud's item space)."""
+        return self.cfg.hidden + self.cfg.cloud_items
 
     # -- what the generator and the exporter need to know -------------------------------------
     def slot_shapes(self) -> dict[str, tuple[int, int]]:
         (d, m), (m2, d2) = self.head_up.weight.shape, self.head_down.weight.shape
-        return {"head.up": (d, m), "head.down": (m2, d2)}
+        shapes = {"head.up": (d, m), "head.down": (m2, d2)}
+        if self.cfg.cloud_items:
+            shapes["head.cloud"] = (d2 + 1, self.cfg.cloud_items)
+        return shapes
 
     def unit_groups(self) -> dict[str, int]:
         groups = {"head": self.cfg.head_units}
@@ -196,27 +228,45 @@ class DeviceModel(nn.Module):
         return self.ln_f(x)  # (B, L, d)
 
     def head(self, x: torch.Tensor, adapters: Adapters | None = None, masks: Masks | None = None) -> torch.Tensor:
-        """(B, L, d) backbone states -> (B, L, d) user states, with optional per-sample deltas and masks."""
+        """(B, L, d) backbone states -> (B, L, user_dim) user states, with optional per-sample deltas
+        and masks: the head's output, then (with the cloud table) its map into the cloud's item space."""
         adapters = adapters or {}
         u = F.gelu(self.head_up(x, adapters.get("head.up")))  # (B, L, m)
         if masks is not None and "head" in masks:
             u = u * masks["head"][:, None, :]
-        return x + self.head_down(u, adapters.get("head.down"))
+        user = x + self.head_down(u, adapters.get("head.down"))  # (B, L, d)
+        if not self.cfg.cloud_items:
+            return user
+        factors = adapters.get("head.cloud")
+        if factors is None:
+            cross = user.new_zeros(*user.shape[:-1], self.cfg.cloud_items)
+        else:
+            a, b = factors  # (B, d + 1, r), (B, r, k): the constant's row of A is a fixed offset
+            cross = (user @ a[:, :-1] + a[:, -1:]) @ b  # (B, L, k)
+        return torch.cat([user, cross], dim=-1)
 
     def user_states(self, seq: torch.Tensor, adapters: Adapters | None = None, masks: Masks | None = None):
-        return self.head(self.encode(seq, masks), adapters, masks)  # (B, L, d)
+        return self.head(self.encode(seq, masks), adapters, masks)  # (B, L, user_dim)
+
+    def base_state(self, seq: torch.Tensor) -> torch.Tensor:
+        """(B, L) windows -> (B, d) the base model's user state after each: what the generator reads
+        as the device's own state (the cloud part of a base state is zero, so it is left out)."""
+        return self.user_states(seq)[:, -1, : self.cfg.hidden]
 
     def output_table(self) -> torch.Tensor:
-        """(n_items + 1, d) the vectors user states are scored against (the tied item table)."""
-        return self.item_emb.weight
+        """(n_items + 1, user_dim) the vectors user states are scored against: the tied item table,
+        then the cloud item table when the model carries one."""
+        if not self.cfg.cloud_items:
+            return self.item_emb.weight
+        return torch.cat([self.item_emb.weight, self.cloud_item_table], dim=-1)
 
     def score(
         self, seq: torch.Tensor, candidates: torch.Tensor, adapters: Adapters | None = None,
         masks: Masks | None = None,
     ) -> torch.Tensor:
         """(B, L) history, (B, C) candidate ids -> (B, C) scores of the next item."""
-        user = self.user_states(seq, adapters, masks)[:, -1, :]  # (B, d)
-        return (self.item_emb(candidates) * user[:, None, :]).sum(-1)  # (B, C)
+        user = self.user_states(seq, adapters, masks)[:, -1, :]  # (B, user_dim)
+        return (self.output_table()[candidates] * user[:, None, :]).sum(-1)  # (B, C)
 
     # -- slimming --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -264,7 +314,8 @@ class DeviceModel(nn.Module):
             flops += 2 * L * (3 * d * d + d * d + 2 * d * f) + 2 * 2 * L * L * d  # projections, ffn, attention
         m = self.head_up.weight.shape[1]
         flops += 2 * 2 * d * m  # head, last position only
-        return int(flops + 2 * n_candidates * d)
+        k = self.cfg.cloud_items
+        return int(flops + 2 * n_candidates * (d + k))
 
 
 PADDING_ATTENTION = ("masked", "visible")

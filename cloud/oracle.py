@@ -75,12 +75,13 @@ def fit_factors(model: DeviceModel, seq: torch.Tensor, teacher_logp: torch.Tenso
 
 def fit_state_offset(model: DeviceModel, seq: torch.Tensor, teacher_logp: torch.Tensor, steps: int = 300,
                      lr: float = 0.05) -> torch.Tensor:
-    """Per-user (U, d) vector added to the device's user state, fitted the same way."""
+    """Per-user (U, d) vector added to the device's user state, fitted the same way (against the
+    device's own item table: a cloud item table's part of the scores stays zero)."""
     with torch.no_grad():
-        base = model.user_states(seq)[:, -1]  # (U, d)
+        base = model.base_state(seq)  # (U, d)
     offset = torch.zeros_like(base).requires_grad_()
     opt = torch.optim.Adam([offset], lr=lr)
-    table = model.output_table()
+    table = model.item_emb.weight
     for _ in range(steps):
         logp = F.log_softmax(((base + offset) @ table.T)[:, 1:], dim=-1)
         loss = F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")

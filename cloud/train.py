@@ -106,6 +106,9 @@ class TrainConfig:
     # model already tolerates the subnets the generator will pick (DIET trains its subnets jointly).
     slim_train_prob: float = 0.25
     joint: bool = False  # also fine-tune the device model in stage 2 (not DUET's default)
+    # The device model carries the cloud model's item table and the generator emits the `head.cloud`
+    # slot too (cloud/model.py): a delta can then move scores in the cloud's item space.
+    cloud_slot: bool = False
     progress: bool = True
     resume: bool = False  # the static and cloud stages save progress in the output folder and continue from it
 
@@ -461,6 +464,8 @@ class Trainer:
 
     def train_generator(self, model: DeviceModel, cloud: CloudModel) -> Generator:
         cfg, dev = self.cfg, self.torch_device
+        if cfg.cloud_slot:
+            model.carry_cloud_items(cloud.output_table())
         gen = build_generator(model, cloud, **self.gen_overrides)
         gcfg = gen.cfg
         params = [p for p in gen.parameters() if p.requires_grad]
@@ -476,7 +481,7 @@ class Trainer:
         def step(batch) -> torch.Tensor:
             win, dev_win, inp, cloud_inp, tgt = (t.to(dev) for t in batch)
             with torch.no_grad():
-                device_state = model.user_states(dev_win)[:, -1]  # (B, d): the base model at the cut
+                device_state = model.base_state(dev_win)  # (B, d): the base model at the cut
                 teacher = cloud.encode(cloud_inp)[:, -inp.shape[1]:]  # (B, T, D), aligned on the right
             out = gen(win, device_state)
             masks = None

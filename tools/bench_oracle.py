@@ -8,7 +8,9 @@ SASRec protocol on the validation case. `gap_closed` = (oracle - static) / (clou
 share of the cloud model's lead that a delta of this shape could carry if the generator were
 perfect; it bounds what the generator can reach and guides the choice of slots and rank.
 
-Also reported: a plain vector added to the device's user state (what a rank-1 `head.down` delta
+`head.cloud` (and `head+cloud`, all three slots) fits the slot that maps the user state into the
+cloud model's item space (cloud/model.py); a model trained without it is given the cloud model's
+item table for the fit. Also reported: a plain vector added to the device's user state (what a rank-1 `head.down` delta
 with a constant A reduces to), as the simplest shape, and every fit after int8 encoding.
 
     python tools/bench_oracle.py --model runs/ml-100k --data ../shared/data/ml-100k --users 300
@@ -32,7 +34,8 @@ from paramcast.common.bundle import dequantize, quantize
 from paramcast.common.data import load_interactions
 from paramcast.common.evaluation import LeaveOneOut, gap_closed, metrics_from_scores
 
-SLOTS = {"head.down": ["head.down"], "head.up": ["head.up"], "head": ["head.up", "head.down"]}
+SLOTS = {"head.down": ["head.down"], "head.up": ["head.up"], "head": ["head.up", "head.down"],
+         "head.cloud": ["head.cloud"], "head+cloud": ["head.up", "head.down", "head.cloud"]}
 
 
 def int8(adapters):
@@ -46,7 +49,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--users", type=int, default=300, help="validation users sampled")
     p.add_argument("--ranks", default="1,2,4,8,16")
-    p.add_argument("--slots", default="head.down,head.up,head")
+    p.add_argument("--slots", default="head.down,head.up,head,head.cloud,head+cloud")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
@@ -58,6 +61,8 @@ def main() -> None:
         raise SystemExit(f"{args.model}: no cloud model; train with the cloud stage")
     data = load_interactions(args.data)
     model, cloud = ckpt.device_model.eval(), ckpt.cloud_model.eval()
+    if not model.cfg.cloud_items and any("head.cloud" in SLOTS[s] for s in args.slots.split(",")):
+        model.carry_cloud_items(cloud.output_table())  # adds zero to every score until fitted
     model.requires_grad_(False)
     cloud.requires_grad_(False)
     cold_raw = set(ckpt.meta.get("split", {}).get("cold_users", []))
@@ -85,8 +90,8 @@ def main() -> None:
     t0 = time.perf_counter()
     offset = fit_state_offset(model, seq, teacher_logp, args.steps, args.lr)
     with torch.no_grad():
-        user = model.user_states(seq)[:, -1] + offset
-        scores = (model.output_table()[cand] * user[:, None, :]).sum(-1)
+        user = model.base_state(seq) + offset
+        scores = (model.item_emb(cand) * user[:, None, :]).sum(-1)
     results.append(row(metrics_from_scores(scores.numpy()), {"slot": "user-state offset", "rank": None,
                                                              "parameters": model.cfg.hidden}))
     shapes = model.slot_shapes()

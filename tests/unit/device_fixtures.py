@@ -21,18 +21,21 @@ ML_100K_ITEMS = 1682
 TINY = DeviceModelConfig(n_items=ML_100K_ITEMS, hidden=16, n_blocks=2, n_heads=2, ffn_units=24, head_units=32,
                          max_len=20, dropout=0.5)
 RANK = 4
+CLOUD_ITEMS = 12  # width of the tiny model's cloud item table (the head.cloud slot)
 
 
 @functools.cache
 def tiny_checkpoint() -> Checkpoint:
     """Random weights, every parameter perturbed so layer norms and biases are not at their
-    identity/zero init (parity must hold for the whole computation, not a trivial part of it)."""
+    identity/zero init (parity must hold for the whole computation, not a trivial part of it), and
+    a random cloud item table, so every slot a trained model ships (head.cloud too) is exercised."""
     torch.manual_seed(7)
     model = DeviceModel(TINY)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
         model.item_emb.weight[0].zero_()  # the padding item stays the zero vector
+        model.carry_cloud_items(0.3 * torch.randn(TINY.n_items + 1, CLOUD_ITEMS))
     return Checkpoint("tiny-ml100k", model.eval())
 
 

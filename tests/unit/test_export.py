@@ -8,7 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from device_fixtures import TINY, tiny_checkpoint, tiny_package
+from device_fixtures import CLOUD_ITEMS, TINY, tiny_checkpoint, tiny_package
 
 from paramcast.cli import main as cli
 from paramcast.cloud.checkpoint import save_checkpoint
@@ -73,7 +73,8 @@ def test_no_graph_input_is_backed_by_an_initializer(graph):
 def test_adapter_inputs_are_declared_per_slot(graph, manifest):
     """Each slot's factors are plain inputs (B|1, d_in, r) and (B|1, r, d_out) with a dynamic rank."""
     inputs = {i.name: i for i in graph.graph.input}
-    expected = {"head.up": (TINY.hidden, TINY.head_units), "head.down": (TINY.head_units, TINY.hidden)}
+    expected = {"head.up": (TINY.hidden, TINY.head_units), "head.down": (TINY.head_units, TINY.hidden),
+                "head.cloud": (TINY.hidden + 1, CLOUD_ITEMS)}
     assert {s: (v["d_in"], v["d_out"]) for s, v in manifest["slots"].items()} == expected
     for slot, (d_in, d_out) in expected.items():
         spec = manifest["slots"][slot]
@@ -124,7 +125,9 @@ def test_runs_with_and_without_adapter_in_onnx_runtime_directly():
     rank0 = {"head.up.A": np.zeros((1, TINY.hidden, 0), np.float32),
              "head.up.B": np.zeros((1, 0, TINY.head_units), np.float32),
              "head.down.A": np.zeros((1, TINY.head_units, 0), np.float32),
-             "head.down.B": np.zeros((1, 0, TINY.hidden), np.float32)}
+             "head.down.B": np.zeros((1, 0, TINY.hidden), np.float32),
+             "head.cloud.A": np.zeros((1, TINY.hidden + 1, 0), np.float32),
+             "head.cloud.B": np.zeros((1, 0, CLOUD_ITEMS), np.float32)}
     feeds = {"history": history, "candidates": candidates, **rank0}
     base = session.run(["scores"], feeds)[0]
     with pytest.raises(Exception, match="head"):  # factors are required inputs, never defaulted

@@ -112,6 +112,32 @@ def test_untrained_generator_reproduces_the_static_model(ml100k):
     assert all(m.sum(-1).eq(round(0.25 * m.shape[-1])).all() for m in masks.values())
 
 
+def test_the_cloud_slot_adds_scores_in_the_cloud_item_space_and_nothing_without_factors(ml100k):
+    """head.cloud maps [user state, 1] through A B into the cloud's item space: an item's score gains
+    that vector's dot product with the item's cloud vector, and with no factors the model scores as
+    before it carried the table."""
+    model, cloud = tiny_models(ml100k)
+    hist = left_pad([ml100k.sequences[u] for u in range(6)], 20)
+    cand = torch.randint(1, ml100k.n_items + 1, (6, 9))
+    with torch.no_grad():
+        before = model.score(hist, cand)
+        model.carry_cloud_items(cloud.output_table())
+        assert model.slot_shapes()["head.cloud"] == (16 + 1, 16) and model.user_dim == 32
+        torch.testing.assert_close(model.score(hist, cand), before)
+        torch.manual_seed(0)
+        a, b = torch.randn(6, 17, 3), torch.randn(6, 3, 16)
+        user = model.base_state(hist)  # (6, d)
+        mapped = torch.einsum("bi,bir,brk->bk", torch.cat([user, torch.ones(6, 1)], 1), a, b)  # (6, k)
+        expected = before + (cloud.output_table()[cand] * mapped[:, None, :]).sum(-1)
+        torch.testing.assert_close(model.score(hist, cand, {"head.cloud": (a, b)}), expected)
+    assert not torch.allclose(expected, before, atol=1e-2)
+    # the generator emits the third slot, and an untrained one still reproduces the static model
+    ckpt = Checkpoint("tiny", model, build_generator(model, cloud, **TINY_GEN).eval())
+    adapters, _ = generate_parameters(ckpt, [ml100k.sequences[u] for u in range(6)])
+    assert adapters["head.cloud"][0].shape == (6, 17, 2) and adapters["head.cloud"][1].shape == (6, 2, 16)
+    torch.testing.assert_close(model.score(hist, cand, adapters), before)
+
+
 def test_refinement_moves_generated_deltas_toward_the_cloud_model(ml100k, tiny_checkpoint):
     """refine_steps > 0 (or the refined@K variant) starts from the generator's factors and lowers
     each window's distillation loss against the cloud model; masks are the generator's either way."""

@@ -92,7 +92,8 @@ def test_the_sasrec_block_exports_and_scores_as_in_pytorch(users, tmp_path, padd
     history = left_pad([h for h, _ in users], TINY.max_len)
     candidates = torch.from_numpy(np.stack([c for _, c in users]))
     bundle = random_bundle(seed=5)
-    bundle = DeltaBundle(ckpt.model_id, ckpt.base_version, bundle.factors, random_keep(0.5))
+    factors = {s: f for s, f in bundle.factors.items() if s in model.slot_shapes()}  # no cloud table here
+    bundle = DeltaBundle(ckpt.model_id, ckpt.base_version, factors, random_keep(0.5))
     adapters = {s: (torch.from_numpy(a)[None], torch.from_numpy(b)[None]) for s, (a, b) in bundle.factors.items()}
     keep = {g: torch.as_tensor(m) for g, m in bundle.masks.items()}
     with torch.no_grad():
@@ -270,12 +271,20 @@ def test_behaviour_embedding_ignores_the_applied_bundle(runtime, users):
 
 
 def test_user_state_is_what_candidates_are_scored_against(runtime, users):
+    """Without head.cloud factors the scores are the user state's dot products with the device's
+    item vectors; the cloud slot adds its own part on top and leaves the user state alone."""
     history, candidates = users[2]
-    runtime.apply(random_bundle(seed=11, masks=random_keep(0.75)))
+    bundle = random_bundle(seed=11, masks=random_keep(0.75))
+    head_only = DeltaBundle(bundle.model_id, bundle.base_version,
+                            {s: f for s, f in bundle.factors.items() if s != "head.cloud"}, bundle.masks)
+    runtime.apply(head_only)
     state = runtime.user_state(history)  # (d,)
     item_emb = tiny_checkpoint().device_model.item_emb.weight.detach().numpy()
     np.testing.assert_allclose(item_emb[candidates] @ state, runtime.score(history, candidates), atol=1e-5)
     assert runtime.user_state([history, history]).shape == (2, TINY.hidden)
+    runtime.apply(bundle)
+    np.testing.assert_allclose(runtime.user_state(history), state, atol=1e-6)
+    assert np.abs(runtime.score(history, candidates) - item_emb[candidates] @ state).max() > 100 * ATOL
 
 
 @pytest.mark.parametrize(("threads", "optimization"), [(0, "all"), (1, "maximal"), (1.5, "all")])

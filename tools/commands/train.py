@@ -145,6 +145,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--kl-gradient", action="store_true",
                    help="the generator also reads E'(p_cloud - p_device), the direction in which the device's "
                         "distillation loss falls fastest at its own state")
+    g.add_argument("--cloud-slot", action=argparse.BooleanOptionalAction, default=None,
+                   help="the device package carries the cloud model's item table and bundles a third slot, "
+                        "head.cloud, that moves scores in the cloud's item space (cloud/model.py); default: TrainConfig.cloud_slot")
     g.add_argument("--refine-steps", type=int, default=0,
                    help="Adam steps refining each generated delta against the cloud model's next-item distribution "
                         "when a bundle is made (cloud/oracle.py fit_factors; `paramcast evaluate --variants "
@@ -223,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
                       cloud_batch_size=args.cloud_batch_size, cloud_lr=args.cloud_lr,
                       side_features=not args.no_side_features, gen_cuts=args.gen_cuts,
                       gen_staleness=args.gen_staleness,
+                      **({} if args.cloud_slot is None else {"cloud_slot": args.cloud_slot}),
                       distill_temperature=args.distill_temperature, progress=not args.no_progress, resume=args.resume)
     cloud_cfg = CloudModelConfig(n_items=data.n_items, hidden=args.cloud_hidden, n_blocks=args.cloud_blocks,
                                  n_heads=args.cloud_heads, ffn_units=args.cloud_ffn_units, max_len=args.window,
