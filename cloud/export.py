@@ -9,8 +9,10 @@ The package is the contract between the cloud and every device (its format: `com
   feeds every slot, the base model with rank 0 (shapes (1, d_in, 0) and (1, 0, d_out), so
   x @ A @ B is a zero (B, 1, d_out)), an adapted model with the bundle's factors (W0 + A B);
   swapping an adapter never rebuilds the session.
-  Outputs: `scores` (B, C), `user_state` (B, d) (the head's output the scores are dot products
-  with) and `behaviour` (B, d) (the backbone's last state, before the adapted head).
+  Outputs: `scores` (B, C), `user_state` (B, d) (the head's output; the scores are its dot
+  products with the item vectors, plus, with a cloud item table, the `head.cloud` slot's map of it
+  dotted with the cloud item vectors) and `behaviour` (B, d) (the backbone's last state, before
+  the adapted head).
 - `items.json` (when the checkpoint records its training data's item ids): the item vocabulary,
   a JSON array whose entry i is the catalogue id of model item i (`common.package.ItemVocabulary`).
 - `manifest.json` describes that graph (ids, sizes, input/output names and shapes, slots and their

@@ -68,7 +68,7 @@ class StepView:
 
     devices: np.ndarray  # (n,) int64 rows of the fleet
     behaviour: np.ndarray  # (n, d) backbone state of the history that was scored
-    user_state: np.ndarray  # (n, d) the adapted head's output the scores are dot products with
+    user_state: np.ndarray  # (n, d) the adapted head's output (the device part of what scores dot with)
     scores: np.ndarray  # (n, C) what the held parameters gave each candidate
     candidates: np.ndarray  # (n, C) int64 item ids
     observed: np.ndarray  # (n,) int64 column of the item the user took; -1 when it was not a candidate

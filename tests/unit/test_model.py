@@ -397,7 +397,8 @@ def test_train_and_evaluate_cli(tmp_path, shared_data, capsys):
                  "--cloud-block", "sasrec", "--gen-width", "32", "--threads", "1", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert load_checkpoint(out).cloud_model.blocks[0].sasrec  # --cloud-block reaches the cloud model
-    assert summary["generated_parameters_per_device"] == 4 * (16 + 16) * 2
+    # rank 4: head.up and head.down (16 x 16 each), head.cloud ((16 + 1) -> the cloud's 16)
+    assert summary["generated_parameters_per_device"] == 4 * (16 + 16) * 2 + 4 * (16 + 1 + 16)
     assert summary["cloud_flops_per_request"] > 0 and summary["cloud_parameters"] > 0
     assert main(["evaluate", "--model", str(out), "--data", str(shared_data / "ml-100k"), "--json",
                  "--variants", "static,generated,cloud,oracle"]) == 0
