@@ -169,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="share of the warm users the cloud model does not fit and the generator learns on alone")
     g.add_argument("--horizon", type=int, default=4, help="next items after the cut a delta is trained on")
     g.add_argument("--gen-cuts", type=int, default=4, help="cut points per training sequence and epoch")
-    g.add_argument("--gen-staleness", type=int, default=0,
+    g.add_argument("--gen-staleness", type=int, default=20,
                    help="train deltas for use up to this many interactions after their window")
     g.add_argument("--slim-prob", type=float, default=0.5, help="share of generator batches under a random mask")
     _option(t, "--slim-train-prob", float, 0.25,
