@@ -10,7 +10,10 @@ features) and its last state, together with the device model's own user state fo
 (the cloud's next-item distribution averaged over the frozen device item table: the direction the
 device's user state should move in, given to the MLP instead of learnt by it), feeds a small MLP
 whose per-slot heads emit A (d_in x r) and B (r x d_out), W = W0 + A B, and per-group unit scores
-whose top units at a keep ratio form the device's subnet. It is trained by distillation (the
+whose top units at a keep ratio form the device's subnet. When the device model carries the cloud
+model's item table, one of those slots is `head.cloud` (cloud/model.py): its factors map the
+device's user state into the cloud's item space, so a bundle can say which items the cloud model
+rates higher, not only where the device's own state should move. It is trained by distillation (the
 generator stage of cloud/train.py): the device model plus the delta, on the device's short window,
 should rank items as the cloud model does. Nothing here looks at a
 user id: a user never seen in training gets an update from its history alone.

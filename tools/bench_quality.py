@@ -68,6 +68,8 @@ def sizes(model_dir: Path, data_path: str) -> dict:
         out[f"slimmed@{ratio}"] = {"parameters": small.n_parameters(), "flops_per_user_101": small.flops_per_user(),
                                    "non_embedding_parameters": small.n_parameters() - small.item_emb.weight.numel()}
     out["device"]["non_embedding_parameters"] = device.n_parameters() - device.item_emb.weight.numel()
+    # the cloud item table the head.cloud slot scores against: a frozen buffer, not a parameter
+    out["device"]["cloud_item_table_values"] = device.cloud_item_table.numel() if device.cfg.cloud_items else 0
     if ckpt.cloud_model is not None:
         out["cloud"] = {"parameters": ckpt.cloud_model.n_parameters(),
                         "flops_per_request_101": ckpt.cloud_model.flops_per_request()}

@@ -82,6 +82,10 @@ def quality_section(doc: dict) -> str:
                 s = sizes[key]
                 out.append(f"| {key} | {s['parameters']:,} | {s['non_embedding_parameters']:,} | "
                            f"{s['flops_per_user_101']:,} |")
+        table = sizes.get("device", {}).get("cloud_item_table_values", 0)
+        if table:
+            out += ["", f"The device model also carries the cloud model's item table for the `head.cloud` slot: "
+                    f"{table:,} values ({table * 4 / 1024:,.0f} KiB as float32), beside its parameters."]
         if "generator" in sizes:
             g = sizes["generator"]
             if "cloud" in sizes:
