@@ -147,7 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "distillation loss falls fastest at its own state")
     g.add_argument("--cloud-slot", action=argparse.BooleanOptionalAction, default=None,
                    help="the device package carries the cloud model's item table and bundles a third slot, "
-                        "head.cloud, that moves scores in the cloud's item space (cloud/model.py); default: TrainConfig.cloud_slot")
+                        "head.cloud, that moves scores in the cloud's item space (cloud/model.py); on by default")
     g.add_argument("--refine-steps", type=int, default=0,
                    help="Adam steps refining each generated delta against the cloud model's next-item distribution "
                         "when a bundle is made (cloud/oracle.py fit_factors; `paramcast evaluate --variants "
