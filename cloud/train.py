@@ -542,8 +542,9 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
           cloud_cfg: CloudModelConfig | None = None, start: Checkpoint | None = None) -> Checkpoint:
     """Run the stages and return the checkpoint (the caller saves it). The generator stage needs
     a cloud model: the one it reads and distils. `start` supplies already trained models: its device
-    model replaces the static stage (so the base version stays), its cloud model the cloud stage
-    unless that stage is asked for."""
+    model replaces the static stage (so the base version stays, unless the cloud slot gives it the
+    cloud item table it did not carry, or a retrained cloud model's), its cloud model the cloud
+    stage unless that stage is asked for."""
     from paramcast.cloud.evaluate import per_user_metrics
 
     has_cloud = "cloud" in stages or (start is not None and start.cloud_model is not None)
