@@ -276,7 +276,7 @@ def test_generator_cuts_follow_the_holdout_and_the_cut_range(ml100k):
     model_cfg = DeviceModelConfig(n_items=data.n_items, **TINY)
     for h, share, lowest in ((3, 0.0, 37), (0, 0.75, 30), (0, 0.0, 1)):
         cfg = TrainConfig(gen_holdout=h, gen_cut_from=share, gen_batch_size=8, progress=False, threads=1,
-                          cold_fraction=0.0)
+                          cold_fraction=0.0, gen_staleness=0)  # the window ends at the cut
         trainer = Trainer(data, model_cfg, {}, cfg, None)
         assert {len(s) for s in trainer.train_seqs} == {40}
         assert {len(s) for s in trainer.fit_seqs} == {40 - h}
@@ -286,6 +286,25 @@ def test_generator_cuts_follow_the_holdout_and_the_cut_range(ml100k):
             assert min(cuts) < 30  # without a range, cuts reach a sequence's first part
 
 
+def test_generator_windows_are_up_to_the_staleness_older_than_the_positions_they_serve(ml100k):
+    """--gen-staleness N: a delta's window ends up to N interactions before the cut its loss starts
+    at, so the inputs its loss runs on (here in the cloud's width, which cuts none of these short
+    sequences) extend at most horizon - 1 + N items past it (horizon - 1 without)."""
+    from paramcast.cloud.train import Trainer
+
+    seqs = [s[:42] for s in ml100k.sequences if len(s) >= 42][:30]
+    data = InteractionLog("part", seqs, ml100k.n_items, [str(i) for i in range(len(seqs))], ml100k.item_raw_ids)
+    gaps = {}
+    for stale in (0, 20):
+        cfg = TrainConfig(gen_staleness=stale, gen_cuts=8, gen_batch_size=8, progress=False, threads=1,
+                          cold_fraction=0.0)
+        trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {}, cfg, None)
+        gaps[stale] = [int(inp.count_nonzero() - win.count_nonzero()) for batch in trainer._generator_batches(100, 100)
+                       for win, inp in zip(batch[0], batch[3], strict=True)]
+    assert min(gaps[0]) >= 0 and max(gaps[0]) <= cfg.horizon - 1
+    assert max(gaps[20]) <= cfg.horizon - 1 + 20 and max(gaps[20]) > cfg.horizon + 5
+
+
 def test_generator_users_are_kept_out_of_the_cloud_stage(ml100k):
     """--gen-users: a share of the warm users is fitted by the device model only; the cloud model
     never sees their sequences and the generator's cuts come from them alone."""
@@ -293,7 +312,8 @@ def test_generator_users_are_kept_out_of_the_cloud_stage(ml100k):
 
     seqs = [s[:42] for s in ml100k.sequences if len(s) >= 42][:40]
     data = InteractionLog("part", seqs, ml100k.n_items, [str(i) for i in range(len(seqs))], ml100k.item_raw_ids)
-    cfg = TrainConfig(gen_users=0.25, gen_batch_size=8, progress=False, threads=1, cold_fraction=0.0)
+    cfg = TrainConfig(gen_users=0.25, gen_batch_size=8, progress=False, threads=1, cold_fraction=0.0,
+                      gen_staleness=0)
     trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {}, cfg, None)
     key = {tuple(s) for s in trainer.train_seqs}.__contains__
     gen, cloud = {tuple(s) for s in trainer.gen_seqs}, {tuple(s) for s in trainer.cloud_seqs}
