@@ -74,11 +74,7 @@ def factor_inputs(slot: str) -> tuple[str, str]:
 
 
 class ScoringGraph(nn.Module):
-    """What the device runs: DeviceModel.score with every slot's factors as explicit inputs.
-
-    Only the last position's user state is scored, so the head (position-wise) runs on that
-    position alone; the result equals `DeviceModel.score` for the same factors.
-    """
+    """What the device runs: DeviceModel.score with every slot's factors as explicit inputs."""
 
     def __init__(self, model: DeviceModel):
         super().__init__()
@@ -87,10 +83,9 @@ class ScoringGraph(nn.Module):
 
     def forward(self, history: torch.Tensor, candidates: torch.Tensor, *factors: torch.Tensor):
         adapters = {slot: (factors[2 * i], factors[2 * i + 1]) for i, slot in enumerate(self.slots)}
-        behaviour = self.model.encode(history)[:, -1:, :]  # (B, 1, d)
-        user = self.model.head(behaviour, adapters)[:, 0, :]  # (B, user_dim)
-        scores = (self.model.output_table()[candidates] * user[:, None, :]).sum(-1)  # (B, C)
-        return scores, user[:, : self.model.cfg.hidden], behaviour[:, 0, :]
+        behaviour = self.model.encode(history)[:, -1, :]  # (B, d)
+        scores, user = self.model.score_behaviour(behaviour, candidates, adapters)  # (B, C), (B, d)
+        return scores, user, behaviour
 
 
 def slimming_plan(model: DeviceModel) -> dict[str, dict]:

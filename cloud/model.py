@@ -265,8 +265,19 @@ class DeviceModel(nn.Module):
         masks: Masks | None = None,
     ) -> torch.Tensor:
         """(B, L) history, (B, C) candidate ids -> (B, C) scores of the next item."""
-        user = self.user_states(seq, adapters, masks)[:, -1, :]  # (B, user_dim)
-        return (self.output_table()[candidates] * user[:, None, :]).sum(-1)  # (B, C)
+        return self.score_behaviour(self.encode(seq, masks)[:, -1, :], candidates, adapters, masks)[0]
+
+    def score_behaviour(self, behaviour: torch.Tensor, candidates: torch.Tensor, adapters: Adapters | None = None,
+                        masks: Masks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, d) backbone states, (B, C) candidate ids -> (B, C) scores and the (B, d) user states
+        they come from: the head (position-wise) on the last position alone, then each candidate's
+        vectors gathered from the item table and the cloud item table (never the whole catalogue)."""
+        user = self.head(behaviour[:, None, :], adapters, masks)[:, 0, :]  # (B, user_dim)
+        d = self.cfg.hidden
+        scores = (self.item_emb(candidates) * user[:, None, :d]).sum(-1)  # (B, C)
+        if self.cfg.cloud_items:
+            scores = scores + (self.cloud_item_table[candidates] * user[:, None, d:]).sum(-1)
+        return scores, user[:, :d]
 
     # -- slimming --------------------------------------------------------------------------------
     @torch.no_grad()

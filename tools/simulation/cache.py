@@ -105,17 +105,13 @@ class Scorer:
 
     def __init__(self, model: DeviceModel):
         self.model = model.eval()
-        self.table = model.output_table().detach()  # (n_items + 1, user_dim)
 
     @torch.inference_mode()
     def __call__(self, behaviour: np.ndarray, adapters: Adapters | None,
                  candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """behaviour (n, d), per-device factors, candidates (n, C) -> (user_state (n, d), scores (n, C))."""
-        b = torch.from_numpy(behaviour)[:, None, :]  # (n, 1, d)
-        user = self.model.head(b, adapters)[:, 0, :]  # (n, user_dim)
-        emb = self.table[torch.from_numpy(candidates)]  # (n, C, user_dim)
-        scores = (emb * user[:, None, :]).sum(-1)  # (n, C), as DeviceModel.score computes it
-        return user[:, : self.model.cfg.hidden].numpy(), scores.numpy()  # the graph's user_state is d wide
+        scores, user = self.model.score_behaviour(torch.from_numpy(behaviour), torch.from_numpy(candidates), adapters)
+        return user.numpy(), scores.numpy()
 
 
 @torch.inference_mode()
