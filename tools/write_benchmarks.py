@@ -287,6 +287,20 @@ def simulation_section(doc: dict, name: str) -> str:
                 f"(requests included); {doc['device_steps_per_s']:,.0f} device-steps/s over the whole run."]
     else:
         out += ["", f"In-process throughput: {doc['device_steps_per_s']:,.0f} device-steps/s."]
+    bars = doc.get("bars", {})
+    if bars.get("evaluated"):
+        line = (f"At a {bars['budget']:.0%} budget, the gate selected on validation is `{bars['gate']}` "
+                f"({bars['request_rate']:.1%} of test steps)")
+        if "always_minus_never" in bars:
+            line += f"; always - never NDCG@10 {cell(bars['always_minus_never'])}"
+        if "gain_kept" in bars and bars.get("gain_significant"):
+            line += f", of which it keeps {cell(bars['gain_kept'], 3)}"
+        for b in ("random-p", "every-k"):
+            if f"beats_{b}" in bars:
+                line += f"; gate - {b} {cell(bars[f'beats_{b}']['ndcg@10'])}"
+                if f"headroom_over_{b}" in bars:
+                    line += f" (always - {b}: {cell(bars[f'headroom_over_{b}']['ndcg@10'])})"
+        out += ["", line + "."]
     return "\n".join(out) + "\n" + note(f"simulation-{name}")
 
 

@@ -209,6 +209,11 @@ def test_report_schema_and_bookkeeping(report):
     diff = next(d for d in report["paired"] if d["a"] == "always")
     assert diff["ndcg@10"]["value"] == pytest.approx(by["always"]["ndcg@10"]["value"] - by["never"]["ndcg@10"]["value"])
     assert by["always"]["vs_never"]["ndcg@10"] == diff["ndcg@10"]
+    # what any gate at a budget could beat a baseline by: always against that baseline, paired
+    room = next(d for d in report["paired"] if d["why"].startswith("headroom") and d["b"] == "every-k:k=5")
+    assert room["a"] == "always"
+    assert room["ndcg@10"]["value"] == pytest.approx(by["always"]["ndcg@10"]["value"]
+                                                     - by["every-k:k=5"]["ndcg@10"]["value"])
     assert by["never"]["vs_never"]["auc"] == {"value": 0.0, "ci": [0.0, 0.0]}
     json.dumps(report)  # serialisable as is
 

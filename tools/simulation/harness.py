@@ -336,6 +336,13 @@ def build_report(sim: Simulation, entries: list[Entry]) -> dict:
             for other in entries:
                 if other.spec.name in ("random-p", "every-k") and other.budget == e.budget:
                     pair(e, other, f"gate vs baseline at budget {e.budget:g}")
+    if always:
+        # `always` holds the freshest bundle any policy can hold, so what it gains over a baseline
+        # bounds what a gate at that baseline's budget can gain over it: when this interval
+        # includes zero, no gate at that budget can be shown to beat the baseline on these devices.
+        for other in entries:
+            if other.spec.name in ("random-p", "every-k") and other.budget is not None:
+                pair(always, other, f"headroom over baseline at budget {other.budget:g}")
 
     selected = select_gates(sim, entries)
     bars = verdict_at_budget(policies, paired, selected)
@@ -387,7 +394,8 @@ def verdict_at_budget(policies: list[dict], paired: list[dict], selected: list[d
     """How the gate selected on validation devices at `budget` does on the test devices: whether
     it keeps 90% of the NDCG@10 that always-requesting gains over never-requesting (a share that
     only means something when that gain is significant), and whether it beats random-p and every-k
-    at the same budget, each as a paired difference with its CI. The report's `bars`."""
+    at the same budget, each as a paired difference with its CI, beside the headroom there was to
+    beat each by (always - that baseline). The report's `bars`."""
     pick = next((s for s in selected if abs(s["budget"] - budget) < 1e-9), None)
     if pick is None:
         return {"budget": budget, "evaluated": False, "why": f"no gate ran at a {budget:g} budget"}
@@ -405,6 +413,10 @@ def verdict_at_budget(policies: list[dict], paired: list[dict], selected: list[d
         d = next((p for p in paired if p["a"] == pick["name"] and p["b"].startswith(baseline)), None)
         if d is not None:
             out[f"beats_{baseline}"] = {"ndcg@10": d["ndcg@10"], "ci_above_zero": d["ndcg@10"]["ci"][0] > 0}
+            room = next((p for p in paired if p["a"] == "always" and p["b"] == d["b"]), None)
+            if room is not None:
+                out[f"headroom_over_{baseline}"] = {"ndcg@10": room["ndcg@10"],
+                                                    "ci_above_zero": room["ndcg@10"]["ci"][0] > 0}
     return out
 
 

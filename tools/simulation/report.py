@@ -55,7 +55,7 @@ def table(report: dict) -> str:
                  f"{d['validation']} validation devices ({d['validation_steps']:,} steps); "
                  f"{report['bundle_bytes']:,} bytes per bundle ({report['config']['encoding']})")
     for pair in report["paired"]:
-        if pair["why"].startswith("gate vs"):
+        if pair["why"].startswith(("gate vs", "headroom")):
             lines.append(f"  {pair['a']} - {pair['b']}: NDCG@10 {_ci(pair['ndcg@10'])}")
     if fresh is not None:
         lines.append(f"  always - never: NDCG@10 {_ci(fresh['ndcg@10'])}" +
@@ -70,7 +70,9 @@ def table(report: dict) -> str:
         for b in ("random-p", "every-k"):
             if f"beats_{b}" in bars:
                 ok = bars[f"beats_{b}"]["ci_above_zero"]
-                parts.append(f"vs {b}: CI {'above' if ok else 'not above'} zero")
+                room = bars.get(f"headroom_over_{b}")
+                parts.append(f"vs {b}: CI {'above' if ok else 'not above'} zero"
+                             + (f" (always - {b}: {_ci(room['ndcg@10'])})" if room else ""))
         lines.append("; ".join(parts))
     tp = report["throughput"]
     lines.append(f"{tp['device_steps']:,} device-steps in {tp['seconds_total']:.1f}s: "
