@@ -337,9 +337,10 @@ def build_report(sim: Simulation, entries: list[Entry]) -> dict:
                 if other.spec.name in ("random-p", "every-k") and other.budget == e.budget:
                     pair(e, other, f"gate vs baseline at budget {e.budget:g}")
     if always:
-        # `always` holds the freshest bundle any policy can hold, so what it gains over a baseline
-        # bounds what a gate at that baseline's budget can gain over it: when this interval
-        # includes zero, no gate at that budget can be shown to beat the baseline on these devices.
+        # `always` holds the freshest bundle any policy can hold, so (as long as a fresher bundle is
+        # no worse) what it gains over a baseline bounds what a gate at that baseline's budget can
+        # gain over it: when this interval includes zero, no gate at that budget is likely to be
+        # shown to beat the baseline on these devices.
         for other in entries:
             if other.spec.name in ("random-p", "every-k") and other.budget is not None:
                 pair(always, other, f"headroom over baseline at budget {other.budget:g}")
