@@ -322,7 +322,11 @@ def test_headline_states_gain_gate_share_and_bytes():
     }
     lines = headline(report)
     assert lines[0].startswith("gain from fresh bundles (always - never): NDCG@10 0.0200 [0.0100, 0.0300]")
-    assert "keeps 93% [80%, 105%]" in lines[1] and "(10.0%)" in lines[2]
+    assert "keeps 93% [80%, 105%]" in lines[1] and "(10.0%)" in lines[2] and len(lines) == 3
+    report["bars"]["beats_every-k"] = {"ndcg@10": ci(-0.001, -0.003, 0.001), "ci_above_zero": False}
+    report["bars"]["headroom_over_every-k"] = {"ndcg@10": ci(0.0015, -0.0009, 0.004), "ci_above_zero": False}
+    assert headline(report)[3] == ("the gate against the baselines at its budget, NDCG@10: every-k -0.0010 "
+                                   "[-0.0030, 0.0010] (always - every-k 0.0015 [-0.0009, 0.0040])")
     report["paired"][0]["ndcg@10"] = ci(0.001, -0.002, 0.004)
     lines = headline(report)
     assert "not shown" in lines[0] and not any("keeps" in line for line in lines)

@@ -82,8 +82,10 @@ def table(report: dict) -> str:
 
 
 def headline(report: dict) -> list[str]:
-    """The product's claim in three lines: what fresh bundles gain, how much of it the gate selected
-    on validation keeps at a 10% budget, and what that costs a device in bytes against `always`."""
+    """The product's claim in a few lines: what fresh bundles gain, how much of it the gate selected
+    on validation keeps at a 10% budget, and what that costs a device in bytes against `always`;
+    then how the gate does against random-p and every-k at that budget, beside the headroom there
+    was (always against each)."""
     fresh = next((d for d in report.get("paired", []) if d["a"] == "always" and d["b"] == "never"), None)
     if fresh is None:
         return []
@@ -104,6 +106,11 @@ def headline(report: dict) -> list[str]:
                      f"({gate['bytes_per_device'] / always['bytes_per_device']:.1%})")
     elif always is not None:
         lines.append(f"bytes per device: {always['bytes_per_device']:,.0f} with always (no gate ran at a 10% budget)")
+    against = [f"{b} {_ci(bars[f'beats_{b}']['ndcg@10'])}"
+               + (f" (always - {b} {_ci(bars[f'headroom_over_{b}']['ndcg@10'])})" if f"headroom_over_{b}" in bars else "")
+               for b in ("random-p", "every-k") if gate is not None and f"beats_{b}" in bars]
+    if against:
+        lines.append("the gate against the baselines at its budget, NDCG@10: " + "; ".join(against))
     return lines
 
 
