@@ -106,9 +106,12 @@ def headline(report: dict) -> list[str]:
                      f"({gate['bytes_per_device'] / always['bytes_per_device']:.1%})")
     elif always is not None:
         lines.append(f"bytes per device: {always['bytes_per_device']:,.0f} with always (no gate ran at a 10% budget)")
-    against = [f"{b} {_ci(bars[f'beats_{b}']['ndcg@10'])}"
-               + (f" (always - {b} {_ci(bars[f'headroom_over_{b}']['ndcg@10'])})" if f"headroom_over_{b}" in bars else "")
-               for b in ("random-p", "every-k") if gate is not None and f"beats_{b}" in bars]
+    against = []
+    for b in ("random-p", "every-k"):
+        if gate is not None and f"beats_{b}" in bars:
+            room = bars.get(f"headroom_over_{b}")
+            against.append(f"{b} {_ci(bars[f'beats_{b}']['ndcg@10'])}"
+                           + (f" (always - {b} {_ci(room['ndcg@10'])})" if room else ""))
     if against:
         lines.append("the gate against the baselines at its budget, NDCG@10: " + "; ".join(against))
     return lines
