@@ -36,7 +36,7 @@ from paramcast.cloud.cloud_model import CloudModel, CloudModelConfig
 from paramcast.cloud.generator import KEEP_RATIOS, Generator, build_generator, window_batch
 from paramcast.cloud.losses import LossConfig, sequence_loss
 from paramcast.cloud.model import DeviceModel, DeviceModelConfig, left_pad
-from paramcast.cloud.presets import DEFAULT_LOSS
+from paramcast.cloud.presets import DEFAULT_LOSS, sequence_regime
 from paramcast.common.evaluation import FULL_PREFIX, LeaveOneOut
 from paramcast.common.interactions import InteractionLog
 
@@ -562,7 +562,9 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
     cloud = start.cloud_model.to(trainer.torch_device).eval() if start is not None and start.cloud_model else None
     if "cloud" in stages:
         t1 = time.perf_counter()
-        cloud = trainer.train_cloud(model, cloud_cfg or CloudModelConfig(n_items=data.n_items))
+        # by default the cloud model regularises as the log's sequence regime asks (cloud/presets.py)
+        cloud = trainer.train_cloud(model, cloud_cfg or CloudModelConfig(
+            n_items=data.n_items, dropout=sequence_regime(data)["dropout"]))
         seconds["cloud"] = time.perf_counter() - t1
     gen = None
     if "generator" in stages:

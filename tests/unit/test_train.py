@@ -61,6 +61,20 @@ def test_preset_sets_its_loss_unless_one_is_given(ml100k):
     assert parsed().loss == "auto" and TrainConfig(loss="auto").loss_config(ml100k.n_items).name == DEFAULT_LOSS
 
 
+def test_the_cloud_models_dropout_follows_the_sequence_regime_unless_given(ml100k):
+    from paramcast.cli import build_parser
+    from paramcast.commands.train import apply_preset
+
+    def cloud_dropout(data, *flags: str) -> float:
+        args = build_parser().parse_args(["train", "--data", "x", "--out", "y", *flags])
+        apply_preset(args, data)
+        return args.cloud_dropout
+
+    sparse = log_of("ml-100k", [5, 6, 6, 7, 40])
+    assert cloud_dropout(ml100k) == 0.2 and cloud_dropout(sparse) == 0.5
+    assert cloud_dropout(sparse, "--cloud-dropout", "0.1") == 0.1
+
+
 def test_early_stopping_counts_epochs_and_keeps_the_best_weights(ml100k):
     data = InteractionLog("part", ml100k.sequences[:60], ml100k.n_items, ml100k.user_raw_ids[:60],
                           ml100k.item_raw_ids)

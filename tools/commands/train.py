@@ -96,7 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--cloud-blocks", type=int, default=2)
     c.add_argument("--cloud-heads", type=int, default=2)
     c.add_argument("--cloud-ffn-units", type=int, default=128)
-    c.add_argument("--cloud-dropout", type=float, default=0.2)
+    c.add_argument("--cloud-dropout", type=float, default=None,
+                   help="default: by the log's median sequence length, the rule of the reference preset "
+                        "(cloud/presets.py sequence_regime): 0.2 on dense logs, 0.5 on sparse ones")
     c.add_argument("--cloud-block", default="pre-ln", choices=("pre-ln", "sasrec"),
                    help="the cloud model's block arrangement (as --block for the device model)")
     c.add_argument("--cloud-batch-size", type=int, default=32, help="0 = --batch-size")
@@ -280,8 +282,9 @@ _PRESET_TO_FLAG = {"n_blocks": "blocks", "n_heads": "heads"}
 
 
 def apply_preset(args: argparse.Namespace, data) -> None:
-    """Fill every preset-able option not given on the command line: from --preset, else its default."""
-    from paramcast.cloud.presets import preset
+    """Fill every preset-able option not given on the command line: from --preset, else its default;
+    and the cloud model's dropout from the log's sequence regime, unless given."""
+    from paramcast.cloud.presets import preset, sequence_regime
 
     chosen: dict = {}
     if args.preset:
@@ -290,3 +293,7 @@ def apply_preset(args: argparse.Namespace, data) -> None:
     for dest, default in DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, chosen.get(dest, default))
+    if args.cloud_dropout is None:
+        # The cloud model is wider and deeper than the device model and, at 0.2, overfits a sparse
+        # log within a few epochs and ends below the device model it should teach.
+        args.cloud_dropout = sequence_regime(data)["dropout"]
