@@ -8,6 +8,12 @@ across seeds is visible, and `cold:pooled` pools the cold users of every seed in
 generated - static difference (one seed has too few cold users for a tight interval).
 
     python tools/bench_quality.py --data ../shared/data/amazon-beauty --seeds 42,43,44
+
+A seed whose run is no longer on disk can be carried from an earlier results file of this benchmark
+(`--carry FILE`): its row (and, for the first seed, the top-level report and sizes) is kept as that
+file recorded it, provided the file's configurations equal this run's; `meta.carried` names those
+seeds and the command that measured them. Cold users are pooled over the seeds whose models are on
+disk, and `cold:pooled.seeds` lists them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from pathlib import Path
 HEADLINE = ("static", "generated", "cloud", "generated-static", "cloud-static", "gap_closed", "slimmed@0.5",
             "stale@20", "stale@20-static", "int8", "cold:generated-static")
 SEED_KEYS = ("static", "generated", "cloud", "generated-static", "gap_closed")
+# what must be equal for a carried seed to stand beside freshly run ones
+CONFIG_KEYS = ("device_config", "generator_config", "cloud_config", "train_config")
+RUN_ONLY = ("seed", "resume", "progress")  # train_config entries that may differ between seeds
 
 
 def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
@@ -111,7 +120,24 @@ def pooled_cold(model_dirs: list[Path], data_path: str) -> dict:
         for v in parts:
             parts[v].append(m[v])
     pooled = {v: {k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for v, ps in parts.items()}
-    return {"generated-static": paired_difference(pooled["generated"], pooled["static"]), "seeds": len(model_dirs)}
+    return {"generated-static": paired_difference(pooled["generated"], pooled["static"]),
+            "seeds": [int(d.name.removeprefix("seed")) for d in model_dirs]}
+
+
+def comparable(meta: dict) -> dict:
+    """A results file's configurations without what legitimately differs from seed to seed."""
+    out = {k: meta.get(k) for k in CONFIG_KEYS}
+    out["train_config"] = {k: v for k, v in (out["train_config"] or {}).items() if k not in RUN_ONLY}
+    return out
+
+
+def check_carry(carried: dict, fresh: dict) -> None:
+    """Refuse to mix seeds trained under different configurations."""
+    a, b = comparable(carried["meta"]), comparable(fresh)
+    diff = [f"{k}.{kk}" for k in CONFIG_KEYS for kk in sorted(set(a[k] or {}) | set(b[k] or {}))
+            if (a[k] or {}).get(kk) != (b[k] or {}).get(kk)]
+    if diff:
+        raise SystemExit(f"--carry: {carried['meta']['command']!r} was trained differently ({', '.join(diff)})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,16 +146,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="42,43,44")
     p.add_argument("--workdir", default="runs/quality")
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--carry", help="an earlier quality-<dataset>.json whose seeds stand in for runs not on disk")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `paramcast train` flags after --")
     args = p.parse_args(argv)
     args.train_args = [a for a in args.train_args if a != "--"]
     name = Path(args.data.rstrip("/")).name
     workdir = Path(args.workdir) / name
-    runs = {int(s): run_seed(args, int(s), workdir) for s in args.seeds.split(",")}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    carried_doc = json.loads(Path(args.carry).read_text()) if args.carry else None
+    carried_rows = {r["seed"]: r for r in (carried_doc or {}).get("seeds", [])}
+    carried = [s for s in seeds if s in carried_rows and not (workdir / f"seed{s}" / "checkpoint.json").exists()]
+    runs = {s: run_seed(args, s, workdir) for s in seeds if s not in carried}
+    if not runs:
+        raise SystemExit("--carry: at least one seed must be run (or be on disk) here")
     first = runs[min(runs)]
-    doc = dict(first["report"])
-    doc["seeds"] = [
-        {
+    fresh_meta = {"device_config": first["checkpoint"]["device_config"],
+                  "generator_config": first["checkpoint"]["generator_config"],
+                  "cloud_config": first["checkpoint"].get("cloud_config"),
+                  "train_config": first["checkpoint"]["meta"]["train_config"]}
+    if carried:
+        check_carry(carried_doc, fresh_meta)
+    first_carried = bool(carried) and min(carried) < min(runs)
+    doc = ({k: v for k, v in carried_doc.items() if k not in ("seeds", "cold:pooled", "sizes", "meta")}
+           if first_carried else dict(first["report"]))
+    rows = {s: carried_rows[s] for s in carried}
+    rows.update({
+        seed: {
             "seed": seed,
             **{v: {m: r["report"][v][m] for m in ("hr@10", "ndcg@10", "auc", "full:hr@10", "full:ndcg@10")
                    if m in r["report"][v]} for v in SEED_KEYS if v in r["report"]},
@@ -142,21 +184,21 @@ def main(argv: list[str] | None = None) -> int:
                    for v in HEADLINE if v in r["report"] and v not in SEED_KEYS},
             },
         }
-        for seed, r in sorted(runs.items())
-    ]
+        for seed, r in runs.items()
+    })
+    doc["seeds"] = [rows[s] for s in sorted(rows)]
     doc["cold:pooled"] = pooled_cold([workdir / f"seed{s}" for s in sorted(runs)], args.data)
-    doc["sizes"] = sizes(workdir / f"seed{min(runs)}", args.data)
+    doc["sizes"] = carried_doc["sizes"] if first_carried else sizes(workdir / f"seed{min(runs)}", args.data)
     doc["meta"] = {
         "dataset": name,
         "command": "python tools/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device_config": first["checkpoint"]["device_config"],
-        "generator_config": first["checkpoint"]["generator_config"],
-        "cloud_config": first["checkpoint"].get("cloud_config"),
-        "train_config": first["checkpoint"]["meta"]["train_config"],
+        **fresh_meta,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": first["checkpoint"]["meta"]["cpu_count"]},
         "bench_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
+    if carried:
+        doc["meta"]["carried"] = {"seeds": carried, "command": carried_doc["meta"]["command"]}
     Path(args.results).mkdir(parents=True, exist_ok=True)
     path = Path(args.results) / f"quality-{name}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")

@@ -55,8 +55,13 @@ def quality_section(doc: dict) -> str:
                    f"{cell(doc['gap_closed']['ndcg@10'], 2)}.")
     pooled = doc.get("cold:pooled", {}).get("generated-static")
     if pooled:
-        out.append(f"Cold users pooled over {doc['cold:pooled']['seeds']} seeds, generated - static NDCG@10: "
+        seeds = doc["cold:pooled"]["seeds"]  # older files hold a count, newer ones the seeds pooled
+        which = f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if isinstance(seeds, list) else f"{seeds} seeds"
+        out.append(f"Cold users pooled over {which}, generated - static NDCG@10: "
                    f"{cell(pooled['ndcg@10'])} ({pooled['ndcg@10']['users']} users).")
+    if "carried" in meta:
+        out.append(f"Seeds {', '.join(map(str, meta['carried']['seeds']))} carried from an earlier run of the "
+                   f"same configuration: `{meta['carried']['command']}`.")
     if "slimmed@0.5" in doc and "generated" in doc:
         rel = doc["slimmed@0.5"]["ndcg@10"]["value"] / doc["generated"]["ndcg@10"]["value"] - 1
         out.append(f"`slimmed@0.5` against unslimmed `generated`: {rel:+.2%} NDCG@10.")
