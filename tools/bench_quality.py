@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     name = Path(args.data.rstrip("/")).name
     workdir = Path(args.workdir) / name
     seeds = [int(s) for s in args.seeds.split(",")]
-    carried_doc = json.loads(Path(args.carry).read_text()) if args.carry else None
-    carried_rows = {r["seed"]: r for r in (carried_doc or {}).get("seeds", [])}
+    carried_doc: dict = json.loads(Path(args.carry).read_text()) if args.carry else {}
+    carried_rows = {r["seed"]: r for r in carried_doc.get("seeds", [])}
     carried = [s for s in seeds if s in carried_rows and not (workdir / f"seed{s}" / "checkpoint.json").exists()]
     runs = {s: run_seed(args, s, workdir) for s in seeds if s not in carried}
     if not runs:
