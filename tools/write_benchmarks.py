@@ -60,8 +60,9 @@ def quality_section(doc: dict) -> str:
         out.append(f"Cold users pooled over {which}, generated - static NDCG@10: "
                    f"{cell(pooled['ndcg@10'])} ({pooled['ndcg@10']['users']} users).")
     if "carried" in meta:
-        out.append(f"Seeds {', '.join(map(str, meta['carried']['seeds']))} carried from an earlier run of the "
-                   f"same configuration: `{meta['carried']['command']}`.")
+        carried = meta["carried"]["seeds"]
+        out.append(f"Seed{'s' if len(carried) > 1 else ''} {', '.join(map(str, carried))} carried from an "
+                   f"earlier run of the same configuration: `{meta['carried']['command']}`.")
     if "slimmed@0.5" in doc and "generated" in doc:
         rel = doc["slimmed@0.5"]["ndcg@10"]["value"] / doc["generated"]["ndcg@10"]["value"] - 1
         out.append(f"`slimmed@0.5` against unslimmed `generated`: {rel:+.2%} NDCG@10.")
@@ -114,7 +115,8 @@ def quality_section(doc: dict) -> str:
 def reference_section(doc: dict) -> str:
     """Loss x protocol table of one `tools/bench_reference.py` run."""
     variant = doc.get("variant")
-    title = doc["dataset"] + (f" ({' '.join(variant['train_args'])})" if variant else "")
+    # a variant with the preset's own flags is a separate run of more losses, named by its suffix
+    title = doc["dataset"] + (f" ({' '.join(variant['train_args']) or 'run ' + variant['suffix']})" if variant else "")
     out = [f"### {title}", "", f"Command: `{doc['meta']['command']}`", ""]
     target = doc.get("target")
     if target:
