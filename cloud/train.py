@@ -75,6 +75,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = every core this process may run on
     cold_fraction: float = 0.1  # users held out of training entirely, for cold-start evaluation
     valid_users: int = 0  # 0 = all; otherwise a fixed sample of validation users for early stopping
+    ema: float = 0.0  # > 0: the static and cloud stages validate and keep a moving average of the weights
     # generator stage
     gen_epochs: int = 30
     # The MLP generator. 1e-3 leads in the first epochs, but its validation NDCG@10 swings enough
@@ -292,6 +293,8 @@ class Trainer:
             opt.load_state_dict(saved["opt"])
             best, best_state, best_epoch = saved["best"], saved["best_state"], saved["best_epoch"]
             start, decayed = saved["epoch"] + 1, saved.get("decayed", best_epoch)
+            if averaged is not None and saved.get("averaged") is not None:
+                averaged.load_state_dict(saved["averaged"])
             log.info("%s: resumed after epoch %d from %s", stage, saved["epoch"], progress)
         for epoch in range(start, epochs + 1):
             train_modes(True)
@@ -341,7 +344,7 @@ class Trainer:
                 record["lr"] = opt.param_groups[0]["lr"]
             if validated and progress is not None:
                 self._save_progress(progress, stage, key, epoch, selected, opt, best, best_state, best_epoch,
-                                    decayed)
+                                    decayed, averaged)
         selected.load_state_dict(best_state)
         self.best_epoch[stage] = best_epoch
         if progress is not None:
@@ -357,11 +360,12 @@ class Trainer:
 
     def _save_progress(self, path: Path, stage: str, key: dict, epoch: int, selected: torch.nn.Module,
                        opt: torch.optim.Optimizer, best: float, best_state: dict, best_epoch: int,
-                       decayed: int = 0) -> None:
+                       decayed: int = 0, averaged: torch.nn.Module | None = None) -> None:
         """Everything the loop needs to continue exactly as if it had not stopped (CPU random streams
         included), written atomically after each validation."""
         state = {"key": key, "epoch": epoch, "model": selected.state_dict(), "opt": opt.state_dict(),
                  "best": best, "best_state": best_state, "best_epoch": best_epoch, "decayed": decayed,
+                 "averaged": None if averaged is None else averaged.state_dict(),
                  "history": self.history[stage],
                  "rng": self.rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
                  "negatives_gen": self.negatives_gen.get_state(), "torch_rng": torch.get_rng_state()}
@@ -414,7 +418,7 @@ class Trainer:
         self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
                   n_batches, ddp_step, cfg.epochs, cfg.patience,
                   lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every, model.cfg.to_dict(),
-                  lr_decay=cfg.lr_decay, lr_decay_after=cfg.lr_decay_after)
+                  ema=cfg.ema, lr_decay=cfg.lr_decay, lr_decay_after=cfg.lr_decay_after)
 
     def train_static(self) -> DeviceModel:
         model = DeviceModel(self.model_cfg).to(self.torch_device)
@@ -445,7 +449,7 @@ class Trainer:
     def _generator_batches(self, window: int, cloud_len: int):
         """(history window, device window, device inputs, cloud inputs, targets) per batch.
 
-        A cut c is drawn per sequence and a staleness o in [0, gen_staleness]; the generator sees
+        A cut c is drawn per sequence and a staleness o in [0, min(gen_staleness, c - 1)]; the generator sees
         s[:c - o] (its last `window` items) and the device model's state there, as a device asking
         o interactions ago would have sent; the loss covers the `horizon` positions from the cut,
         where the device runs on its own window with that delta."""
@@ -460,8 +464,9 @@ class Trainer:
                 low = max(low, min(len(s) - 1, int(share * len(s))))  # --gen-cut-from
                 cut = int(self.rng.integers(low, len(s)))  # targets start after s[:cut]
                 end = min(len(s), cut + S)
-                age = int(self.rng.integers(0, stale + 1)) if stale else 0
-                windows.append(s[:max(1, cut - age)])
+                # No older than the history: a device that had no items then held no bundle to age.
+                age = int(self.rng.integers(0, min(stale, cut - 1) + 1)) if stale else 0
+                windows.append(s[:cut - age])
                 inputs.append(s[:end - 1])
                 t = s[1:end].copy()
                 t[: cut - 1] = 0  # targets before the cut would leak into the window

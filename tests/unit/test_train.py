@@ -197,7 +197,8 @@ def test_preset_cli_lets_explicit_flags_win_and_evaluate_reports_both_protocols(
     assert both["full:ndcg@10"]["value"] < both["ndcg@10"]["value"]  # the whole catalogue is harder than 100
 
 
-def test_an_interrupted_stage_resumes_to_the_same_model(ml100k, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9])  # with a moving average, the average is resumed too
+def test_an_interrupted_stage_resumes_to_the_same_model(ml100k, tmp_path, ema):
     data = InteractionLog("part", ml100k.sequences[:40], ml100k.n_items, ml100k.user_raw_ids[:40],
                           ml100k.item_raw_ids)
     model_cfg = DeviceModelConfig(n_items=data.n_items, **TINY)
@@ -216,7 +217,7 @@ def test_an_interrupted_stage_resumes_to_the_same_model(ml100k, tmp_path):
         return evaluate
 
     cfg = TrainConfig(epochs=6, patience=100, eval_every=2, progress=False, threads=1, seed=4, loss="bce",
-                      cold_fraction=0.0)
+                      cold_fraction=0.0, ema=ema)
     whole = Trainer(data, model_cfg, {}, cfg, evaluator(None))
     expected = whole.train_static().state_dict()
     progress = tmp_path / "static-progress.pt"  # the static stage's file in the progress folder

@@ -116,6 +116,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help="multiply the learning rate by this after --lr-decay-after epochs without a better validation "
                  "score, counted again from each decay (0: a constant rate)")
     _option(t, "--lr-decay-after", int, 10, help="epochs without a better validation score before a decay")
+    _option(t, "--ema", float, 0.0,
+            help="decay per step of a moving average of the static and cloud models' weights, validated and "
+                 "kept instead of the last step's (0: off)")
     _option(t, "--loss-weighting", str, "position", choices=("position", "batch"),
             help="position: every target position of an epoch weighs the same, however the length-bucketed "
                  "batches group them; batch: each batch's loss is the mean over its own positions")
@@ -208,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
     apply_preset(args, data)
     if not 0.0 <= args.lr_decay < 1.0:
         raise InvalidInput("--lr-decay", f"is a factor in [0, 1) (0: no decay); got {args.lr_decay}")
+    if not 0.0 <= args.ema < 1.0:
+        raise InvalidInput("--ema", f"is a decay per step in [0, 1) (0: off); got {args.ema}")
     if args.lr_decay_after < 1:
         raise InvalidInput("--lr-decay-after", f"must be at least one epoch; got {args.lr_decay_after}")
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
@@ -220,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
                       gen_epochs=args.gen_epochs, gen_lr=args.gen_lr, gen_patience=args.gen_patience,
                       horizon=args.horizon, slim_prob=args.slim_prob, joint=args.joint, gen_holdout=args.gen_holdout,
                       gen_cut_from=args.gen_cut_from, gen_users=args.gen_users, gen_ema=args.gen_ema,
+                      ema=args.ema,
                       slim_train_prob=args.slim_train_prob, eval_every=args.eval_every, select=args.select,
                       loss_weighting=args.loss_weighting,
                       lr_decay=args.lr_decay, lr_decay_after=args.lr_decay_after,
