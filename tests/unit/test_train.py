@@ -277,6 +277,16 @@ def test_a_generator_user_share_outside_its_range_or_without_a_cloud_stage_is_re
     assert not out.exists()  # refused before any training or writing
 
 
+@pytest.mark.parametrize("flag", ["--ema", "--gen-ema"])
+def test_a_moving_average_decay_outside_its_range_is_refused(tmp_path, shared_data, capsys, flag):
+    from paramcast.cli import main
+
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), flag, "1.0", "--no-progress"]) == 2
+    assert flag in capsys.readouterr().err
+    assert not out.exists()  # refused before any training or writing
+
+
 def test_position_weighting_makes_an_epoch_of_bucketed_batches_the_mean_over_every_target(ml100k):
     """Length-bucketed batches averaged one by one tilt an epoch towards short histories; with
     `loss_weighting="position"` the batch losses of an epoch average to the per-position mean over
