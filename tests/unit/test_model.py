@@ -305,21 +305,6 @@ def test_generator_windows_are_up_to_the_staleness_older_than_the_positions_they
     assert max(gaps[20]) <= cfg.horizon - 1 + 20 and max(gaps[20]) > cfg.horizon + 5
 
 
-def test_generator_staleness_is_never_older_than_the_history(ml100k):
-    """A device that had no items `age` interactions ago held no bundle to age: on short sequences the
-    staleness is drawn within the history, so windows spread over its prefixes rather than piling up on
-    the first item (clamping ages past it gave one-item windows to about 0.86 of the cuts here)."""
-    from paramcast.cloud.train import Trainer
-
-    seqs = [s[:8] for s in ml100k.sequences if len(s) >= 8][:60]
-    data = InteractionLog("part", seqs, ml100k.n_items, [str(i) for i in range(len(seqs))], ml100k.item_raw_ids)
-    cfg = TrainConfig(gen_staleness=20, gen_cuts=8, gen_batch_size=8, progress=False, threads=1, cold_fraction=0.0)
-    trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {}, cfg, None)
-    lengths = [int(win.count_nonzero()) for batch in trainer._generator_batches(100, 100) for win in batch[0]]
-    assert min(lengths) >= 1
-    assert np.mean(np.array(lengths) == 1) < 0.5
-
-
 def test_generator_users_are_kept_out_of_the_cloud_stage(ml100k):
     """--gen-users: a share of the warm users is fitted by the device model only; the cloud model
     never sees their sequences and the generator's cuts come from them alone."""
