@@ -293,7 +293,7 @@ class Trainer:
             opt.load_state_dict(saved["opt"])
             best, best_state, best_epoch = saved["best"], saved["best_state"], saved["best_epoch"]
             start, decayed = saved["epoch"] + 1, saved.get("decayed", best_epoch)
-            if averaged is not None and saved.get("averaged") is not None:
+            if averaged is not None:  # the key holds the decay, so a saved average is there whenever one runs
                 averaged.load_state_dict(saved["averaged"])
             log.info("%s: resumed after epoch %d from %s", stage, saved["epoch"], progress)
         for epoch in range(start, epochs + 1):

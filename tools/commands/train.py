@@ -211,11 +211,11 @@ def run(args: argparse.Namespace) -> int:
     apply_preset(args, data)
     if not 0.0 <= args.lr_decay < 1.0:
         raise InvalidInput("--lr-decay", f"is a factor in [0, 1) (0: no decay); got {args.lr_decay}")
+    if args.lr_decay_after < 1:
+        raise InvalidInput("--lr-decay-after", f"must be at least one epoch; got {args.lr_decay_after}")
     for flag, decay in (("--ema", args.ema), ("--gen-ema", args.gen_ema)):
         if not 0.0 <= decay < 1.0:
             raise InvalidInput(flag, f"is a decay per step in [0, 1) (0: off); got {decay}")
-    if args.lr_decay_after < 1:
-        raise InvalidInput("--lr-decay-after", f"must be at least one epoch; got {args.lr_decay_after}")
     model_cfg = DeviceModelConfig(n_items=data.n_items, hidden=args.hidden, n_blocks=args.blocks, n_heads=args.heads,
                                   ffn_units=args.ffn_units, head_units=args.head_units, max_len=args.max_len,
                                   dropout=args.dropout, init=args.init, block=args.block,
