@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -55,6 +56,10 @@ class TrainConfig:
     # waits `patience` epochs from the best one
     lr_decay: float = 0.0
     lr_decay_after: int = 10
+    # "cosine": the sequence models' learning rate follows half a cosine from lr at the first step to
+    # zero at the last step of the `epochs` budget (a function of the step, so a resumed stage
+    # continues on the same curve); "constant" keeps lr throughout
+    lr_schedule: str = "constant"
     eval_every: int = 1  # stage-1 epochs between validations (the last epoch is always validated)
     # How the next-item stages weigh target positions. "position": every target position of an epoch
     # weighs the same, the objective of batches drawn without regard to length. "batch": each
@@ -262,7 +267,7 @@ class Trainer:
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
              step, epochs: int, patience: int, validate, train_modes, every: int = 1,
              resume_key: dict | None = None, ema: float = 0.0, lr_decay: float = 0.0,
-             lr_decay_after: int = 10) -> float:
+             lr_decay_after: int = 10, lr_schedule: str = "constant") -> float:
         """The loop both stages share: Adam over `params`, validation every `every` epochs (and after
         the last), early stopping after `patience` epochs without improvement. With `resume_key` (the
         model's configuration) and a progress folder, progress is saved after each validation and a
@@ -274,7 +279,8 @@ class Trainer:
         `stage` is the generator's. With `ema` > 0, validation (and the state kept) uses an
         exponential moving average of `selected`'s weights with that decay per step instead of the
         last step's weights. With `lr_decay` > 0 the learning rate is multiplied by it after
-        `lr_decay_after` epochs without a better validation score (a plateau schedule)."""
+        `lr_decay_after` epochs without a better validation score (a plateau schedule). With
+        `lr_schedule` "cosine" it follows half a cosine from `lr` to zero over `epochs` epochs."""
         cfg = self.cfg
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
         averaged = swa_utils.AveragedModel(selected, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(ema),
@@ -303,6 +309,10 @@ class Trainer:
                        disable=not (cfg.progress and self.dist.is_writer), leave=False)
             steps = 0
             for batch in bar:
+                if lr_schedule == "cosine":
+                    done = ((epoch - 1) * n_batches + steps) / max(1, epochs * n_batches)
+                    for group in opt.param_groups:
+                        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
                 steps += 1
                 loss = step(batch)
                 opt.zero_grad(set_to_none=True)
@@ -418,7 +428,8 @@ class Trainer:
         self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
                   n_batches, ddp_step, cfg.epochs, cfg.patience,
                   lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every, model.cfg.to_dict(),
-                  ema=cfg.ema, lr_decay=cfg.lr_decay, lr_decay_after=cfg.lr_decay_after)
+                  ema=cfg.ema, lr_decay=cfg.lr_decay, lr_decay_after=cfg.lr_decay_after,
+                  lr_schedule=cfg.lr_schedule)
 
     def train_static(self) -> DeviceModel:
         model = DeviceModel(self.model_cfg).to(self.torch_device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -132,6 +133,48 @@ def test_the_plateau_schedule_decays_the_rate_after_epochs_without_a_better_vali
     assert rates == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025, 0.0125])
     assert [h.get("lr") for h in trainer.history["static"]] == [None, None, 0.05, None, None, 0.025, None, 0.0125,
                                                                 None]
+
+
+def test_the_cosine_schedule_follows_half_a_cosine_over_the_epoch_budget_and_resumes_on_it(ml100k, tmp_path):
+    """`lr_schedule="cosine"`: step s of S (S = epochs x batches) runs at lr (1 + cos(pi s / S)) / 2,
+    whatever the validation scores; a stage resumed after an interruption continues on the same curve."""
+    data = InteractionLog("part", ml100k.sequences[:20], ml100k.n_items, ml100k.user_raw_ids[:20],
+                          ml100k.item_raw_ids)
+    real_adam = torch.optim.Adam
+
+    def run(epochs: int, stop_after: int | None = None) -> list[float]:
+        trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {},
+                          TrainConfig(progress=False, threads=1, cold_fraction=0.0), None)
+        trainer.progress_dir = tmp_path
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(3, 2)
+        rates: list[float] = []
+        opts: list[torch.optim.Optimizer] = []
+
+        def adam(*args, **kwargs):
+            opts.append(real_adam(*args, **kwargs))
+            return opts[-1]
+
+        def step(i):
+            if stop_after is not None and len(rates) == stop_after:
+                raise KeyboardInterrupt  # interrupted after stop_after steps (epoch 2's validation saved)
+            rates.append(opts[0].param_groups[0]["lr"])
+            return layer(torch.ones(1, 3)).sum()
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.optim, "Adam", adam)
+            try:
+                trainer._fit("static", layer, list(layer.parameters()), 0.1, lambda: iter(range(2)), 2, step,
+                             epochs, 100, lambda: {"select": 0.5}, lambda on: None, resume_key={"m": 1},
+                             lr_schedule="cosine")
+            except KeyboardInterrupt:
+                pass
+        return rates
+
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8)]  # 4 epochs of 2 batches
+    assert run(4) == pytest.approx(expected)
+    assert run(4, stop_after=4) == pytest.approx(expected[:4])  # two epochs, then interrupted
+    assert run(4) == pytest.approx(expected[4:])  # resumed at epoch 3: the curve goes on
 
 
 def test_a_moving_average_is_validated_and_kept_while_training_goes_on_from_the_last_weights(ml100k):
@@ -285,6 +328,16 @@ def test_a_moving_average_decay_outside_its_range_is_refused(tmp_path, shared_da
     assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), flag, "1.0", "--no-progress"]) == 2
     assert flag in capsys.readouterr().err
     assert not out.exists()  # refused before any training or writing
+
+
+def test_two_learning_rate_schedules_at_once_are_refused(tmp_path, shared_data, capsys):
+    from paramcast.cli import main
+
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(out), "--lr-decay", "0.5",
+                 "--lr-schedule", "cosine", "--no-progress"]) == 2
+    assert "--lr-decay" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_position_weighting_makes_an_epoch_of_bucketed_batches_the_mean_over_every_target(ml100k):

@@ -116,6 +116,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help="multiply the learning rate by this after --lr-decay-after epochs without a better validation "
                  "score, counted again from each decay (0: a constant rate)")
     _option(t, "--lr-decay-after", int, 10, help="epochs without a better validation score before a decay")
+    _option(t, "--lr-schedule", str, "constant", choices=("constant", "cosine"),
+            help="cosine: the static and cloud stages' learning rate falls along half a cosine from --lr to "
+                 "zero over --epochs (constant: --lr throughout)")
     _option(t, "--ema", float, 0.0,
             help="decay per step of a moving average of the static and cloud models' weights, validated and "
                  "kept instead of the last step's (0: off)")
@@ -213,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("--lr-decay", f"is a factor in [0, 1) (0: no decay); got {args.lr_decay}")
     if args.lr_decay_after < 1:
         raise InvalidInput("--lr-decay-after", f"must be at least one epoch; got {args.lr_decay_after}")
+    if args.lr_decay > 0 and args.lr_schedule != "constant":
+        raise InvalidInput("--lr-decay", f"is a plateau schedule and --lr-schedule {args.lr_schedule} another; "
+                                         "give one")
     for flag, decay in (("--ema", args.ema), ("--gen-ema", args.gen_ema)):
         if not 0.0 <= decay < 1.0:
             raise InvalidInput(flag, f"is a decay per step in [0, 1) (0: off); got {decay}")
@@ -229,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
                       ema=args.ema,
                       slim_train_prob=args.slim_train_prob, eval_every=args.eval_every, select=args.select,
                       loss_weighting=args.loss_weighting,
-                      lr_decay=args.lr_decay, lr_decay_after=args.lr_decay_after,
+                      lr_decay=args.lr_decay, lr_decay_after=args.lr_decay_after, lr_schedule=args.lr_schedule,
                       gbce_t=args.gbce_t, logq=args.logq, mix_weight=args.mix_weight,
                       distill_weight=args.distill_weight,
                       cloud_batch_size=args.cloud_batch_size, cloud_lr=args.cloud_lr,
