@@ -194,24 +194,37 @@ def _vector_metrics(vectors: torch.Tensor, table: torch.Tensor, data: Interactio
 STAGES = ("test", "valid", "held-out")
 
 
+def _supports(ckpt: Checkpoint, variant: str) -> bool:
+    """Whether `ckpt` has what `variant` needs: every model scores static, the cloud variant needs
+    the cloud model, every other variant the generator."""
+    if variant == "static":
+        return True
+    return ckpt.cloud_model is not None if variant == "cloud" else ckpt.generator is not None
+
+
 def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | None = None,
-             stage: str = "test", seed: int = 0, protocol: str = "sampled") -> dict:
+             stage: str = "test", seed: int = 0, protocol: str = "sampled", against: Checkpoint | None = None) -> dict:
     """The `paramcast evaluate --json` document: variant -> metric -> {value, ci}, plus paired diffs.
 
     `stage`: the test cases, the validation cases, or `held-out`: the validation cases of the warm
     users that early stopping did not score (a model trained with --valid-users N below the number
-    of validation users), unbiased by the training's own choice of epochs."""
+    of validation users), unbiased by the training's own choice of epochs. `against`: a second
+    model trained on the same data and split; each warm variant both have gains "<variant>-against",
+    this model minus that one, paired over the same users, cases and negatives."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    if data.n_items != ckpt.device_model.cfg.n_items:
-        from paramcast.common.errors import InvalidInput
+    from paramcast.common.errors import InvalidInput
 
-        raise InvalidInput("data", f"has {data.n_items} items but model {ckpt.model_id} was trained on "
-                                   f"{ckpt.device_model.cfg.n_items}; evaluate on the data it was trained on")
+    for model in (ckpt,) if against is None else (ckpt, against):
+        if data.n_items != model.device_model.cfg.n_items:
+            raise InvalidInput("data", f"has {data.n_items} items but model {model.model_id} was trained on "
+                                       f"{model.device_model.cfg.n_items}; evaluate on the data it was trained on")
+    if against is not None and (set(against.meta.get("split", {}).get("cold_users", []))
+                                != set(ckpt.meta.get("split", {}).get("cold_users", []))):
+        raise InvalidInput("against", f"model {against.model_id} held out other cold users than {ckpt.model_id}; "
+                                      "paired comparisons need the same split (train both with the same seed)")
     if variants is None:
-        variants = tuple(v for v in DEFAULT_VARIANTS
-                         if (v == "static") or (v == "cloud" and ckpt.cloud_model is not None)
-                         or (v != "cloud" and ckpt.generator is not None))
+        variants = tuple(v for v in DEFAULT_VARIANTS if _supports(ckpt, v))
     cold_raw = set(ckpt.meta.get("split", {}).get("cold_users", []))
     is_cold = np.array([u in cold_raw for u in data.user_raw_ids])
     warm, cold = np.nonzero(~is_cold)[0], np.nonzero(is_cold)[0]
@@ -223,8 +236,6 @@ def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | N
         scored = early_stopping_users(eval_users, int(config.get("valid_users", 0)), int(config.get("seed", 0)))
         warm = np.setdiff1d(eval_users, scored)
         if not len(warm):
-            from paramcast.common.errors import InvalidInput
-
             raise InvalidInput("stage", f"model {ckpt.model_id}: early stopping scored every validation user; "
                                         "train it with --valid-users below their number to hold some out")
         stage, cold = "valid", cold[:0]  # cold users never trained anything: their validation is never biased
@@ -237,6 +248,11 @@ def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | N
             report[f"{v}-static"] = paired_difference(warm_metrics[v], warm_metrics["static"], seed)
         if "generated" in warm_metrics and v.startswith("refined@"):
             report[f"{v}-generated"] = paired_difference(warm_metrics[v], warm_metrics["generated"], seed)
+    if against is not None:
+        both = [v for v in warm_metrics if _supports(against, v)]
+        against_metrics = per_user_metrics(against, data, warm, stage, both, seed, protocol)
+        for v, m in against_metrics.items():
+            report[f"{v}-against"] = paired_difference(warm_metrics[v], m, seed)
     if "cloud" in warm_metrics and "generated" in warm_metrics:
         report["gap_closed"] = gap_closed(warm_metrics["generated"], warm_metrics["static"], warm_metrics["cloud"],
                                           seed=seed)

@@ -68,6 +68,10 @@ class TrainConfig:
     # "position" learned faster and ended higher: amazon-beauty reference-preset validation NDCG@10
     # 0.3452 -> 0.3778 (sampled loss), ml-100k cloud model 0.4571 -> 0.4712.
     loss_weighting: str = "position"
+    # Batches per length-sorted chunk of the shuffled sequences (_batch_order): 32 lets a sparse
+    # log's batches pad to their own short lengths; 1 draws every batch at random, as the public
+    # SASRec reference does, whatever the padding costs.
+    bucket_batches: int = 32
     select: str = "sampled"  # protocol whose validation NDCG@10 early stopping maximises: sampled | full
     valid_full: bool = True  # the static stage also records full-ranking validation NDCG@10
     loss: str = "auto"  # cloud/losses.py: bce | gbce | sampled | ce | a mixture x+y; auto = DEFAULT_LOSS
@@ -240,14 +244,14 @@ class Trainer:
     # -- stage 1 ----------------------------------------------------------------------------------
     def _batch_order(self, seqs: list[np.ndarray], bs: int) -> list[np.ndarray]:
         """Shuffled batches of similar-length sequences: a random permutation is cut into chunks of
-        32 batches, each chunk is sorted by length, and batch order is shuffled again. Short
-        sequences then pad to their own length instead of max_len (most of a sparse log's batch
-        would otherwise be padding)."""
+        `bucket_batches` batches (32 by default), each chunk is sorted by length, and batch order is
+        shuffled again. Short sequences then pad to their own length instead of max_len (most of a
+        sparse log's batch would otherwise be padding)."""
         lengths = np.array([len(s) for s in seqs])
         rng = self.dist.shared_rng(self.rng)  # distributed: every rank shuffles alike, then takes its share
         bs = self.dist.local_batch_size(bs)
         order = rng.permutation(len(seqs))
-        chunk = 32 * bs
+        chunk = max(1, self.cfg.bucket_batches) * bs
         batches: list[np.ndarray] = []
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]

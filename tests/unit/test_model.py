@@ -194,6 +194,32 @@ def test_held_out_stage_scores_the_validation_users_early_stopping_did_not(ml100
     assert {"refined@3-static", "refined@3-generated"} <= set(report)
 
 
+def test_evaluate_against_a_second_model_pairs_each_variant_both_have(ml100k, tiny_checkpoint):
+    """`against`: "<variant>-against" is this model minus the other on the same users and cases; a
+    variant the other cannot score is left out, and a model with another split is refused."""
+    import copy
+
+    from paramcast.common.errors import InvalidInput
+
+    variants = ["static", "generated"]
+    same = evaluate(tiny_checkpoint, ml100k, variants, against=tiny_checkpoint)
+    assert same["static-against"]["ndcg@10"]["value"] == 0.0 and same["generated-against"]["ndcg@10"]["ci"] == [0, 0]
+    other = copy.deepcopy(tiny_checkpoint)
+    other.generator = None
+    with torch.no_grad():
+        other.device_model.item_emb.weight.mul_(-1.0)  # a different (much worse) static model
+    report = evaluate(tiny_checkpoint, ml100k, variants, against=other)
+    alone = evaluate(other, ml100k, ["static"])
+    for metric in ("hr@10", "ndcg@10"):
+        expected = report["static"][metric]["value"] - alone["static"][metric]["value"]
+        assert report["static-against"][metric]["value"] == pytest.approx(expected)
+    assert report["static-against"]["ndcg@10"]["ci"][0] > 0
+    assert "generated-against" not in report  # the other model has no generator
+    other.meta = {**other.meta, "split": {**other.meta["split"], "cold_users": []}}
+    with pytest.raises(InvalidInput, match="against"):
+        evaluate(tiny_checkpoint, ml100k, variants, against=other)
+
+
 def test_generator_does_not_depend_on_user_identity(ml100k):
     """Two users with the same window get the same delta: conditioning is on the sample only."""
     model, cloud = tiny_models(ml100k)

@@ -340,6 +340,33 @@ def test_two_learning_rate_schedules_at_once_are_refused(tmp_path, shared_data, 
     assert not out.exists()
 
 
+def _epoch_batches(ml100k, bucket_batches: int, n: int = 128, bs: int = 4) -> tuple[list[np.ndarray], np.ndarray]:
+    data = InteractionLog("part", ml100k.sequences[:n], ml100k.n_items, ml100k.user_raw_ids[:n], ml100k.item_raw_ids)
+    trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {},
+                      TrainConfig(progress=False, threads=1, cold_fraction=0.0, bucket_batches=bucket_batches), None)
+    seqs = list(ml100k.sequences[:n])
+    return trainer._batch_order(seqs, bs), np.array([len(s) for s in seqs])
+
+
+@pytest.mark.parametrize("bucket_batches", [1, 4, 32])
+def test_an_epoch_of_batches_covers_every_sequence_once(ml100k, bucket_batches):
+    order, lengths = _epoch_batches(ml100k, bucket_batches)
+    assert sorted(np.concatenate(order).tolist()) == list(range(len(lengths)))
+    if bucket_batches == 32:  # 32 batches of 4 are one chunk: the epoch is sorted, batch ranges end to end
+        ranges = sorted((lengths[b].min(), lengths[b].max()) for b in order)
+        assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(ranges, ranges[1:], strict=False))
+
+
+def test_smaller_length_buckets_mix_lengths_within_a_batch(ml100k):
+    """`bucket_batches`: lengths are sorted within chunks of that many batches, so 1 leaves every
+    batch a random draw (as the public reference draws them) and larger chunks pad less."""
+    spread = []
+    for k in (1, 4, 32):
+        order, lengths = _epoch_batches(ml100k, k)
+        spread.append(np.mean([lengths[b].max() - lengths[b].min() for b in order]))
+    assert spread[0] > spread[1] > spread[2]
+
+
 def test_position_weighting_makes_an_epoch_of_bucketed_batches_the_mean_over_every_target(ml100k):
     """Length-bucketed batches averaged one by one tilt an epoch towards short histories; with
     `loss_weighting="position"` the batch losses of an epoch average to the per-position mean over

@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "catalogue, the user's other items excluded (metrics full:*); both")
     p.add_argument("--full-ranking", action="store_const", const="full", dest="protocol",
                    help="the same as --protocol full")
+    p.add_argument("--against", metavar="DIR",
+                   help="a second checkpoint trained on the same data and split: adds <variant>-against, this "
+                        "model minus that one, paired over the same users, cases and negatives")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives and the bootstrap")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="also write the JSON report to this file")
@@ -54,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInput("--refine-positions", f"must be >= 1, for a model with a generator; got "
                                                      f"{args.refine_positions}")
         ckpt.generator.cfg.refine_positions = args.refine_positions
-    report = evaluate(ckpt, data, variants, stage=args.stage, seed=args.seed, protocol=args.protocol)
+    against = load_checkpoint(args.against) if args.against else None
+    report = evaluate(ckpt, data, variants, stage=args.stage, seed=args.seed, protocol=args.protocol,
+                      against=against)
     text = json.dumps(report, indent=2)
     if args.out:
         with open(args.out, "w") as f:

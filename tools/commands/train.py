@@ -125,6 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(t, "--loss-weighting", str, "position", choices=("position", "batch"),
             help="position: every target position of an epoch weighs the same, however the length-bucketed "
                  "batches group them; batch: each batch's loss is the mean over its own positions")
+    _option(t, "--bucket-batches", int, 32,
+            help="every stage: batches per length-sorted chunk of the shuffled sequences, so a batch pads only "
+                 "to its own longest history; 1: every batch drawn at random")
     t.add_argument("--select", default="sampled", choices=("sampled", "full"),
                    help="protocol whose validation NDCG@10 early stopping maximises")
     _option(t, "--loss", _loss_name, "auto",
@@ -216,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("--lr-decay", f"is a factor in [0, 1) (0: no decay); got {args.lr_decay}")
     if args.lr_decay_after < 1:
         raise InvalidInput("--lr-decay-after", f"must be at least one epoch; got {args.lr_decay_after}")
+    if args.bucket_batches < 1:
+        raise InvalidInput("--bucket-batches", f"must be at least one batch; got {args.bucket_batches}")
     if args.lr_decay > 0 and args.lr_schedule != "constant":
         raise InvalidInput("--lr-decay", f"is a plateau schedule and --lr-schedule {args.lr_schedule} another; "
                                          "give one")
@@ -234,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
                       gen_cut_from=args.gen_cut_from, gen_users=args.gen_users, gen_ema=args.gen_ema,
                       ema=args.ema,
                       slim_train_prob=args.slim_train_prob, eval_every=args.eval_every, select=args.select,
-                      loss_weighting=args.loss_weighting,
+                      loss_weighting=args.loss_weighting, bucket_batches=args.bucket_batches,
                       lr_decay=args.lr_decay, lr_decay_after=args.lr_decay_after, lr_schedule=args.lr_schedule,
                       gbce_t=args.gbce_t, logq=args.logq, mix_weight=args.mix_weight,
                       distill_weight=args.distill_weight,
