@@ -44,6 +44,9 @@ from paramcast.common.interactions import InteractionLog
 log = logging.getLogger(__name__)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 200
@@ -286,6 +289,8 @@ class Trainer:
         `lr_decay_after` epochs without a better validation score (a plateau schedule). With
         `lr_schedule` "cosine" it follows half a cosine from `lr` to zero over `epochs` epochs."""
         cfg = self.cfg
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
         averaged = swa_utils.AveragedModel(selected, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(ema),
                                            use_buffers=True) if ema > 0 else None

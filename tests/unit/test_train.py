@@ -175,6 +175,13 @@ def test_the_cosine_schedule_follows_half_a_cosine_over_the_epoch_budget_and_res
     assert run(4) == pytest.approx(expected)
     assert run(4, stop_after=4) == pytest.approx(expected[:4])  # two epochs, then interrupted
     assert run(4) == pytest.approx(expected[4:])  # resumed at epoch 3: the curve goes on
+    trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {},
+                      TrainConfig(progress=False, threads=1, cold_fraction=0.0), None)
+    layer = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        trainer._fit("static", layer, list(layer.parameters()), 0.1, lambda: iter(range(2)), 2,
+                     lambda i: layer(torch.ones(1, 3)).sum(), 4, 100, lambda: {"select": 0.5}, lambda on: None,
+                     lr_schedule="linear")
 
 
 def test_a_moving_average_is_validated_and_kept_while_training_goes_on_from_the_last_weights(ml100k):

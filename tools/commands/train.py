@@ -116,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help="multiply the learning rate by this after --lr-decay-after epochs without a better validation "
                  "score, counted again from each decay (0: a constant rate)")
     _option(t, "--lr-decay-after", int, 10, help="epochs without a better validation score before a decay")
-    _option(t, "--lr-schedule", str, "constant", choices=("constant", "cosine"),
+    _option(t, "--lr-schedule", str, "constant", choices=("constant", "cosine"),  # cloud/train.py LR_SCHEDULES
             help="cosine: the static and cloud stages' learning rate falls along half a cosine from --lr to "
                  "zero over --epochs (constant: --lr throughout)")
     _option(t, "--ema", float, 0.0,
