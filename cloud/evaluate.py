@@ -219,13 +219,12 @@ def evaluate(ckpt: Checkpoint, data: InteractionLog, variants: Sequence[str] | N
         if data.n_items != model.device_model.cfg.n_items:
             raise InvalidInput("data", f"has {data.n_items} items but model {model.model_id} was trained on "
                                        f"{model.device_model.cfg.n_items}; evaluate on the data it was trained on")
-    if against is not None and (set(against.meta.get("split", {}).get("cold_users", []))
-                                != set(ckpt.meta.get("split", {}).get("cold_users", []))):
-        raise InvalidInput("against", f"model {against.model_id} held out other cold users than {ckpt.model_id}; "
-                                      "paired comparisons need the same split (train both with the same seed)")
     if variants is None:
         variants = tuple(v for v in DEFAULT_VARIANTS if _supports(ckpt, v))
     cold_raw = set(ckpt.meta.get("split", {}).get("cold_users", []))
+    if against is not None and set(against.meta.get("split", {}).get("cold_users", [])) != cold_raw:
+        raise InvalidInput("against", f"model {against.model_id} held out other cold users than {ckpt.model_id}; "
+                                      "paired comparisons need the same split (train both with the same seed)")
     is_cold = np.array([u in cold_raw for u in data.user_raw_ids])
     warm, cold = np.nonzero(~is_cold)[0], np.nonzero(is_cold)[0]
     if stage == "held-out":

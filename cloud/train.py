@@ -254,7 +254,9 @@ class Trainer:
         rng = self.dist.shared_rng(self.rng)  # distributed: every rank shuffles alike, then takes its share
         bs = self.dist.local_batch_size(bs)
         order = rng.permutation(len(seqs))
-        chunk = max(1, self.cfg.bucket_batches) * bs
+        if self.cfg.bucket_batches < 1:
+            raise ValueError(f"bucket_batches must be at least one batch; got {self.cfg.bucket_batches}")
+        chunk = self.cfg.bucket_batches * bs
         batches: list[np.ndarray] = []
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]

@@ -372,6 +372,8 @@ def test_smaller_length_buckets_mix_lengths_within_a_batch(ml100k):
         order, lengths = _epoch_batches(ml100k, k)
         spread.append(np.mean([lengths[b].max() - lengths[b].min() for b in order]))
     assert spread[0] > spread[1] > spread[2]
+    with pytest.raises(ValueError, match="bucket_batches"):
+        _epoch_batches(ml100k, 0)
 
 
 def test_position_weighting_makes_an_epoch_of_bucketed_batches_the_mean_over_every_target(ml100k):
