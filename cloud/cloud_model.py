@@ -16,6 +16,14 @@ Scores stay dot products with the items' own embeddings: measured on ml-100k, sc
 feature-mixed vectors too let the shared genre part dominate every logit and held validation
 NDCG@10 at the popularity level (0.26 against 0.41 for the device model).
 
+User side features (`InteractionLog.user_features`, e.g. ml-100k's age group, gender, occupation
+and zip region), when the model is built to read them (`paramcast train --user-features`), enter
+as a profile: one code per feature and user, whose summed embeddings are added to every input
+position, so attention reads the history in the light of who is reading it. Off by default: on
+ml-100k validation it did not beat the model without them (BENCHMARKS.md, the cloud model), and a
+request carries a device's history, not its owner's profile, so the generator and the variants
+built on it take no profile (cloud/evaluate.py refuses them for such a model).
+
 Shapes: B = batch, L = sequence length (left-padded with 0), d = hidden, C = candidates.
 """
 
@@ -42,6 +50,8 @@ class CloudModelConfig:
     block: str = "pre-ln"  # model.Block.STYLES
     # feature name -> [ids per item (table width), vocabulary size]; filled from the data
     features: dict[str, list[int]] = field(default_factory=dict)
+    # user feature name -> vocabulary size, in the order of a profile's columns; filled from the data
+    user_features: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +94,11 @@ class CloudModel(nn.Module):
             emb = nn.Embedding(vocab + 1, d, padding_idx=0)
             nn.init.normal_(emb.weight, std=d**-0.5)
             self.feature_emb[name] = emb
+        self.user_emb = nn.ModuleDict()
+        for name, vocab in cfg.user_features.items():
+            emb = nn.Embedding(vocab + 1, d, padding_idx=0)  # 0: a user the side file does not list
+            nn.init.normal_(emb.weight, std=d**-0.5)
+            self.user_emb[name] = emb
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
@@ -92,16 +107,31 @@ class CloudModel(nn.Module):
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
-            for table_emb in self.feature_emb.values():
+            for table_emb in (*self.feature_emb.values(), *self.user_emb.values()):
                 assert isinstance(table_emb, nn.Embedding)
                 table_emb.weight[0].zero_()
 
     @classmethod
-    def for_data(cls, cfg: CloudModelConfig, item_features: dict[str, np.ndarray]) -> CloudModel:
-        """A model whose config records the data's side features (`cfg.features` is filled in)."""
+    def for_data(cls, cfg: CloudModelConfig, item_features: dict[str, np.ndarray],
+                 user_features: dict[str, np.ndarray] | None = None) -> CloudModel:
+        """A model whose config records the data's side features (`cfg.features` and
+        `cfg.user_features` are filled in; no user features unless they are given)."""
         tables = feature_tables(item_features)
         cfg.features = {name: [int(t.shape[1]), int(t.max())] for name, t in tables.items()}
+        cfg.user_features = {name: int(v.max()) for name, v in sorted((user_features or {}).items()) if v.max() > 0}
         return cls(cfg, tables)
+
+    def profiles(self, user_features: dict[str, np.ndarray], users: np.ndarray) -> torch.Tensor | None:
+        """(U, F) the profile columns this model reads, for `users` (indices into the log's users);
+        None when it reads none. Codes past the vocabulary the model was trained on read as unknown."""
+        if not self.cfg.user_features:
+            return None
+        missing = [name for name in self.cfg.user_features if name not in user_features]
+        if missing:
+            raise ValueError(f"the cloud model reads user features {missing} that this data does not have")
+        cols = [np.where(user_features[name][users] <= vocab, user_features[name][users], 0)
+                for name, vocab in self.cfg.user_features.items()]
+        return torch.as_tensor(np.stack(cols, axis=1), dtype=torch.long)
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """(...) item ids -> (..., d) input vectors: own embedding + mean feature embeddings."""
@@ -112,18 +142,26 @@ class CloudModel(nn.Module):
             x = x + (emb(ids) * has.unsqueeze(-1)).sum(-2) / has.sum(-1, keepdim=True).clamp(min=1.0)
         return x
 
-    def encode(self, seq: torch.Tensor) -> torch.Tensor:
-        """(B, L) item ids, left-padded with 0 -> (B, L, d) user states (zero at padding)."""
-        x, keep, attn_bias = sequence_inputs(seq, self.item_vectors(seq), self.pos_emb, self.emb_drop,
-                                             self.cfg.max_len)
+    def encode(self, seq: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) item ids, left-padded with 0, and for a model that reads user features their (B, F)
+        profile codes -> (B, L, d) user states (zero at padding)."""
+        items = self.item_vectors(seq)
+        if self.cfg.user_features:
+            if profile is None or profile.shape != (len(seq), len(self.user_emb)):
+                raise ValueError(f"this cloud model reads the user features {list(self.cfg.user_features)}: "
+                                 f"pass a ({len(seq)}, {len(self.user_emb)}) profile, got "
+                                 f"{None if profile is None else tuple(profile.shape)}")
+            user = sum(emb(profile[:, j]) for j, emb in enumerate(self.user_emb.values()))  # (B, d)
+            items = items + user[:, None, :]
+        x, keep, attn_bias = sequence_inputs(seq, items, self.pos_emb, self.emb_drop, self.cfg.max_len)
         for block in self.blocks:
             x = block(x, attn_bias, None) * keep
         return self.ln_f(x)  # (B, L, d)
 
     # The trainer and the evaluation treat both models alike through these two names.
-    def user_states(self, seq: torch.Tensor, adapters=None, masks=None) -> torch.Tensor:
+    def user_states(self, seq: torch.Tensor, adapters=None, masks=None, profile=None) -> torch.Tensor:
         assert adapters is None and masks is None, "the cloud model takes no deltas"
-        return self.encode(seq)
+        return self.encode(seq, profile)
 
     def output_table(self) -> torch.Tensor:
         """(n_items + 1, d) the vectors user states are scored against (the tied item table)."""

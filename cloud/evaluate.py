@@ -92,22 +92,28 @@ def item_table(ckpt: Checkpoint, variant: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def user_vectors(ckpt: Checkpoint, histories: Sequence[np.ndarray], variant: str, batch: int = 1024) -> torch.Tensor:
+def user_vectors(ckpt: Checkpoint, histories: Sequence[np.ndarray], variant: str, batch: int = 1024,
+                 profiles: torch.Tensor | None = None) -> torch.Tensor:
     """(U, d) user state after each history under `variant`: what every protocol scores items with
-    (against `item_table(ckpt, variant)`)."""
+    (against `item_table(ckpt, variant)`). `profiles` (U, F): the users' profiles, for a cloud
+    model that reads user features (CloudModel.profiles)."""
     kind, arg = _parse(variant)
     model = ckpt.device_model.eval()
     L = model.cfg.max_len
     cloud = ckpt.cloud_model
     if kind in ("cloud", "oracle") and cloud is None:
         raise ValueError(f"model {ckpt.model_id} has no cloud model; train it with the cloud stage")
+    if kind not in ("cloud", "static") and cloud is not None and cloud.cfg.user_features:
+        raise ValueError(f"variant {variant!r} distils the cloud model from a history alone, and model "
+                         f"{ckpt.model_id}'s cloud model reads user features too: only static and cloud apply")
     if kind == "cloud":
         assert cloud is not None
         cloud.eval()
         out = torch.empty(len(histories), cloud.cfg.hidden)
         for start in range(0, len(histories), batch):
             hist = list(histories[start:start + batch])
-            out[start:start + len(hist)] = cloud.encode(left_pad(hist, cloud.cfg.max_len, trim=True))[:, -1]
+            profile = profiles[start:start + len(hist)] if profiles is not None else None
+            out[start:start + len(hist)] = cloud.encode(left_pad(hist, cloud.cfg.max_len, trim=True), profile)[:, -1]
         return out
     out = torch.empty(len(histories), model.user_dim)
     # Encode in order of history length so each chunk pads only to its own longest history.
@@ -149,8 +155,10 @@ def per_user_metrics(ckpt: Checkpoint, data: InteractionLog, users: np.ndarray, 
     same user vectors."""
     split = LeaveOneOut.of(data, users)
     histories = [split.case(int(u), stage)[0] for u in split.eval_users()]
-    return {v: _vector_metrics(user_vectors(ckpt, histories, v), item_table(ckpt, v), data, split, stage, seed,
-                               protocol) for v in variants}
+    cloud = ckpt.cloud_model
+    profiles = cloud.profiles(data.user_features, split.eval_users()) if cloud is not None else None
+    return {v: _vector_metrics(user_vectors(ckpt, histories, v, profiles=profiles), item_table(ckpt, v), data,
+                               split, stage, seed, protocol) for v in variants}
 
 
 def popularity_metrics(data: InteractionLog, users: np.ndarray, stage: str, seed: int = 0,

@@ -109,6 +109,10 @@ class TrainConfig:
     # the popularity plateau within 6 epochs where 128 was still on it after 9, at the same cost per epoch
     cloud_lr: float = 0.0  # 0 = lr
     side_features: bool = True  # the cloud model reads the items' side features where the data has them
+    # The cloud model also reads the users' side features (a profile per user). Off: on ml-100k
+    # validation it was level with the model without them, and requests carry no profile, so a
+    # cloud model that reads them is an upper bound only (no generator stage on it).
+    user_features: bool = False
     distill_weight: float = 1.0  # weight of KL(cloud || device + delta) beside the true next items
     distill_temperature: float = 1.0
     # Last training items per user kept from stage 1 and used only as stage-2 targets: the generator
@@ -210,7 +214,10 @@ class Trainer:
         seed_everything(cfg.seed)
         self.warm, self.cold = split_users(data, cfg.cold_fraction, cfg.seed)
         self.split = LeaveOneOut.of(data, self.warm)
-        self.train_seqs = [s for s in self.split.train_sequences() if len(s) >= 2]
+        warm_train = [(int(u), s) for u, s in zip(self.split.users, self.split.train_sequences(), strict=True)
+                      if len(s) >= 2]
+        self.train_seqs = [s for _, s in warm_train]
+        train_users = np.array([u for u, _ in warm_train], dtype=np.int64)  # the log's user of each sequence
         # With a holdout, the device and the cloud model fit each sequence without its last h items,
         # and the generator learns only there: where both make genuine predictions. On the items a
         # model was trained on, the cloud model's distribution is memorised (measured on ml-100k:
@@ -218,21 +225,27 @@ class Trainer:
         # and 0.42), so distilling it there teaches deltas larger than held-out data supports.
         h = cfg.gen_holdout
 
-        def fitted(seqs: list[np.ndarray]) -> list[np.ndarray]:  # what a next-item stage fits: less the holdout
-            return [s[: len(s) - h] for s in seqs if len(s) - h >= 2] if h else seqs
+        def fitted(seqs: list[np.ndarray], users: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+            """What a next-item stage fits: each sequence less the holdout, and whose it is."""
+            if not h:
+                return seqs, users
+            kept = np.array([len(s) - h >= 2 for s in seqs], dtype=bool)
+            return [s[: len(s) - h] for s, k in zip(seqs, kept, strict=True) if k], users[kept]
 
-        self.fit_seqs = fitted(self.train_seqs)
+        self.fit_seqs, _ = fitted(self.train_seqs, train_users)
         # With a share of generator users, the cloud model never fits those users' sequences and the
         # generator learns on them alone, so its encoder and teacher see every training sequence as
         # they see a device's at serving time. Measured on ml-100k it lost more (a weaker cloud
         # model) than it gained (benchmarks/notes/quality-ml-100k.md), so it is off by default.
-        self.gen_seqs, self.cloud_seqs = self.train_seqs, self.fit_seqs
+        self.gen_seqs = self.train_seqs
+        self.cloud_seqs, self.cloud_users = fitted(self.train_seqs, train_users)
         if cfg.gen_users > 0:
             held = np.zeros(len(self.train_seqs), bool)
             held[np.random.default_rng(cfg.seed + 2).choice(len(held), int(round(cfg.gen_users * len(held))),
                                                             replace=False)] = True
             self.gen_seqs = [s for s, g in zip(self.train_seqs, held, strict=True) if g]
-            self.cloud_seqs = fitted([s for s, g in zip(self.train_seqs, held, strict=True) if not g])
+            self.cloud_seqs, self.cloud_users = fitted(
+                [s for s, g in zip(self.train_seqs, held, strict=True) if not g], train_users[~held])
         self.valid_users = early_stopping_users(self.split.eval_users(), cfg.valid_users, cfg.seed)
         # (checkpoint, data, users, stage, variants, protocol=) -> {variant: per-user metrics}
         self.evaluator = evaluator
@@ -264,14 +277,17 @@ class Trainer:
             batches.extend(part[i:i + bs] for i in range(0, len(part), bs))
         return self.dist.shard([batches[i] for i in rng.permutation(len(batches))])
 
-    def _sequence_batches(self, seqs: list[np.ndarray], max_len: int, batch_size: int):
+    def _sequence_batches(self, seqs: list[np.ndarray], max_len: int, batch_size: int,
+                          profiles: torch.Tensor | None = None):
+        """(inputs, next items, the rows' own items, their (B, F) profiles: F = 0 without)."""
         for idx in self._batch_order(seqs, batch_size):
             x = left_pad([seqs[i] for i in idx], max_len + 1, trim=True)  # (B, T+1)
             inputs = x[:, :-1]
+            profile = profiles[torch.as_tensor(idx)] if profiles is not None else torch.zeros(len(idx), 0, dtype=torch.long)
             # A sequence's first item is a target of nothing: where the input is padding the state
             # is the same constant for every row, and whether a row's first item sits behind padding
-            # or is cut off depends on the longest row it was batched with.
-            yield inputs, x[:, 1:] * (inputs > 0), x  # inputs, next items, the row's own items (never its negatives)
+            # or is cut off depends on the longest row it was batched with. Own items are never negatives.
+            yield inputs, x[:, 1:] * (inputs > 0), x, profile
 
     def _fit(self, stage: str, selected: torch.nn.Module, params: list, lr: float, batches, n_batches: int,
              step, epochs: int, patience: int, validate, train_modes, every: int = 1,
@@ -410,9 +426,10 @@ class Trainer:
         return saved
 
     def _train_next_item(self, stage: str, model: DeviceModel | CloudModel, seqs: list[np.ndarray], max_len: int,
-                         random_masks: bool, ckpt: Checkpoint, variant: str, batch_size: int, lr: float) -> None:
-        """Next-item training of one model on `seqs` (the static and the cloud stage), validated as
-        `variant` of `ckpt`."""
+                         random_masks: bool, ckpt: Checkpoint, variant: str, batch_size: int, lr: float,
+                         profiles: torch.Tensor | None = None) -> None:
+        """Next-item training of one model on `seqs` (the static and the cloud stage; `profiles`, one
+        row per sequence, for a cloud model that reads user features), validated as `variant` of `ckpt`."""
         cfg, dev = self.cfg, self.torch_device
 
         n_batches = -(-len(seqs) // batch_size)
@@ -421,12 +438,16 @@ class Trainer:
         positions_per_batch = sum(min(len(s), max_len + 1) - 1 for s in seqs) / max(n_batches, 1)
 
         def step(batch) -> torch.Tensor:
-            inp, tgt, own = (t.to(dev) for t in batch)
+            inp, tgt, own, profile = (t.to(dev) for t in batch)
             masks = None
             if random_masks and self.rng.random() < cfg.slim_train_prob:
                 assert isinstance(model, DeviceModel)
                 masks = self._random_masks(model, len(inp))
-            states = model.user_states(inp, None, masks)  # (B, L, d)
+            if profile.shape[1]:
+                assert isinstance(model, CloudModel)
+                states = model.user_states(inp, profile=profile)  # (B, L, d)
+            else:
+                states = model.user_states(inp, None, masks)
             loss = sequence_loss(self.loss_cfg, states, model.output_table(), tgt, own, self.data.n_items,
                                  self.negatives_gen)
             if cfg.loss_weighting == "position":
@@ -436,7 +457,8 @@ class Trainer:
 
         protocol = "both" if cfg.valid_full else cfg.select
         ddp_step = self.dist.data_parallel(step, model)  # distributed: gradients averaged across ranks
-        self._fit(stage, model, list(model.parameters()), lr, lambda: self._sequence_batches(seqs, max_len, batch_size),
+        self._fit(stage, model, list(model.parameters()), lr,
+                  lambda: self._sequence_batches(seqs, max_len, batch_size, profiles),
                   n_batches, ddp_step, cfg.epochs, cfg.patience,
                   lambda: self._validate(ckpt, [variant], protocol), model.train, cfg.eval_every, model.cfg.to_dict(),
                   ema=cfg.ema, lr_decay=cfg.lr_decay, lr_decay_after=cfg.lr_decay_after,
@@ -451,10 +473,15 @@ class Trainer:
     def train_cloud(self, device_model: DeviceModel, cloud_cfg: CloudModelConfig) -> CloudModel:
         """The cloud model, on the device model's sequences less the generator's holdout and users."""
         features = self.data.item_features if self.cfg.side_features else {}
-        cloud = CloudModel.for_data(cloud_cfg, features).to(self.torch_device)
+        if self.cfg.user_features and not self.data.user_features:
+            raise ValueError(f"user features were asked for, but {self.data.source} has none "
+                             "(ml-100k's u.user and ml-1m's users.dat are read)")
+        users = self.data.user_features if self.cfg.user_features else None
+        cloud = CloudModel.for_data(cloud_cfg, features, users).to(self.torch_device)
         self._train_next_item("cloud", cloud, self.cloud_seqs, cloud_cfg.max_len, False,
                               Checkpoint("train", device_model, cloud_model=cloud), "cloud",
-                              self.cfg.cloud_batch_size or self.cfg.batch_size, self.cfg.cloud_lr or self.cfg.lr)
+                              self.cfg.cloud_batch_size or self.cfg.batch_size, self.cfg.cloud_lr or self.cfg.lr,
+                              cloud.profiles(self.data.user_features, self.cloud_users))
         return cloud.eval()
 
     def _random_masks(self, model: DeviceModel, batch: int) -> dict[str, torch.Tensor]:
@@ -578,6 +605,11 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
     has_cloud = "cloud" in stages or (start is not None and start.cloud_model is not None)
     if "generator" in stages and not has_cloud:
         raise ValueError("the generator stage distils the cloud model: add the cloud stage")
+    reads_profiles = cfg.user_features if "cloud" in stages else bool(
+        start is not None and start.cloud_model is not None and start.cloud_model.cfg.user_features)
+    if "generator" in stages and reads_profiles:
+        raise ValueError("a cloud model that reads user features cannot be distilled: requests carry a "
+                         "device's history, not its owner's profile; drop --user-features or the generator stage")
     t0 = time.perf_counter()
     device_cfg = model_cfg if start is None else start.device_model.cfg
     trainer = Trainer(data, device_cfg, gen_cfg or {}, cfg, per_user_metrics, Path(out) if cfg.resume else None)

@@ -3,9 +3,11 @@
 Formats (`FORMATS`), each accepted as its folder or as its main file:
 
   ml-100k    GroupLens MovieLens 100K: `u.data`, tab-separated `user item rating timestamp`;
-             side file `u.item` (`|`-separated, latin-1, 19 genre flags).
+             side files `u.item` (`|`-separated, latin-1, 19 genre flags) and `u.user`
+             (`id|age|gender|occupation|zip`).
   ml-1m      GroupLens MovieLens 1M (and 10M): `ratings.dat`, `user::item::rating::timestamp`;
-             side file `movies.dat` (`id::title::genre|genre`, latin-1).
+             side files `movies.dat` (`id::title::genre|genre`, latin-1) and, in 1M,
+             `users.dat` (`id::gender::age group::occupation code::zip`).
   ml-latest  GroupLens ml-latest / ml-20m / ml-25m / ml-32m: `ratings.csv` with header
              `userId,movieId,rating,timestamp`; side file `movies.csv` (`movieId,title,genres`).
   pairs      SASRec's layout: one `user item` pair per line, in chronological order.
@@ -31,6 +33,12 @@ What every loader guarantees:
       <name>      (n_items + 1,) int64 from ReChorus `i_<name>` columns, e.g. `category`.
     Attribute and `i_<name>` values are renumbered 1..K in ascending raw order, 0 meaning
     padding or missing, so they can index an embedding table directly.
+  - User side features, where a side file exists, are (n_users,) int64 codes 1..K in the same
+    ascending order, aligned with the users, 0 for a user the side file does not list:
+      age         MovieLens 1M's seven age groups (under 18, 18-24, 25-34, 35-44, 45-49, 50-55,
+                  56+); ml-100k's ages in years are put into the same groups, so both read alike.
+      gender, occupation   as the file spells them (ml-1m: its occupation codes).
+      region      the zip code's first character (a US zip's first digit is its region).
   - Malformed input raises DataFormatError naming file, line and problem before anything is
     returned; nothing half-loaded escapes.
 
@@ -44,7 +52,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 
@@ -168,6 +176,8 @@ class _MovieLens:
     has_header: bool  # ml-latest's ratings.csv starts with a header naming the fields
     movies: str  # the side file
     genres: Callable[[Path, np.ndarray], np.ndarray]  # (side file, item raw ids) -> (n_items + 1, G)
+    users: str | None = None  # the user side file, where the release has one
+    users_sep: str = ""
 
     def read(self, fmt: str, path: Path) -> InteractionLog:
         data = _main_file(path, fmt, self.ratings)
@@ -182,6 +192,10 @@ class _MovieLens:
         if side.is_file():
             built.features["genres"] = self.genres(side, built.item_raw)
             built.sources.append(side)
+        people = data.parent / self.users if self.users else None
+        if people is not None and people.is_file():
+            built.user_features = _movielens_users(people, self.users_sep, built.user_raw)
+            built.sources.append(people)
         return built.to_log()
 
 
@@ -244,9 +258,10 @@ def _single_txt(path: Path, fmt: str) -> Path:
 
 _MOVIELENS = {
     "ml-100k": _MovieLens("u.data", "\t", "user_id item_id rating timestamp", False, "u.item",
-                          lambda side, items: _ml_100k_genres(side, items)),
+                          lambda side, items: _ml_100k_genres(side, items), "u.user", "|"),
     "ml-1m": _MovieLens("ratings.dat", "::", "UserID::MovieID::Rating::Timestamp", False, "movies.dat",
-                        lambda side, items: _genres_multi_hot(side, _ml_1m_movies(side), items)),
+                        lambda side, items: _genres_multi_hot(side, _ml_1m_movies(side), items), "users.dat",
+                        "::"),
     "ml-latest": _MovieLens("ratings.csv", ",", "userId,movieId,rating,timestamp", True, "movies.csv",
                             lambda side, items: _genres_multi_hot(side, _ml_latest_movies(side), items)),
 }
@@ -268,6 +283,7 @@ class _Built:
     item_raw: np.ndarray  # (n_items,) raw ids, ascending; item id i is item_raw[i - 1]
     sources: list[Path]
     features: dict[str, np.ndarray]
+    user_features: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def from_columns(cls, users: np.ndarray, items: np.ndarray, times: np.ndarray | None,
@@ -294,6 +310,7 @@ class _Built:
             item_raw_ids=[""] + [str(i) for i in self.item_raw.tolist()],
             timestamps=self.timestamps,
             item_features=self.features,
+            user_features=self.user_features,
             source=", ".join(str(p) for p in self.sources),
         )
 
@@ -489,6 +506,45 @@ def _ml_100k_genres(path: Path, item_raw: np.ndarray) -> np.ndarray:
         rows, known = _item_rows(np.array(ids, dtype=np.int64), item_raw)
         genres[rows] = np.array(flags, dtype=np.uint8)[known]
     return genres
+
+
+_AGE_GROUPS = (18, 25, 35, 45, 50, 56)  # MovieLens 1M's group boundaries: under 18, 18-24, ..., 56+
+
+
+def _movielens_users(path: Path, sep: str, user_raw: np.ndarray) -> dict[str, np.ndarray]:
+    """u.user (`id|age|gender|occupation|zip`, age in years) or users.dat (`id::gender::age
+    group::occupation code::zip`), latin-1 -> {age, gender, occupation, region}: (n_users,) codes."""
+    ml_1m = sep == "::"
+    layout = "UserID::Gender::Age::Occupation::Zip-code" if ml_1m else "user id|age|gender|occupation|zip code"
+    ids, columns = [], {"age": [], "gender": [], "occupation": [], "region": []}
+    with open(path, encoding="latin-1") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split(sep)
+            if len(fields) != 5:
+                raise DataFormatError(path, lineno, f"expected 5 {sep}-separated fields ({layout}), found {len(fields)}")
+            if ml_1m:
+                uid, gender, age, occupation, zipcode = fields
+            else:
+                uid, age, gender, occupation, zipcode = fields
+            ids.append(_int(path, lineno, "user id", uid))
+            years = _int(path, lineno, "age", age)
+            if years < 0:
+                raise DataFormatError(path, lineno, f"age must not be negative, found {years}")
+            columns["age"].append(str(sum(years >= b for b in _AGE_GROUPS)))
+            columns["gender"].append(gender.strip())
+            columns["occupation"].append(occupation.strip())
+            columns["region"].append(zipcode.strip()[:1])
+    pos = np.searchsorted(user_raw, np.array(ids, dtype=np.int64)).clip(max=max(len(user_raw) - 1, 0))
+    known = user_raw[pos] == np.array(ids, dtype=np.int64) if ids else np.zeros(0, bool)
+    features = {}
+    for name, values in columns.items():
+        out = np.zeros(len(user_raw), dtype=np.int64)
+        out[pos[known]] = _codes([v for v, k in zip(values, known, strict=True) if k])
+        features[name] = out
+    return features
 
 
 def _ml_1m_movies(path: Path) -> list[tuple[int, list[str]]]:

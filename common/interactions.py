@@ -23,6 +23,7 @@ class InteractionLog:
     item_raw_ids: list[str]
     timestamps: list[np.ndarray] | None = None  # per user: int64 unix seconds, aligned with sequences
     item_features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_items + 1, ...) rows
+    user_features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_users,) codes, 0 = unknown
     source: str = ""  # path or paths it was read from
 
     @property
@@ -46,6 +47,7 @@ class InteractionLog:
             "interactions": self.n_interactions,
             "has_timestamps": self.timestamps is not None,
             "item_features": sorted(self.item_features),
+            "user_features": sorted(self.user_features),
             "sequence_length": {
                 "min": int(lengths.min()) if len(lengths) else 0,
                 "mean": float(lengths.mean()) if len(lengths) else 0.0,

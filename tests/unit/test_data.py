@@ -83,6 +83,18 @@ def test_ml_100k_counts_order_and_genres(shared_data):
     assert genres[1].tolist() == [int(f) for f in toy_story[5:]]
     assert genres[1, [3, 4, 5]].tolist() == [1, 1, 1]  # Animation, Children's, Comedy
 
+    # u.user, recomputed from the file: user 1 is `1|24|M|technician|85711`.
+    users = log.user_features
+    assert sorted(users) == ["age", "gender", "occupation", "region"]
+    assert all(v.shape == (943,) and v.dtype == np.int64 and v.min() >= 1 for v in users.values())
+    people = [line.split("|") for line in (shared_data / "ml-100k" / "u.user").read_text("latin-1").splitlines()]
+    occupations = sorted({p[3] for p in people})
+    assert users["occupation"][0] == occupations.index("technician") + 1 and users["occupation"].max() == 21
+    assert users["gender"][0] == 2 and users["gender"][1] == 1  # F = 1, M = 2
+    assert users["age"][0] == 2  # 24: the 18-24 group, second of those present (under 18 is first)
+    ages = np.array([int(p[1]) for p in people])
+    assert np.array_equal(users["age"] == 1, ages < 18) and np.array_equal(users["age"] == users["age"].max(), ages >= 56)
+
 
 def test_amazon_beauty_counts_sequences_and_attributes(shared_data):
     # Load time is a benchmark's business (a timed assertion fails on a busy machine, not on a regression).
@@ -165,6 +177,25 @@ def test_ml_1m_layout_sorts_by_time_keeps_ties_and_reads_genres(tmp_path):
     assert genres.shape == (4, len(names))
     assert [names[j] for j in np.flatnonzero(genres[1])] == ["Comedy", "Romance"]
     assert [names[j] for j in np.flatnonzero(genres[3])] == ["Horror", "Sci-Fi"]
+    assert log.user_features == {}  # no users.dat here
+
+
+def test_movielens_user_files_give_one_code_per_user_in_both_releases(tmp_path):
+    ml_1m = tmp_path / "ml-1m"
+    write(ml_1m / "ratings.dat", "5::10::3::100\n2::10::4::100\n9::10::1::100\n")
+    # users.dat: gender, age group, occupation code, zip; user 9 is not listed, user 7 never rated
+    write(ml_1m / "users.dat", "2::F::1::10::48067\n5::M::56::16::T8H1N\n7::M::25::3::55117\n")
+    log = load_interactions(ml_1m)
+    assert log.user_raw_ids == ["2", "5", "9"]
+    assert {k: v.tolist() for k, v in log.user_features.items()} == {
+        "age": [1, 2, 0], "gender": [1, 2, 0], "occupation": [1, 2, 0], "region": [1, 2, 0]}
+
+    ml_100k = tmp_path / "ml-100k"
+    write(ml_100k / "u.data", "1\t1\t3\t4\n2\t1\t3\t4\n3\t1\t3\t4\n")
+    write(ml_100k / "u.user", "1|17|M|student|02139\n2|56|F|artist|V3N4P\n3|30|M|student|02139\n")
+    users = load_interactions(ml_100k).user_features
+    assert users["age"].tolist() == [1, 3, 2]  # under 18, 56+, 25-34: the groups present, in order
+    assert users["occupation"].tolist() == [2, 1, 2] and users["region"].tolist() == [1, 2, 1]
 
 
 def test_ml_latest_layout_with_fractional_ratings_and_quoted_titles(tmp_path):
@@ -294,6 +325,9 @@ def test_malformed_files_name_file_line_and_problem(tmp_path, name, fmt, text, l
     ("u.item", "1|Toy Story|x|x|url|" + "|".join(["0"] * 18 + ["2"]) + "\n", 1, "must be 0 or 1"),
     ("u.item", "1|A|x|x|url|" + "|".join(["0"] * 19) + "\nB|A|x|x|url|" + "|".join(["0"] * 19) + "\n",
      2, "movie id 'B'"),
+    ("u.user", "1|24|M|technician\n", 1, "expected 5"),
+    ("u.user", "1|24|M|technician|85711\n2|old|F|other|94043\n", 2, "age 'old'"),
+    ("u.user", "1|-3|M|technician|85711\n", 1, "must not be negative"),
 ])
 def test_malformed_side_files_are_reported(tmp_path, side, text, line, problem):
     write(tmp_path / "u.data", "1\t1\t3\t4\n")
@@ -460,6 +494,7 @@ def test_cli_info_json(shared_data, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert (summary["users"], summary["items"], summary["interactions"]) == (943, 1682, 100000)
     assert summary["has_timestamps"] is True and summary["item_features"] == ["genres"]
+    assert summary["user_features"] == ["age", "gender", "occupation", "region"]
     assert summary["sequence_length"]["min"] == 20
 
 

@@ -379,6 +379,65 @@ def test_cloud_model_uses_item_side_features(ml100k):
     assert not torch.allclose(v[0], v[1])
 
 
+def test_a_cloud_model_that_reads_user_features_needs_their_profile_and_is_moved_by_it(ml100k):
+    """--user-features: the profile's codes change the states, a missing profile is an error that
+    names the features, and codes past the trained vocabulary read as unknown."""
+    torch.manual_seed(0)
+    cloud = CloudModel.for_data(CloudModelConfig(n_items=ml100k.n_items, **TINY_CLOUD), ml100k.item_features,
+                                ml100k.user_features).eval()
+    assert cloud.cfg.user_features == {"age": 7, "gender": 2, "occupation": 21, "region": 19}
+    seq = left_pad([ml100k.sequences[0][:10]] * 2, 30)
+    profile = cloud.profiles(ml100k.user_features, np.array([0, 1]))  # users 1 and 2 differ in every column
+    assert profile.shape == (2, 4) and (profile[0] != profile[1]).all()
+    with torch.no_grad():
+        states = cloud.encode(seq, profile)[:, -1]
+        same = cloud.encode(seq, profile[[0, 0]])[:, -1]
+    assert not torch.allclose(states[0], states[1]) and torch.allclose(same[0], same[1])
+    torch.testing.assert_close(same[0], states[0])
+    with pytest.raises(ValueError, match="age"):
+        cloud.encode(seq)
+    later = {k: v.copy() for k, v in ml100k.user_features.items()}
+    later["occupation"][0] = 99  # a code this model was not trained on
+    assert cloud.profiles(later, np.array([0]))[0, 2] == 0
+    with pytest.raises(ValueError, match="region"):
+        cloud.profiles({k: v for k, v in ml100k.user_features.items() if k != "region"}, np.array([0]))
+    plain = CloudModel.for_data(CloudModelConfig(n_items=ml100k.n_items, **TINY_CLOUD), ml100k.item_features)
+    assert plain.cfg.user_features == {} and plain.profiles(ml100k.user_features, np.array([0])) is None
+
+
+def test_user_features_train_the_cloud_model_as_an_upper_bound_that_is_never_distilled(tmp_path, ml100k, shared_data,
+                                                                                      capsys):
+    """The cloud stage learns the profile embeddings, the checkpoint keeps them, `cloud` evaluates
+    with each user's profile; the generator stage and the variants built on it refuse such a model."""
+    from paramcast.cli import main
+    from paramcast.cloud.evaluate import user_vectors
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(epochs=1, progress=False, threads=1, seed=5, user_features=True)
+    ckpt = train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, stages=("static", "cloud"),
+                 cloud_cfg=CloudModelConfig(n_items=ml100k.n_items, **TINY_CLOUD))
+    untrained = CloudModel.for_data(CloudModelConfig(n_items=ml100k.n_items, **TINY_CLOUD), ml100k.item_features,
+                                    ml100k.user_features)
+    assert not torch.allclose(ckpt.cloud_model.user_emb["occupation"].weight, untrained.user_emb["occupation"].weight)
+    save_checkpoint(ckpt, tmp_path / "u")
+    loaded = load_checkpoint(tmp_path / "u")
+    torch.testing.assert_close(loaded.cloud_model.user_emb["age"].weight, ckpt.cloud_model.user_emb["age"].weight)
+    scores = per_user_metrics(loaded, ml100k, np.arange(40), "valid", ["cloud"])["cloud"]["ndcg@10"]
+    assert len(scores) == 40 and np.isfinite(scores).all()
+    with pytest.raises(ValueError, match="only static and cloud"):
+        user_vectors(loaded, [ml100k.sequences[0][:5]], "stale@5")
+    with pytest.raises(ValueError, match="cannot be distilled"):
+        train(ml100k, "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg, start=loaded,
+              stages=("generator",))
+    with pytest.raises(ValueError, match="has none"):
+        train(InteractionLog("bare", ml100k.sequences[:50], ml100k.n_items, ml100k.user_raw_ids[:50],
+                             ml100k.item_raw_ids), "unused", DeviceModelConfig(n_items=ml100k.n_items, **TINY), cfg,
+              stages=("static", "cloud"), cloud_cfg=CloudModelConfig(n_items=ml100k.n_items, **TINY_CLOUD))
+    assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(tmp_path / "x"),
+                 "--user-features", "--epochs", "1"]) == 2
+    assert "--user-features" in capsys.readouterr().err
+
+
 def test_cold_users_are_held_out_of_training(ml100k):
     warm, cold = split_users(ml100k, 0.1, seed=1)
     assert len(cold) == round(0.1 * ml100k.n_users)

@@ -48,6 +48,7 @@ def _table(s: dict) -> str:
         ("density", f"{s['density']:.5f}"),
         ("timestamps", "yes" if s["has_timestamps"] else "no (file order)"),
         ("item features", ", ".join(s["item_features"]) or "none"),
+        ("user features", ", ".join(s["user_features"]) or "none"),
         ("sequence length", f"min {lengths['min']}  median {lengths['median']:g}  mean {lengths['mean']:.1f}"
                             f"  p90 {lengths['p90']:.1f}  max {lengths['max']}"),
     ]

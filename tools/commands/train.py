@@ -103,6 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the cloud model's block arrangement (as --block for the device model)")
     c.add_argument("--cloud-batch-size", type=int, default=32, help="0 = --batch-size")
     c.add_argument("--no-side-features", action="store_true", help="the cloud model ignores item side features")
+    c.add_argument("--user-features", action="store_true",
+                   help="the cloud model also reads the users' side features (ml-100k u.user, ml-1m users.dat): "
+                        "an upper bound only, since requests carry no profile; needs --stages without generator")
     c.add_argument("--cloud-lr", type=float, default=0.0, help="0 = --lr")
     c.add_argument("--window", type=int, default=200,
                    help="history items the cloud model reads, and so the generator (the cloud model's max-len)")
@@ -209,6 +212,10 @@ def run(args: argparse.Namespace) -> int:
     if "generator" in stages and "cloud" not in stages and (start is None or start.cloud_model is None):
         raise InvalidInput("--stages", "the generator distils the cloud model: add 'cloud' or --start a model "
                                        "checkpoint that has one")
+    if args.user_features and "generator" in stages:
+        raise InvalidInput("--user-features", "a cloud model that reads user features cannot be distilled (requests "
+                                              "carry no profile): train it with --stages static,cloud or --start "
+                                              "DIR --stages cloud")
     if not 0.0 <= args.gen_users < 1.0:
         raise InvalidInput("--gen-users", f"is a share of the warm users, in [0, 1); got {args.gen_users}")
     if args.gen_users and "cloud" not in stages:
@@ -244,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
                       gbce_t=args.gbce_t, logq=args.logq, mix_weight=args.mix_weight,
                       distill_weight=args.distill_weight,
                       cloud_batch_size=args.cloud_batch_size, cloud_lr=args.cloud_lr,
-                      side_features=not args.no_side_features, gen_cuts=args.gen_cuts,
+                      side_features=not args.no_side_features,
+                      user_features=args.user_features, gen_cuts=args.gen_cuts,
                       gen_staleness=args.gen_staleness,
                       **({} if args.cloud_slot is None else {"cloud_slot": args.cloud_slot}),
                       distill_temperature=args.distill_temperature, progress=not args.no_progress, resume=args.resume)
