@@ -89,8 +89,8 @@ def test_early_stopping_counts_epochs_and_keeps_the_best_weights(ml100k):
         return {v: {"ndcg@10": np.full(len(users), score), "full:ndcg@10": np.full(len(users), score / 10)}
                 for v in variants}
 
-    cfg = TrainConfig(epochs=40, patience=4, eval_every=2, progress=False, threads=1, seed=3, loss="bce",
-                      cold_fraction=0.0)
+    cfg = TrainConfig(epochs=40, patience=4, eval_every=2, warmup_epochs=0, progress=False, threads=1, seed=3,
+                      loss="bce", cold_fraction=0.0)
     trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {}, cfg, evaluator)
     model = trainer.train_static()
     history = trainer.history["static"]
@@ -101,6 +101,34 @@ def test_early_stopping_counts_epochs_and_keeps_the_best_weights(ml100k):
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, seen[1][name])  # the epoch-4 weights, not the last ones
     assert any(not torch.equal(seen[1][n], seen[3][n]) for n in seen[1])  # training did move on
+
+
+def test_patience_counts_from_the_warmup_when_the_best_epoch_is_earlier(ml100k):
+    """A model on the popularity plateau whose best early epoch is noise is not stopped before the
+    warm-up ends plus the patience; a best epoch after the warm-up stops it as before."""
+    data = InteractionLog("part", ml100k.sequences[:60], ml100k.n_items, ml100k.user_raw_ids[:60],
+                          ml100k.item_raw_ids)
+
+    def run(scores: list[float], warmup: int) -> Trainer:
+        scripted = iter(scores)
+
+        def evaluator(ckpt, data, users, stage, variants, protocol):
+            score = next(scripted)
+            return {v: {"ndcg@10": np.full(len(users), score), "full:ndcg@10": np.full(len(users), score)}
+                    for v in variants}
+
+        cfg = TrainConfig(epochs=40, patience=3, warmup_epochs=warmup, progress=False, threads=1, seed=3,
+                          loss="bce", cold_fraction=0.0)
+        trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {}, cfg, evaluator)
+        trainer.train_static()
+        return trainer
+
+    plateau = [0.24, 0.25, 0.23, 0.24, 0.22, 0.23, 0.24, 0.22, 0.5, 0.6] + [0.1] * 30
+    without = run(plateau, 0)
+    assert len(without.history["static"]) == 5 and without.best_epoch["static"] == 2  # stopped on the plateau
+    warmed = run(plateau, 6)
+    assert len(warmed.history["static"]) == 13 and warmed.best_epoch["static"] == 10  # left it, stopped 3 after
+    assert len(run([0.1 * k for k in range(1, 9)] + [0.0] * 32, 6).history["static"]) == 11  # best 8 > 6: as before
 
 
 def test_the_plateau_schedule_decays_the_rate_after_epochs_without_a_better_validation(ml100k):

@@ -114,6 +114,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(t, "--batch-size", int, 128)
     _option(t, "--lr", float, 1e-3)
     _option(t, "--patience", int, 5, help="epochs without validation improvement before stopping")
+    _option(t, "--warmup-epochs", int, 10, help="the static and cloud stages count patience from this epoch at the "
+                                                "earliest (a model first sits on the popularity plateau)")
     _option(t, "--eval-every", int, 1, help="epochs between validations")
     _option(t, "--lr-decay", float, 0.0,
             help="multiply the learning rate by this after --lr-decay-after epochs without a better validation "
@@ -228,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("--lr-decay-after", f"must be at least one epoch; got {args.lr_decay_after}")
     if args.bucket_batches < 1:
         raise InvalidInput("--bucket-batches", f"must be at least one batch; got {args.bucket_batches}")
+    if args.warmup_epochs < 0:
+        raise InvalidInput("--warmup-epochs", f"must be zero or more epochs; got {args.warmup_epochs}")
     if args.lr_decay > 0 and args.lr_schedule != "constant":
         raise InvalidInput("--lr-decay", f"is a plateau schedule and --lr-schedule {args.lr_schedule} another; "
                                          "give one")
@@ -239,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
                                   dropout=args.dropout, init=args.init, block=args.block,
                                   padding_attention=args.padding_attention)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                      warmup_epochs=args.warmup_epochs,
                       loss=args.loss, n_negatives=args.negatives, seed=args.seed, device=args.device,
                       threads=args.threads, cold_fraction=args.cold_fraction, valid_users=args.valid_users,
                       gen_epochs=args.gen_epochs, gen_lr=args.gen_lr, gen_patience=args.gen_patience,
