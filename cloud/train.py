@@ -291,7 +291,8 @@ class Trainer:
         for idx in self._batch_order(seqs, batch_size):
             x = left_pad([seqs[i] for i in idx], max_len + 1, trim=True)  # (B, T+1)
             inputs = x[:, :-1]
-            profile = profiles[torch.as_tensor(idx)] if profiles is not None else torch.zeros(len(idx), 0, dtype=torch.long)
+            profile = (profiles[torch.as_tensor(idx)] if profiles is not None
+                       else torch.zeros(len(idx), 0, dtype=torch.long))
             # A sequence's first item is a target of nothing: where the input is padding the state
             # is the same constant for every row, and whether a row's first item sits behind padding
             # or is cut off depends on the longest row it was batched with. Own items are never negatives.

@@ -516,7 +516,8 @@ def _movielens_users(path: Path, sep: str, user_raw: np.ndarray) -> dict[str, np
     group::occupation code::zip`), latin-1 -> {age, gender, occupation, region}: (n_users,) codes."""
     ml_1m = sep == "::"
     layout = "UserID::Gender::Age::Occupation::Zip-code" if ml_1m else "user id|age|gender|occupation|zip code"
-    ids, columns = [], {"age": [], "gender": [], "occupation": [], "region": []}
+    ids: list[int] = []
+    columns: dict[str, list[str]] = {"age": [], "gender": [], "occupation": [], "region": []}
     with open(path, encoding="latin-1") as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
@@ -524,7 +525,8 @@ def _movielens_users(path: Path, sep: str, user_raw: np.ndarray) -> dict[str, np
                 continue
             fields = line.split(sep)
             if len(fields) != 5:
-                raise DataFormatError(path, lineno, f"expected 5 {sep}-separated fields ({layout}), found {len(fields)}")
+                raise DataFormatError(path, lineno,
+                                      f"expected 5 {sep}-separated fields ({layout}), found {len(fields)}")
             if ml_1m:
                 uid, gender, age, occupation, zipcode = fields
             else:

@@ -93,7 +93,8 @@ def test_ml_100k_counts_order_and_genres(shared_data):
     assert users["gender"][0] == 2 and users["gender"][1] == 1  # F = 1, M = 2
     assert users["age"][0] == 2  # 24: the 18-24 group, second of those present (under 18 is first)
     ages = np.array([int(p[1]) for p in people])
-    assert np.array_equal(users["age"] == 1, ages < 18) and np.array_equal(users["age"] == users["age"].max(), ages >= 56)
+    assert np.array_equal(users["age"] == 1, ages < 18)
+    assert np.array_equal(users["age"] == users["age"].max(), ages >= 56)
 
 
 def test_amazon_beauty_counts_sequences_and_attributes(shared_data):
