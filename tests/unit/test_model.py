@@ -405,6 +405,30 @@ def test_a_cloud_model_that_reads_user_features_needs_their_profile_and_is_moved
     assert plain.cfg.user_features == {} and plain.profiles(ml100k.user_features, np.array([0])) is None
 
 
+@pytest.mark.parametrize("flags", [{}, {"gen_holdout": 2}, {"gen_users": 0.25}])
+def test_each_training_row_carries_its_own_users_profile(ml100k, flags):
+    """The profile beside a sequence in a cloud batch is that sequence's user's, whatever the
+    holdout or the generator's share of users drops or trims."""
+    from paramcast.cloud.train import Trainer
+
+    cfg = TrainConfig(progress=False, threads=1, user_features=True, **flags)
+    trainer = Trainer(ml100k, DeviceModelConfig(n_items=ml100k.n_items, **TINY), {}, cfg, None)
+    cloud = CloudModel.for_data(CloudModelConfig(n_items=ml100k.n_items, **TINY_CLOUD), {}, ml100k.user_features)
+    profiles = cloud.profiles(ml100k.user_features, trainer.cloud_users)
+    split = trainer.split
+    owner = {}
+    for u in trainer.cloud_users:
+        full = split.train_sequence(int(u))
+        owner[tuple(full[: len(full) - flags.get("gen_holdout", 0)][-31:].tolist())] = int(u)
+    rows = 0
+    for inputs, _, own, profile in trainer._sequence_batches(trainer.cloud_seqs, 30, 64, profiles):
+        for row, p in zip(own, profile, strict=True):
+            user = owner[tuple(row[row > 0].tolist())]
+            assert p.tolist() == [int(ml100k.user_features[f][user]) for f in cloud.cfg.user_features]
+            rows += 1
+    assert rows == len(trainer.cloud_seqs) == len(trainer.cloud_users)
+
+
 def test_user_features_train_the_cloud_model_as_an_upper_bound_that_is_never_distilled(tmp_path, ml100k, shared_data,
                                                                                       capsys):
     """The cloud stage learns the profile embeddings, the checkpoint keeps them, `cloud` evaluates
