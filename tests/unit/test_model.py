@@ -421,7 +421,7 @@ def test_each_training_row_carries_its_own_users_profile(ml100k, flags):
         full = split.train_sequence(int(u))
         owner[tuple(full[: len(full) - flags.get("gen_holdout", 0)][-31:].tolist())] = int(u)
     rows = 0
-    for inputs, _, own, profile in trainer._sequence_batches(trainer.cloud_seqs, 30, 64, profiles):
+    for _, _, own, profile in trainer._sequence_batches(trainer.cloud_seqs, 30, 64, profiles):
         for row, p in zip(own, profile, strict=True):
             user = owner[tuple(row[row > 0].tolist())]
             assert p.tolist() == [int(ml100k.user_features[f][user]) for f in cloud.cfg.user_features]
