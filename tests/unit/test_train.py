@@ -131,6 +131,32 @@ def test_patience_counts_from_the_warmup_when_the_best_epoch_is_earlier(ml100k):
     assert len(run([0.1 * k for k in range(1, 9)] + [0.0] * 32, 6).history["static"]) == 11  # best 8 > 6: as before
 
 
+def test_the_cloud_stage_has_its_own_patience_when_given(ml100k):
+    from paramcast.cloud.cloud_model import CloudModelConfig
+    from paramcast.cloud.model import DeviceModel
+
+    data = InteractionLog("part", ml100k.sequences[:60], ml100k.n_items, ml100k.user_raw_ids[:60],
+                          ml100k.item_raw_ids)
+
+    def stopped_after(**patience) -> int:
+        scores = iter([0.5] + [0.1] * 40)  # best at epoch 1, never better again
+
+        def evaluator(ckpt, data, users, stage, variants, protocol):
+            score = next(scores)
+            return {v: {"ndcg@10": np.full(len(users), score), "full:ndcg@10": np.full(len(users), score)}
+                    for v in variants}
+
+        cfg = TrainConfig(epochs=40, warmup_epochs=0, progress=False, threads=1, seed=3, cold_fraction=0.0,
+                          **patience)
+        trainer = Trainer(data, DeviceModelConfig(n_items=data.n_items, **TINY), {}, cfg, evaluator)
+        trainer.train_cloud(DeviceModel(trainer.model_cfg),
+                            CloudModelConfig(n_items=data.n_items, hidden=16, n_blocks=1, ffn_units=16, max_len=20))
+        return len(trainer.history["cloud"])
+
+    assert stopped_after(patience=2) == 3  # the cloud stage follows --patience unless given its own
+    assert stopped_after(patience=2, cloud_patience=6) == 7
+
+
 def test_the_plateau_schedule_decays_the_rate_after_epochs_without_a_better_validation(ml100k):
     """`lr_decay`: the rate drops by the factor once `lr_decay_after` epochs pass without a better
     validation score, the count starting again from each decay and from each new best."""

@@ -107,6 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the cloud model also reads the users' side features (ml-100k u.user, ml-1m users.dat): "
                         "an upper bound only, since requests carry no profile; needs --stages without generator")
     c.add_argument("--cloud-lr", type=float, default=0.0, help="0 = --lr")
+    c.add_argument("--cloud-patience", type=int, default=0,
+                   help="the cloud stage's patience in epochs (0 = --patience)")
     c.add_argument("--window", type=int, default=200,
                    help="history items the cloud model reads, and so the generator (the cloud model's max-len)")
     t = p.add_argument_group("static stage")
@@ -230,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("--lr-decay-after", f"must be at least one epoch; got {args.lr_decay_after}")
     if args.bucket_batches < 1:
         raise InvalidInput("--bucket-batches", f"must be at least one batch; got {args.bucket_batches}")
+    if args.cloud_patience < 0:
+        raise InvalidInput("--cloud-patience", f"must be zero (--patience) or more epochs; got {args.cloud_patience}")
     if args.warmup_epochs < 0:
         raise InvalidInput("--warmup-epochs", f"must be zero or more epochs; got {args.warmup_epochs}")
     if args.lr_decay > 0 and args.lr_schedule != "constant":
@@ -256,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
                       gbce_t=args.gbce_t, logq=args.logq, mix_weight=args.mix_weight,
                       distill_weight=args.distill_weight,
                       cloud_batch_size=args.cloud_batch_size, cloud_lr=args.cloud_lr,
+                      cloud_patience=args.cloud_patience,
                       side_features=not args.no_side_features,
                       user_features=args.user_features, gen_cuts=args.gen_cuts,
                       gen_staleness=args.gen_staleness,
