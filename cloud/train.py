@@ -117,7 +117,8 @@ class TrainConfig:
     # the popularity plateau within 6 epochs where 128 was still on it after 9, at the same cost per epoch
     cloud_lr: float = 0.0  # 0 = lr
     # 0 = patience. Measured on ml-100k (benchmarks/notes/quality-ml-100k.md), 20 let the cloud model
-    # train to validation NDCG@10 0.4734 / 0.4952 (seeds 42 / 43) where 5 stopped it at 0.4572 / 0.4745.
+    # train to validation NDCG@10 0.4734 / 0.4952 (seeds 42 / 43) where 5 stopped it at 0.4572 / 0.4745,
+    # though in the default seed-42 pipeline it found nothing better than 5's epoch 33.
     cloud_patience: int = 0
     side_features: bool = True  # the cloud model reads the items' side features where the data has them
     # The cloud model also reads the users' side features (a profile per user). Off: on ml-100k
