@@ -457,7 +457,7 @@ def test_position_weighting_makes_an_epoch_of_bucketed_batches_the_mean_over_eve
 
         trainer._fit = capture
         trainer._train_next_item("static", model, trainer.fit_seqs, model_cfg.max_len, False, None, "static",
-                                 cfg.batch_size, cfg.lr)
+                                 cfg.batch_size, cfg.lr, cfg.patience)
         assert seen["n"] == seen["n_batches"]
         x = left_pad(trainer.fit_seqs, model_cfg.max_len + 1)
         targets = x[:, 1:] * (x[:, :-1] > 0)  # every item that follows one the model has read
