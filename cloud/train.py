@@ -244,13 +244,12 @@ class Trainer:
             kept = np.array([len(s) - h >= 2 for s in seqs], dtype=bool)
             return [s[: len(s) - h] for s, k in zip(seqs, kept, strict=True) if k], users[kept]
 
-        self.fit_seqs, _ = fitted(self.train_seqs, train_users)
+        self.fit_seqs, fit_users = fitted(self.train_seqs, train_users)
         # With a share of generator users, the cloud model never fits those users' sequences and the
         # generator learns on them alone, so its encoder and teacher see every training sequence as
         # they see a device's at serving time. Measured on ml-100k it lost more (a weaker cloud
         # model) than it gained (benchmarks/notes/quality-ml-100k.md), so it is off by default.
-        self.gen_seqs = self.train_seqs
-        self.cloud_seqs, self.cloud_users = fitted(self.train_seqs, train_users)
+        self.gen_seqs, self.cloud_seqs, self.cloud_users = self.train_seqs, self.fit_seqs, fit_users
         if cfg.gen_users > 0:
             held = np.zeros(len(self.train_seqs), bool)
             held[np.random.default_rng(cfg.seed + 2).choice(len(held), int(round(cfg.gen_users * len(held))),

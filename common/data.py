@@ -315,11 +315,18 @@ class _Built:
         )
 
 
+def _known_rows(raw_ids: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map side-file raw ids to their index in the ascending `raw`; returns (indices of the known
+    ones, mask of side rows that are known)."""
+    pos = np.searchsorted(raw, raw_ids).clip(max=len(raw) - 1)
+    known = raw[pos] == raw_ids
+    return pos[known], known
+
+
 def _item_rows(raw_ids: np.ndarray, item_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Map side-file raw item ids to item ids; returns (item ids, mask of side rows that are known)."""
-    pos = np.searchsorted(item_raw, raw_ids).clip(max=len(item_raw) - 1)
-    known = item_raw[pos] == raw_ids
-    return pos[known] + 1, known
+    rows, known = _known_rows(raw_ids, item_raw)
+    return rows + 1, known
 
 
 def _codes(values: list[str]) -> np.ndarray:
@@ -539,12 +546,11 @@ def _movielens_users(path: Path, sep: str, user_raw: np.ndarray) -> dict[str, np
             columns["gender"].append(gender.strip())
             columns["occupation"].append(occupation.strip())
             columns["region"].append(zipcode.strip()[:1])
-    pos = np.searchsorted(user_raw, np.array(ids, dtype=np.int64)).clip(max=max(len(user_raw) - 1, 0))
-    known = user_raw[pos] == np.array(ids, dtype=np.int64) if ids else np.zeros(0, bool)
+    rows, known = _known_rows(np.array(ids, dtype=np.int64), user_raw)
     features = {}
     for name, values in columns.items():
         out = np.zeros(len(user_raw), dtype=np.int64)
-        out[pos[known]] = _codes([v for v, k in zip(values, known, strict=True) if k])
+        out[rows] = _codes([v for v, k in zip(values, known, strict=True) if k])
         features[name] = out
     return features
 
