@@ -20,7 +20,7 @@ User side features (`InteractionLog.user_features`, e.g. ml-100k's age group, ge
 and zip region), when the model is built to read them (`paramcast train --user-features`), enter
 as a profile: one code per feature and user, whose summed embeddings are added to every input
 position, so attention reads the history in the light of who is reading it. Off by default: on
-ml-100k validation it did not beat the model without them (BENCHMARKS.md, the cloud model), and a
+ml-100k validation it did not beat the model without them (benchmarks/notes/quality-ml-100k.md), and a
 request carries a device's history, not its owner's profile, so the generator and the variants
 built on it take no profile (cloud/evaluate.py refuses them for such a model).
 
