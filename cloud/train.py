@@ -607,6 +607,16 @@ class Trainer:
         return scores
 
 
+def distils_a_profile_reader(user_features: bool, stages: tuple[str, ...], start: Checkpoint | None) -> bool:
+    """Whether the generator stage would distil a cloud model that reads user features: the one the
+    cloud stage trains with them, or without a cloud stage the one `start` carries."""
+    if "generator" not in stages:
+        return False
+    if "cloud" in stages:
+        return user_features
+    return bool(start is not None and start.cloud_model is not None and start.cloud_model.cfg.user_features)
+
+
 def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: TrainConfig,
           gen_cfg: dict | None = None, stages: tuple[str, ...] = ("static", "cloud", "generator"),
           cloud_cfg: CloudModelConfig | None = None, start: Checkpoint | None = None) -> Checkpoint:
@@ -620,9 +630,7 @@ def train(data: InteractionLog, out: str, model_cfg: DeviceModelConfig, cfg: Tra
     has_cloud = "cloud" in stages or (start is not None and start.cloud_model is not None)
     if "generator" in stages and not has_cloud:
         raise ValueError("the generator stage distils the cloud model: add the cloud stage")
-    reads_profiles = cfg.user_features if "cloud" in stages else bool(
-        start is not None and start.cloud_model is not None and start.cloud_model.cfg.user_features)
-    if "generator" in stages and reads_profiles:
+    if distils_a_profile_reader(cfg.user_features, stages, start):
         raise ValueError("a cloud model that reads user features cannot be distilled: requests carry a "
                          "device's history, not its owner's profile; drop --user-features or the generator stage")
     t0 = time.perf_counter()

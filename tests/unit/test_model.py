@@ -460,6 +460,9 @@ def test_user_features_train_the_cloud_model_as_an_upper_bound_that_is_never_dis
     assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(tmp_path / "x"),
                  "--user-features", "--epochs", "1"]) == 2
     assert "--user-features" in capsys.readouterr().err
+    assert main(["train", "--data", str(shared_data / "ml-100k"), "--out", str(tmp_path / "y"),
+                 "--start", str(tmp_path / "u"), "--stages", "generator"]) == 2
+    assert "--start" in capsys.readouterr().err
 
 
 def test_cold_users_are_held_out_of_training(ml100k):

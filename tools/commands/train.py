@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     from paramcast.cloud.cloud_model import CloudModelConfig
     from paramcast.cloud.model import DeviceModelConfig
     from paramcast.cloud.presets import sequence_regime
-    from paramcast.cloud.train import TrainConfig, train
+    from paramcast.cloud.train import TrainConfig, distils_a_profile_reader, train
     from paramcast.common.errors import InvalidInput
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
@@ -216,10 +216,10 @@ def run(args: argparse.Namespace) -> int:
     if "generator" in stages and "cloud" not in stages and (start is None or start.cloud_model is None):
         raise InvalidInput("--stages", "the generator distils the cloud model: add 'cloud' or --start a model "
                                        "checkpoint that has one")
-    if args.user_features and "generator" in stages:
-        raise InvalidInput("--user-features", "a cloud model that reads user features cannot be distilled (requests "
-                                              "carry no profile): train it with --stages static,cloud or --start "
-                                              "DIR --stages cloud")
+    if distils_a_profile_reader(args.user_features, stages, start):
+        raise InvalidInput("--user-features" if args.user_features else "--start",
+                           "a cloud model that reads user features cannot be distilled (requests carry no "
+                           "profile): train it with --stages static,cloud or --start DIR --stages cloud")
     if not 0.0 <= args.gen_users < 1.0:
         raise InvalidInput("--gen-users", f"is a share of the warm users, in [0, 1); got {args.gen_users}")
     if args.gen_users and "cloud" not in stages:
